@@ -1,0 +1,335 @@
+"""NATS JetStream: the one way podsweep connects, declares its stream/KV/consumers, publishes and consumes.
+
+Publishing sets `Nats-Msg-Id` (the stream's duplicate window stores a re-published event once) and W3C trace
+context. The consumer loop decodes with msgspec, acks on success, naks with backoff on failure, and dead-letters to
+`<root>.dead.<service>` with the error: a message is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from podsweep import logs, telemetry
+from podsweep.config import ConsumerSettings, NatsSettings
+from schemas import subjects
+from schemas.events import DeadLetter
+
+E = TypeVar("E", bound=msgspec.Struct)
+
+log = logs.get("podsweep.bus")
+tracer = trace.get_tracer("podsweep.bus")
+meter = metrics.get_meter("podsweep.bus")
+processed = meter.create_counter("podsweep_events_processed", description="Events handled, by outcome")
+published = meter.create_counter("podsweep_events_published", description="Events published (duplicates too)")
+_encoder = msgspec.json.Encoder()
+
+
+class Reject(Exception):
+    """Raised by a handler for a message that can never succeed: dead-letter it now, with this reason."""
+
+
+class Retry(Exception):
+    """Raised by a handler for a transient failure: redeliver after `delay` seconds (or the backoff)."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler may need to know about the message besides its event."""
+
+    subject: str
+    stream_seq: int
+    deliveries: int
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Route(Generic[E]):
+    """How a consumer handles one subject: the event type to decode and the handler to call."""
+
+    type: type[E]
+    handle: Callable[[E, Delivery], Awaitable[None]]
+
+
+class Bus:
+    """A connected JetStream context for one service, with podsweep's subject root and KV prefix."""
+
+    def __init__(self, nc: NatsClient, settings: NatsSettings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.settings = settings
+
+    def subject(self, name: str) -> str:
+        return subjects.subject(self.settings.subject_root, name)
+
+    async def publish(
+        self, name: str, event: msgspec.Struct, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> bool:
+        """Publish an event; True when stored, False when the stream already had this msg_id (a duplicate)."""
+        subject = self.subject(name)
+        with tracer.start_as_current_span(f"publish {name}", kind=SpanKind.PRODUCER) as span:
+            span.set_attribute("messaging.message.id", msg_id)
+            out = telemetry.inject({**(headers or {}), "Nats-Msg-Id": msg_id})
+            ack = await self.js.publish(subject, _encoder.encode(event), headers=out, stream=self.settings.stream)
+        published.add(1, {"subject": name, "duplicate": bool(ack.duplicate)})
+        return not ack.duplicate
+
+    def kv_bucket(self, name: str) -> str:
+        return f"{self.settings.kv_prefix}-{name}"
+
+    async def kv(self, name: str, *, history: int = 1, ttl_s: float | None = None) -> KeyValue:
+        """The KV bucket `<kv_prefix>-<name>`, created when missing (idempotent)."""
+        bucket = self.kv_bucket(name)
+        try:
+            return await self.js.key_value(bucket)
+        except (NotFoundError, nats.js.errors.BucketNotFoundError):
+            pass
+        config = KeyValueConfig(
+            bucket=bucket,
+            history=history,
+            ttl=ttl_s,
+            storage=StorageType.FILE,
+            replicas=self.settings.replicas,
+        )
+        try:
+            return await self.js.create_key_value(config)
+        except BadRequestError:  # another replica created it first
+            return await self.js.key_value(bucket)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def connect(settings: NatsSettings, name: str) -> Bus:
+    """Connect with credentials and TLS when configured; raise with the URL (never the credentials) on failure."""
+    options: dict[str, Any] = {
+        "name": f"podsweep-{name}",
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 1,
+    }
+    if settings.creds_file:
+        options["user_credentials"] = settings.creds_file
+    if settings.tls_ca_file or settings.tls_cert_file:
+        ctx = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+        if settings.tls_cert_file:
+            ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        options["tls"] = ctx
+    servers = [s.strip() for s in settings.url.split(",")]
+    try:
+        nc = await nats.connect(servers=servers, allow_reconnect=True, connect_timeout=5, **options)
+    except Exception as exc:
+        raise ConnectionError(f"nats: cannot connect to {settings.url}: {exc}; is nats-server running?") from exc
+    return Bus(nc, settings)
+
+
+async def ensure_stream(bus: Bus) -> None:
+    """Create or update the PODSWEEP stream on <root>.> (idempotent; safe from every replica)."""
+    s = bus.settings
+    config = StreamConfig(
+        name=s.stream,
+        subjects=[f"{s.subject_root}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=s.max_age_days * 86400,
+        duplicate_window=s.duplicate_window_s,
+        num_replicas=s.replicas,
+    )
+    try:
+        await bus.js.stream_info(s.stream)
+    except NotFoundError:
+        try:
+            await bus.js.add_stream(config)
+            return
+        except BadRequestError:
+            pass  # created concurrently: fall through to update
+    await bus.js.update_stream(config)
+
+
+async def ensure_consumer(bus: Bus, durable: str, names: list[str], settings: ConsumerSettings) -> None:
+    """A durable pull consumer on the given subjects. max_deliver is enforced by the loop, which dead-letters."""
+    config = ConsumerConfig(
+        durable_name=durable,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=-1,  # the loop dead-letters after settings.max_deliver, so nothing expires unseen
+        filter_subjects=[bus.subject(n) for n in names],
+        max_ack_pending=max(settings.batch * 4, 256),
+    )
+    await bus.js.add_consumer(bus.settings.stream, config)
+
+
+def backoff_delay(settings: ConsumerSettings, deliveries: int) -> float:
+    """Redelivery delay after the n-th failed delivery (1-based), the last step repeating."""
+    return settings.backoff_s[min(deliveries, len(settings.backoff_s)) - 1]
+
+
+async def dead_letter(bus: Bus, service: str, msg: Msg, deliveries: int, error: str) -> None:
+    meta = msg.metadata
+    letter = DeadLetter(
+        service=service,
+        subject=msg.subject,
+        stream_seq=meta.sequence.stream,
+        deliveries=deliveries,
+        error=_printable(error)[:4000],
+        payload=msg.data,
+        failed_at=datetime.now(UTC),
+    )
+    await bus.publish(
+        f"{subjects.DEAD}.{service}",
+        letter,
+        msg_id=f"dead:{service}:{bus.settings.stream}:{meta.sequence.stream}",
+    )
+    log.warning(
+        "event dead-lettered",
+        service=service,
+        subject=msg.subject,
+        stream_seq=meta.sequence.stream,
+        deliveries=deliveries,
+        error=letter.error,
+    )
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
+
+
+async def consume(
+    bus: Bus,
+    *,
+    service: str,
+    durable: str,
+    routes: Mapping[str, Route[Any]],
+    settings: ConsumerSettings,
+    stop: asyncio.Event,
+    fetch_timeout: float = 1.0,
+) -> None:
+    """Run until `stop` is set, then finish the messages in flight and return (the SIGTERM drain)."""
+    await ensure_consumer(bus, durable, list(routes), settings)
+    sub = await bus.js.pull_subscribe_bind(durable=durable, stream=bus.settings.stream)
+    by_subject = {bus.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()}
+    limit = asyncio.Semaphore(settings.concurrency)
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def one(msg: Msg) -> None:
+        try:
+            await _handle(bus, service, msg, by_subject, settings)
+        finally:
+            limit.release()
+
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(settings.batch, timeout=fetch_timeout)
+            except TimeoutError:  # nats raises asyncio.TimeoutError (the builtin) when nothing is pending
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await limit.acquire()
+                task = asyncio.create_task(one(msg))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+    finally:
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        await sub.unsubscribe()
+
+
+async def _handle(
+    bus: Bus,
+    service: str,
+    msg: Msg,
+    by_subject: Mapping[str, tuple[str, Route[Any], msgspec.json.Decoder[Any]]],
+    settings: ConsumerSettings,
+) -> None:
+    deliveries = msg.metadata.num_delivered
+    headers = dict(msg.headers or {})
+    name, route, decoder = by_subject.get(msg.subject, (msg.subject, None, None))
+    parent = telemetry.extract(headers)
+    with tracer.start_as_current_span(f"process {name}", context=parent, kind=SpanKind.CONSUMER) as span:
+        span.set_attribute("messaging.consumer.group.name", service)
+        span.set_attribute("messaging.delivery.count", deliveries)
+        if route is None or decoder is None:
+            await dead_letter(bus, service, msg, deliveries, f"no handler for subject {msg.subject}")
+            await msg.term()
+            processed.add(1, {"service": service, "subject": name, "outcome": "dead"})
+            return
+        if deliveries > settings.max_deliver:
+            # delivered again after the last attempt: the worker died while handling it
+            await dead_letter(bus, service, msg, deliveries, "worker stopped while handling this event too often")
+            await msg.term()
+            processed.add(1, {"service": service, "subject": name, "outcome": "dead"})
+            return
+        try:
+            event = decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            span.set_status(Status(StatusCode.ERROR, "invalid event"))
+            await dead_letter(bus, service, msg, deliveries, f"invalid {name} event: {exc}")
+            await msg.term()
+            processed.add(1, {"service": service, "subject": name, "outcome": "invalid"})
+            return
+        delivery = Delivery(
+            subject=name, stream_seq=msg.metadata.sequence.stream, deliveries=deliveries, headers=headers
+        )
+        try:
+            await route.handle(event, delivery)
+        except Reject as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            await dead_letter(bus, service, msg, deliveries, f"rejected: {exc}")
+            await msg.term()
+            processed.add(1, {"service": service, "subject": name, "outcome": "rejected"})
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            error = f"{type(exc).__name__}: {exc}"
+            if deliveries >= settings.max_deliver:
+                await dead_letter(bus, service, msg, deliveries, f"failed {deliveries} times, last: {error}")
+                await msg.term()
+                processed.add(1, {"service": service, "subject": name, "outcome": "dead"})
+                return
+            delay = (
+                exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff_delay(settings, deliveries)
+            )
+            log.info(
+                "event will be retried",
+                service=service,
+                subject=name,
+                deliveries=deliveries,
+                delay_s=delay,
+                error=error,
+            )
+            await msg.nak(delay=delay)
+            processed.add(1, {"service": service, "subject": name, "outcome": "retry"})
+        else:
+            await msg.ack()
+            processed.add(1, {"service": service, "subject": name, "outcome": "ok"})

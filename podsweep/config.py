@@ -1,0 +1,252 @@
+"""Configuration: defaults, then an optional TOML/YAML file, then PODSWEEP_* environment variables.
+
+Validated once at start-up into frozen Structs; every error names the key (file path and environment variable).
+Secrets may come from `<VAR>_FILE` (a mounted Secret) and are never logged: use `Settings.redacted()` to show config.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import msgspec
+import yaml
+
+ENV_PREFIX = "PODSWEEP_"
+SECRET_FIELDS = frozenset({"secret_access_key", "creds_file_contents", "hmac_key", "token"})
+
+_NATS_URL_RE = re.compile(r"^(nats|tls|ws|wss)://[^\s/:]+(:\d{1,5})?/?$")
+_HTTP_URL_RE = re.compile(r"^https?://[^\s/]+(/[^\s]*)?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ROOT_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot be used; the message names the key and says what is expected."""
+
+
+class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    url: str = ""  # empty: `podsweep up` starts an embedded nats-server
+    creds_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    subject_root: str = "podsweep"
+    stream: str = "PODSWEEP"
+    kv_prefix: str = "podsweep"
+    duplicate_window_s: float = 120.0
+    max_age_days: float = 14.0
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.url:
+            for one in self.url.split(","):
+                if not _NATS_URL_RE.match(one.strip()):
+                    raise ValueError(f"url {one!r} is not a NATS URL (expected nats://host:port)")
+        if not _ROOT_RE.match(self.subject_root):
+            raise ValueError(f"subject_root {self.subject_root!r} must be dot-separated [a-z0-9_-] tokens")
+        for name in ("stream", "kv_prefix"):
+            if not _NAME_RE.match(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)!r} must be 1-64 of [A-Za-z0-9_-]")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if not 1 <= self.replicas <= 5:
+            raise ValueError(f"replicas {self.replicas} must be between 1 and 5")
+
+
+class S3Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    endpoint_url: str = ""  # empty: AWS, or the embedded SeaweedFS under `podsweep up`
+    region: str = "us-east-1"
+    bucket: str = "podsweep"
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    path_style: bool = True
+    max_object_mb: float = 64.0
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url and not _HTTP_URL_RE.match(self.endpoint_url):
+            raise ValueError(f"endpoint_url {self.endpoint_url!r} is not a URL (expected http(s)://host:port)")
+        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", self.bucket):
+            raise ValueError(f"bucket {self.bucket!r} is not a valid S3 bucket name")
+
+
+class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    max_deliver: int = 5
+    backoff_s: list[float] = msgspec.field(default_factory=lambda: [1.0, 5.0, 30.0, 120.0])
+    ack_wait_s: float = 60.0
+    batch: int = 64
+    concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_deliver < 1:
+            raise ValueError(f"max_deliver {self.max_deliver} must be at least 1")
+        if not self.backoff_s or any(b < 0 for b in self.backoff_s):
+            raise ValueError("backoff_s must be a non-empty list of seconds >= 0")
+
+
+Exporter = Literal["none", "console", "otlp"]
+
+
+class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    traces: Exporter = "none"
+    metrics: Exporter = "none"
+    otlp_endpoint: str = ""
+    metrics_port: int = 0  # Prometheus /metrics and /healthz; 0 = off
+
+    def __post_init__(self) -> None:
+        if "otlp" in (self.traces, self.metrics) and not self.otlp_endpoint:
+            raise ValueError("otlp_endpoint is required when traces or metrics is 'otlp'")
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    cluster: str = "default"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    data_dir: str = ".podsweep"
+    kubeconfig: str = ""
+    namespace: str = "podsweep"
+    nats: NatsSettings = msgspec.field(default_factory=NatsSettings)
+    s3: S3Settings = msgspec.field(default_factory=S3Settings)
+    consumer: ConsumerSettings = msgspec.field(default_factory=ConsumerSettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", self.cluster):
+            raise ValueError(f"cluster {self.cluster!r} must be a DNS-1123 label")
+        if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} must be a DNS-1123 label")
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with every secret replaced, for `podsweep config` and start-up logs."""
+
+        def scrub(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: ("***" if k in SECRET_FIELDS and v else scrub(v)) for k, v in value.items()}
+            return value
+
+        return scrub(msgspec.to_builtins(self))  # type: ignore[no-any-return]
+
+
+def env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(p.upper() for p in path)
+
+
+def _sections(typ: type[msgspec.Struct], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """Every leaf field of a settings Struct as (path, annotation)."""
+    leaves: list[tuple[tuple[str, ...], Any]] = []
+    for info in msgspec.structs.fields(typ):
+        sub = info.type
+        if isinstance(sub, type) and issubclass(sub, msgspec.Struct):
+            leaves += _sections(sub, (*path, info.name))
+        else:
+            leaves.append(((*path, info.name), sub))
+    return leaves
+
+
+def _from_env(environ: Mapping[str, str], typ: type[msgspec.Struct]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Nested raw values from PODSWEEP_* variables, and which variable each dotted key came from."""
+    raw: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for path, annotation in _sections(typ):
+        name = env_name(path)
+        value: str | None = environ.get(name)
+        if value is None and path[-1] in SECRET_FIELDS | {"secret_access_key", "access_key_id"}:
+            file_var = environ.get(name + "_FILE")
+            if file_var:
+                try:
+                    value = Path(file_var).read_text().strip()
+                except OSError as exc:
+                    raise ConfigError(f"config: {name}_FILE {file_var!r} cannot be read: {exc.strerror}") from None
+                name += "_FILE"
+        if value is None:
+            continue
+        parsed: Any = value
+        if get_origin(annotation) is list or annotation is list:
+            parsed = [v.strip() for v in value.split(",") if v.strip()]
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = parsed
+        origin[".".join(path)] = name
+    return raw, origin
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config: file {str(path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config: {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path}: expected a mapping of keys at the top level")
+    return data
+
+
+_AT_RE = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read and validate settings, or raise ConfigError naming the key (and its variable or file)."""
+    environ = os.environ if environ is None else environ
+    file = file or environ.get(ENV_PREFIX + "CONFIG") or None
+    from_file = _read_file(Path(file)) if file else {}
+    from_env, origin = _from_env(environ, Settings)
+    raw = _merge(_merge(from_file, from_env), overrides or {})
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc), raw, origin, file)) from None
+
+
+def _explain(message: str, raw: Mapping[str, Any], origin: Mapping[str, str], file: str | Path | None) -> str:
+    """Turn msgspec's `... - at `$.a.b`` into `config: a.b (PODSWEEP_A_B) = 'value': ...`."""
+    match = _AT_RE.search(message)
+    parts = [p for p in re.split(r"[.\[\]]", match.group(1)) if p] if match else []
+    detail = _AT_RE.sub("", message)
+    head, _, rest = detail.partition(" ")
+    if head in {info.name for info in _all_fields()}:  # raised by a __post_init__: it names its field first
+        parts, detail = [*parts, head], rest
+    parts = [p for p in parts if not p.isdigit()]
+    key = ".".join(parts)
+    value: Any = raw
+    for part in parts:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    source = origin.get(key) or (f"{file}" if file else env_name(tuple(parts)))
+    shown = (
+        "" if value is None or isinstance(value, Mapping) or parts[-1:] in (["secret_access_key"],) else f" = {value!r}"
+    )
+    return f"config: {key or '(top level)'} ({source}){shown}: {detail}"
+
+
+def _all_fields() -> list[msgspec.structs.FieldInfo]:
+    fields: list[msgspec.structs.FieldInfo] = []
+    for typ in (Settings, NatsSettings, S3Settings, ConsumerSettings, TelemetrySettings):
+        fields += list(msgspec.structs.fields(typ))
+    return fields
+
+
+def is_list_annotation(annotation: Any) -> bool:
+    return get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))

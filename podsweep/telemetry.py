@@ -1,0 +1,70 @@
+"""OpenTelemetry tracer and meter providers, and W3C trace context in NATS headers.
+
+Exporters come from config (none by default, so nothing is sent anywhere unless asked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opentelemetry import context, metrics, propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from podsweep import __version__
+from podsweep.config import ConfigError, TelemetrySettings
+
+
+def _otlp_missing() -> ConfigError:
+    return ConfigError("config: telemetry 'otlp' needs the OTLP exporter: pip install 'podsweep[otlp]'")
+
+
+def configure(service: str, settings: TelemetrySettings, extra_readers: list[MetricReader] | None = None) -> None:
+    """Install global providers for this process; safe to call once per process."""
+    resource = Resource.create({"service.name": f"podsweep-{service}", "service.version": __version__})
+    tracer_provider = TracerProvider(resource=resource)
+    exporter: SpanExporter | None = None
+    if settings.traces == "console":
+        exporter = ConsoleSpanExporter()
+    elif settings.traces == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise _otlp_missing() from None
+        exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint.rstrip("/") + "/v1/traces")
+    if exporter is not None:
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(tracer_provider)
+
+    readers: list[MetricReader] = list(extra_readers or [])
+    if settings.metrics == "console":
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    elif settings.metrics == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        except ImportError:
+            raise _otlp_missing() from None
+        readers.append(
+            PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=settings.otlp_endpoint.rstrip("/") + "/v1/metrics")
+            )
+        )
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current span's W3C `traceparent` (and `tracestate`) to outgoing NATS headers."""
+    propagate.inject(headers)
+    return headers
+
+
+def extract(headers: Mapping[str, str] | None) -> context.Context:
+    """The remote parent context carried in incoming NATS headers (empty context when there is none)."""
+    return propagate.extract(dict(headers or {}))

@@ -1,0 +1,191 @@
+"""Events on the PODSWEEP stream: the contract between services and with subscribers outside podsweep.
+
+Every event carries `v` (its version). Consumers ignore unknown fields; a removed field's name is never reused.
+Fields that later reach a Job spec or an object key are validated by their types (see schemas.refs).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from schemas.refs import (
+    ClusterName,
+    DigestRef,
+    ImageRef,
+    K8sLabelName,
+    K8sName,
+    KindName,
+    NodeName,
+    ObjectKey,
+    RouteName,
+    ScanId,
+    ShortText,
+    Text,
+)
+
+Severity = Literal["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
+SEVERITIES: tuple[Severity, ...] = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
+ContainerKind = Literal["init", "app", "ephemeral"]
+ScanMode = Literal["node", "sbom"]
+FailureReason = Literal[
+    "ErrImageNeverPull",  # the image is not on the node any more
+    "DeadlineExceeded",  # activeDeadlineSeconds passed
+    "OOMKilled",
+    "NodeGone",  # the node was deleted or became unreachable
+    "Evicted",
+    "UploadFailed",  # the uploader could not PUT the report
+    "ScanError",  # trivy exited non-zero
+    "Unknown",
+]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every event. `v` is bumped when a field changes meaning."""
+
+    v: int = 1
+
+
+class Workload(msgspec.Struct, frozen=True):
+    """The top-level owner of a pod (Deployment, StatefulSet, CronJob, a custom kind, or the Pod itself)."""
+
+    kind: KindName
+    name: K8sName
+
+
+class ImageOptions(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Options a workload chose through podsweep.io/* pod annotations, already validated by the watcher."""
+
+    ignore_unfixed: bool = False
+    notify: RouteName | None = None
+
+
+class ImageSeen(Event, frozen=True, kw_only=True):
+    """A container started running an image digest on a node (or the watcher's periodic resync saw it again)."""
+
+    cluster: ClusterName
+    digest_ref: DigestRef
+    image: ImageRef
+    node: NodeName
+    namespace: K8sLabelName
+    pod: K8sName
+    container: K8sLabelName
+    container_kind: ContainerKind
+    workload: Workload
+    options: ImageOptions = ImageOptions()
+    observed_at: datetime
+    resync: bool = False
+
+
+class ImageGone(Event, frozen=True, kw_only=True):
+    """The last container running a digest on a node stopped."""
+
+    cluster: ClusterName
+    digest_ref: DigestRef
+    node: NodeName
+    observed_at: datetime
+
+
+class ScanStarted(Event, frozen=True, kw_only=True):
+    cluster: ClusterName
+    scan_id: ScanId
+    digest_ref: DigestRef
+    mode: ScanMode = "node"
+    node: NodeName | None = None
+    job: K8sName
+    started_at: datetime
+
+
+class ScanCompleted(Event, frozen=True, kw_only=True):
+    cluster: ClusterName
+    scan_id: ScanId
+    digest_ref: DigestRef
+    mode: ScanMode = "node"
+    node: NodeName | None = None
+    job: K8sName
+    raw_key: ObjectKey
+    sbom_key: ObjectKey | None = None
+    finished_at: datetime
+
+
+class ScanFailed(Event, frozen=True, kw_only=True):
+    cluster: ClusterName
+    scan_id: ScanId
+    digest_ref: DigestRef
+    mode: ScanMode = "node"
+    node: NodeName | None = None
+    job: K8sName
+    reason: FailureReason
+    message: Text = ""
+    failed_at: datetime
+
+
+class SeverityCounts(msgspec.Struct, frozen=True):
+    CRITICAL: int = 0
+    HIGH: int = 0
+    MEDIUM: int = 0
+    LOW: int = 0
+    UNKNOWN: int = 0
+
+    def total(self) -> int:
+        return self.CRITICAL + self.HIGH + self.MEDIUM + self.LOW + self.UNKNOWN
+
+
+class FindingRef(msgspec.Struct, frozen=True):
+    """Enough of a finding to name it in a diff or an alert: the full finding lives in the stored report."""
+
+    id: ShortText
+    package: ShortText
+    installed_version: ShortText
+    severity: Severity
+    fixed_version: ShortText = ""
+
+
+class ReportStored(Event, frozen=True, kw_only=True):
+    """The parser stored a normalized report; `new` and `fixed` are relative to the previous report."""
+
+    cluster: ClusterName
+    scan_id: ScanId
+    digest_ref: DigestRef
+    mode: ScanMode = "node"
+    report_key: ObjectKey
+    history_key: ObjectKey
+    counts: SeverityCounts
+    fixable: SeverityCounts
+    new: list[FindingRef] = []
+    fixed: list[FindingRef] = []
+    first_report: bool = False
+    stored_at: datetime
+
+
+AlertOutcome = Literal["delivered", "failed"]
+
+
+class AlertSent(Event, frozen=True, kw_only=True):
+    """Audit of one alert: what was sent, to which destination, about which workload and digest."""
+
+    alert_id: ShortText
+    cluster: ClusterName
+    digest_ref: DigestRef
+    namespace: K8sLabelName
+    workload: Workload
+    destination: K8sLabelName
+    findings: list[ShortText]
+    attempts: int
+    outcome: AlertOutcome = "delivered"
+    error: Text = ""
+    sent_at: datetime
+
+
+class DeadLetter(Event, frozen=True, kw_only=True):
+    """A message a service could never process, kept whole with the reason, on <root>.dead.<service>."""
+
+    service: ShortText
+    subject: ShortText
+    stream_seq: int
+    deliveries: int
+    error: Text
+    payload: bytes
+    failed_at: datetime

@@ -1,0 +1,47 @@
+"""Writes the JSON Schema of every event and stored document, for subscribers in other languages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from schemas import events, state
+
+JSON_DIR = Path(__file__).parent / "json"
+
+# File stem -> type. Event stems are their subject names (relative to the root).
+DOCUMENTS: dict[str, Any] = {
+    "image.seen": events.ImageSeen,
+    "image.gone": events.ImageGone,
+    "scan.started": events.ScanStarted,
+    "scan.completed": events.ScanCompleted,
+    "scan.failed": events.ScanFailed,
+    "report.stored": events.ReportStored,
+    "alert.sent": events.AlertSent,
+    "dead": events.DeadLetter,
+    "state.digest": state.DigestScanState,
+}
+
+
+def render() -> dict[str, str]:
+    """File name -> JSON Schema text, deterministic so a stale committed file is a visible diff."""
+    out: dict[str, str] = {}
+    for stem, typ in DOCUMENTS.items():
+        schema = msgspec.json.schema(typ)
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["title"] = f"podsweep {stem}"
+        out[f"{stem}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return out
+
+
+def export(directory: Path = JSON_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render().items():
+        path = directory / name
+        path.write_text(text)
+        written.append(path)
+    return written

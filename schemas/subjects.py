@@ -1,0 +1,26 @@
+"""NATS subject names, relative to a configurable root (default "podsweep").
+
+The root lets two installations, or two tests, share one NATS server without seeing each other's events.
+"""
+
+from __future__ import annotations
+
+IMAGE_SEEN = "image.seen"
+IMAGE_GONE = "image.gone"
+SCAN_STARTED = "scan.started"
+SCAN_COMPLETED = "scan.completed"
+SCAN_FAILED = "scan.failed"
+REPORT_STORED = "report.stored"
+ALERT_SENT = "alert.sent"
+ALERT_FAILED = "alert.failed"
+DEAD = "dead"  # dead letters: <root>.dead.<service>
+
+DEFAULT_ROOT = "podsweep"
+
+
+def subject(root: str, name: str) -> str:
+    return f"{root}.{name}"
+
+
+def dead_letter_subject(root: str, service: str) -> str:
+    return f"{root}.{DEAD}.{service}"

@@ -1,0 +1,180 @@
+"""The NATS plumbing against a real nats-server with JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from podsweep import bus as busmod
+from podsweep.config import ConsumerSettings, NatsSettings
+from schemas import subjects
+from schemas.events import DeadLetter, ImageGone
+
+FAST = ConsumerSettings(max_deliver=3, backoff_s=[0.05, 0.1], ack_wait_s=5, batch=16, concurrency=4)
+DIGEST = "registry.example.com/team/app@sha256:" + "ab" * 32
+
+
+def gone(node: str = "node-1") -> ImageGone:
+    return ImageGone(cluster="c1", digest_ref=DIGEST, node=node, observed_at=datetime(2026, 11, 23, tzinfo=UTC))
+
+
+@pytest.fixture
+async def bus(nats_settings: NatsSettings) -> AsyncIterator[busmod.Bus]:
+    b = await busmod.connect(nats_settings, "test")
+    await busmod.ensure_stream(b)
+    yield b
+    await b.close()
+
+
+async def run_until(bus: busmod.Bus, routes: dict[str, busmod.Route[ImageGone]], done: asyncio.Event, durable: str):
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        busmod.consume(bus, service="test", durable=durable, routes=routes, settings=FAST, stop=stop, fetch_timeout=0.2)
+    )
+    await asyncio.wait_for(done.wait(), 15)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def dead_letters(bus: busmod.Bus, service: str) -> list[DeadLetter]:
+    sub = await bus.js.subscribe(
+        subjects.dead_letter_subject(bus.settings.subject_root, service), stream=bus.settings.stream, ordered_consumer=True
+    )
+    out = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            out.append(msgspec.json.decode(msg.data, type=DeadLetter))
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def test_same_msg_id_published_twice_is_consumed_once(bus: busmod.Bus) -> None:
+    assert await bus.publish(subjects.IMAGE_GONE, gone(), msg_id="gone:1") is True
+    assert await bus.publish(subjects.IMAGE_GONE, gone(), msg_id="gone:1") is False
+    assert await bus.publish(subjects.IMAGE_GONE, gone("node-2"), msg_id="gone:2") is True
+    seen: list[str] = []
+    done = asyncio.Event()
+
+    async def handle(event: ImageGone, delivery: busmod.Delivery) -> None:
+        seen.append(event.node)
+        if len(seen) == 2:
+            done.set()
+
+    await run_until(bus, {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}, done, "dedup")
+    await asyncio.sleep(0.3)  # a third (duplicate) delivery would land here
+    assert sorted(seen) == ["node-1", "node-2"]
+
+
+async def test_message_that_always_fails_is_dead_lettered_with_its_error(bus: busmod.Bus) -> None:
+    await bus.publish(subjects.IMAGE_GONE, gone(), msg_id="fail:1")
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(event: ImageGone, delivery: busmod.Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        if delivery.deliveries == FAST.max_deliver:
+            asyncio.get_running_loop().call_later(0.3, done.set)
+        raise RuntimeError("S3 is on fire")
+
+    await run_until(bus, {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}, done, "failing")
+    assert attempts == [1, 2, 3]
+    letters = await dead_letters(bus, "test")
+    assert len(letters) == 1
+    assert "S3 is on fire" in letters[0].error and "3 times" in letters[0].error
+    assert msgspec.json.decode(letters[0].payload, type=ImageGone) == gone()
+
+
+async def test_transient_failure_is_retried_and_then_succeeds(bus: busmod.Bus) -> None:
+    await bus.publish(subjects.IMAGE_GONE, gone(), msg_id="flaky:1")
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(event: ImageGone, delivery: busmod.Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        if delivery.deliveries < 2:
+            raise busmod.Retry("not yet", delay=0.05)
+        done.set()
+
+    await run_until(bus, {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}, done, "flaky")
+    assert attempts == [1, 2]
+    assert await dead_letters(bus, "test") == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        pytest.param(b"{not json", "invalid image.gone event", id="not-json"),
+        pytest.param(
+            msgspec.json.encode({"cluster": "c1", "digest_ref": "app:latest", "node": "n", "observed_at": "2026-01-01T00:00:00Z"}),
+            "invalid image.gone event",
+            id="tag-instead-of-digest",
+        ),
+        pytest.param(
+            msgspec.json.encode({"cluster": "c1", "digest_ref": DIGEST, "node": "n; rm -rf /", "observed_at": "2026-01-01T00:00:00Z"}),
+            "node",
+            id="hostile-node-name",
+        ),
+    ],
+)
+async def test_malformed_event_is_dead_lettered_at_once_with_the_reason(bus: busmod.Bus, payload: bytes, reason: str) -> None:
+    await bus.js.publish(bus.subject(subjects.IMAGE_GONE), payload, stream=bus.settings.stream)
+    handled: list[ImageGone] = []
+
+    async def handle(event: ImageGone, delivery: busmod.Delivery) -> None:
+        handled.append(event)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        busmod.consume(bus, service="test", durable="malformed", routes={subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)},
+                       settings=FAST, stop=stop, fetch_timeout=0.2)
+    )
+    letters: list[DeadLetter] = []
+    for _ in range(50):
+        letters = await dead_letters(bus, "test")
+        if letters:
+            break
+    stop.set()
+    await task
+    assert handled == []
+    assert len(letters) == 1 and letters[0].deliveries == 1
+    assert reason in letters[0].error
+    assert letters[0].payload == payload
+
+
+async def test_stop_drains_the_event_in_flight_before_returning(bus: busmod.Bus) -> None:
+    await bus.publish(subjects.IMAGE_GONE, gone(), msg_id="slow:1")
+    started = asyncio.Event()
+    finished: list[bool] = []
+
+    async def handle(event: ImageGone, delivery: busmod.Delivery) -> None:
+        started.set()
+        await asyncio.sleep(0.5)
+        finished.append(True)
+
+    stop = asyncio.Event()
+    routes = {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}
+    task = asyncio.create_task(
+        busmod.consume(bus, service="test", durable="slow", routes=routes, settings=FAST, stop=stop, fetch_timeout=0.2)
+    )
+    await asyncio.wait_for(started.wait(), 10)
+    stop.set()  # what SIGTERM does
+    await asyncio.wait_for(task, 10)
+    assert finished == [True]
+    info = await bus.js.consumer_info(bus.settings.stream, "slow")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_ensure_stream_and_kv_are_idempotent(bus: busmod.Bus) -> None:
+    await busmod.ensure_stream(bus)
+    kv1 = await bus.kv("scans")
+    kv2 = await bus.kv("scans")
+    rev = await kv1.create("k", b"1")
+    assert (await kv2.get("k")).revision == rev
