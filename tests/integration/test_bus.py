@@ -42,7 +42,9 @@ async def run_until(bus: busmod.Bus, routes: dict[str, busmod.Route[ImageGone]],
 
 async def dead_letters(bus: busmod.Bus, service: str) -> list[DeadLetter]:
     sub = await bus.js.subscribe(
-        subjects.dead_letter_subject(bus.settings.subject_root, service), stream=bus.settings.stream, ordered_consumer=True
+        subjects.dead_letter_subject(bus.settings.subject_root, service),
+        stream=bus.settings.stream,
+        ordered_consumer=True,
     )
     out = []
     try:
@@ -113,18 +115,24 @@ async def test_transient_failure_is_retried_and_then_succeeds(bus: busmod.Bus) -
     [
         pytest.param(b"{not json", "invalid image.gone event", id="not-json"),
         pytest.param(
-            msgspec.json.encode({"cluster": "c1", "digest_ref": "app:latest", "node": "n", "observed_at": "2026-01-01T00:00:00Z"}),
+            msgspec.json.encode(
+                {"cluster": "c1", "digest_ref": "app:latest", "node": "n", "observed_at": "2026-01-01T00:00:00Z"}
+            ),
             "invalid image.gone event",
             id="tag-instead-of-digest",
         ),
         pytest.param(
-            msgspec.json.encode({"cluster": "c1", "digest_ref": DIGEST, "node": "n; rm -rf /", "observed_at": "2026-01-01T00:00:00Z"}),
+            msgspec.json.encode(
+                {"cluster": "c1", "digest_ref": DIGEST, "node": "n; rm -rf /", "observed_at": "2026-01-01T00:00:00Z"}
+            ),
             "node",
             id="hostile-node-name",
         ),
     ],
 )
-async def test_malformed_event_is_dead_lettered_at_once_with_the_reason(bus: busmod.Bus, payload: bytes, reason: str) -> None:
+async def test_malformed_event_is_dead_lettered_at_once_with_the_reason(
+    bus: busmod.Bus, payload: bytes, reason: str
+) -> None:
     await bus.js.publish(bus.subject(subjects.IMAGE_GONE), payload, stream=bus.settings.stream)
     handled: list[ImageGone] = []
 
@@ -133,8 +141,15 @@ async def test_malformed_event_is_dead_lettered_at_once_with_the_reason(bus: bus
 
     stop = asyncio.Event()
     task = asyncio.create_task(
-        busmod.consume(bus, service="test", durable="malformed", routes={subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)},
-                       settings=FAST, stop=stop, fetch_timeout=0.2)
+        busmod.consume(
+            bus,
+            service="test",
+            durable="malformed",
+            routes={subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)},
+            settings=FAST,
+            stop=stop,
+            fetch_timeout=0.2,
+        )
     )
     letters: list[DeadLetter] = []
     for _ in range(50):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
 
 import httpx
 import pytest
@@ -54,7 +54,7 @@ async def test_presigned_put_works_over_plain_http_for_its_key_only(store: Objec
 
 async def test_presigned_put_is_refused_after_it_expires(store: ObjectStore) -> None:
     url = store.presign_put("raw/sha256/cc/scan-0005.json", expires_s=1)
-    time.sleep(2.1)
+    await asyncio.sleep(2.1)
     async with httpx.AsyncClient() as http:
         late = await http.put(url, content=b"{}")
     assert late.status_code == 403

@@ -1,0 +1,3 @@
+from podsweep.cli import main
+
+main()

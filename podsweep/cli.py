@@ -1,0 +1,173 @@
+"""The `podsweep` command: run the services, and look at what they found."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import typer
+from rich.console import Console
+
+from podsweep import __version__, embedded, logs, runtime
+from podsweep.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="podsweep",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help=(
+        "Find every image digest running in a Kubernetes cluster, scan each one once with Trivy on a node that "
+        "already has it, store the reports in S3 and tell workload owners about new breaches.\n\n"
+        "Start here: [bold]podsweep up[/bold] runs everything against your current kubeconfig, with an embedded "
+        "NATS and S3 when none is configured.\n\n"
+        "Configuration comes from PODSWEEP_* environment variables and an optional file (--config); "
+        "see `podsweep config`."
+    ),
+)
+schemas_app = typer.Typer(no_args_is_help=True, help="The event and document contract (JSON Schema).")
+app.add_typer(schemas_app, name="schemas")
+
+err = Console(stderr=True)
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="A TOML or YAML settings file (also PODSWEEP_CONFIG).")
+]
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    try:
+        settings = load_settings(file=config, overrides={k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    logs.configure(settings.log_level, settings.log_format)
+    return settings
+
+
+@app.command()
+def version() -> None:
+    """Print podsweep's version."""
+    typer.echo(f"podsweep {__version__}")
+
+
+@app.command("config")
+def show_config(config: ConfigOption = None) -> None:
+    """Print the effective settings (secrets replaced by ***) after validating them."""
+    settings = _settings(config)
+    typer.echo(msgspec.json.format(msgspec.json.encode(settings.redacted()), indent=2).decode())
+
+
+@app.command()
+def run(
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(runtime.SERVICES)}.")],
+    config: ConfigOption = None,
+) -> None:
+    """Run one service against configured NATS and S3 (how the Deployments run it)."""
+    settings = _settings(config)
+    if not settings.nats.url:
+        err.print("[red]config: nats.url (PODSWEEP_NATS_URL) is required for `podsweep run`[/red]")
+        raise typer.Exit(2)
+    try:
+        runtime.load(service)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    asyncio.run(runtime.run(settings, [service]))
+
+
+@app.command()
+def up(
+    config: ConfigOption = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where embedded NATS and S3 keep their data (default .podsweep).")
+    ] = None,
+) -> None:
+    """Run every service in this process against the current kubeconfig.
+
+    With no NATS or S3 configured, starts nats-server (JetStream) and SeaweedFS (S3) from their PyPI packages in
+    the data directory; a restart with the same directory continues where it stopped.
+    """
+    settings = _settings(config, data_dir=str(data_dir) if data_dir else None)
+    try:
+        runtime.kubeconfig_path(settings)
+    except FileNotFoundError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    root = Path(settings.data_dir)
+    started: list[embedded.EmbeddedNats | embedded.EmbeddedS3] = []
+    try:
+        if not settings.nats.url:
+            nats = embedded.start_nats(root)
+            started.append(nats)
+            settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=nats.url))
+            err.print(f"embedded NATS (JetStream) at {nats.url}, data in {root / 'nats'}")
+        if not settings.s3.endpoint_url:
+            s3 = embedded.start_seaweedfs(root)
+            started.append(s3)
+            settings = msgspec.structs.replace(
+                settings,
+                s3=msgspec.structs.replace(
+                    settings.s3,
+                    endpoint_url=s3.endpoint_url,
+                    access_key_id=s3.identity.access_key_id,
+                    secret_access_key=s3.identity.secret_access_key,
+                ),
+            )
+            err.print(
+                f"embedded S3 (SeaweedFS) at {s3.endpoint_url}, bucket {settings.s3.bucket}, data in {root / 's3'}"
+            )
+        asyncio.run(_prepare(settings))
+        names = runtime.available()
+        err.print(f"running: {', '.join(names) or '(no services in this build yet)'} — Ctrl-C stops")
+        asyncio.run(runtime.run(settings, names))
+    except embedded.EmbeddedServerError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+async def _prepare(settings: Settings) -> None:
+    """Declare the stream and bucket once before the services start (each also does so idempotently)."""
+    from podsweep import bus as busmod
+    from podsweep.objectstore import ObjectStore
+
+    bus = await busmod.connect(settings.nats, "up")
+    try:
+        await busmod.ensure_stream(bus)
+    finally:
+        await bus.close()
+    await ObjectStore(settings.s3).ensure_bucket()
+
+
+@schemas_app.command("export")
+def schemas_export(
+    check: Annotated[bool, typer.Option(help="Exit 1 when the committed files differ from the Structs.")] = False,
+) -> None:
+    """Write the JSON Schema of every event and stored document into schemas/json/."""
+    from schemas import export
+
+    if check:
+        stale = [name for name, text in export.render().items() if _read(export.JSON_DIR / name) != text]
+        if stale:
+            err.print(f"stale JSON Schema files: {', '.join(stale)}; run `podsweep schemas export`")
+            raise typer.Exit(1)
+        return
+    for path in export.export():
+        typer.echo(str(path))
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m podsweep`
+    sys.exit(app())

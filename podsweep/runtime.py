@@ -1,0 +1,84 @@
+"""Runs services: one (`podsweep run X`) or all of them in one process (`podsweep up`), until SIGINT/SIGTERM.
+
+A service is a module `services.<name>.main` with `async def main(settings, stop) -> None` that returns once `stop`
+is set and its in-flight work is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import cast
+
+from podsweep import logs
+from podsweep.config import Settings
+
+ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
+
+# In pipeline order; `up` starts the ones that exist.
+SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
+
+log = logs.get("podsweep.runtime")
+
+
+def available() -> list[str]:
+    return [name for name in SERVICES if importlib.util.find_spec(f"services.{name}.main") is not None]
+
+
+def load(name: str) -> ServiceMain:
+    if name not in SERVICES:
+        raise ValueError(f"unknown service {name!r}: choose one of {', '.join(SERVICES)}")
+    if name not in available():
+        raise ValueError(
+            f"service {name!r} is not part of this podsweep build yet (available: {', '.join(available())})"
+        )
+    module = importlib.import_module(f"services.{name}.main")
+    return cast(ServiceMain, module.main)
+
+
+def kubeconfig_path(settings: Settings) -> str | None:
+    """The kubeconfig podsweep will use, or None when running in a pod (service-account token mounted)."""
+    if settings.kubeconfig:
+        return settings.kubeconfig
+    if (
+        os.environ.get("KUBERNETES_SERVICE_HOST")
+        and Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
+    ):
+        return None
+    first = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or str(Path.home() / ".kube" / "config")
+    if not Path(first).exists():
+        raise FileNotFoundError(
+            f"no kubeconfig at {first}: point KUBECONFIG or PODSWEEP_KUBECONFIG at one "
+            "(e.g. `kind get kubeconfig > kubeconfig`), or run podsweep inside the cluster"
+        )
+    return first
+
+
+async def run(settings: Settings, names: list[str], stop: asyncio.Event | None = None) -> None:
+    """Run the named services concurrently; the first one to fail stops the others."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with asyncio.TaskGroup() as group:
+            for name in names:
+                group.create_task(_guarded(name, load(name), settings, stop))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _guarded(name: str, main: ServiceMain, settings: Settings, stop: asyncio.Event) -> None:
+    log.info("service starting", service=name)
+    try:
+        await main(settings, stop)
+    except BaseException:
+        stop.set()
+        raise
+    log.info("service stopped", service=name)
