@@ -18,11 +18,13 @@ _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REPOSITORY_PATTERN = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
 SHA256_PATTERN = r"sha256:[a-f0-9]{64}"
 TAG_PATTERN = r"[\w][\w.-]{0,127}"
+# `$` alone also matches before a trailing newline (in Python and in msgspec, which uses re.search).
+END = r"(?!\n)$"
 
-REPOSITORY_RE = re.compile(rf"^{REPOSITORY_PATTERN}$")
-DIGEST_REF_RE = re.compile(rf"^(?P<repo>{REPOSITORY_PATTERN})@(?P<digest>{SHA256_PATTERN})$")
+REPOSITORY_RE = re.compile(rf"^{REPOSITORY_PATTERN}{END}")
+DIGEST_REF_RE = re.compile(rf"^(?P<repo>{REPOSITORY_PATTERN})@(?P<digest>{SHA256_PATTERN}){END}")
 # An image as written in a pod spec: repo[:tag][@digest]. Only used for display and tag→digest lookups.
-IMAGE_RE = re.compile(rf"^{REPOSITORY_PATTERN}(?::{TAG_PATTERN})?(?:@{SHA256_PATTERN})?$")
+IMAGE_RE = re.compile(rf"^{REPOSITORY_PATTERN}(?::{TAG_PATTERN})?(?:@{SHA256_PATTERN})?{END}")
 
 MAX_REPOSITORY = 255
 MAX_DIGEST_REF = MAX_REPOSITORY + 1 + 71
@@ -36,7 +38,7 @@ DigestRef = Annotated[
         examples=["registry.example.com/team/app@sha256:" + "a" * 64],
     ),
 ]
-Digest = Annotated[str, msgspec.Meta(pattern=rf"^{SHA256_PATTERN}$", description="sha256:<64 hex>")]
+Digest = Annotated[str, msgspec.Meta(pattern=rf"^{SHA256_PATTERN}{END}", description="sha256:<64 hex>")]
 ImageRef = Annotated[
     str,
     msgspec.Meta(
@@ -46,23 +48,23 @@ ImageRef = Annotated[
     ),
 ]
 # RFC 1123 subdomain (node, pod and workload names) and label (namespace, container names).
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*" + END
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?" + END
 K8sName = Annotated[str, msgspec.Meta(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
 K8sLabelName = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, max_length=63)]
 # Node names are subdomains in practice, but some providers use upper case; accept it, nothing else.
-NodeName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$", max_length=253)]
-KindName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9]*$", max_length=63)]
+NodeName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?" + END, max_length=253)]
+KindName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9]*" + END, max_length=63)]
 # Scan ids and Job names: derived by podsweep from a hash, never from user text.
 ScanId = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, min_length=8, max_length=63)]
 # Object keys podsweep writes: a fixed alphabet, no "..", no leading slash.
-ObjectKey = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$", max_length=512)]
+ObjectKey = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*" + END, max_length=512)]
 ClusterName = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, max_length=63)]
 # A notification route from the podsweep.io/notify annotation.
 RouteName = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, max_length=63)]
 # Free text that is displayed, never executed or used as a key: bounded, no control characters.
 Text = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$", max_length=4096)]
-ShortText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]*$", max_length=256)]
+ShortText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]*" + END, max_length=256)]
 
 
 class InvalidReference(ValueError):
@@ -73,7 +75,7 @@ def split_digest_ref(digest_ref: str) -> tuple[str, str]:
     """Return (repository, 'sha256:<hex>') or raise InvalidReference naming the problem."""
     if len(digest_ref) > MAX_DIGEST_REF:
         raise InvalidReference(f"digest ref is {len(digest_ref)} characters (at most {MAX_DIGEST_REF})")
-    match = DIGEST_REF_RE.match(digest_ref)
+    match = DIGEST_REF_RE.fullmatch(digest_ref)
     if match is None:
         raise InvalidReference(f"{digest_ref[:120]!r} is not repository@sha256:<64 lower-case hex>")
     return match["repo"], match["digest"]

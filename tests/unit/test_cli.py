@@ -1,0 +1,54 @@
+"""The podsweep command as a person meets it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from podsweep import __version__
+from podsweep.cli import app
+
+runner = CliRunner()
+
+
+def test_help_teaches_where_to_start() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "podsweep up" in result.output
+    for command in ("up", "run", "config", "schemas", "version"):
+        assert command in result.output
+
+
+def test_up_help_explains_embedded_servers() -> None:
+    result = runner.invoke(app, ["up", "--help"])
+    assert result.exit_code == 0
+    assert "SeaweedFS" in result.output
+
+
+def test_version() -> None:
+    assert runner.invoke(app, ["version"]).output.strip() == f"podsweep {__version__}"
+
+
+def test_bad_config_exits_2_naming_the_key() -> None:
+    result = runner.invoke(app, ["config"], env={"PODSWEEP_NATS_URL": "nats//x"})
+    assert result.exit_code == 2
+    assert "PODSWEEP_NATS_URL" in result.output
+
+
+def test_up_without_kubeconfig_says_what_to_do(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["up", "--data-dir", str(tmp_path)], env={"KUBECONFIG": str(tmp_path / "none"), "HOME": str(tmp_path)}
+    )
+    assert result.exit_code == 2
+    assert "no kubeconfig" in result.output and "KUBECONFIG" in result.output
+
+
+def test_run_unknown_service_is_refused() -> None:
+    result = runner.invoke(app, ["run", "scheduler"], env={"PODSWEEP_NATS_URL": "nats://127.0.0.1:4222"})
+    assert result.exit_code == 2
+    assert "unknown service" in result.output
+
+
+def test_schemas_export_check_passes_on_committed_files() -> None:
+    assert runner.invoke(app, ["schemas", "export", "--check"]).exit_code == 0
