@@ -333,3 +333,46 @@ async def _handle(
         else:
             await msg.ack()
             processed.add(1, {"service": service, "subject": name, "outcome": "ok"})
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+class Conflict(RuntimeError):
+    """A compare-and-set update kept losing to other writers; the caller should retry the event later."""
+
+
+async def kv_read(kv: KeyValue, key: str, typ: type[S]) -> tuple[S | None, int]:
+    """The document under `key` and its revision (0 when absent or deleted)."""
+    try:
+        entry = await kv.get(key)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        return None, 0
+    if entry.value is None or entry.revision is None:
+        return None, 0
+    return msgspec.json.decode(entry.value, type=typ), entry.revision
+
+
+async def kv_update(
+    kv: KeyValue, key: str, typ: type[S], change: Callable[[S | None], S | None], attempts: int = 20
+) -> tuple[S | None, bool]:
+    """Compare-and-set: apply the pure `change` to the current document and write it only if nobody wrote first.
+
+    Returns (document now stored, whether this call wrote it). `change` returning None means "no change". On a lost
+    race the document is read again and `change` re-applied, so two replicas never both act on one old state.
+    """
+    for _ in range(attempts):
+        current, revision = await kv_read(kv, key, typ)
+        new = change(current)
+        if new is None:
+            return current, False
+        data = _encoder.encode(new)
+        try:
+            if revision == 0:
+                await kv.create(key, data)
+            else:
+                await kv.update(key, data, last=revision)
+        except (nats.js.errors.KeyWrongLastSequenceError, BadRequestError):
+            continue
+        return new, True
+    raise Conflict(f"kv: key {key!r} lost {attempts} compare-and-set races in a row; retry later")

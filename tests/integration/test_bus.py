@@ -193,3 +193,27 @@ async def test_ensure_stream_and_kv_are_idempotent(bus: busmod.Bus) -> None:
     kv2 = await bus.kv("scans")
     rev = await kv1.create("k", b"1")
     assert (await kv2.get("k")).revision == rev
+
+
+class Counter(msgspec.Struct, frozen=True):
+    n: int = 0
+
+
+async def test_compare_and_set_never_loses_an_update_between_racing_writers(bus: busmod.Bus) -> None:
+    kv = await bus.kv("race")
+
+    async def writer() -> None:
+        for _ in range(25):
+            await busmod.kv_update(kv, "count", Counter, lambda c: Counter((c or Counter()).n + 1), attempts=100)
+
+    await asyncio.gather(writer(), writer(), writer())
+    value, revision = await busmod.kv_read(kv, "count", Counter)
+    assert value == Counter(75)
+    assert revision == 75
+
+
+async def test_compare_and_set_without_a_change_writes_nothing(bus: busmod.Bus) -> None:
+    kv = await bus.kv("nochange")
+    stored, wrote = await busmod.kv_update(kv, "k", Counter, lambda c: None)
+    assert (stored, wrote) == (None, False)
+    assert await busmod.kv_read(kv, "k", Counter) == (None, 0)
