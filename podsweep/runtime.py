@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
-from podsweep import logs
+from podsweep import logs, telemetry
 from podsweep.config import Settings
 
 ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
@@ -62,6 +62,7 @@ def kubeconfig_path(settings: Settings) -> str | None:
 async def run(settings: Settings, names: list[str], stop: asyncio.Event | None = None) -> None:
     """Run the named services concurrently; the first one to fail stops the others."""
     stop = stop or asyncio.Event()
+    telemetry.configure(names[0] if len(names) == 1 else "up", settings.telemetry)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
