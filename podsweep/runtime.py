@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
-from podsweep import logs, telemetry
+from podsweep import health, logs, telemetry
 from podsweep.config import Settings
 
 ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
@@ -66,6 +66,7 @@ async def run(settings: Settings, names: list[str], stop: asyncio.Event | None =
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    server = await health.serve(settings.telemetry.metrics_port) if settings.telemetry.metrics_port else None
     try:
         async with asyncio.TaskGroup() as group:
             for name in names:
@@ -73,6 +74,8 @@ async def run(settings: Settings, names: list[str], stop: asyncio.Event | None =
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if server is not None:
+            await server.cleanup()
 
 
 async def _guarded(name: str, main: ServiceMain, settings: Settings, stop: asyncio.Event) -> None:

@@ -44,6 +44,10 @@ def configure(service: str, settings: TelemetrySettings, extra_readers: list[Met
     trace.set_tracer_provider(tracer_provider)
 
     readers: list[MetricReader] = list(extra_readers or [])
+    if settings.metrics_port:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        readers.append(PrometheusMetricReader())
     if settings.metrics == "console":
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     elif settings.metrics == "otlp":
