@@ -9,10 +9,12 @@ from typing import Annotated
 
 import msgspec
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.table import Table
 
 from podsweep import __version__, embedded, logs, runtime
 from podsweep.config import ConfigError, Settings, load_settings
+from podsweep.status import StatusReport
 
 app = typer.Typer(
     name="podsweep",
@@ -171,3 +173,69 @@ def _read(path: Path) -> str | None:
 
 def main() -> None:  # pragma: no cover - console entry for `python -m podsweep`
     sys.exit(app())
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    watch: Annotated[float, typer.Option("--watch", help="Refresh every N seconds (0: once).")] = 0.0,
+) -> None:
+    """Digests by scan state, consumer lag per service, oldest pending scan, running scans per node, failures."""
+    settings = _settings(config)
+    if not settings.nats.url:
+        err.print("[red]config: nats.url (PODSWEEP_NATS_URL) is required for `podsweep status`[/red]")
+        raise typer.Exit(2)
+    asyncio.run(_status(settings, json_out, watch))
+
+
+async def _status(settings: Settings, json_out: bool, watch: float) -> None:
+    from rich.live import Live
+
+    from podsweep import bus as busmod
+    from podsweep import status as statusmod
+
+    bus = await busmod.connect(settings.nats, "status")
+    try:
+        report = await statusmod.collect(bus)
+        if json_out:
+            typer.echo(msgspec.json.encode(report).decode())
+            return
+        if not watch:
+            Console().print(_status_tables(report))
+            return
+        with Live(_status_tables(report), refresh_per_second=1) as live:
+            while True:
+                await asyncio.sleep(watch)
+                live.update(_status_tables(await statusmod.collect(bus)))
+    finally:
+        await bus.close()
+
+
+def _status_tables(report: StatusReport) -> Group:
+    states = Table(title=f"{report.digests} digests")
+    states.add_column("state")
+    states.add_column("digests", justify="right")
+    for state, n in report.by_state.items():
+        states.add_row(state, str(n))
+    lag = Table(title="consumers")
+    for column in ("service", "pending", "in flight", "redelivered"):
+        lag.add_column(column, justify="left" if column == "service" else "right")
+    for c in report.consumers:
+        lag.add_row(c.service, str(c.pending), str(c.in_flight), str(c.redelivered))
+    nodes = Table(title="running scans per node")
+    nodes.add_column("node")
+    nodes.add_column("running", justify="right")
+    for node, n in report.running_per_node.items():
+        nodes.add_row(node, str(n))
+    failures = Table(title="recent failures")
+    for column in ("digest", "reason", "at"):
+        failures.add_column(column)
+    for f in report.recent_failures:
+        failures.add_row(f.digest_ref, f.reason, f.at.isoformat() if f.at else "")
+    oldest = (
+        f"oldest pending: {report.oldest_pending} since {report.oldest_pending_since}"
+        if report.oldest_pending
+        else "nothing pending"
+    )
+    return Group(states, lag, nodes, failures, oldest)

@@ -35,3 +35,10 @@ class DigestScanState(msgspec.Struct, frozen=True, kw_only=True):
     reason: Text = ""
     sbom_key: ShortText | None = None
     sbom_trivy_version: ShortText | None = None
+
+
+# KV bucket names, relative to the configured prefix (`<kv_prefix>-<name>`).
+SCANS_BUCKET = "scans"  # digest hex -> DigestScanState
+LIMITS_BUCKET = "limits"  # the dispatcher's limiter state
+NOTIFY_BUCKET = "notify"  # notifier fingerprints
+WORKLOADS_BUCKET = "workloads"  # digest hex -> workloads that run it (learned from image.seen)

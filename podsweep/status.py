@@ -1,0 +1,98 @@
+"""`podsweep status`: what podsweep is doing, read from JetStream (KV state and consumer info) only.
+
+`summarize` is pure; `collect` does the reading.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+
+import msgspec
+import nats.js.errors
+
+from podsweep import bus as busmod
+from schemas.state import SCANS_BUCKET, DigestScanState
+
+SERVICES_WITH_CONSUMERS = ("dispatcher", "parser", "notifier")
+_LATEST = datetime.max.replace(tzinfo=UTC)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+class ConsumerLag(msgspec.Struct, frozen=True):
+    service: str
+    pending: int  # not yet delivered
+    in_flight: int  # delivered, not acked
+    redelivered: int
+
+
+class Failure(msgspec.Struct, frozen=True):
+    digest_ref: str
+    reason: str
+    at: datetime | None
+
+
+class StatusReport(msgspec.Struct, frozen=True):
+    digests: int
+    by_state: dict[str, int]
+    oldest_pending: str | None
+    oldest_pending_since: datetime | None
+    running_per_node: dict[str, int]
+    consumers: list[ConsumerLag]
+    recent_failures: list[Failure]
+
+
+def summarize(states: list[DigestScanState], consumers: list[ConsumerLag], failures_shown: int = 10) -> StatusReport:
+    by_state = Counter(s.status for s in states)
+    pending = [s for s in states if s.status == "pending"]
+    oldest = min(pending, key=lambda s: s.last_seen_at or _LATEST, default=None)
+    running = Counter(s.node for s in states if s.status == "running" and s.node)
+    failed = sorted(
+        (s for s in states if s.status in ("failed", "not_scanned") or s.failures),
+        key=lambda s: s.failures[-1].at if s.failures else (s.last_seen_at or _EARLIEST),
+        reverse=True,
+    )
+    return StatusReport(
+        digests=len(states),
+        by_state=dict(sorted(by_state.items())),
+        oldest_pending=oldest.digest_ref if oldest else None,
+        oldest_pending_since=oldest.last_seen_at if oldest else None,
+        running_per_node=dict(sorted(running.items())),
+        consumers=consumers,
+        recent_failures=[
+            Failure(
+                digest_ref=s.digest_ref,
+                reason=(s.failures[-1].reason if s.failures else s.reason) or s.status,
+                at=s.failures[-1].at if s.failures else None,
+            )
+            for s in failed[:failures_shown]
+        ],
+    )
+
+
+async def collect(bus: busmod.Bus) -> StatusReport:
+    kv = await bus.kv(SCANS_BUCKET)
+    states: list[DigestScanState] = []
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        keys = []
+    for key in keys:
+        state, _ = await busmod.kv_read(kv, key, DigestScanState)
+        if state is not None:
+            states.append(state)
+    consumers = []
+    for service in SERVICES_WITH_CONSUMERS:
+        try:
+            info = await bus.js.consumer_info(bus.settings.stream, service)
+        except nats.js.errors.NotFoundError:  # a service that never ran has no consumer yet
+            continue
+        consumers.append(
+            ConsumerLag(
+                service=service,
+                pending=int(info.num_pending or 0),
+                in_flight=int(info.num_ack_pending or 0),
+                redelivered=int(info.num_redelivered or 0),
+            )
+        )
+    return summarize(states, consumers)

@@ -1,0 +1,56 @@
+"""`podsweep status` against a real NATS with scan state in KV."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+from typer.testing import CliRunner
+
+from podsweep import bus as busmod
+from podsweep.cli import app
+from podsweep.config import NatsSettings
+from schemas.state import SCANS_BUCKET, DigestScanState, NodeFailure
+
+HEX = "ab" * 32
+
+
+async def _seed(settings: NatsSettings) -> None:
+    bus = await busmod.connect(settings, "seed")
+    await busmod.ensure_stream(bus)
+    kv = await bus.kv(SCANS_BUCKET)
+    t = datetime(2026, 11, 23, 8, tzinfo=UTC)
+    docs = [
+        DigestScanState(digest_ref=f"app@sha256:{HEX}", status="running", node="node-1", last_seen_at=t),
+        DigestScanState(digest_ref=f"db@sha256:{HEX}", status="pending", last_seen_at=t),
+        DigestScanState(
+            digest_ref=f"web@sha256:{HEX}",
+            status="not_scanned",
+            failures=[NodeFailure(node="node-2", reason="ErrImageNeverPull", at=t)],
+        ),
+    ]
+    for i, doc in enumerate(docs):
+        await busmod.kv_update(kv, f"k{i}", DigestScanState, lambda _, doc=doc: doc)
+    await bus.close()
+
+
+def test_status_json_counts_states_nodes_and_failures(nats_settings: NatsSettings) -> None:
+    asyncio.run(_seed(nats_settings))
+    env = {
+        "PODSWEEP_NATS_URL": nats_settings.url,
+        "PODSWEEP_NATS_STREAM": nats_settings.stream,
+        "PODSWEEP_NATS_SUBJECT_ROOT": nats_settings.subject_root,
+        "PODSWEEP_NATS_KV_PREFIX": nats_settings.kv_prefix,
+    }
+    result = CliRunner().invoke(app, ["status", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["digests"] == 3
+    assert report["by_state"] == {"not_scanned": 1, "pending": 1, "running": 1}
+    assert report["running_per_node"] == {"node-1": 1}
+    assert report["oldest_pending"] == f"db@sha256:{HEX}"
+    assert report["recent_failures"][0]["reason"] == "ErrImageNeverPull"
+    tables = CliRunner().invoke(app, ["status"], env=env)
+    assert tables.exit_code == 0
+    assert "node-1" in tables.output and "ErrImageNeverPull" in tables.output
