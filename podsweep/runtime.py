@@ -27,7 +27,14 @@ log = logs.get("podsweep.runtime")
 
 
 def available() -> list[str]:
-    return [name for name in SERVICES if importlib.util.find_spec(f"services.{name}.main") is not None]
+    return [name for name in SERVICES if _exists(f"services.{name}.main")]
+
+
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def load(name: str) -> ServiceMain:

@@ -1,0 +1,1 @@
+"""podsweep services: one package each, a thin async shell around pure modules."""
