@@ -137,6 +137,9 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
     }
     if settings.creds_file:
         options["user_credentials"] = settings.creds_file
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password
     if settings.tls_ca_file or settings.tls_cert_file:
         ctx = ssl.create_default_context(cafile=settings.tls_ca_file or None)
         if settings.tls_cert_file:

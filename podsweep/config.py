@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 ENV_PREFIX = "PODSWEEP_"
-SECRET_FIELDS = frozenset({"secret_access_key", "creds_file_contents", "hmac_key", "token"})
+SECRET_FIELDS = frozenset({"secret_access_key", "creds_file_contents", "hmac_key", "token", "password"})
 
 _NATS_URL_RE = re.compile(r"^(nats|tls|ws|wss)://[^\s/:]+(:\d{1,5})?/?$")
 _HTTP_URL_RE = re.compile(r"^https?://[^\s/]+(/[^\s]*)?$")
@@ -32,6 +32,9 @@ class ConfigError(ValueError):
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     url: str = ""  # empty: `podsweep up` starts an embedded nats-server
     creds_file: str = ""
+    # A NATS user and password (deploy/: one user per service); the password usually from PODSWEEP_NATS_PASSWORD_FILE.
+    user: str = ""
+    password: str = ""
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -54,6 +57,8 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 raise ValueError(f"{name} {getattr(self, name)!r} must be 1-64 of [A-Za-z0-9_-]")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if bool(self.user) != bool(self.password):
+            raise ValueError("user and password must be given together")
         if not 1 <= self.replicas <= 5:
             raise ValueError(f"replicas {self.replicas} must be between 1 and 5")
 
