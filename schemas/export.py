@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from schemas import events, state
+from schemas import alerts, events, state
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -23,6 +23,8 @@ DOCUMENTS: dict[str, Any] = {
     "alert.sent": events.AlertSent,
     "dead": events.DeadLetter,
     "state.digest": state.DigestScanState,
+    "alert.webhook": alerts.AlertPayload,  # the generic webhook body (docs/webhooks.md)
+    "state.notify": alerts.NotifyFingerprint,
 }
 
 
