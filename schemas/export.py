@@ -23,6 +23,7 @@ DOCUMENTS: dict[str, Any] = {
     "alert.sent": events.AlertSent,
     "dead": events.DeadLetter,
     "state.digest": state.DigestScanState,
+    "state.workloads": state.DigestWorkloads,
     "alert.webhook": alerts.AlertPayload,  # the generic webhook body (docs/webhooks.md)
     "state.notify": alerts.NotifyFingerprint,
 }

@@ -7,7 +7,8 @@ from typing import Literal
 
 import msgspec
 
-from schemas.refs import DigestRef, NodeName, ScanId, ShortText, Text
+from schemas.events import ImageOptions, Workload
+from schemas.refs import DigestRef, ImageRef, K8sLabelName, NodeName, ScanId, ShortText, Text
 
 ScanStatus = Literal["pending", "running", "done", "failed", "not_scanned"]
 
@@ -35,6 +36,49 @@ class DigestScanState(msgspec.Struct, frozen=True, kw_only=True):
     reason: Text = ""
     sbom_key: ShortText | None = None
     sbom_trivy_version: ShortText | None = None
+    # Claims ever made for this digest (never reset): scan ids and Job names derive from it, so a rescan never
+    # collides with a finished Job of an earlier scan that still exists.
+    scan_seq: int = 0
+    # A pending or running claim is abandoned after this instant (dispatcher killed, Job lost) and may be resumed.
+    claim_expires_at: datetime | None = None
+
+
+class Slot(msgspec.Struct, frozen=True):
+    """One scan Job counted against the limits until it finishes or its deadline passes."""
+
+    scan_id: ScanId
+    node: NodeName | None
+    deadline: datetime
+
+
+class LimiterState(msgspec.Struct, frozen=True, kw_only=True):
+    """The dispatcher's limits, one KV key shared by every replica and updated only by compare-and-set."""
+
+    v: int = 1
+    slots: list[Slot] = []
+    # Creation instants inside the last minute (older ones are pruned on every update).
+    created: list[datetime] = []
+
+
+LIMITER_KEY = "active"  # the one key of LIMITS_BUCKET
+
+
+class WorkloadRun(msgspec.Struct, frozen=True, kw_only=True):
+    """A workload that runs a digest, learned from `podsweep.image.seen` (one per workload and image as written)."""
+
+    namespace: K8sLabelName
+    workload: Workload
+    image: ImageRef
+    options: ImageOptions = ImageOptions()
+    last_seen_at: datetime | None = None
+
+
+class DigestWorkloads(msgspec.Struct, frozen=True, kw_only=True):
+    """Who runs a digest, keyed by digest hex in WORKLOADS_BUCKET. Written by the parser; read by the notifier."""
+
+    v: int = 1
+    digest_ref: DigestRef
+    runs: list[WorkloadRun] = []
 
 
 # KV bucket names, relative to the configured prefix (`<kv_prefix>-<name>`).

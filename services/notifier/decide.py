@@ -24,19 +24,11 @@ from podsweep.policy import (
     rule_for,
 )
 from schemas.alerts import MAX_ALERT_FINDINGS, AlertFinding, AlertKey, AlertPayload, NotifyFingerprint
-from schemas.events import ImageOptions, ReportStored, Workload
-from schemas.refs import DigestRef, ImageRef, K8sLabelName, ObjectKey, ScanId, digest_hex
+from schemas.events import ReportStored, Workload
+from schemas.refs import DigestRef, K8sLabelName, ObjectKey, ScanId, digest_hex
 from schemas.report import Finding, Report
+from schemas.state import WorkloadRun
 from schemas.storage import raw_key
-
-
-class WorkloadRun(msgspec.Struct, frozen=True, kw_only=True):
-    """A workload that runs the digest, as the shell learned it from `podsweep.image.seen` (one per container)."""
-
-    namespace: K8sLabelName
-    workload: Workload
-    image: ImageRef
-    options: ImageOptions = ImageOptions()
 
 
 class Alert(msgspec.Struct, frozen=True, kw_only=True):

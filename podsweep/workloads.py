@@ -1,0 +1,51 @@
+"""Which workloads run a digest: a pure update of the DigestWorkloads KV document from `image.seen` events.
+
+The parser writes it (for the per-namespace index); the notifier and admission read it. Writes are rare on
+purpose: a resync that only confirms what is known changes nothing until the last-seen time is an hour old.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import msgspec
+
+from schemas.events import ImageSeen
+from schemas.state import DigestWorkloads, WorkloadRun
+
+MAX_RUNS = 256  # a digest run by more workloads keeps the most recently seen ones
+REFRESH = timedelta(hours=1)
+
+
+def _identity(run: WorkloadRun) -> tuple[str, str, str, str]:
+    return (run.namespace, run.workload.kind, run.workload.name, run.image)
+
+
+def record_seen(doc: DigestWorkloads | None, seen: ImageSeen) -> DigestWorkloads | None:
+    """The document with this sighting recorded, or None when nothing worth writing changed."""
+    run = WorkloadRun(
+        namespace=seen.namespace,
+        workload=seen.workload,
+        image=seen.image,
+        options=seen.options,
+        last_seen_at=seen.observed_at,
+    )
+    runs = list(doc.runs) if doc else []
+    for i, known in enumerate(runs):
+        if _identity(known) != _identity(run):
+            continue
+        fresh = known.last_seen_at is not None and seen.observed_at - known.last_seen_at < REFRESH
+        if known.options == run.options and (fresh or (known.last_seen_at or seen.observed_at) > seen.observed_at):
+            return None
+        runs[i] = run
+        break
+    else:
+        runs.append(run)
+    runs.sort(key=lambda r: r.last_seen_at or datetime.min.replace(tzinfo=seen.observed_at.tzinfo), reverse=True)
+    return DigestWorkloads(digest_ref=seen.digest_ref, runs=runs[:MAX_RUNS])
+
+
+def forget_older_than(doc: DigestWorkloads, cutoff: datetime) -> DigestWorkloads | None:
+    """Drop runs not seen since `cutoff` (a workload deleted long ago); None when nothing was dropped."""
+    kept = [r for r in doc.runs if r.last_seen_at is None or r.last_seen_at >= cutoff]
+    return None if len(kept) == len(doc.runs) else msgspec.structs.replace(doc, runs=kept)
