@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from schemas import alerts, events, state
+from schemas import alerts, events, report, state
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -21,7 +21,9 @@ DOCUMENTS: dict[str, Any] = {
     "scan.failed": events.ScanFailed,
     "report.stored": events.ReportStored,
     "alert.sent": events.AlertSent,
+    "alert.failed": events.AlertSent,  # the same audit record with outcome "failed"
     "dead": events.DeadLetter,
+    "report": report.Report,  # reports/sha256/<hex>/latest.json
     "state.digest": state.DigestScanState,
     "state.workloads": state.DigestWorkloads,
     "alert.webhook": alerts.AlertPayload,  # the generic webhook body (docs/webhooks.md)

@@ -21,19 +21,22 @@ SourceFormat = Literal["v2", "legacy"]
 FindingKey = tuple[str, str, str, str]
 
 
-class Finding(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Finding(msgspec.Struct, frozen=True, omit_defaults=True):
     """One vulnerability in one package at one target (one entry of Trivy's Results[].Vulnerabilities[]).
 
     `fixable`: a fixed version exists and the vendor has not said it will not ship it (Status is not will_not_fix,
     fix_deferred, end_of_life or not_affected). `cvss`: the highest base score over every source and CVSS version
     (v2, v3, v4.0); `cvss_vector` is the vector that score came from.
+
+    Not kw_only: the parser builds hundreds per report positionally (several times faster than by keyword), so
+    add new fields at the end only. Everyone else should construct it by keyword.
     """
 
     id: ShortText
     package: ShortText
     installed_version: ShortText
-    fixed_version: ShortText = ""
     severity: Severity
+    fixed_version: ShortText = ""
     status: ShortText = ""  # Trivy's Status (fixed, affected, will_not_fix, ...); empty before Trivy 0.35
     fixable: bool = False
     cvss: float | None = None
