@@ -146,10 +146,21 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
             ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
         options["tls"] = ctx
     servers = [s.strip() for s in settings.url.split(",")]
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc) or type(exc).__name__)
+
     try:
-        nc = await nats.connect(servers=servers, allow_reconnect=True, connect_timeout=5, **options)
+        # Reconnects are unlimited once connected; the first connection must succeed within the timeout, so a wrong
+        # password or URL fails start-up with a reason instead of retrying forever.
+        nc = await asyncio.wait_for(
+            nats.connect(servers=servers, allow_reconnect=True, connect_timeout=5, error_cb=on_error, **options),
+            timeout=settings.connect_timeout_s,
+        )
     except Exception as exc:
-        raise ConnectionError(f"nats: cannot connect to {settings.url}: {exc}; is nats-server running?") from exc
+        reason = errors[-1] if errors else (str(exc) or type(exc).__name__)
+        raise ConnectionError(f"nats: cannot connect to {settings.url}: {reason}") from exc
     return Bus(nc, settings)
 
 

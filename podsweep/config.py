@@ -44,6 +44,7 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     duplicate_window_s: float = 120.0
     max_age_days: float = 14.0
     replicas: int = 1
+    connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.url:
@@ -107,6 +108,31 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             raise ValueError("otlp_endpoint is required when traces or metrics is 'otlp'")
 
 
+class NotifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The notifier: its policy file and how its outbox delivers (docs/webhooks.md)."""
+
+    policy_file: str = ""  # YAML policy (podsweep.policy); empty: no destinations, fingerprints only
+    policy_poll_s: float = 2.0  # how often the file's mtime is checked for a reload
+    # A report.stored whose digest has no known workload yet waits this many deliveries, then goes on without one.
+    workloads_wait_deliveries: int = 3
+    workloads_wait_s: float = 2.0
+    outbox_ack_wait_s: float = 90.0  # also caps each HTTP call (minus 5 s), so one delivery never runs twice at once
+    outbox_concurrency: int = 8  # deliveries in flight per destination
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 300.0
+    retry_max_attempts: int = 8
+    retry_max_after_s: float = 3600.0  # a longer Retry-After gives up
+    delivered_ttl_h: float = 168.0  # how long "already delivered" markers are kept (beyond any redelivery)
+
+    def __post_init__(self) -> None:
+        if self.outbox_ack_wait_s < 6:
+            raise ValueError(f"outbox_ack_wait_s {self.outbox_ack_wait_s} must be at least 6 seconds")
+        if self.outbox_concurrency < 1 or self.retry_max_attempts < 1 or self.workloads_wait_deliveries < 1:
+            raise ValueError("outbox_concurrency, retry_max_attempts and workloads_wait_deliveries must be >= 1")
+        if min(self.retry_base_s, self.retry_cap_s, self.policy_poll_s, self.delivered_ttl_h) <= 0:
+            raise ValueError("retry_base_s, retry_cap_s, policy_poll_s and delivered_ttl_h must be > 0")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     cluster: str = "default"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -118,6 +144,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     s3: S3Settings = msgspec.field(default_factory=S3Settings)
     consumer: ConsumerSettings = msgspec.field(default_factory=ConsumerSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
+    notifier: NotifierSettings = msgspec.field(default_factory=NotifierSettings)
 
     def __post_init__(self) -> None:
         if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", self.cluster):
@@ -248,7 +275,7 @@ def _explain(message: str, raw: Mapping[str, Any], origin: Mapping[str, str], fi
 
 def _all_fields() -> list[msgspec.structs.FieldInfo]:
     fields: list[msgspec.structs.FieldInfo] = []
-    for typ in (Settings, NatsSettings, S3Settings, ConsumerSettings, TelemetrySettings):
+    for typ in (Settings, NatsSettings, S3Settings, ConsumerSettings, TelemetrySettings, NotifierSettings):
         fields += list(msgspec.structs.fields(typ))
     return fields
 

@@ -1,0 +1,1 @@
+"""The dispatcher: decides which digests to scan where, within limits, and builds the scan Jobs."""

@@ -1,0 +1,442 @@
+"""Builds scan Jobs (node scans and SBOM rescan batches). Pure: never talks to the API server; inputs re-validated.
+
+A manifest is a plain dict because it IS the Kubernetes wire format: the golden YAML files show exactly what the
+API server receives, and the server validates it (the integration tests create every option combination). A
+Struct model of batch/v1 would be a second copy of that schema to keep in step, for no check the server omits.
+
+One walk of the image per scan gives both outputs: the target image runs `trivy rootfs --format json
+--list-all-pkgs` once, then an init container of the trivy image runs `trivy convert --format cyclonedx` on that
+report (Trivy 0.76 rebuilds the SBOM's components from the report's package list without rescanning).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from schemas import jobs, storage
+from schemas.events import Severity
+from schemas.refs import DigestRef, ImageRef, K8sLabelName, K8sName, NodeName, ScanId
+
+Manifest = dict[str, Any]
+_MANIFEST = msgspec.json.Decoder(dict[str, Any])
+
+# Paths inside the pod. Trivy creates neither its --output directory nor TMPDIR, so each is a volume's root.
+WORK_DIR = "/podsweep"  # emptyDir: the trivy binary, its cache, temp files
+OUT_DIR = "/podsweep/out"  # emptyDir: what the uploader sends
+TRIVY = f"{WORK_DIR}/trivy"
+CACHE_DIR = f"{WORK_DIR}/cache"
+REPORT = f"{OUT_DIR}/report.json"
+SBOM = f"{OUT_DIR}/sbom.cdx.json"
+RAW_URL_ENV = "PODSWEEP_RAW_URL"
+SBOM_URL_ENV = "PODSWEEP_SBOM_URL"
+# Never scanned: podsweep's own volumes and the kernel's pseudo filesystems. Trivy makes absolute skip paths
+# relative to the scanned root, which is "/".
+SKIP_DIRS = (WORK_DIR, "/proc", "/sys", "/dev")
+
+Quantity = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$", max_length=32)]
+AbsolutePath = Annotated[str, msgspec.Meta(pattern=r"^(/[A-Za-z0-9._-]+)+$", max_length=256)]
+ServerUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")]
+# A presigned URL: scheme, host, path and query; no whitespace or control characters.
+PresignedUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s\x00-\x1f\x7f]+$", max_length=8192)]
+
+
+class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    requests_cpu: Quantity
+    requests_memory: Quantity
+    limits_cpu: Quantity | None = None
+    limits_memory: Quantity
+
+    def manifest(self) -> Manifest:
+        limits = {"memory": self.limits_memory}
+        if self.limits_cpu is not None:
+            limits["cpu"] = self.limits_cpu
+        return {"requests": {"cpu": self.requests_cpu, "memory": self.requests_memory}, "limits": limits}
+
+
+SCAN_RESOURCES = Resources(requests_cpu="100m", requests_memory="256Mi", limits_memory="1Gi")
+HELPER_RESOURCES = Resources(requests_cpu="10m", requests_memory="32Mi", limits_cpu="500m", limits_memory="256Mi")
+
+
+class JobOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How scan Jobs are shaped; part of the dispatcher's validated config."""
+
+    namespace: K8sLabelName = "podsweep"
+    trivy_image: ImageRef = "mirror.gcr.io/aquasec/trivy:0.76.0"
+    trivy_binary: AbsolutePath = "/usr/local/bin/trivy"  # where the trivy image keeps it
+    uploader_image: ImageRef = "ghcr.io/podsweep/podsweep:0.1.0"
+    # Client/server mode when set; otherwise standalone, reading the DB from `db_claim` (a PVC with a Trivy cache
+    # layout) read-only.
+    trivy_server: ServerUrl | None = "http://trivy.podsweep.svc:4954"
+    db_claim: K8sName | None = None
+    severities: list[Severity] = []  # empty: all
+    ignore_unfixed: bool = False
+    # One scan serves every workload running the digest, so one workload's ignore-unfixed annotation would hide
+    # findings from the others: by default the parser applies it per workload and the scan reports everything.
+    honor_workload_ignore_unfixed: bool = False
+    sbom: bool = True
+    offline_scan: bool = True  # no calls to package registries from scan pods
+    active_deadline_seconds: int = 600
+    ttl_seconds_after_finished: int = 900
+    scan_resources: Resources = SCAN_RESOURCES
+    helper_resources: Resources = HELPER_RESOURCES
+    work_size_limit: Quantity = "2Gi"
+    out_size_limit: Quantity = "256Mi"
+    # nodeName binds without the scheduler (no scheduler needed, taints and pressure do not keep a scan Pending
+    # on the node that already runs the image); required node affinity lets the scheduler account resources.
+    pinning: Literal["nodeName", "affinity"] = "nodeName"
+    # Root without DAC_READ_SEARCH cannot read another user's 0600 files. DAC_OVERRIDE also grants writes, but is
+    # the one Pod Security "baseline" admits: choose it only when podsweep's namespace enforces baseline.
+    read_capability: Literal["DAC_READ_SEARCH", "DAC_OVERRIDE"] = "DAC_READ_SEARCH"
+    helper_uid: int = 65532
+    priority_class: K8sName | None = None
+
+    def __post_init__(self) -> None:
+        if (self.trivy_server is None) == (self.db_claim is None):
+            raise ValueError("jobs: set exactly one of trivy_server (client/server mode) and db_claim (standalone)")
+        if not 60 <= self.active_deadline_seconds <= 86400:
+            raise ValueError(f"jobs: active_deadline_seconds is {self.active_deadline_seconds} (60 to 86400)")
+        if self.ttl_seconds_after_finished < 0:
+            raise ValueError("jobs: ttl_seconds_after_finished must not be negative")
+        if not 1 <= self.helper_uid <= 2_147_483_647:
+            raise ValueError(f"jobs: helper_uid is {self.helper_uid} (a non-root uid, 1 or more)")
+
+
+class NodeScan(msgspec.Struct, frozen=True, kw_only=True):
+    """What a node scan Job is built from; decoding into this validates every field that reaches the manifest."""
+
+    scan_id: ScanId
+    digest_ref: DigestRef
+    node: NodeName
+    raw_put_url: PresignedUrl
+    sbom_put_url: PresignedUrl | None = None
+    ignore_unfixed: bool = False
+
+
+def validated_node_scan(
+    *,
+    scan_id: str,
+    digest_ref: str,
+    node: str,
+    raw_put_url: str,
+    sbom_put_url: str | None = None,
+    ignore_unfixed: bool = False,
+) -> NodeScan:
+    """A NodeScan whose fields passed schemas.refs' patterns; raises msgspec.ValidationError naming the field."""
+    fields: dict[str, str | bool | None] = {
+        "scan_id": scan_id,
+        "digest_ref": digest_ref,
+        "node": node,
+        "raw_put_url": raw_put_url,
+        "sbom_put_url": sbom_put_url,
+        "ignore_unfixed": ignore_unfixed,
+    }
+    return msgspec.convert(fields, NodeScan)
+
+
+def _helper_security(uid: int) -> Manifest:
+    return {
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _vuln_flags(options: JobOptions, *, ignore_unfixed: bool) -> list[str]:
+    """Flags shared by node scans and SBOM rescans: where the DB is, what to report, no calls home."""
+    args = ["--scanners", "vuln", "--list-all-pkgs", "--cache-dir", CACHE_DIR]
+    args += ["--timeout", f"{max(options.active_deadline_seconds - 60, 30)}s"]
+    args += ["--no-progress", "--disable-telemetry", "--skip-version-check"]
+    if options.trivy_server is not None:
+        args += ["--server", options.trivy_server]
+    else:
+        args += ["--skip-db-update", "--skip-java-db-update"]
+    if options.offline_scan:
+        args.append("--offline-scan")
+    if options.severities:
+        args += ["--severity", ",".join(options.severities)]
+    if ignore_unfixed:
+        args.append("--ignore-unfixed")
+    return args
+
+
+def _trivy_args(scan: NodeScan, options: JobOptions) -> list[str]:
+    args = ["rootfs", "--format", "json", "--output", REPORT]
+    args += _vuln_flags(
+        options,
+        ignore_unfixed=options.ignore_unfixed or (scan.ignore_unfixed and options.honor_workload_ignore_unfixed),
+    )
+    for skipped in SKIP_DIRS:
+        args += ["--skip-dirs", skipped]
+    args.append("/")
+    return args
+
+
+def build_node_scan_job(scan: NodeScan, options: JobOptions) -> Manifest:
+    """The Job that scans `scan.digest_ref` on `scan.node` and uploads the report (and SBOM) to the presigned URLs."""
+    # Decoding already checked these; checking again here keeps the builder safe when handed a hand-made Struct.
+    scan = msgspec.convert(msgspec.to_builtins(scan), NodeScan)
+    want_sbom = options.sbom and scan.sbom_put_url is not None
+    raw_key = storage.raw_key(scan.digest_ref, scan.scan_id)
+    labels = {jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE, jobs.SCAN_ID_LABEL: scan.scan_id}
+    annotations = {
+        jobs.DIGEST_REF_ANNOTATION: scan.digest_ref,
+        jobs.RAW_KEY_ANNOTATION: raw_key,
+        jobs.MODE_ANNOTATION: "node",
+        jobs.NODE_ANNOTATION: scan.node,
+    }
+    if want_sbom:
+        annotations[jobs.SBOM_KEY_ANNOTATION] = storage.sbom_key(scan.digest_ref, scan.scan_id)
+
+    work_mount = {"name": "work", "mountPath": WORK_DIR}
+    out_mount = {"name": "out", "mountPath": OUT_DIR}
+    volumes: list[Manifest] = [
+        {"name": "work", "emptyDir": {"sizeLimit": options.work_size_limit}},
+        {"name": "out", "emptyDir": {"sizeLimit": options.out_size_limit}},
+    ]
+    scan_mounts: list[Manifest] = [work_mount, out_mount]
+    if options.db_claim is not None:
+        volumes.append({"name": "trivy-db", "persistentVolumeClaim": {"claimName": options.db_claim, "readOnly": True}})
+        # The claim holds a Trivy cache layout (db/, java-db/); the scan only reads it (--skip-*-update, and the
+        # report cache is in memory), so a read-only mount lets every scan Job share one claim. Checked: Trivy
+        # 0.76 scans as a non-root user with a 0444 trivy.db in 0555 directories.
+        scan_mounts.append({"name": "trivy-db", "mountPath": CACHE_DIR, "readOnly": True})
+
+    helper_resources = options.helper_resources.manifest()
+    init_containers: list[Manifest] = [
+        {
+            "name": "install-trivy",
+            "image": options.trivy_image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["cp", options.trivy_binary, TRIVY],
+            "volumeMounts": [work_mount],
+            "resources": helper_resources,
+            "securityContext": _helper_security(options.helper_uid),
+        },
+        {
+            "name": "scan",
+            "image": scan.digest_ref,
+            # The image is on this node already; never pull, so no registry credentials are ever needed.
+            "imagePullPolicy": "Never",
+            "command": [TRIVY],
+            "args": _trivy_args(scan, options),
+            "env": [{"name": "TMPDIR", "value": WORK_DIR}, {"name": "HOME", "value": WORK_DIR}],
+            "volumeMounts": scan_mounts,
+            "resources": options.scan_resources.manifest(),
+            "securityContext": {
+                # Root, to read every file of the image; the rest of root's powers are dropped.
+                "runAsUser": 0,
+                "runAsGroup": 0,
+                "runAsNonRoot": False,
+                "readOnlyRootFilesystem": True,
+                "allowPrivilegeEscalation": False,
+                "privileged": False,
+                "capabilities": {"drop": ["ALL"], "add": [options.read_capability]},
+            },
+        },
+    ]
+    uploads = [f"{REPORT}={RAW_URL_ENV}"]
+    env = [{"name": RAW_URL_ENV, "value": scan.raw_put_url}]
+    if want_sbom:
+        init_containers.append(
+            {
+                "name": "sbom",
+                "image": options.trivy_image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": [options.trivy_binary],
+                "args": ["convert", "--format", "cyclonedx", "--output", SBOM, REPORT],
+                "volumeMounts": [out_mount],
+                "resources": helper_resources,
+                "securityContext": _helper_security(options.helper_uid),
+            }
+        )
+        uploads.append(f"{SBOM}={SBOM_URL_ENV}")
+        env.append({"name": SBOM_URL_ENV, "value": str(scan.sbom_put_url)})
+    uploader = {
+        "name": "upload",
+        "image": options.uploader_image,
+        "imagePullPolicy": "IfNotPresent",
+        # The presigned URLs travel in env, not args, so they never show in a process list on the node.
+        "command": ["podsweep", "upload"],
+        "args": uploads,
+        "env": env,
+        "volumeMounts": [{**out_mount, "readOnly": True}],
+        "resources": helper_resources,
+        "securityContext": _helper_security(options.helper_uid),
+    }
+
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 5,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        # The node already runs this image: its taints must not evict or block the scan there.
+        "tolerations": [{"operator": "Exists"}],
+        "initContainers": init_containers,
+        "containers": [uploader],
+        "volumes": volumes,
+    }
+    if options.pinning == "nodeName":
+        pod_spec["nodeName"] = scan.node
+    else:
+        term = {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [scan.node]}]}
+        pod_spec["affinity"] = {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+        }
+    if options.priority_class is not None:
+        pod_spec["priorityClassName"] = options.priority_class
+
+    manifest: Manifest = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": scan.scan_id,
+            "namespace": options.namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": {
+            "backoffLimit": 0,  # retries are the dispatcher's decision, maybe on another node
+            "activeDeadlineSeconds": options.active_deadline_seconds,
+            "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
+            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+        },
+    }
+    # A JSON round trip: no two parts share a dict (a caller editing one cannot change another), and what
+    # comes out is exactly what the API server will be sent.
+    return _MANIFEST.decode(msgspec.json.encode(manifest))
+
+
+MAX_BATCH = 100
+IN_DIR = "/podsweep/in"  # emptyDir: the SBOMs a rescan reads
+
+
+class SbomRescanItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One digest of a rescan batch: its SBOM to read and where its new report goes."""
+
+    scan_id: ScanId
+    digest_ref: DigestRef
+    sbom_get_url: PresignedUrl
+    raw_put_url: PresignedUrl
+
+
+class SbomRescan(msgspec.Struct, frozen=True, kw_only=True):
+    """A batch of SBOM rescans run by one unpinned Job named `batch_id`."""
+
+    batch_id: ScanId
+    items: Annotated[list[SbomRescanItem], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+    def __post_init__(self) -> None:
+        if len({i.scan_id for i in self.items}) != len(self.items):
+            raise ValueError("sbom rescan: every item needs its own scan_id")
+
+
+def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
+    """An unpinned Job of the trivy and podsweep images that rescans stored SBOMs: no node's images, no target image.
+
+    `podsweep download` fetches every SBOM, one init container per item runs `trivy sbom` on it, and `podsweep
+    upload` sends the reports. A failing item fails the whole Job (containers run without a shell, so nothing
+    can swallow an exit code); the dispatcher then retries that batch's digests in smaller batches or on nodes.
+    """
+    batch = msgspec.convert(msgspec.to_builtins(batch), SbomRescan)
+    labels = {jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE, jobs.SCAN_ID_LABEL: batch.batch_id}
+    listing = [
+        {"scan_id": i.scan_id, "digest_ref": i.digest_ref, "raw_key": storage.raw_key(i.digest_ref, i.scan_id)}
+        for i in batch.items
+    ]
+    annotations = {
+        jobs.MODE_ANNOTATION: "sbom",
+        jobs.BATCH_ANNOTATION: msgspec.json.encode(listing).decode(),
+    }
+    work_mount = {"name": "work", "mountPath": WORK_DIR}
+    in_mount = {"name": "in", "mountPath": IN_DIR}
+    out_mount = {"name": "out", "mountPath": OUT_DIR}
+    volumes: list[Manifest] = [
+        {"name": "work", "emptyDir": {"sizeLimit": options.work_size_limit}},
+        {"name": "in", "emptyDir": {"sizeLimit": options.out_size_limit}},
+        {"name": "out", "emptyDir": {"sizeLimit": options.out_size_limit}},
+    ]
+    trivy_mounts: list[Manifest] = [work_mount, {**in_mount, "readOnly": True}, out_mount]
+    if options.db_claim is not None:
+        volumes.append({"name": "trivy-db", "persistentVolumeClaim": {"claimName": options.db_claim, "readOnly": True}})
+        trivy_mounts.append({"name": "trivy-db", "mountPath": CACHE_DIR, "readOnly": True})
+    helper_resources = options.helper_resources.manifest()
+    security = _helper_security(options.helper_uid)
+
+    fetch_env = [{"name": f"PODSWEEP_SBOM_{n}_URL", "value": i.sbom_get_url} for n, i in enumerate(batch.items)]
+    init_containers: list[Manifest] = [
+        {
+            "name": "download",
+            "image": options.uploader_image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["podsweep", "download"],
+            "args": [f"{IN_DIR}/{n}.cdx.json=PODSWEEP_SBOM_{n}_URL" for n in range(len(batch.items))],
+            "env": fetch_env,
+            "volumeMounts": [in_mount],
+            "resources": helper_resources,
+            "securityContext": security,
+        }
+    ]
+    for n, _item in enumerate(batch.items):
+        args = ["sbom", "--format", "json", "--output", f"{OUT_DIR}/{n}.json"]
+        args += _vuln_flags(options, ignore_unfixed=options.ignore_unfixed)
+        args.append(f"{IN_DIR}/{n}.cdx.json")
+        init_containers.append(
+            {
+                "name": f"rescan-{n}",
+                "image": options.trivy_image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": [options.trivy_binary],
+                "args": args,
+                "env": [{"name": "TMPDIR", "value": WORK_DIR}, {"name": "HOME", "value": WORK_DIR}],
+                "volumeMounts": trivy_mounts,
+                "resources": options.scan_resources.manifest(),
+                "securityContext": security,
+            }
+        )
+    uploader = {
+        "name": "upload",
+        "image": options.uploader_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["podsweep", "upload"],
+        "args": [f"{OUT_DIR}/{n}.json=PODSWEEP_RAW_{n}_URL" for n in range(len(batch.items))],
+        "env": [{"name": f"PODSWEEP_RAW_{n}_URL", "value": i.raw_put_url} for n, i in enumerate(batch.items)],
+        "volumeMounts": [{**out_mount, "readOnly": True}],
+        "resources": helper_resources,
+        "securityContext": security,
+    }
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 5,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}, "runAsNonRoot": True},
+        "initContainers": init_containers,
+        "containers": [uploader],
+        "volumes": volumes,
+    }
+    if options.priority_class is not None:
+        pod_spec["priorityClassName"] = options.priority_class
+    manifest: Manifest = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": batch.batch_id,
+            "namespace": options.namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": options.active_deadline_seconds,
+            "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
+            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+        },
+    }
+    return _MANIFEST.decode(msgspec.json.encode(manifest))

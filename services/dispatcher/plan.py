@@ -1,0 +1,401 @@
+"""What to do about one digest: scan, rescan, retry elsewhere, wait, or give up. Pure: no I/O, no clock of its own.
+
+Every function takes the digest's `DigestScanState` as read from KV (None when absent) and returns a `Decision`:
+the NEW state document, or None when nothing changed, and at most one `ScanPlan` to carry out.
+
+Claim protocol (two replicas and any restart agree on it):
+
+1. Read the state and its KV revision; decide. A decision that plans a scan returns the state as `pending` with a
+   new `scan_id` (a hash of the digest and `scan_seq`, which only ever grows), `attempts` + 1, the node, and
+   `claim_expires_at` = now + `claim_ttl`.
+2. Write it with compare-and-set on that revision (create-only when the key was absent). On conflict, do nothing
+   else: read again and decide again; the other writer's claim is `pending` and unexpired, so no second plan comes.
+3. Only the writer that won takes a limiter slot for `scan_id` (limits.try_acquire, its own CAS key) and creates
+   the Job named `scan_id`. When the limiter refuses, the claim stays `pending` and the event is retried at the
+   limiter's `retry_at`; every step is keyed by `scan_id`, so repeating one (a second slot, a 409 on create) is a
+   no-op rather than a second scan.
+4. After the Job exists, `on_created` turns `pending` into `running` with `claim_expires_at` = now + the Job
+   deadline + grace (CAS again).
+5. A claim whose `claim_expires_at` passed was abandoned (the replica died between steps, or the Job vanished
+   without an event): a `pending` claim is resumed under the same `scan_id` (steps 3-4 are idempotent), a
+   `running` one counts as a failure on its node and is retried like `scan.failed`.
+
+`scan.completed` / `scan.failed` / `image.gone` for another `scan_id` than the state's are stale and change nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Literal
+
+import msgspec
+
+from schemas.events import ImageGone, ImageOptions, ImageSeen, ScanCompleted, ScanFailed, ScanMode, ScanStarted
+from schemas.refs import digest_hex
+from schemas.state import DigestScanState, NodeFailure
+from services.dispatcher.limits import Limits
+from services.dispatcher.nodes import pick_node
+
+# Failures that prove the node does not hold the image any more: never retry there.
+NO_OPTIONS = ImageOptions()
+_NODE_LOST_IMAGE = frozenset({"ErrImageNeverPull", "NodeGone"})
+
+Why = Literal[
+    "first_scan",
+    "rescan_due",
+    "retry",
+    "resume_claim",
+    "claimed",  # another claim is in flight
+    "not_due",
+    "backoff",
+    "nodes_full",
+    "no_node",
+    "gave_up",
+    "stale",
+    "recorded",
+]
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True):
+    """Rescan interval, retries and timeouts; validated when the dispatcher's config is loaded."""
+
+    rescan_interval: timedelta = timedelta(hours=24)
+    # Due times spread over [interval, interval * (1 + jitter_ratio)], a fixed phase per digest.
+    jitter_ratio: float = 0.1
+    claim_ttl: timedelta = timedelta(minutes=2)
+    job_deadline: timedelta = timedelta(minutes=10)
+    deadline_grace: timedelta = timedelta(minutes=2)
+    max_attempts: int = 4
+    backoff_base: timedelta = timedelta(seconds=30)
+    backoff_max: timedelta = timedelta(minutes=30)
+    # A node that failed this digest within this time is avoided while another node runs it.
+    failure_memory: timedelta = timedelta(hours=1)
+    # `last_seen_at` is rewritten at most this often (each write is a KV round trip).
+    seen_refresh: timedelta = timedelta(minutes=10)
+    max_nodes_tracked: int = 512
+    # Rescan from a stored SBOM (issue 10) instead of a node when one exists, unless it predates this Trivy.
+    sbom_rescans: bool = True
+    sbom_min_trivy_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"dispatcher: max_attempts is {self.max_attempts} (must be at least 1)")
+        if not 0 <= self.jitter_ratio <= 1:
+            raise ValueError(f"dispatcher: jitter_ratio is {self.jitter_ratio} (must be between 0 and 1)")
+
+
+class ScanPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """A scan to carry out once the claim is written: the Job name is `scan_id`."""
+
+    scan_id: str
+    digest_ref: str
+    mode: ScanMode
+    node: str | None
+    attempt: int
+    options: ImageOptions = ImageOptions()
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """The new state (None: write nothing), the scan to start (if any), why, and when to look again."""
+
+    state: DigestScanState | None
+    scan: ScanPlan | None
+    why: Why
+    recheck_at: datetime | None = None
+
+
+def scan_id_for(digest_ref: str, seq: int) -> str:
+    """The scan id and Job name of the seq-th claim on a digest: DNS-1123, from a hash, never from user text."""
+    return "psw-" + hashlib.sha256(f"{digest_hex(digest_ref)}:{seq}".encode()).hexdigest()[:24]
+
+
+def batch_id_for(scan_ids: list[str]) -> str:
+    """The Job name of an SBOM rescan batch: a hash of its scan ids (order does not matter), so a retried
+    creation of the same batch is a 409, not a second Job."""
+    joined = "\n".join(sorted(scan_ids))
+    return "psw-b-" + hashlib.sha256(joined.encode()).hexdigest()[:24]
+
+
+def due_at(digest_ref: str, scanned_at: datetime, policy: Policy) -> datetime:
+    """When a digest scanned at `scanned_at` comes due: the interval plus a jitter fixed by the digest itself.
+
+    The digest is a uniformly distributed hash, so its leading bits give each digest its own phase: every
+    replica computes the same instant, and digests first scanned together come due spread across the window.
+    """
+    phase = int(digest_hex(digest_ref)[:8], 16) / 0x1_0000_0000
+    return scanned_at + policy.rescan_interval * (1 + policy.jitter_ratio * phase)
+
+
+def backoff(attempts: int, policy: Policy) -> timedelta:
+    """Delay before attempt `attempts + 1`: base, 2×base, 4×base … capped."""
+    doublings = min(max(attempts - 1, 0), 32)
+    delay: timedelta = policy.backoff_base * (1 << doublings)
+    return min(delay, policy.backoff_max)
+
+
+def _sbom_usable(state: DigestScanState, policy: Policy) -> bool:
+    if not policy.sbom_rescans or state.sbom_key is None:
+        return False
+    if policy.sbom_min_trivy_version is None:
+        return True
+    return _version(state.sbom_trivy_version or "0") >= _version(policy.sbom_min_trivy_version)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.lstrip("v").split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _recent_failures(state: DigestScanState, now: datetime, policy: Policy) -> dict[str, datetime]:
+    recent: dict[str, datetime] = {}
+    for f in state.failures:
+        if now - f.at < policy.failure_memory:
+            recent[f.node] = max(f.at, recent.get(f.node, f.at))
+    return recent
+
+
+def _claim(
+    state: DigestScanState,
+    now: datetime,
+    policy: Policy,
+    active_per_node: Mapping[str, int],
+    limits: Limits,
+    *,
+    why: Why,
+    new_cycle: bool,
+    options: ImageOptions,
+) -> Decision | None:
+    """Claim a new scan of `state`'s digest, or None when no node can take it now (the caller says why)."""
+    attempts = 1 if new_cycle else state.attempts + 1
+    if why == "rescan_due" and _sbom_usable(state, policy):
+        mode: ScanMode = "sbom"
+        node = None
+    else:
+        mode = "node"
+        node = pick_node(
+            state.nodes_seen,
+            active_per_node,
+            _recent_failures(state, now, policy),
+            limits,
+            tie_break=digest_hex(state.digest_ref),
+        )
+        if node is None:
+            return None
+    seq = state.scan_seq + 1
+    scan_id = scan_id_for(state.digest_ref, seq)
+    claimed = msgspec.structs.replace(
+        state,
+        status="pending",
+        scan_seq=seq,
+        scan_id=scan_id,
+        node=node,
+        attempts=attempts,
+        failures=[] if new_cycle else state.failures,
+        claim_expires_at=now + policy.claim_ttl,
+        reason="",
+    )
+    plan = ScanPlan(
+        scan_id=scan_id, digest_ref=state.digest_ref, mode=mode, node=node, attempt=attempts, options=options
+    )
+    return Decision(claimed, plan, why, claimed.claim_expires_at)
+
+
+def _record_failure(
+    state: DigestScanState, node: str | None, reason: str, message: str, now: datetime, policy: Policy
+) -> DigestScanState:
+    """The state after a failed attempt: waiting for a retry with backoff, given up, or not scanned (no node left)."""
+    failures = state.failures
+    nodes = state.nodes_seen
+    if node is not None:
+        failures = [*failures, NodeFailure(node=node, reason=reason[:256], at=now)][-policy.max_attempts * 2 :]
+        if reason in _NODE_LOST_IMAGE:
+            nodes = [n for n in nodes if n != node]
+    where = f" on node {node}" if node else ""
+    detail = f"{reason}{where}" + (f": {message}" if message else "")
+    base = msgspec.structs.replace(
+        state,
+        failures=failures,
+        nodes_seen=nodes,
+        claim_expires_at=None,
+        # An SBOM rescan that failed falls back to a node scan.
+        sbom_key=None if node is None else state.sbom_key,
+    )
+    if state.attempts >= policy.max_attempts:
+        return msgspec.structs.replace(
+            base,
+            status="failed",
+            next_due_at=now + policy.rescan_interval,
+            reason=f"gave up after {state.attempts} attempts; last: {detail}"[:4096],
+        )
+    if not nodes:
+        return msgspec.structs.replace(
+            base,
+            status="not_scanned",
+            attempts=0,
+            next_due_at=None,
+            reason=f"no node runs this digest any more; last attempt failed with {detail}"[:4096],
+        )
+    return msgspec.structs.replace(
+        base,
+        status="failed",
+        next_due_at=now + backoff(state.attempts, policy),
+        reason=f"attempt {state.attempts} failed with {detail}; retrying"[:4096],
+    )
+
+
+def decide(
+    state: DigestScanState,
+    now: datetime,
+    policy: Policy,
+    active_per_node: Mapping[str, int],
+    limits: Limits,
+    *,
+    options: ImageOptions = NO_OPTIONS,
+    changed: bool = False,
+) -> Decision:
+    """What to do now about a digest whose state is `state` (the periodic sweep calls this for every key).
+
+    `changed` says `state` already differs from what is stored (the caller updated it), so it must be written
+    even when no scan is planned.
+    """
+    keep = state if changed else None
+    expires = state.claim_expires_at
+    if state.status in ("pending", "running") and expires is not None and now < expires:
+        return Decision(keep, None, "claimed", expires)
+    if state.status == "pending" and state.scan_id is not None and state.node in (*state.nodes_seen, None):
+        # An abandoned claim: resume it under the same scan id (slot and Job creation are idempotent by it).
+        resumed = msgspec.structs.replace(state, claim_expires_at=now + policy.claim_ttl)
+        plan = ScanPlan(
+            scan_id=state.scan_id,
+            digest_ref=state.digest_ref,
+            mode="node" if state.node else "sbom",
+            node=state.node,
+            attempt=state.attempts,
+            options=options,
+        )
+        return Decision(resumed, plan, "resume_claim", resumed.claim_expires_at)
+    if state.status in ("pending", "running"):
+        # A running Job outlived its deadline without an event, or a pending claim's node left.
+        reason = "DeadlineExceeded" if state.status == "running" else "NodeGone"
+        state = _record_failure(state, state.node, reason, "claim expired without a scan event", now, policy)
+        keep = state
+    if state.status == "done":
+        due = state.next_due_at or (due_at(state.digest_ref, state.last_scan_at, policy) if state.last_scan_at else now)
+        if now < due:
+            return Decision(keep, None, "not_due", due)
+        if not state.nodes_seen and not _sbom_usable(state, policy):
+            return Decision(keep, None, "no_node", None)
+        return _claim(
+            state, now, policy, active_per_node, limits, why="rescan_due", new_cycle=True, options=options
+        ) or Decision(keep, None, "nodes_full", None)
+    if state.status == "failed":
+        gave_up = state.attempts >= policy.max_attempts
+        if state.next_due_at is not None and now < state.next_due_at:
+            return Decision(keep, None, "gave_up" if gave_up else "backoff", state.next_due_at)
+        if not state.nodes_seen:
+            return Decision(keep, None, "no_node", None)
+        return _claim(
+            state, now, policy, active_per_node, limits, why="retry", new_cycle=gave_up, options=options
+        ) or Decision(keep, None, "nodes_full", None)
+    # not_scanned: scan as soon as a node runs the digest.
+    if not state.nodes_seen:
+        return Decision(keep, None, "no_node", None)
+    return _claim(
+        state, now, policy, active_per_node, limits, why="first_scan", new_cycle=True, options=options
+    ) or Decision(keep, None, "nodes_full", None)
+
+
+def on_seen(
+    state: DigestScanState | None,
+    seen: ImageSeen,
+    now: datetime,
+    policy: Policy,
+    active_per_node: Mapping[str, int],
+    limits: Limits,
+) -> Decision:
+    """A container runs the digest on `seen.node`: remember the node, then decide."""
+    if state is None:
+        state = DigestScanState(digest_ref=seen.digest_ref, status="not_scanned")
+        changed = True
+    else:
+        changed = False
+    if seen.node not in state.nodes_seen:
+        nodes = [*state.nodes_seen, seen.node][-policy.max_nodes_tracked :]
+        state = msgspec.structs.replace(state, nodes_seen=nodes, last_seen_at=now)
+        changed = True
+    elif state.last_seen_at is None or now - state.last_seen_at >= policy.seen_refresh:
+        state = msgspec.structs.replace(state, last_seen_at=now)
+        changed = True
+    if state.status == "not_scanned" and state.reason:
+        state = msgspec.structs.replace(state, reason="")
+        changed = True
+    return decide(state, now, policy, active_per_node, limits, options=seen.options, changed=changed)
+
+
+def on_gone(state: DigestScanState | None, gone: ImageGone, now: datetime, policy: Policy) -> Decision:
+    """No container runs the digest on `gone.node` any more: forget the node; with none left, say why not scanned."""
+    if state is None or gone.node not in state.nodes_seen:
+        return Decision(None, None, "stale")
+    nodes = [n for n in state.nodes_seen if n != gone.node]
+    state = msgspec.structs.replace(state, nodes_seen=nodes)
+    if not nodes and state.status in ("failed", "not_scanned") and state.attempts < policy.max_attempts:
+        state = msgspec.structs.replace(
+            state,
+            status="not_scanned",
+            attempts=0,
+            next_due_at=None,
+            reason=f"no node runs this digest any more (last on node {gone.node})",
+        )
+    return Decision(state, None, "recorded")
+
+
+def on_created(state: DigestScanState | None, scan_id: str, now: datetime, policy: Policy) -> DigestScanState | None:
+    """The Job for `scan_id` exists: the claim is now `running` until the Job deadline plus grace."""
+    if state is None or state.scan_id != scan_id or state.status != "pending":
+        return None
+    return msgspec.structs.replace(
+        state, status="running", claim_expires_at=now + policy.job_deadline + policy.deadline_grace
+    )
+
+
+def on_started(state: DigestScanState | None, started: ScanStarted, policy: Policy) -> DigestScanState | None:
+    """The watcher saw the Job's pod start: the same as `on_created`, from the Job's own start time."""
+    return on_created(state, started.scan_id, started.started_at, policy)
+
+
+def on_completed(state: DigestScanState | None, done: ScanCompleted, policy: Policy) -> Decision:
+    """The scan finished and uploaded: done, next due after the interval and this digest's jitter."""
+    if state is None or state.scan_id != done.scan_id or state.status not in ("pending", "running"):
+        return Decision(None, None, "stale")
+    finished = msgspec.structs.replace(
+        state,
+        status="done",
+        attempts=0,
+        failures=[],
+        claim_expires_at=None,
+        last_scan_at=done.finished_at,
+        next_due_at=due_at(state.digest_ref, done.finished_at, policy),
+        reason="",
+    )
+    return Decision(finished, None, "recorded", finished.next_due_at)
+
+
+def on_failed(
+    state: DigestScanState | None,
+    failed: ScanFailed,
+    now: datetime,
+    policy: Policy,
+    active_per_node: Mapping[str, int],
+    limits: Limits,
+) -> Decision:
+    """The scan failed: record it against its node, then retry elsewhere after backoff, or give up, or say why not."""
+    if state is None or state.scan_id != failed.scan_id or state.status not in ("pending", "running"):
+        return Decision(None, None, "stale")
+    node = failed.node if failed.node is not None else state.node
+    recorded = _record_failure(state, node, failed.reason, failed.message[:200], now, policy)
+    return decide(recorded, now, policy, active_per_node, limits, changed=True)
