@@ -15,6 +15,8 @@ from rich.table import Table
 from podsweep import __version__, embedded, logs, runtime
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.status import StatusReport
+from services.dispatcher.cli import upload_app
+from services.parser.cli import report_app
 
 app = typer.Typer(
     name="podsweep",
@@ -31,6 +33,8 @@ app = typer.Typer(
 )
 schemas_app = typer.Typer(no_args_is_help=True, help="The event and document contract (JSON Schema).")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(report_app, name="report")
+app.add_typer(upload_app)  # `podsweep upload` / `podsweep download`: what the scan Job's containers run
 
 err = Console(stderr=True)
 ConfigOption = Annotated[
