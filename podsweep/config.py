@@ -133,6 +133,82 @@ class NotifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             raise ValueError("retry_base_s, retry_cap_s, policy_poll_s and delivered_ttl_h must be > 0")
 
 
+class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The dispatcher: rescans, retries, limits and the shape of scan Jobs (docs/dispatcher.md).
+
+    Plain values here; services/dispatcher/settings.py maps them onto its Policy, Limits and JobOptions and validates
+    them at start-up (an image ref or quantity that cannot be used is refused there, naming its key).
+    """
+
+    rescan_interval_s: float = 86400.0
+    jitter_ratio: float = 0.1  # due times spread over [interval, interval * (1 + jitter_ratio)]
+    sweep_interval_s: float = 60.0  # every key of the scan state is looked at this often (plus jitter)
+    sweep_jitter_ratio: float = 0.2
+    claim_ttl_s: float = 120.0
+    max_active: int = 20
+    max_active_per_node: int = 2
+    max_created_per_minute: int = 30
+    max_attempts: int = 4
+    backoff_base_s: float = 30.0
+    backoff_max_s: float = 1800.0
+    failure_memory_s: float = 3600.0
+    job_deadline_s: float = 600.0  # the Job's activeDeadlineSeconds, and the presigned URLs' lifetime
+    deadline_grace_s: float = 120.0
+    ttl_after_finished_s: float = 900.0
+    trivy_image: str = "mirror.gcr.io/aquasec/trivy:0.76.0"
+    trivy_binary: str = "/usr/local/bin/trivy"
+    podsweep_image: str = "ghcr.io/podsweep/podsweep:0.1.0"  # the uploader
+    trivy_server: str = "http://trivy.podsweep.svc:4954"  # client/server mode; empty: standalone with db_claim
+    db_claim: str = ""  # a PVC holding a Trivy cache (standalone mode)
+    severities: list[str] = msgspec.field(default_factory=list)  # empty: all
+    ignore_unfixed: bool = False
+    honor_workload_ignore_unfixed: bool = False
+    sbom: bool = True
+    sbom_rescans: bool = True
+    scan_requests_cpu: str = "100m"
+    scan_requests_memory: str = "256Mi"
+    scan_limits_cpu: str = ""
+    scan_limits_memory: str = "1Gi"
+    # deploy/base enforces Pod Security "baseline" in podsweep's namespace, which admits DAC_OVERRIDE but not
+    # DAC_READ_SEARCH; the target container's readOnlyRootFilesystem keeps DAC_OVERRIDE from writing to the image.
+    read_capability: Literal["DAC_READ_SEARCH", "DAC_OVERRIDE"] = "DAC_OVERRIDE"
+    pinning: Literal["nodeName", "affinity"] = "nodeName"
+    service_account: str = "scan"
+    priority_class: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("max_active", "max_active_per_node", "max_created_per_minute", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        for name in ("rescan_interval_s", "sweep_interval_s", "claim_ttl_s", "backoff_base_s", "backoff_max_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be more than 0 seconds")
+        if not 60 <= self.job_deadline_s <= 86400:
+            raise ValueError(f"job_deadline_s {self.job_deadline_s} must be between 60 and 86400 seconds")
+        if self.deadline_grace_s < 0 or self.ttl_after_finished_s < 0 or self.failure_memory_s < 0:
+            raise ValueError("deadline_grace_s, ttl_after_finished_s and failure_memory_s must not be negative")
+        if not 0 <= self.jitter_ratio <= 1 or not 0 <= self.sweep_jitter_ratio <= 1:
+            raise ValueError("jitter_ratio and sweep_jitter_ratio must be between 0 and 1")
+        if bool(self.trivy_server) == bool(self.db_claim):
+            raise ValueError("trivy_server set exactly one of trivy_server (client/server mode) and db_claim")
+
+
+class ParserSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The parser: size caps for uploads, how long a missing upload is waited for, how often the index is written."""
+
+    max_report_mb: float = 64.0  # a Trivy report, after gunzip (larger ones are quarantined)
+    max_sbom_mb: float = 64.0  # a CycloneDX SBOM, after gunzip
+    missing_retries: int = 3  # deliveries that wait for a missing upload before it is quarantined
+    missing_retry_s: float = 2.0
+    index_flush_s: float = 3.0  # the index is written at most this often (and on stop)
+
+    def __post_init__(self) -> None:
+        if min(self.max_report_mb, self.max_sbom_mb, self.index_flush_s) <= 0:
+            raise ValueError("max_report_mb, max_sbom_mb and index_flush_s must be > 0")
+        if self.missing_retries < 1 or self.missing_retry_s < 0:
+            raise ValueError("missing_retries must be >= 1 and missing_retry_s >= 0")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     cluster: str = "default"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -145,6 +221,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     consumer: ConsumerSettings = msgspec.field(default_factory=ConsumerSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     notifier: NotifierSettings = msgspec.field(default_factory=NotifierSettings)
+    parser: ParserSettings = msgspec.field(default_factory=ParserSettings)
+    dispatcher: DispatcherSettings = msgspec.field(default_factory=DispatcherSettings)
 
     def __post_init__(self) -> None:
         if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", self.cluster):
@@ -275,7 +353,16 @@ def _explain(message: str, raw: Mapping[str, Any], origin: Mapping[str, str], fi
 
 def _all_fields() -> list[msgspec.structs.FieldInfo]:
     fields: list[msgspec.structs.FieldInfo] = []
-    for typ in (Settings, NatsSettings, S3Settings, ConsumerSettings, TelemetrySettings, NotifierSettings):
+    for typ in (
+        Settings,
+        NatsSettings,
+        S3Settings,
+        ConsumerSettings,
+        TelemetrySettings,
+        NotifierSettings,
+        DispatcherSettings,
+        ParserSettings,
+    ):
         fields += list(msgspec.structs.fields(typ))
     return fields
 

@@ -118,6 +118,20 @@ class ObjectStore:
         except ObjectMissing:
             return None
 
+    async def copy(self, source_key: str, key: str) -> None:
+        """Server-side copy inside the bucket: the bytes never pass through podsweep (used for quarantine)."""
+        try:
+            await asyncio.to_thread(
+                self._client.copy_object,
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+            )
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                raise ObjectMissing(source_key) from None
+            raise
+
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._client.delete_object, Bucket=self.bucket, Key=key)
 

@@ -122,3 +122,5 @@ class NotifyFingerprint(msgspec.Struct, frozen=True, kw_only=True):
     breach: bool
     findings: list[FindingHash] = []
     scan_id: ScanId | None = None
+    # `stored_at` of the report this was concluded from: an older report delivered late never overwrites it.
+    stored_at: datetime | None = None

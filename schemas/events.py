@@ -160,6 +160,40 @@ class ReportStored(Event, frozen=True, kw_only=True):
     stored_at: datetime
 
 
+QuarantineKind = Literal[
+    "oversized",  # over the configured cap (before or after gunzip)
+    "not-json",
+    "truncated",
+    "wrong-type",  # JSON, but a field has the wrong type
+    "not-trivy",  # JSON, but not a Trivy artifact report
+    "unsupported",  # a Trivy SchemaVersion podsweep does not read
+    "bad-gzip",
+    "missing",  # no object under the key the scan was to upload to
+    "not-cyclonedx",  # an SBOM upload that is not CycloneDX JSON
+]
+QuarantinedObject = Literal["report", "sbom"]
+
+
+class ReportQuarantined(Event, frozen=True, kw_only=True):
+    """The parser could not use an upload: its bytes are under `quarantine_key`, the reason under `error_key`.
+
+    `quarantine_key` is None when there was nothing to keep (the upload is missing). For an SBOM the digest then
+    has no usable SBOM from this scan; the report of the same scan is stored (or quarantined) on its own.
+    """
+
+    cluster: ClusterName
+    scan_id: ScanId
+    digest_ref: DigestRef
+    mode: ScanMode = "node"
+    object: QuarantinedObject
+    kind: QuarantineKind
+    reason: Text
+    source_key: ObjectKey
+    quarantine_key: ObjectKey | None = None
+    error_key: ObjectKey
+    quarantined_at: datetime
+
+
 AlertOutcome = Literal["delivered", "failed"]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from schemas import alerts, events, report, state
+from schemas import alerts, events, index, report, state
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -20,6 +20,7 @@ DOCUMENTS: dict[str, Any] = {
     "scan.completed": events.ScanCompleted,
     "scan.failed": events.ScanFailed,
     "report.stored": events.ReportStored,
+    "report.quarantined": events.ReportQuarantined,
     "alert.sent": events.AlertSent,
     "alert.failed": events.AlertSent,  # the same audit record with outcome "failed"
     "dead": events.DeadLetter,
@@ -28,6 +29,9 @@ DOCUMENTS: dict[str, Any] = {
     "state.workloads": state.DigestWorkloads,
     "alert.webhook": alerts.AlertPayload,  # the generic webhook body (docs/webhooks.md)
     "state.notify": alerts.NotifyFingerprint,
+    "state.summary": index.DigestSummary,  # KV summaries: the latest report of a digest, compact
+    "index.summary": index.SummaryIndex,  # index/summary.json
+    "index.namespace": index.NamespaceIndex,  # index/namespaces/<ns>.json
 }
 
 

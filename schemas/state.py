@@ -85,4 +85,6 @@ class DigestWorkloads(msgspec.Struct, frozen=True, kw_only=True):
 SCANS_BUCKET = "scans"  # digest hex -> DigestScanState
 LIMITS_BUCKET = "limits"  # the dispatcher's limiter state
 NOTIFY_BUCKET = "notify"  # notifier fingerprints
+DELIVERED_BUCKET = "delivered"  # "<destination>.<alert key>" -> delivered marker (notifier outbox, with a TTL)
 WORKLOADS_BUCKET = "workloads"  # digest hex -> workloads that run it (learned from image.seen)
+SUMMARIES_BUCKET = "summaries"  # digest hex -> DigestSummary (schemas/index.py), written by the parser

@@ -11,6 +11,7 @@ from datetime import datetime
 from schemas.refs import DNS_LABEL_PATTERN, digest_hex
 
 _SCAN_ID_RE = re.compile(DNS_LABEL_PATTERN)
+_NAMESPACE_RE = re.compile(DNS_LABEL_PATTERN)
 
 
 def _scan_id(scan_id: str) -> str:
@@ -32,7 +33,25 @@ def latest_report_key(digest_ref: str) -> str:
 
 
 def history_report_key(digest_ref: str, at: datetime) -> str:
-    return f"reports/sha256/{digest_hex(digest_ref)}/history/{at.strftime('%Y%m%dt%H%M%S%fz')}.json"
+    return f"reports/sha256/{digest_hex(digest_ref)}/history/{_stamp(at)}.json"
+
+
+def _stamp(at: datetime) -> str:
+    return at.strftime("%Y%m%dt%H%M%S%fz")
+
+
+def stored_event_key(digest_ref: str, scan_id: str) -> str:
+    """The report.stored event as published for this scan: what a redelivery re-publishes, unchanged."""
+    return f"reports/sha256/{digest_hex(digest_ref)}/stored/{_scan_id(scan_id)}.json"
+
+
+def latest_sbom_key(digest_ref: str) -> str:
+    return f"sbom/sha256/{digest_hex(digest_ref)}/latest.cdx.json"
+
+
+def history_sbom_key(digest_ref: str, at: datetime) -> str:
+    """An SBOM kept as validated (gzip when uploaded gzip); the digest's scan state points here (immutable)."""
+    return f"sbom/sha256/{digest_hex(digest_ref)}/history/{_stamp(at)}.cdx.json"
 
 
 def quarantine_key(scan_id: str) -> str:
@@ -41,6 +60,32 @@ def quarantine_key(scan_id: str) -> str:
 
 def quarantine_error_key(scan_id: str) -> str:
     return f"quarantine/{_scan_id(scan_id)}.error.txt"
+
+
+def quarantine_sbom_key(scan_id: str) -> str:
+    return f"quarantine/{_scan_id(scan_id)}.cdx.json"
+
+
+def quarantine_sbom_error_key(scan_id: str) -> str:
+    return f"quarantine/{_scan_id(scan_id)}.cdx.error.txt"
+
+
+def _namespace(namespace: str) -> str:
+    if not (len(namespace) <= 63 and _NAMESPACE_RE.match(namespace)):
+        raise ValueError(f"namespace {namespace[:80]!r} is not a DNS-1123 label")
+    return namespace
+
+
+def namespace_index_key(namespace: str) -> str:
+    return f"index/namespaces/{_namespace(namespace)}.json"
+
+
+def namespace_page_key(namespace: str) -> str:
+    return f"index/namespaces/{_namespace(namespace)}.html"
+
+
+def digest_page_key(digest_ref: str) -> str:
+    return f"index/digests/{digest_hex(digest_ref)}.html"
 
 
 SUMMARY_KEY = "index/summary.json"

@@ -11,9 +11,11 @@ SCAN_STARTED = "scan.started"
 SCAN_COMPLETED = "scan.completed"
 SCAN_FAILED = "scan.failed"
 REPORT_STORED = "report.stored"
+REPORT_QUARANTINED = "report.quarantined"
 ALERT_SENT = "alert.sent"
 ALERT_FAILED = "alert.failed"
 DEAD = "dead"  # dead letters: <root>.dead.<service>
+OUTBOX = "outbox"  # the notifier's per-destination outbox: <root>.outbox.<destination>
 
 DEFAULT_ROOT = "podsweep"
 
@@ -24,3 +26,8 @@ def subject(root: str, name: str) -> str:
 
 def dead_letter_subject(root: str, service: str) -> str:
     return f"{root}.{DEAD}.{service}"
+
+
+def outbox(destination: str) -> str:
+    """The outbox of one alert destination, relative to the root (destination names are DNS labels: no dots)."""
+    return f"{OUTBOX}.{destination}"

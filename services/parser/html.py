@@ -1,0 +1,160 @@
+"""Static HTML pages of the index: index.html, one page per namespace and per digest, browsable from the bucket.
+
+Pure: strings in, a page out. No JavaScript, relative links only, and every value is escaped: image names,
+titles and URLs came from scanned images and the pod specs of people who may be hostile. A link target is built
+only from a validated namespace or digest hex, or is an http(s) URL from a report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from html import escape
+
+from schemas.events import SEVERITIES, SeverityCounts
+from schemas.index import DigestSummary, NamespaceIndex, SummaryIndex
+from schemas.refs import digest_hex
+from schemas.report import Report
+
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.CRITICAL{color:#fff;background:#b00020}.HIGH{background:#f4a261}.MEDIUM{background:#ffe08a}
+.muted{color:#777}code{font-size:12px}
+"""
+
+
+def _e(value: object) -> str:
+    return escape(str(value), quote=True)
+
+
+def _when(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M UTC") if at is not None else "-"
+
+
+def _page(title: str, body: Iterable[str], up: str | None) -> str:
+    nav = f'<p><a href="{up}">&larr; all digests and namespaces</a></p>' if up else ""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>{nav}<h1>{_e(title)}</h1>"
+        + "".join(body)
+        + "</body></html>\n"
+    )
+
+
+def _count_cells(counts: SeverityCounts | None, fixable: SeverityCounts | None = None) -> str:
+    if counts is None:
+        return '<td class="muted" colspan="6">not scanned yet</td>'
+    cells = []
+    for severity in SEVERITIES:
+        n = getattr(counts, severity)
+        cls = f"n {severity}" if n and severity in ("CRITICAL", "HIGH") else "n"
+        cells.append(f'<td class="{cls}">{n}</td>')
+    cells.append(f'<td class="n">{fixable.total() if fixable is not None else "-"}</td>')
+    return "".join(cells)
+
+
+_COUNT_HEADERS = "".join(f"<th>{s.lower()}</th>" for s in SEVERITIES) + "<th>fixable</th>"
+
+
+def _worst_first(summary: DigestSummary | None) -> tuple[int, ...]:
+    if summary is None:
+        return (1,)
+    c = summary.counts
+    return (0, -c.CRITICAL, -c.HIGH, -c.MEDIUM, -c.LOW, -c.UNKNOWN)
+
+
+def index_page(index: SummaryIndex) -> str:
+    """index/index.html: namespaces with their totals, then every digest, worst first."""
+    totals: dict[str, list[int]] = {}
+    for entry in index.digests.values():
+        for ns in entry.namespaces:
+            row = totals.setdefault(ns, [0] * (len(SEVERITIES) + 1))
+            row[0] += 1
+            if entry.report is not None:
+                for i, severity in enumerate(SEVERITIES, 1):
+                    row[i] += getattr(entry.report.counts, severity)
+    body = [f'<p class="muted">{len(index.digests)} digests, generated {_when(index.generated_at)}</p>']
+    body.append("<h2>Namespaces</h2><table><tr><th>namespace</th><th>digests</th>")
+    body.append("".join(f"<th>{s.lower()}</th>" for s in SEVERITIES) + "</tr>")
+    for ns, row in sorted(totals.items()):
+        cells = "".join(f'<td class="n">{n}</td>' for n in row)
+        body.append(f'<tr><td><a href="namespaces/{_e(ns)}.html">{_e(ns)}</a></td>{cells}</tr>')
+    body.append("</table>")
+    body.append(f"<h2>Digests</h2><table><tr><th>image</th><th>digest</th>{_COUNT_HEADERS}")
+    body.append("<th>scanned</th><th>namespaces</th></tr>")
+    entries = sorted(index.digests.items(), key=lambda item: (_worst_first(item[1].report), item[0]))
+    for hex_, entry in entries:
+        report = entry.report
+        image = ", ".join(entry.images) or (report.artifact if report is not None else "") or entry.digest_ref
+        digest_cell = (
+            f'<a href="digests/{_e(hex_)}.html"><code>{_e(hex_[:12])}</code></a>'
+            if report is not None
+            else f"<code>{_e(hex_[:12])}</code>"
+        )
+        body.append(
+            f"<tr><td>{_e(image)}</td><td>{digest_cell}</td>"
+            f"{_count_cells(report.counts if report else None, report.fixable if report else None)}"
+            f"<td>{_when(report.scanned_at or report.finished_at) if report else '-'}</td>"
+            f"<td>{_e(', '.join(entry.namespaces))}</td></tr>"
+        )
+    body.append("</table>")
+    return _page("podsweep: vulnerabilities running in the cluster", body, None)
+
+
+def namespace_page(index: NamespaceIndex) -> str:
+    """index/namespaces/<ns>.html: the namespace's workloads and the digests they run."""
+    body = [f"<table><tr><th>workload</th><th>image</th><th>digest</th>{_COUNT_HEADERS}<th>scanned</th></tr>"]
+    for workload in index.workloads:
+        for image in workload.images:
+            hex_ = digest_hex(image.digest_ref)
+            digest_cell = (
+                f'<a href="../digests/{_e(hex_)}.html"><code>{_e(hex_[:12])}</code></a>'
+                if image.counts is not None
+                else f"<code>{_e(hex_[:12])}</code>"
+            )
+            body.append(
+                f"<tr><td>{_e(workload.workload.kind)}/{_e(workload.workload.name)}</td><td>{_e(image.image)}</td>"
+                f"<td>{digest_cell}</td>{_count_cells(image.counts, image.fixable)}<td>{_when(image.scanned_at)}</td></tr>"
+            )
+    body.append("</table>")
+    return _page(f"namespace {index.namespace}", body, "../index.html")
+
+
+def _link(url: str, label: str) -> str:
+    if url.startswith(("https://", "http://")) and len(url) <= 2048:
+        return f'<a href="{_e(url)}" rel="noreferrer noopener">{_e(label)}</a>'
+    return _e(label)
+
+
+def digest_page(report: Report, summary: DigestSummary, images: list[str], namespaces: list[str]) -> str:
+    """index/digests/<hex>.html: the latest report of one digest, every finding, worst first."""
+    body = [
+        "<table>",
+        f"<tr><th>digest</th><td><code>{_e(summary.digest_ref)}</code></td></tr>",
+        f"<tr><th>images</th><td>{_e(', '.join(images) or '-')}</td></tr>",
+        f"<tr><th>namespaces</th><td>{_e(', '.join(namespaces) or '-')}</td></tr>",
+        f"<tr><th>artifact</th><td>{_e(report.artifact or '-')}</td></tr>",
+        f"<tr><th>os</th><td>{_e(summary.os or '-')}{' (end of support)' if report.eosl else ''}</td></tr>",
+        f"<tr><th>scanned</th><td>{_when(report.scanned_at or summary.finished_at)} by trivy "
+        f"{_e(report.trivy_version or '?')} (scan {_e(summary.scan_id)}, {_e(summary.mode)})</td></tr>",
+        f"<tr><th>misconfigurations / secrets</th><td>{summary.misconfigurations} / {summary.secrets}</td></tr>",
+        "</table>",
+        f"<h2>Counts</h2><table><tr>{_COUNT_HEADERS}</tr><tr>{_count_cells(report.counts, report.fixable)}</tr></table>",
+        "<h2>Findings</h2><table><tr><th>id</th><th>severity</th><th>package</th><th>installed</th><th>fixed</th>"
+        "<th>cvss</th><th>title</th><th>target</th></tr>",
+    ]
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
+    for f in sorted(report.findings, key=lambda f: (rank[f.severity], f.id, f.package)):
+        cvss = f"{f.cvss:.1f}" if f.cvss is not None else ""
+        body.append(
+            f'<tr><td>{_link(f.url, f.id)}</td><td class="{f.severity}">{f.severity}</td><td>{_e(f.package)}</td>'
+            f"<td>{_e(f.installed_version)}</td><td>{_e(f.fixed_version)}</td><td>{cvss}</td>"
+            f"<td>{_e(f.title)}</td><td>{_e(f.target)}</td></tr>"
+        )
+    body.append("</table>")
+    name = images[0] if images else report.artifact or summary.digest_ref
+    return _page(f"{name}", body, "../index.html")
