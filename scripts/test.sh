@@ -10,7 +10,9 @@ python3 -m venv .venv
 echo "test.sh: python deps ready after $(( $(date +%s) - start ))s"
 # Headless Chromium opens the parser's HTML index in tests/integration/test_parser.py (Debian's package).
 if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null; else sudo apt-get install -y -q chromium >/dev/null; fi
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -q >/dev/null
+  $sudo apt-get install -y -q chromium >/dev/null
 fi
 PODSWEEP_KUBE_BIN_DIR="$(bash tests/harness/kubebins/build.sh)"
 export PODSWEEP_KUBE_BIN_DIR
