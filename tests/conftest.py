@@ -1,3 +1,3 @@
 """Fixtures for real servers; see tests/harness/ and docs/testing.md."""
 
-pytest_plugins = ["tests.harness.servers", "tests.harness.kube", "tests.harness.trivy"]
+pytest_plugins = ["tests.harness.servers", "tests.harness.kube", "tests.harness.trivy", "tests.harness.standin"]
