@@ -209,6 +209,26 @@ class ParserSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("missing_retries must be >= 1 and missing_retry_s >= 0")
 
 
+class WatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the watcher reads (docs/watcher.md). Namespace globs: `team-*`; empty include = every namespace."""
+
+    include_namespaces: list[str] = []
+    exclude_namespaces: list[str] = []
+    label_selector: str = ""  # server-side pod filter, e.g. `tier!=batch`
+    resync_interval_s: float = 3600.0  # re-publish image.seen for what runs (rescans are the dispatcher's call)
+    page_size: int = 500
+    watch_timeout_s: int = 300
+    owner_lookup_concurrency: int = 16
+
+    def __post_init__(self) -> None:
+        if self.resync_interval_s < 10:
+            raise ValueError(f"resync_interval_s {self.resync_interval_s} must be at least 10 seconds")
+        if not 10 <= self.page_size <= 5000:
+            raise ValueError(f"page_size {self.page_size} must be between 10 and 5000")
+        if not 30 <= self.watch_timeout_s <= 3600:
+            raise ValueError(f"watch_timeout_s {self.watch_timeout_s} must be between 30 and 3600")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     cluster: str = "default"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -222,6 +242,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     notifier: NotifierSettings = msgspec.field(default_factory=NotifierSettings)
     parser: ParserSettings = msgspec.field(default_factory=ParserSettings)
+    watcher: WatcherSettings = msgspec.field(default_factory=WatcherSettings)
     dispatcher: DispatcherSettings = msgspec.field(default_factory=DispatcherSettings)
 
     def __post_init__(self) -> None:
@@ -352,18 +373,11 @@ def _explain(message: str, raw: Mapping[str, Any], origin: Mapping[str, str], fi
 
 
 def _all_fields() -> list[msgspec.structs.FieldInfo]:
-    fields: list[msgspec.structs.FieldInfo] = []
-    for typ in (
-        Settings,
-        NatsSettings,
-        S3Settings,
-        ConsumerSettings,
-        TelemetrySettings,
-        NotifierSettings,
-        DispatcherSettings,
-        ParserSettings,
-    ):
-        fields += list(msgspec.structs.fields(typ))
+    """Every field of Settings and of its sections (so new sections need no registration here)."""
+    fields = list(msgspec.structs.fields(Settings))
+    for info in list(fields):
+        if isinstance(info.type, type) and issubclass(info.type, msgspec.Struct):
+            fields += msgspec.structs.fields(info.type)
     return fields
 
 

@@ -16,6 +16,12 @@ meter = metrics.get_meter("podsweep.kube")
 api_calls = meter.create_counter("podsweep_kube_api_calls", description="Kubernetes API calls, by verb and resource")
 
 
+# Metadata-only reads: the API server sends names, uids and ownerReferences, not whole objects.
+METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+METADATA_ANY = f"{METADATA_LIST},{METADATA},application/json"  # list and watch of a metadata-only reflector
+
+
 class KubeError(RuntimeError):
     """A non-2xx answer from the API server; `status` is the HTTP code (409 Conflict, 410 Gone, 404, ...)."""
 
@@ -51,6 +57,7 @@ class Kube:
         body: Mapping[str, Any] | None = None,
         request_timeout_s: float | None = 60.0,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> bytes:
         """One API call; returns the raw body or raises KubeError."""
         self.calls += 1
@@ -59,7 +66,7 @@ class Kube:
             path,
             method,
             query_params=[(k, _param(v)) for k, v in (params or {}).items()],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
+            header_params={"Accept": accept, "Content-Type": content_type},
             body=body,
             auth_settings=["BearerToken"],
             _preload_content=False,
@@ -73,11 +80,17 @@ class Kube:
             raise KubeError(response.status, method, path, data)
         return data
 
-    async def get(self, path: str, params: Mapping[str, str | int | bool] | None = None) -> bytes:
-        return await self.request("GET", path, params)
+    async def get(
+        self, path: str, params: Mapping[str, str | int | bool] | None = None, accept: str = "application/json"
+    ) -> bytes:
+        return await self.request("GET", path, params, accept=accept)
 
     async def watch(
-        self, path: str, params: Mapping[str, str | int | bool], request_timeout_s: float
+        self,
+        path: str,
+        params: Mapping[str, str | int | bool],
+        request_timeout_s: float,
+        accept: str = "application/json",
     ) -> AsyncIterator[bytes]:
         """The lines of a watch (`watch=1` is added); ends when the server closes it or `request_timeout_s` passes."""
         self.calls += 1
@@ -87,7 +100,7 @@ class Kube:
             path,
             "GET",
             query_params=query,
-            header_params={"Accept": "application/json"},
+            header_params={"Accept": accept},
             auth_settings=["BearerToken"],
             _preload_content=False,
             _request_timeout=request_timeout_s,

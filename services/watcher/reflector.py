@@ -77,6 +77,7 @@ async def reflect(
     page_size: int = 500,
     watch_timeout_s: int = 300,
     max_backoff_s: float = 30.0,
+    accept: str = "application/json",
 ) -> AsyncIterator[Observation[T]]:
     """Forever: list (paged), then watch; cancel the consuming task to stop.
 
@@ -97,7 +98,7 @@ async def reflect(
                     query = {**base, "limit": page_size}
                     if token:
                         query["continue"] = token
-                    items, token, page_rv = codec.decode_page(await kube.get(path, query))
+                    items, token, page_rv = codec.decode_page(await kube.get(path, query, accept=accept))
                     list_rv = page_rv or list_rv
                     yield ListPage(items)
                     if not token:
@@ -111,7 +112,7 @@ async def reflect(
                 "allowWatchBookmarks": True,
                 "timeoutSeconds": watch_timeout_s,
             }
-            async for line in kube.watch(path, query, request_timeout_s=watch_timeout_s + 30):
+            async for line in kube.watch(path, query, request_timeout_s=watch_timeout_s + 30, accept=accept):
                 kind, obj, line_rv, code = codec.decode_line(line)
                 if kind == "ERROR":
                     if code == 410:

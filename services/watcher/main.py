@@ -1,0 +1,418 @@
+"""The watcher: podsweep's only reader of the Kubernetes API. Pods become image.seen / image.gone; podsweep's own
+scan Jobs become scan.started / scan.completed / scan.failed.
+
+A thin shell: services/watcher/reflector.py lists and watches, the pure modules (podstate, owners, annotations,
+jobstatus) decide, this module resolves owners with cached metadata-only GETs and publishes. Never writes to
+Kubernetes, never touches S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import msgspec
+from opentelemetry import metrics
+
+from podsweep import bus as busmod
+from podsweep import logs, runtime
+from podsweep.config import Settings
+from podsweep.health import HEALTH
+from podsweep.kube import METADATA, METADATA_ANY, METADATA_LIST, Kube, KubeError
+from podsweep.service import Service, open_service
+from schemas import jobs, subjects
+from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted, Workload
+from services.watcher import annotations as podannotations
+from services.watcher import jobstatus, owners, podstate
+from services.watcher.kubeobjects import (
+    APIResourceList,
+    Codec,
+    Job,
+    PartialObjectMetadata,
+    Pod,
+    ScanPod,
+    decode_api_resources,
+    decode_owner,
+)
+from services.watcher.reflector import Changed, ListDone, ListPage, ListStarted, Observation, reflect
+
+T = TypeVar("T")
+log = logs.get("podsweep.watcher")
+meter = metrics.get_meter("podsweep.watcher")
+owner_lookups = meter.create_counter("podsweep_watcher_owner_lookups", description="Owner metadata GETs (cache misses)")
+
+PUBLISH_CONCURRENCY = 64
+# Kinds whose metadata is listed once at start, so the owner walk of 50k pods costs a handful of calls, not 50k.
+PREFETCH = (("apps", "v1", "replicasets"), ("batch", "v1", "jobs"))
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+_pod_codec: Codec[Pod] = Codec(Pod)
+_job_codec: Codec[Job] = Codec(Job)
+_scan_pod_codec: Codec[ScanPod] = Codec(ScanPod)
+_meta_codec: Codec[PartialObjectMetadata] = Codec(PartialObjectMetadata)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Owners:
+    """Owner metadata by (group, plural, namespace, name), filled by prefetched lists and cached GETs."""
+
+    def __init__(self, kube: Kube, concurrency: int) -> None:
+        self.kube = kube
+        self.cache: dict[tuple[str, str, str, str], PartialObjectMetadata | None] = {}
+        self.discovery: dict[str, APIResourceList] = {}
+        self.limit = asyncio.Semaphore(concurrency)
+
+    async def prefetch(self) -> None:
+        for group, version, plural in PREFETCH:
+            path = f"/apis/{group}/{version}/{plural}"
+            token = ""
+            try:
+                while True:
+                    params: dict[str, str | int | bool] = {"limit": 500}
+                    if token:
+                        params["continue"] = token
+                    items, token, _ = _meta_codec.decode_page(await self.kube.get(path, params, accept=METADATA_LIST))
+                    for item in items:
+                        key = (group, plural, item.metadata.namespace, item.metadata.name)
+                        self.cache[key] = item
+                    if not token:
+                        break
+            except KubeError as exc:  # forbidden or not served: the walk falls back to GETs
+                log.info("owner prefetch skipped", resource=plural, status=exc.status)
+
+    async def workload(self, pod: Pod) -> Workload:
+        step = owners.start(pod.metadata.namespace, pod.metadata.name, pod.metadata.owner_references)
+        while isinstance(step, owners.OwnerLookup):
+            if step.plural is None:
+                step = owners.with_plural(step, await self._discover(step))
+                continue
+            found = await self._get(step, refresh=False)
+            if found is not None and owners.is_stale(step, found):
+                found = await self._get(step, refresh=True)
+            step = owners.advance(step, found)
+        return step.workload
+
+    async def _get(self, lookup: owners.OwnerLookup, refresh: bool) -> PartialObjectMetadata | None:
+        key = (lookup.group, lookup.plural or "", lookup.namespace, lookup.name)
+        if not refresh and key in self.cache:
+            return self.cache[key]
+        async with self.limit:
+            owner_lookups.add(1, {"kind": lookup.kind})
+            try:
+                found: PartialObjectMetadata | None = decode_owner(await self.kube.get(lookup.path(), accept=METADATA))
+            except KubeError as exc:
+                if exc.status not in (403, 404):
+                    raise
+                found = None
+        self.cache[key] = found
+        return found
+
+    async def _discover(self, lookup: owners.OwnerLookup) -> APIResourceList:
+        path = lookup.discovery_path()
+        if path not in self.discovery:
+            try:
+                self.discovery[path] = decode_api_resources(await self.kube.get(path))
+            except KubeError:
+                self.discovery[path] = APIResourceList()
+        return self.discovery[path]
+
+
+class Watcher:
+    def __init__(self, service: Service, kube: Kube) -> None:
+        settings = service.settings
+        self.service = service
+        self.settings = settings.watcher
+        self.kube = kube
+        self.index = podstate.Index(settings.cluster)
+        self.owners = Owners(kube, self.settings.owner_lookup_concurrency)
+        self.filter = podannotations.filter_from(self.settings.include_namespaces, self.settings.exclude_namespaces)
+        self.scan_namespace = settings.namespace
+        self.job_phase: dict[str, jobstatus.Phase] = {}
+        self.jobs: dict[str, Job] = {}
+        self.scan_pods: dict[str, dict[str, ScanPod]] = {}  # job name -> pod name -> pod
+        self.nodes: set[str] | None = None  # None until the first node list
+        self.listing: list[podstate.PodState] = []
+        self.listing_nodes: set[str] = set()
+        self.warned: set[str] = set()
+        meter.create_observable_gauge(
+            "podsweep_watcher_pods_tracked",
+            callbacks=[lambda _: [metrics.Observation(len(self.index.pods))]],
+            description="Pods the watcher holds state for",
+        )
+
+    # -- publishing ---------------------------------------------------------------------------------------------
+    async def publish(self, events: Sequence[ImageSeen | ImageGone]) -> None:
+        limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+        async def one(event: ImageSeen | ImageGone) -> None:
+            name = subjects.IMAGE_SEEN if isinstance(event, ImageSeen) else subjects.IMAGE_GONE
+            async with limit:
+                await self.service.bus.publish(name, event, msg_id=podstate.message_id(event))
+
+        await asyncio.gather(*(one(e) for e in events))
+
+    # -- pods ---------------------------------------------------------------------------------------------------
+    async def state_of(self, pod: Pod) -> podstate.PodState | None:
+        meta = pod.metadata
+        if not self.filter.selects(meta.namespace):
+            return None
+        images = podstate.images_of(pod)
+        known = self.index.workload_of(meta.uid)
+        options, rejections = podannotations.options_from(meta.annotations)
+        if rejections and meta.uid not in self.index.pods:
+            for rejection in rejections:
+                log.info(
+                    "annotation ignored",
+                    namespace=meta.namespace,
+                    pod=meta.name,
+                    key=rejection.key,
+                    why=rejection.reason,
+                    value=rejection.preview,
+                )
+        if known is not None:
+            workload = known[0]
+        elif images.has_images():
+            workload = await self.owners.workload(pod)
+        else:
+            workload = Workload("Pod", meta.name)
+        state = podstate.pod_state(pod, images, workload, options, self.index.intern)
+        if isinstance(state, podstate.Skipped):
+            if meta.uid not in self.warned:
+                self.warned.add(meta.uid)
+                log.warning("pod skipped", uid=meta.uid, why=state.reason)
+            return None
+        return state
+
+    async def on_pods(self, observation: Observation[Pod]) -> None:
+        if isinstance(observation, ListStarted):
+            self.listing = []
+            await self.owners.prefetch()
+        elif isinstance(observation, ListPage):
+            states = await asyncio.gather(*(self.state_of(pod) for pod in observation.items))
+            self.listing.extend(s for s in states if s is not None)
+        elif isinstance(observation, ListDone):
+            events = podstate.reconcile(self.index, self.listing, _now())
+            self.listing = []
+            await self.publish(events)
+            HEALTH.set("watcher:pods-listed", True)
+            log.info("pods reconciled", pods=len(self.index.pods), events=len(events), api_calls=self.kube.calls)
+        elif isinstance(observation, Changed):
+            pod = observation.obj
+            if observation.type == "DELETED":
+                last = await self.state_of(pod)
+                await self.publish(podstate.forget(self.index, pod.metadata.uid, _now(), last))
+                return
+            state = await self.state_of(pod)
+            if state is None:
+                if pod.metadata.uid in self.index.pods:  # moved out of scope (e.g. a filter) - treat as gone
+                    await self.publish(podstate.forget(self.index, pod.metadata.uid, _now()))
+                return
+            await self.publish(podstate.observe(self.index, state, _now()))
+
+    # -- scan Jobs ----------------------------------------------------------------------------------------------
+    async def evaluate(self, name: str) -> None:
+        job = self.jobs.get(name)
+        if job is None:
+            return
+        scans = jobstatus.scan_jobs(job)
+        if isinstance(scans, jobstatus.NotAScanJob):
+            if job.metadata.uid not in self.warned:
+                self.warned.add(job.metadata.uid)
+                log.warning("job ignored", job=name, why=scans.reason)
+            return
+        pods = list(self.scan_pods.get(name, {}).values())
+        node = scans[0].node
+        node_exists = None if self.nodes is None or node is None else node in self.nodes
+        current = jobstatus.outcome(job, pods, node_exists)
+        if not jobstatus.transition(self.job_phase.get(name), current):
+            return
+        for scan in scans:  # one for a node scan, one per digest of an SBOM rescan batch
+            event = jobstatus.scan_event(scan, current, self.service.settings.cluster, _now())
+            if event is None:
+                continue
+            subject = {ScanStarted: subjects.SCAN_STARTED, ScanCompleted: subjects.SCAN_COMPLETED}.get(
+                type(event), subjects.SCAN_FAILED
+            )
+            await self.service.bus.publish(subject, event, msg_id=jobstatus.message_id(event))
+            log.info(
+                "scan " + current.phase,
+                scan_id=scan.scan_id,
+                digest=scan.digest_ref,
+                node=scan.node,
+                reason=event.reason if isinstance(event, ScanFailed) else None,
+            )
+        self.job_phase[name] = current.phase
+
+    async def on_jobs(self, observation: Observation[Job]) -> None:
+        if isinstance(observation, ListPage):
+            for job in observation.items:
+                self.jobs[job.metadata.name] = job
+        elif isinstance(observation, ListDone):
+            for name in list(self.jobs):
+                await self.evaluate(name)
+        elif isinstance(observation, Changed):
+            name = observation.obj.metadata.name
+            if observation.type == "DELETED":
+                self.jobs.pop(name, None)
+                self.job_phase.pop(name, None)
+                return
+            self.jobs[name] = observation.obj
+            await self.evaluate(name)
+
+    async def on_scan_pods(self, observation: Observation[ScanPod]) -> None:
+        pods: Sequence[ScanPod] = ()
+        if isinstance(observation, ListStarted):
+            self.scan_pods = {}
+        elif isinstance(observation, ListPage):
+            pods = observation.items
+        elif isinstance(observation, Changed):
+            pods = (observation.obj,)
+        for pod in pods:
+            job = pod.metadata.labels.get(JOB_NAME_LABEL) or pod.metadata.labels.get("job-name", "")
+            if not job:
+                continue
+            by_name = self.scan_pods.setdefault(job, {})
+            if isinstance(observation, Changed) and observation.type == "DELETED":
+                by_name.pop(pod.metadata.name, None)
+            else:
+                by_name[pod.metadata.name] = pod
+            if isinstance(observation, Changed):
+                await self.evaluate(job)
+
+    async def on_nodes(self, observation: Observation[PartialObjectMetadata]) -> None:
+        if isinstance(observation, ListStarted):
+            self.listing_nodes = set()
+        elif isinstance(observation, ListPage):
+            self.listing_nodes.update(n.metadata.name for n in observation.items)
+        elif isinstance(observation, ListDone):
+            self.nodes = self.listing_nodes
+        elif isinstance(observation, Changed) and self.nodes is not None:
+            name = observation.obj.metadata.name
+            if observation.type == "DELETED":
+                self.nodes.discard(name)
+                for job in list(self.jobs):  # a scan pinned there can never finish
+                    await self.evaluate(job)
+            else:
+                self.nodes.add(name)
+
+    # -- resync -------------------------------------------------------------------------------------------------
+    async def resync_forever(self) -> None:
+        interval = self.service.settings.watcher.resync_interval_s
+        while True:
+            now = _now().timestamp()
+            slot = now - now % interval  # the same instant for every replica and restart in this slot
+            await asyncio.sleep(slot + interval - now)
+            if not HEALTH.ready.get("watcher:pods-listed"):
+                continue
+            events = podstate.resync(self.index, datetime.fromtimestamp(slot + interval, UTC))
+            await self.publish(events)
+            log.info("resync published", events=len(events))
+
+
+async def _follow(
+    name: str,
+    source: Callable[[], AsyncIterator[Observation[T]]],
+    handle: Callable[[Observation[T]], Awaitable[None]],
+) -> None:
+    """Feed a reflector into a handler; a failure is logged and the resource relisted, never fatal."""
+    while True:
+        try:
+            async for observation in source():
+                await handle(observation)
+        except asyncio.CancelledError:
+            raise
+        except (busmod.Conflict, ConnectionError, TimeoutError, KubeError, msgspec.DecodeError) as exc:
+            log.warning("resource loop restarting", resource=name, error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(1.0)
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    HEALTH.set("watcher:pods-listed", False)
+    async with open_service("watcher", settings) as service:
+        kube = await Kube.connect(runtime.kubeconfig_path(settings))
+        watcher = Watcher(service, kube)
+        ws = settings.watcher
+        pod_params: dict[str, str | int | bool] = {"labelSelector": ws.label_selector} if ws.label_selector else {}
+        scans = f"/namespaces/{settings.namespace}"
+        scan_selector: dict[str, str | int | bool] = {
+            "labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}"
+        }
+        tasks = [
+            asyncio.create_task(
+                _follow(
+                    "pods",
+                    lambda: reflect(
+                        kube,
+                        "/api/v1/pods",
+                        _pod_codec,
+                        params=pod_params,
+                        page_size=ws.page_size,
+                        watch_timeout_s=ws.watch_timeout_s,
+                    ),
+                    watcher.on_pods,
+                )
+            ),
+            asyncio.create_task(
+                _follow(
+                    "jobs",
+                    lambda: reflect(
+                        kube,
+                        f"/apis/batch/v1{scans}/jobs",
+                        _job_codec,
+                        params=scan_selector,
+                        page_size=ws.page_size,
+                        watch_timeout_s=ws.watch_timeout_s,
+                    ),
+                    watcher.on_jobs,
+                )
+            ),
+            asyncio.create_task(
+                _follow(
+                    "scan-pods",
+                    lambda: reflect(
+                        kube,
+                        f"/api/v1{scans}/pods",
+                        _scan_pod_codec,
+                        params=scan_selector,
+                        page_size=ws.page_size,
+                        watch_timeout_s=ws.watch_timeout_s,
+                    ),
+                    watcher.on_scan_pods,
+                )
+            ),
+            asyncio.create_task(
+                _follow(
+                    "nodes",
+                    lambda: reflect(
+                        kube,
+                        "/api/v1/nodes",
+                        _meta_codec,
+                        accept=METADATA_ANY,
+                        page_size=ws.page_size,
+                        watch_timeout_s=ws.watch_timeout_s,
+                    ),
+                    watcher.on_nodes,
+                )
+            ),
+        ]
+        tasks.append(asyncio.create_task(watcher.resync_forever(), name="watcher-resync"))
+        log.info("watcher started", cluster=settings.cluster, scan_namespace=settings.namespace)
+        try:
+            done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when="FIRST_COMPLETED")
+            for task in done:
+                if task in tasks and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await kube.close()
+            HEALTH.set("watcher:pods-listed", False)

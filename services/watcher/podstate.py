@@ -1,0 +1,386 @@
+"""What runs where: minimal per-pod state and the diff that turns pod changes into image.seen / image.gone.
+
+Pure: no I/O, no clock (callers pass `now`); functions change only the Index they are given. The Index counts
+containers per (digest ref, node), so one image.seen goes out when a count leaves 0 and one image.gone when it
+returns to 0, however many pods, restarts, relists or rollouts happen in between.
+
+Decisions written down:
+- An app container holds its digest while it runs, waits to restart, or has terminated and will be restarted
+  (restartPolicy Always, or OnFailure after a failure): a crash loop never flaps gone/seen.
+- An init container holds its digest for the pod's whole life once it has an imageID: short init containers are
+  often over before the watcher sees them run, and their image is part of what runs on the node.
+- A pod in phase Succeeded/Failed holds nothing. Deletion counts when the pod is gone (DELETED), not when
+  deletionTimestamp is set: the containers run until their grace period ends.
+- A container that started and stopped between two observations (a fast Job pod first seen Succeeded) is reported
+  as a seen immediately followed by a gone, unless another container already holds that digest on that node, so no
+  digest that ran is missed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from collections.abc import Hashable, Iterable
+from datetime import datetime
+from typing import TypeVar
+
+import msgspec
+
+from schemas.events import ContainerKind, ImageGone, ImageOptions, ImageSeen, Workload
+from schemas.refs import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN
+from services.watcher import digests
+from services.watcher.kubeobjects import Container, ContainerStatus, Pod
+
+H = TypeVar("H", bound=Hashable)
+
+_LABEL_RE = re.compile(DNS_LABEL_PATTERN)
+_SUBDOMAIN_RE = re.compile(DNS_SUBDOMAIN_PATTERN)
+_NODE_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(?!\n)$")
+_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+class RunningImage(msgspec.Struct, frozen=True, gc=False):
+    """One container's image on a pod; equal instances are shared across replicas through the Interner."""
+
+    digest_ref: str
+    container: str
+    kind: ContainerKind
+    image: str
+
+
+class PodState(msgspec.Struct, frozen=True, gc=False):
+    """All the watcher keeps per pod (about 300 bytes when strings are interned)."""
+
+    uid: str
+    namespace: str
+    name: str
+    node: str
+    workload: Workload
+    options: ImageOptions
+    running: tuple[RunningImage, ...] = ()
+    # Images that ran in this pod and stopped for good; only used to report containers that ran between observations.
+    finished: tuple[RunningImage, ...] = ()
+
+
+class Skipped(msgspec.Struct, frozen=True, gc=False):
+    """A container the watcher will not report; the shell logs it once. `reason` never echoes hostile text."""
+
+    container: str
+    reason: str
+
+
+class ContainerImages(msgspec.Struct, frozen=True, gc=False):
+    running: tuple[RunningImage, ...] = ()
+    finished: tuple[RunningImage, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+
+    def has_images(self) -> bool:
+        """True when the pod has something to report (and its workload is worth resolving)."""
+        return bool(self.running or self.finished)
+
+
+NOTHING = ContainerImages()
+
+
+class Interner:
+    """One shared instance per distinct value: 50k replicas of a few hundred workloads cost a few hundred copies."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[Hashable, Hashable] = {}
+
+    def __call__(self, value: H) -> H:
+        return self._values.setdefault(value, value)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def clear(self) -> None:
+        self._values.clear()
+
+
+def _holds(status: ContainerStatus, kind: ContainerKind, restarts: bool) -> bool:
+    """Whether a container with an imageID keeps its digest on the node (see the module docstring)."""
+    state = status.state
+    if kind == "init":
+        return True
+    if state.running is not None or state.waiting is not None:
+        return True
+    if state.terminated is not None:
+        return restarts and kind == "app"
+    return False
+
+
+def images_of(pod: Pod) -> ContainerImages:
+    """The digests a pod's containers hold, those that ran and stopped, and the containers skipped with a reason."""
+    status = pod.status
+    if not pod.spec.node_name or not (
+        status.container_statuses or status.init_container_statuses or status.ephemeral_container_statuses
+    ):
+        return NOTHING
+    terminal = status.phase in _TERMINAL_PHASES
+    policy = pod.spec.restart_policy
+    running: list[RunningImage] = []
+    finished: list[RunningImage] = []
+    skipped: list[Skipped] = []
+    groups: tuple[tuple[ContainerKind, tuple[ContainerStatus, ...], tuple[Container, ...]], ...] = (
+        ("init", status.init_container_statuses, pod.spec.init_containers),
+        ("app", status.container_statuses, pod.spec.containers),
+        ("ephemeral", status.ephemeral_container_statuses, pod.spec.ephemeral_containers),
+    )
+    for kind, statuses, specs in groups:
+        for cs in statuses:
+            if not cs.image_id:
+                continue  # not started yet: reported when the runtime knows its image
+            spec_image = _spec_image(specs, cs.name)
+            parsed = digests.parse_image_id(cs.image_id, spec_image)
+            if not isinstance(parsed, digests.ImageDigest):
+                skipped.append(Skipped(_safe_name(cs.name), parsed.reason))
+                continue
+            if _LABEL_RE.match(cs.name) is None or len(cs.name) > 63:
+                skipped.append(Skipped(_safe_name(cs.name), "container name is not a DNS label"))
+                continue
+            image = RunningImage(
+                parsed.digest_ref, sys.intern(cs.name), kind, digests.display_image(spec_image, parsed.digest_ref)
+            )
+            restarts = policy == "Always" or (
+                policy == "OnFailure" and cs.state.terminated is not None and cs.state.terminated.exit_code != 0
+            )
+            if not terminal and _holds(cs, kind, restarts):
+                running.append(image)
+            else:
+                finished.append(image)
+    if not running and not finished and not skipped:
+        return NOTHING
+    return ContainerImages(tuple(running), tuple(finished), tuple(skipped))
+
+
+def _spec_image(specs: tuple[Container, ...], name: str) -> str:
+    for container in specs:
+        if container.name == name:
+            return container.image
+    return ""
+
+
+def _safe_name(name: str) -> str:
+    return ascii(name[:63])[1:-1]
+
+
+def pod_state(
+    pod: Pod, images: ContainerImages, workload: Workload, options: ImageOptions, intern: Interner
+) -> PodState | Skipped:
+    """The state kept for a pod, or why the whole pod is skipped (names the API server should never have allowed)."""
+    meta = pod.metadata
+    if _LABEL_RE.match(meta.namespace) is None or len(meta.namespace) > 63:
+        return Skipped("", "namespace is not a DNS label")
+    if _SUBDOMAIN_RE.match(meta.name) is None or len(meta.name) > 253:
+        return Skipped("", "pod name is not a DNS subdomain")
+    node = pod.spec.node_name
+    if node and (_NODE_RE.match(node) is None or len(node) > 253):
+        return Skipped("", "node name is not a valid node name")
+    return PodState(
+        meta.uid,
+        sys.intern(meta.namespace),
+        meta.name,
+        sys.intern(node),
+        intern(workload),
+        intern(options),
+        tuple(intern(i) for i in images.running),
+        tuple(intern(i) for i in images.finished),
+    )
+
+
+Key = tuple[str, str]  # (digest_ref, node)
+
+
+class Index:
+    """The pods the watcher knows (by uid, including pods that hold nothing) and the holders per (digest, node)."""
+
+    __slots__ = ("cluster", "counts", "intern", "pods")
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+        self.pods: dict[str, PodState] = {}
+        self.counts: dict[Key, int] = {}
+        self.intern = Interner()
+
+    def workload_of(self, uid: str) -> tuple[Workload, ImageOptions] | None:
+        """What the shell resolved for this pod before, so a status update costs no owner lookup."""
+        state = self.pods.get(uid)
+        return None if state is None else (state.workload, state.options)
+
+
+Event = ImageSeen | ImageGone
+
+
+class _Batch:
+    """Applies many pod changes, then emits only the net change per (digest, node): no storm on relist."""
+
+    __slots__ = ("_before", "_first_holder", "_flashes", "_index")
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self._before: dict[Key, int] = {}
+        self._first_holder: dict[Key, tuple[PodState, RunningImage]] = {}
+        self._flashes: dict[Key, tuple[PodState, RunningImage]] = {}
+
+    def _touch(self, key: Key) -> None:
+        if key not in self._before:
+            self._before[key] = self._index.counts.get(key, 0)
+
+    def add(self, state: PodState) -> None:
+        counts = self._index.counts
+        for image in state.running:
+            key = (image.digest_ref, state.node)
+            self._touch(key)
+            counts[key] = counts.get(key, 0) + 1
+            self._first_holder.setdefault(key, (state, image))
+
+    def remove(self, state: PodState) -> None:
+        counts = self._index.counts
+        for image in state.running:
+            key = (image.digest_ref, state.node)
+            self._touch(key)
+            left = counts.get(key, 0) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
+
+    def flash(self, state: PodState, previous: PodState | None) -> None:
+        """Images that ran between two observations of this pod and were never reported from it."""
+        if not state.finished:
+            return
+        known = set() if previous is None else {*previous.running, *previous.finished}
+        for image in state.finished:
+            if image not in known:
+                key = (image.digest_ref, state.node)
+                self._touch(key)
+                self._flashes.setdefault(key, (state, image))
+
+    def events(self, now: datetime) -> list[Event]:
+        """Seen before gone: a consumer never briefly believes a node runs nothing during a rollout."""
+        counts = self._index.counts
+        cluster = self._index.cluster
+        seen: list[Event] = []
+        gone: list[Event] = []
+        for key, before in self._before.items():
+            after = counts.get(key, 0)
+            if before == 0 and after > 0:
+                seen.append(_seen(cluster, *self._first_holder[key], now))
+            elif before > 0 and after == 0:
+                gone.append(_gone(cluster, key, now))
+            elif before == 0 and after == 0 and key in self._flashes:
+                seen.append(_seen(cluster, *self._flashes[key], now))
+                gone.append(_gone(cluster, key, now))
+        return seen + gone
+
+
+def _seen(cluster: str, state: PodState, image: RunningImage, now: datetime, resync: bool = False) -> ImageSeen:
+    return ImageSeen(
+        cluster=cluster,
+        digest_ref=image.digest_ref,
+        image=image.image,
+        node=state.node,
+        namespace=state.namespace,
+        pod=state.name,
+        container=image.container,
+        container_kind=image.kind,
+        workload=state.workload,
+        options=state.options,
+        observed_at=now,
+        resync=resync,
+    )
+
+
+def _gone(cluster: str, key: Key, now: datetime) -> ImageGone:
+    return ImageGone(cluster=cluster, digest_ref=key[0], node=key[1], observed_at=now)
+
+
+def observe(index: Index, state: PodState, now: datetime) -> list[Event]:
+    """A pod was added or changed (watch ADDED/MODIFIED)."""
+    previous = index.pods.get(state.uid)
+    if previous is not None and previous.running == state.running and previous.finished == state.finished:
+        if previous != state:
+            index.pods[state.uid] = state  # workload or options changed: keep the newest, nothing to emit
+        return []
+    batch = _Batch(index)
+    if previous is not None:
+        batch.remove(previous)
+    batch.add(state)
+    batch.flash(state, previous)
+    index.pods[state.uid] = state
+    return batch.events(now)
+
+
+def forget(index: Index, uid: str, now: datetime, last: PodState | None = None) -> list[Event]:
+    """A pod was deleted (watch DELETED). `last` is its final state, to report what ran since it was last seen."""
+    previous = index.pods.pop(uid, None)
+    batch = _Batch(index)
+    if previous is not None:
+        batch.remove(previous)
+    if last is not None:
+        batch.flash(_stopped(last), previous)
+    return batch.events(now)
+
+
+def _stopped(state: PodState) -> PodState:
+    return msgspec.structs.replace(state, running=(), finished=(*state.running, *state.finished))
+
+
+def reconcile(index: Index, listed: Iterable[PodState], now: datetime) -> list[Event]:
+    """A complete (re)list: converge the index on it, emitting only what changed since the index last saw each pod.
+
+    Pods the index knows but the list lacks were deleted while the watch was down: their digests go, unless a
+    listed pod still holds them on that node.
+    """
+    pods = index.pods
+    batch = _Batch(index)
+    seen_uids: set[str] = set()
+    for state in listed:
+        seen_uids.add(state.uid)
+        previous = pods.get(state.uid)
+        if previous is not None and previous.running == state.running and previous.finished == state.finished:
+            if previous != state:
+                pods[state.uid] = state
+            continue
+        if previous is not None:
+            batch.remove(previous)
+        batch.add(state)
+        batch.flash(state, previous)
+        pods[state.uid] = state
+    for uid in [uid for uid in pods if uid not in seen_uids]:
+        batch.remove(pods.pop(uid))
+    return batch.events(now)
+
+
+def resync(index: Index, now: datetime) -> list[ImageSeen]:
+    """One image.seen (resync=True) per (digest, node) that runs now, and the interning table rebuilt.
+
+    Pass `now` rounded down to the resync interval: message ids derive from the event, so a restarted watcher's
+    resync within the duplicate window is stored once.
+    """
+    out: list[ImageSeen] = []
+    emitted: set[Key] = set()
+    intern = index.intern
+    intern.clear()  # forget values no pod uses any more; re-register the live ones
+    for state in index.pods.values():
+        intern(state.workload)
+        intern(state.options)
+        for finished in state.finished:
+            intern(finished)
+        for image in state.running:
+            intern(image)
+            key = (image.digest_ref, state.node)
+            if key not in emitted:
+                emitted.add(key)
+                out.append(_seen(index.cluster, state, image, now, resync=True))
+    return out
+
+
+def message_id(event: ImageSeen | ImageGone) -> str:
+    """The Nats-Msg-Id of an event: the same event re-published (a retry, a resync slot) is stored once."""
+    kind = "seen" if isinstance(event, ImageSeen) else "gone"
+    return f"{kind}-{hashlib.sha256(msgspec.json.encode(event)).hexdigest()[:40]}"
