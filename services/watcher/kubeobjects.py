@@ -186,7 +186,7 @@ class ObjectList(_Kube, Generic[T], frozen=True, gc=False):
     """The shape every list shares: PodList, JobList, PartialObjectMetadataList."""
 
     metadata: ListMeta = ListMeta()
-    items: list[T] = []
+    items: list[T] | None = None  # `null` in an empty PartialObjectMetadataList
 
 
 class Status(_Kube, frozen=True, gc=False):
@@ -241,7 +241,7 @@ class Codec(Generic[T]):
     def decode_page(self, data: bytes) -> tuple[list[T], str, str]:
         """(items, continue token, resourceVersion) of one list page."""
         page: ObjectList[T] = self._list.decode(data)
-        return page.items, page.metadata.continue_, page.metadata.resource_version
+        return page.items or [], page.metadata.continue_, page.metadata.resource_version
 
     def decode_line(self, line: bytes) -> tuple[str, T | None, str, int]:
         """(type, object or None, resourceVersion or "", error code or 0) of one watch line."""

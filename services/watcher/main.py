@@ -175,12 +175,8 @@ class Watcher:
                     why=rejection.reason,
                     value=rejection.preview,
                 )
-        if known is not None:
-            workload = known[0]
-        elif images.has_images():
-            workload = await self.owners.workload(pod)
-        else:
-            workload = Workload("Pod", meta.name)
+        # Resolved once per pod (cached per owner), also before it has images: the first state is what is kept.
+        workload = known[0] if known is not None else await self.owners.workload(pod)
         state = podstate.pod_state(pod, images, workload, options, self.index.intern)
         if isinstance(state, podstate.Skipped):
             if meta.uid not in self.warned:

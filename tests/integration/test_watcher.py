@@ -1,0 +1,290 @@
+"""The watcher against a real kube-apiserver + kwok and a real NATS: what runs becomes events, once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from podsweep import bus as busmod
+from podsweep.config import ConsumerSettings, NatsSettings, Settings, WatcherSettings
+from podsweep.kube import Kube
+from schemas import subjects
+from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted
+from services.dispatcher import jobspec
+from services.watcher.main import main as watcher_main
+from tests.harness.kube import KubeControlPlane
+from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id, get_node, wait_until
+from tests.harness.standin import HostImage, RootfsImage, StartStandin, podsweep_image, trivy_image_rootfs
+
+pytestmark = pytest.mark.kube
+
+
+@dataclass
+class Running:
+    settings: Settings
+    bus: busmod.Bus
+    namespace: str
+    scan_namespace: str
+    nodes: list[str]
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+    seen: list[ImageSeen] = field(default_factory=list)
+    gone: list[ImageGone] = field(default_factory=list)
+
+    async def events(self) -> tuple[list[ImageSeen], list[ImageGone]]:
+        """Every image.seen / image.gone the stream stored (duplicates dropped by msg id are not stored)."""
+        out: dict[str, list[Any]] = {subjects.IMAGE_SEEN: [], subjects.IMAGE_GONE: []}
+        for name, typ in ((subjects.IMAGE_SEEN, ImageSeen), (subjects.IMAGE_GONE, ImageGone)):
+            sub = await self.bus.js.subscribe(self.bus.subject(name), ordered_consumer=True)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    msg = await sub.next_msg(timeout=0.5)
+                    out[name].append(msgspec.json.decode(msg.data, type=typ))
+            await sub.unsubscribe()
+        return out[subjects.IMAGE_SEEN], out[subjects.IMAGE_GONE]
+
+    async def wait_for(self, what: str, check: Any, timeout_s: float = 30) -> Any:
+        async def poll() -> Any:
+            seen, gone = await self.events()
+            return check(seen, gone) or None
+
+        return await wait_until(poll, timeout_s, what)
+
+
+async def _ready_nodes(kube_api: Kube, count: int) -> list[str]:
+    names = [f"w-{secrets.token_hex(3)}-{i}" for i in range(count)]
+    for name in names:
+        await create_fake_node(kube_api, name)
+
+    async def ready() -> bool | None:
+        return all([(await get_node(kube_api, n)).ready for n in names]) or None
+
+    await wait_until(ready, 30, "nodes Ready")
+    return names
+
+
+@pytest.fixture
+async def running(
+    kube: KubeControlPlane, kube_api: Kube, kube_namespace: str, nats_settings: NatsSettings
+) -> AsyncIterator[Running]:
+    scan_namespace = f"scans-{secrets.token_hex(3)}"
+    await create_namespace(kube_api, scan_namespace)
+    settings = Settings(
+        cluster="test",
+        kubeconfig=str(kube.kubeconfig),
+        namespace=scan_namespace,
+        nats=nats_settings,
+        consumer=ConsumerSettings(max_deliver=3, backoff_s=[0.1]),
+        watcher=WatcherSettings(include_namespaces=[kube_namespace], resync_interval_s=3600),
+    )
+    bus = await busmod.connect(nats_settings, "test")
+    await busmod.ensure_stream(bus)
+    nodes = await _ready_nodes(kube_api, 2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher_main(settings, stop))
+    run = Running(settings, bus, kube_namespace, scan_namespace, nodes, task, stop)
+    yield run
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    await bus.close()
+    for node in nodes:
+        with contextlib.suppress(Exception):
+            await kube_api.request("DELETE", f"/api/v1/nodes/{node}")
+
+
+def _pod(
+    name: str, node: str, images: dict[str, str], init: dict[str, str] | None = None, **meta: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, **meta},
+        "spec": {
+            "nodeName": node,
+            "initContainers": [{"name": n, "image": i} for n, i in (init or {}).items()],
+            "containers": [{"name": n, "image": i} for n, i in images.items()],
+        },
+    }
+
+
+def _deployment(name: str, node: str, image: str, replicas: int = 2) -> dict[str, Any]:
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": node},
+                    "containers": [{"name": "app", "image": image}],
+                },
+            },
+        },
+    }
+
+
+def _digest_of(image: str, container: str) -> str:
+    return expected_image_id(image, container)
+
+
+async def test_pods_and_a_deployment_become_one_seen_per_digest_and_node(running: Running, kube_api: Kube) -> None:
+    ns = running.namespace
+    node_a, node_b = running.nodes
+    path = f"/api/v1/namespaces/{ns}/pods"
+    await kube_api.request(
+        "POST", path, body=_pod("solo-a", node_a, {"app": "registry.test/app:1"}, {"setup": "registry.test/init:1"})
+    )
+    await kube_api.request("POST", path, body=_pod("solo-b", node_b, {"app": "registry.test/app:1"}))
+    await kube_api.request("POST", path, body=_pod("twin-a", node_a, {"app": "registry.test/app:1"}))
+    await kube_api.request(
+        "POST", f"/apis/apps/v1/namespaces/{ns}/deployments", body=_deployment("web", node_b, "registry.test/web:2", 3)
+    )
+    app = _digest_of("registry.test/app:1", "app")
+    init = _digest_of("registry.test/init:1", "setup")
+    web = _digest_of("registry.test/web:2", "app")
+
+    def complete(seen: list[ImageSeen], gone: list[ImageGone]) -> bool:
+        return {(e.digest_ref, e.node) for e in seen} >= {(app, node_a), (app, node_b), (init, node_a), (web, node_b)}
+
+    await running.wait_for("image.seen for every (digest, node)", complete)
+    await asyncio.sleep(1.0)  # anything extra would land now
+    seen, gone = await running.events()
+    pairs = [(e.digest_ref, e.node) for e in seen]
+    assert sorted(pairs) == sorted({(app, node_a), (app, node_b), (init, node_a), (web, node_b)}), "one per pair"
+    by_pair = {(e.digest_ref, e.node): e for e in seen}
+    assert by_pair[(init, node_a)].container_kind == "init"
+    assert by_pair[(web, node_b)].workload.kind == "Deployment"
+    assert by_pair[(web, node_b)].workload.name == "web"
+    assert by_pair[(app, node_b)].workload.kind == "Pod"
+    assert gone == []
+
+    # The last container of app on node_a stops only when both pods there are gone.
+    await kube_api.request("DELETE", f"{path}/solo-a", params={"gracePeriodSeconds": 0})
+    await asyncio.sleep(1.5)
+    assert (await running.events())[1] == [] or all(g.digest_ref != app for g in (await running.events())[1])
+    await kube_api.request("DELETE", f"{path}/twin-a", params={"gracePeriodSeconds": 0})
+    await running.wait_for(
+        "image.gone for app on node_a", lambda s, g: any((e.digest_ref, e.node) == (app, node_a) for e in g)
+    )
+    _, gone = await running.events()
+    assert sorted((e.digest_ref, e.node) for e in gone) == sorted([(app, node_a), (init, node_a)])
+
+
+async def test_hostile_annotations_are_validated_and_other_namespaces_ignored(
+    running: Running, kube_api: Kube, kube_namespace: str
+) -> None:
+    other = f"other-{secrets.token_hex(3)}"
+    await create_namespace(kube_api, other)
+    node = running.nodes[0]
+    await kube_api.request(
+        "POST", f"/api/v1/namespaces/{other}/pods", body=_pod("outside", node, {"app": "registry.test/outside:1"})
+    )
+    annotations = {"podsweep.io/ignore-unfixed": "true", "podsweep.io/notify": "team-a; rm -rf /", "podsweep.io/x": "y"}
+    await kube_api.request(
+        "POST",
+        f"/api/v1/namespaces/{kube_namespace}/pods",
+        body=_pod("annotated", node, {"app": "registry.test/annotated:1"}, annotations=annotations),
+    )
+    seen = await running.wait_for("the annotated pod", lambda s, g: [e for e in s if e.pod == "annotated"])
+    assert seen[0].options.ignore_unfixed is True
+    assert seen[0].options.notify is None
+    everything, _ = await running.events()
+    assert all(e.namespace == kube_namespace for e in everything)
+
+
+async def test_forced_relist_after_compaction_loses_nothing_and_repeats_nothing(
+    running: Running, kube: KubeControlPlane, kube_api: Kube
+) -> None:
+    ns = running.namespace
+    node = running.nodes[0]
+    await kube_api.request(
+        "POST", f"/api/v1/namespaces/{ns}/pods", body=_pod("before", node, {"app": "registry.test/a:1"})
+    )
+    await running.wait_for("before", lambda s, g: [e for e in s if e.pod == "before"])
+    kube.compact_etcd()
+    await asyncio.to_thread(kube.restart_apiserver)
+    await kube_api.request(
+        "POST", f"/api/v1/namespaces/{ns}/pods", body=_pod("after", node, {"app": "registry.test/b:1"})
+    )
+    await running.wait_for("after", lambda s, g: [e for e in s if e.pod == "after"], timeout_s=60)
+    await kube_api.request("DELETE", f"/api/v1/namespaces/{ns}/pods/before", params={"gracePeriodSeconds": 0})
+    await running.wait_for("gone of before", lambda s, g: g)
+    seen, gone = await running.events()
+    assert sorted(e.pod for e in seen) == ["after", "before"], "no duplicate image.seen after the relist"
+    assert [e.digest_ref for e in gone] == [_digest_of("registry.test/a:1", "app")]
+
+
+def _scan_images(trivy_bin: Path) -> dict[str, RootfsImage | HostImage]:
+    options = jobspec.JobOptions()
+    return {
+        options.trivy_image: RootfsImage(path=str(trivy_image_rootfs(trivy_bin, options.trivy_binary))),
+        options.uploader_image: podsweep_image(),
+    }
+
+
+async def _scan_job(kube_api: Kube, namespace: str, node: str, digest_ref: str) -> str:
+    scan_id = f"scan-{secrets.token_hex(6)}"
+    scan = jobspec.validated_node_scan(
+        scan_id=scan_id, digest_ref=digest_ref, node=node, raw_put_url="http://127.0.0.1:9/raw", sbom_put_url=None
+    )
+    options = jobspec.JobOptions(namespace=namespace, trivy_server="http://127.0.0.1:9", service_account=None)
+    manifest = jobspec.build_node_scan_job(scan, options)
+    await kube_api.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=manifest)
+    return scan_id
+
+
+async def _scan_events(running: Running, name: str, typ: type[Any]) -> list[Any]:
+    sub = await running.bus.js.subscribe(running.bus.subject(name), ordered_consumer=True)
+    out: list[Any] = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            out.append(msgspec.json.decode((await sub.next_msg(timeout=0.5)).data, type=typ))
+    await sub.unsubscribe()
+    return out
+
+
+async def test_scan_job_that_succeeds_is_started_then_completed(
+    running: Running, kube_api: Kube, kubelet_standin: StartStandin
+) -> None:
+    await kubelet_standin(namespace=running.scan_namespace, execute=False)
+    digest_ref = "registry.test/app@sha256:" + "1" * 64
+    scan_id = await _scan_job(kube_api, running.scan_namespace, running.nodes[0], digest_ref)
+
+    async def completed() -> list[Any] | None:
+        return [
+            e for e in await _scan_events(running, subjects.SCAN_COMPLETED, ScanCompleted) if e.scan_id == scan_id
+        ] or None
+
+    await wait_until(completed, 60, "scan.completed")
+    started = [e for e in await _scan_events(running, subjects.SCAN_STARTED, ScanStarted) if e.scan_id == scan_id]
+    assert len(started) <= 1  # a pod that finishes before the watcher looks is reported completed only
+    assert [e.scan_id for e in await _scan_events(running, subjects.SCAN_FAILED, ScanFailed)] == []
+
+
+async def test_scan_job_whose_image_is_not_on_the_node_fails_with_err_image_never_pull(
+    running: Running, kube_api: Kube, kubelet_standin: StartStandin, trivy_bin: Path
+) -> None:
+    await kubelet_standin(_scan_images(trivy_bin), namespace=running.scan_namespace)
+    digest_ref = "registry.test/missing@sha256:" + "2" * 64
+    scan_id = await _scan_job(kube_api, running.scan_namespace, running.nodes[1], digest_ref)
+
+    async def failed() -> list[ScanFailed] | None:
+        return [
+            e for e in await _scan_events(running, subjects.SCAN_FAILED, ScanFailed) if e.scan_id == scan_id
+        ] or None
+
+    events = await wait_until(failed, 60, "scan.failed")
+    assert events[0].reason == "ErrImageNeverPull"
+    assert events[0].node == running.nodes[1]
