@@ -16,6 +16,7 @@ from podsweep import __version__, embedded, logs, runtime
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.status import StatusReport
 from services.dispatcher.cli import upload_app
+from services.notifier.cli import check_command
 from services.parser.cli import report_app
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ schemas_app = typer.Typer(no_args_is_help=True, help="The event and document con
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(report_app, name="report")
 app.add_typer(upload_app)  # `podsweep upload` / `podsweep download`: what the scan Job's containers run
+app.command("check")(check_command)
 
 err = Console(stderr=True)
 ConfigOption = Annotated[

@@ -16,7 +16,7 @@ def test_help_teaches_where_to_start() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     assert "podsweep up" in result.output
-    for command in ("up", "run", "config", "schemas", "version", "status", "report", "upload", "download"):
+    for command in ("up", "run", "config", "schemas", "version", "status", "report", "upload", "download", "check"):
         assert command in result.output
 
 

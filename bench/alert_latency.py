@@ -1,0 +1,329 @@
+"""Alert latency: `report.stored` published → signed webhook received, through the real notifier process.
+
+Real nats-server and SeaweedFS (embedded, in a temp dir), `python -m podsweep run notifier` as a subprocess, and an
+aiohttp receiver on loopback that verifies every signature. Every event breaches (one new CRITICAL), for a workload
+of its own digest. Two phases of N events each: `paced` (a steady rate: latency as an operator sees it) and
+`burst` (all at once: alerts per second, and latency under a backlog). Baseline in the same run: a bare signed
+POST from this process to the same receiver (the floor under the notifier's work: S3, KV, outbox, HTTP).
+Run: .venv/bin/python bench/alert_latency.py [--events 1000] [--rate 25]. The last line is one JSON object; it
+also gives the notifier's CPU milliseconds per alert and the load average, since the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import msgspec
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from podsweep import bus as busmod
+from podsweep import embedded
+from podsweep.config import NatsSettings, S3Settings
+from podsweep.objectstore import ObjectStore
+from schemas import storage, subjects
+from schemas.alerts import AlertPayload
+from schemas.events import ReportStored, SeverityCounts, Workload
+from schemas.report import Finding, Report
+from schemas.state import WORKLOADS_BUCKET, DigestWorkloads, WorkloadRun
+from services.notifier import signing
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = b"bench-hmac-key-0123456789abcdef"
+_payload = msgspec.json.Decoder(AlertPayload)
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {
+        "p50_ms": round(at(0.50), 2),
+        "p90_ms": round(at(0.90), 2),
+        "p99_ms": round(at(0.99), 2),
+        "max_ms": round(ordered[-1] * 1000, 2),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 2),
+    }
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.received: dict[str, float] = {}
+        self.bad_signatures = 0
+        self.duplicates = 0
+        self.done = asyncio.Event()
+        self.expected = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        at = time.perf_counter()
+        try:
+            signing.verify([KEY], body, request.headers.get(signing.SIGNATURE_HEADER), int(time.time()))
+        except signing.SignatureError:
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        scan_id = _payload.decode(body).scan_id
+        if scan_id in self.received:
+            self.duplicates += 1
+        else:
+            self.received[scan_id] = at
+        if self.expected and len(self.received) >= self.expected:
+            self.done.set()
+        return web.Response(status=204)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc); NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def breach(digest_ref: str, scan_id: str) -> Report:
+    finding = Finding(
+        id="CVE-2026-1000",
+        package="openssl",
+        installed_version="3.1.0",
+        severity="CRITICAL",
+        fixed_version="3.1.1",
+        fixable=True,
+        cvss=9.8,
+    )
+    return Report(
+        digest_ref=digest_ref,
+        scan_id=scan_id,
+        source_format="v2",
+        findings=[finding],
+        counts=SeverityCounts(CRITICAL=1),
+        fixable=SeverityCounts(CRITICAL=1),
+    )
+
+
+async def prepare(bus: busmod.Bus, store: ObjectStore, names: list[tuple[str, str]]) -> dict[str, ReportStored]:
+    """Reports in S3 and workloads in KV, as the parser leaves them, before anything is published."""
+    kv = await bus.kv(WORKLOADS_BUCKET)
+    limit = asyncio.Semaphore(16)
+    events: dict[str, ReportStored] = {}
+
+    async def one(digest_ref: str, scan_id: str) -> None:
+        async with limit:
+            report = breach(digest_ref, scan_id)
+            at = datetime.now(UTC)
+            history = storage.history_report_key(digest_ref, at)
+            await store.put(history, msgspec.json.encode(report))
+            run = WorkloadRun(
+                namespace="bench",
+                workload=Workload(kind="Deployment", name=f"app-{scan_id}"),
+                image=digest_ref.split("@")[0] + ":1",
+            )
+            doc = DigestWorkloads(digest_ref=digest_ref, runs=[run])
+            await kv.put(digest_ref.rsplit(":", 1)[1], msgspec.json.encode(doc))
+            events[scan_id] = ReportStored(
+                cluster="bench",
+                scan_id=scan_id,
+                digest_ref=digest_ref,
+                report_key=storage.latest_report_key(digest_ref),
+                history_key=history,
+                counts=report.counts,
+                fixable=report.fixable,
+                stored_at=at,
+            )
+
+    await asyncio.gather(*(one(d, s) for d, s in names))
+    return events
+
+
+async def phase(
+    bus: busmod.Bus, receiver: Receiver, events: dict[str, ReportStored], rate: float | None, wait_s: float
+) -> dict[str, object]:
+    receiver.done.clear()
+    receiver.expected = len(receiver.received) + len(events)
+    published: dict[str, float] = {}
+    started = time.perf_counter()
+    for i, (scan_id, event) in enumerate(events.items()):
+        if rate:
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        published[scan_id] = time.perf_counter()
+        await bus.publish(subjects.REPORT_STORED, event, msg_id=f"report:{scan_id}")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(receiver.done.wait(), wait_s)
+    got = {s: receiver.received[s] for s in published if s in receiver.received}
+    latencies = [got[s] - published[s] for s in got]
+    elapsed = max(got.values()) - started if got else float("nan")
+    return {
+        "events": len(events),
+        "received": len(got),
+        "rate_per_s": rate,
+        **quantiles(latencies),
+        "alerts_per_s": round(len(got) / elapsed, 1) if got else 0.0,
+    }
+
+
+async def baseline(url: str, n: int) -> dict[str, float]:
+    """A signed POST straight to the receiver: what delivery costs without the notifier."""
+    latencies = []
+    async with httpx.AsyncClient() as client:
+        for i in range(n):
+            body = json.dumps({"scan_id": f"baseline-{i:06d}"}).encode()
+            headers = signing.signed_headers([KEY], body, f"{i:032x}", int(time.time()))
+            t0 = time.perf_counter()
+            await client.post(f"{url}/baseline", content=body, headers=headers)
+            latencies.append(time.perf_counter() - t0)
+    return quantiles(latencies)
+
+
+async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
+    nats = embedded.start_nats(data / "nats")
+    s3 = embedded.start_seaweedfs(data / "s3")
+    notifier: subprocess.Popen[bytes] | None = None
+    runner: web.AppRunner | None = None
+    try:
+        nats_settings = NatsSettings(url=nats.url, subject_root="bench", stream="BENCH", kv_prefix="bench")
+        s3_settings = S3Settings(
+            endpoint_url=s3.endpoint_url,
+            bucket="podsweep-bench",
+            access_key_id=s3.identity.access_key_id,
+            secret_access_key=s3.identity.secret_access_key,
+        )
+        receiver = Receiver()
+        app = web.Application()
+        app.router.add_post("/hook", receiver.handle)
+        app.router.add_post("/baseline", lambda _: asyncio.sleep(0, web.Response(status=204)))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = embedded.free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        url = f"http://127.0.0.1:{port}"
+
+        policy = data / "policy.yaml"
+        policy.write_text(
+            "version: 1\ndefaults: {threshold: {max_critical: 0}, destinations: [hook]}\n"
+            f'destinations:\n  - {{name: hook, kind: webhook, url: "{url}/hook", hmac_key: {{env: BENCH_HOOK_KEY}}}}\n'
+        )
+        bus = await busmod.connect(nats_settings, "bench")
+        await busmod.ensure_stream(bus)
+        store = ObjectStore(s3_settings)
+        await store.ensure_bucket()
+        n = args.events
+        names = [(f"registry.example.com/bench/app@sha256:{i:064x}", f"scan-{i:06d}") for i in range(2 * n)]
+        t0 = time.perf_counter()
+        events = await prepare(bus, store, names)
+        prepare_s = time.perf_counter() - t0
+
+        env = {
+            **os.environ,
+            "PODSWEEP_LOG_LEVEL": args.log_level,
+            "PODSWEEP_LOG_FORMAT": "json",
+            "PODSWEEP_CLUSTER": "bench",
+            "PODSWEEP_NATS_URL": nats.url,
+            "PODSWEEP_NATS_SUBJECT_ROOT": "bench",
+            "PODSWEEP_NATS_STREAM": "BENCH",
+            "PODSWEEP_NATS_KV_PREFIX": "bench",
+            "PODSWEEP_S3_ENDPOINT_URL": s3.endpoint_url,
+            "PODSWEEP_S3_BUCKET": "podsweep-bench",
+            "PODSWEEP_S3_ACCESS_KEY_ID": s3.identity.access_key_id,
+            "PODSWEEP_S3_SECRET_ACCESS_KEY": s3.identity.secret_access_key,
+            "PODSWEEP_CONSUMER_CONCURRENCY": str(args.concurrency),
+            "PODSWEEP_NOTIFIER_POLICY_FILE": str(policy),
+            "PODSWEEP_NOTIFIER_OUTBOX_CONCURRENCY": str(args.concurrency),
+            "BENCH_HOOK_KEY": KEY.decode(),
+        }
+        log = (data / "notifier.log").open("wb")
+        notifier = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
+            [sys.executable, "-m", "podsweep", "run", "notifier"], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+        # Warm up: one event through every path, so the consumers exist and connections are open.
+        warm = dict(list(events.items())[:1])
+        await phase(bus, receiver, warm, None, 60)
+        rest = list(events.items())[1:]
+        pids = {
+            "notifier": notifier.pid,
+            "nats": nats.process.proc.pid,
+            "s3": s3.process.proc.pid,
+            "bench": os.getpid(),
+        }
+        cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+        load_before = load_average()
+        paced = await phase(bus, receiver, dict(rest[: n - 1]), args.rate, 120)
+        burst = await phase(bus, receiver, dict(rest[n - 1 : 2 * n - 1]), None, 300)
+        alerts = paced["received"] + burst["received"]  # type: ignore[operator]
+        cpu_ms_per_alert = {
+            name: round((cpu_s(pid) - cpu_before[name]) * 1000 / max(1, alerts), 2) for name, pid in pids.items()
+        }
+        base = await baseline(url, 500)
+        await bus.close()
+        return {
+            "bench": "alert_latency",
+            "events_per_phase": n - 1,
+            "paced": paced,
+            "burst": burst,
+            "baseline_direct_post": base,
+            "p50_ms": paced["p50_ms"],
+            "p99_ms": paced["p99_ms"],
+            "alerts_per_s": burst["alerts_per_s"],
+            "target": {"p50_ms": 50, "p99_ms": 250},
+            "bad_signatures": receiver.bad_signatures,
+            "duplicates": receiver.duplicates,
+            "prepare_s": round(prepare_s, 1),
+            "cpu_ms_per_alert": cpu_ms_per_alert,  # bench = publisher + receiver + this script
+            "load_average_1m": {"before": load_before, "after": load_average()},
+            "concurrency": args.concurrency,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        }
+    finally:
+        if notifier is not None:
+            notifier.terminate()
+            try:
+                notifier.wait(20)
+            except subprocess.TimeoutExpired:
+                notifier.kill()
+        if runner is not None:
+            await runner.cleanup()
+        if args.keep is not None and (data / "notifier.log").exists():
+            args.keep.write_bytes((data / "notifier.log").read_bytes())
+        s3.stop()
+        nats.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1000, help="events per phase (the first warms up)")
+    parser.add_argument(
+        "--rate", type=float, default=25.0, help="events per second in the paced phase (below capacity)"
+    )
+    parser.add_argument("--log-level", default="warning", help="the notifier's log level (info: per-event timings)")
+    parser.add_argument("--keep", type=Path, default=None, help="copy the notifier's log here")
+    parser.add_argument("--concurrency", type=int, default=8, help="notifier consumer and outbox concurrency")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as tmp:
+        result = asyncio.run(run(args, Path(tmp)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

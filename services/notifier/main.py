@@ -1,0 +1,199 @@
+"""The notifier service: `report.stored` → decide → per-destination outbox → HTTP delivery.
+
+A thin shell: every decision is in decide.py, outbox.py, destinations.py and retry.py. Reads S3 and KV, writes
+the outbox, fingerprints and audit events; never touches Kubernetes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import time
+from datetime import UTC, datetime
+
+import httpx
+import msgspec
+from nats.js.kv import KeyValue
+
+from podsweep import bus as busmod
+from podsweep import logs
+from podsweep.config import ConsumerSettings, Settings
+from podsweep.health import HEALTH
+from podsweep.objectstore import ObjectMissing, ObjectStore
+from podsweep.policy import Policy
+from podsweep.service import open_service
+from schemas import subjects
+from schemas.alerts import NotifyFingerprint
+from schemas.events import ReportStored
+from schemas.refs import digest_hex
+from schemas.report import Report
+from schemas.state import DELIVERED_BUCKET, NOTIFY_BUCKET, WORKLOADS_BUCKET, DigestWorkloads
+from services.notifier.decide import decide
+from services.notifier.delivery import Deliverer
+from services.notifier.outbox import OutboxEntry, advance, drop_stale, entries, fingerprint_keys, msg_id
+from services.notifier.policysource import PolicySource
+
+SERVICE = "notifier"
+log = logs.get("podsweep.notifier")
+_report_decoder = msgspec.json.Decoder(Report)
+
+
+class ReportHandler:
+    """Decides one `report.stored` and enqueues what it decided before remembering it."""
+
+    def __init__(
+        self,
+        bus: busmod.Bus,
+        store: ObjectStore,
+        policies: PolicySource,
+        settings: Settings,
+        workloads: KeyValue,
+        notify: KeyValue,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.policies = policies
+        self.settings = settings
+        self.workloads = workloads
+        self.notify = notify
+        self.max_report_bytes = int(settings.s3.max_object_mb * 1024 * 1024)
+
+    async def handle(self, event: ReportStored, delivery: busmod.Delivery) -> None:
+        started = time.perf_counter()
+        policy = self.policies.policy
+        (report, read_s), (doc, _) = await asyncio.gather(
+            self._timed_report(event, started),
+            busmod.kv_read(self.workloads, digest_hex(event.digest_ref), DigestWorkloads),
+        )
+        runs = doc.runs if doc is not None else []
+        wait = self.settings.notifier
+        if not runs and delivery.deliveries < wait.workloads_wait_deliveries:
+            raise busmod.Retry(f"no workload is known to run {event.digest_ref} yet", wait.workloads_wait_s)
+        keys = fingerprint_keys(event, runs)
+        found = await asyncio.gather(*(busmod.kv_read(self.notify, key, NotifyFingerprint) for key in keys))
+        previous = {key: fp for key, (fp, _) in zip(keys, found, strict=True) if fp is not None}
+        decision = drop_stale(decide(event, report, runs, policy, previous, datetime.now(UTC)), previous, event)
+        scan_date = (report.scanned_at or event.stored_at).date()
+        queued = entries(decision, event, runs, policy, scan_date)
+        # Enqueue first, remember second: a crash in between re-decides, and the outbox drops the duplicate ids.
+        for entry in queued:
+            await self.bus.publish(subjects.outbox(entry.destination), entry, msg_id=msg_id(entry))
+        for key, fp in decision.fingerprints.items():
+            stamped = msgspec.structs.replace(fp, stored_at=event.stored_at)
+            await busmod.kv_update(self.notify, key, NotifyFingerprint, functools.partial(advance, new=stamped))
+        log.info(
+            "report decided",
+            digest=event.digest_ref,
+            scan_id=event.scan_id,
+            workloads=len(keys),
+            alerts=len(decision.alerts),
+            uploads=len(decision.uploads),
+            queued=len(queued),
+            read_ms=round(read_s * 1000, 1),
+            total_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+
+    async def _timed_report(self, event: ReportStored, started: float) -> tuple[Report, float]:
+        report = await self._report(event)
+        return report, time.perf_counter() - started
+
+    async def _report(self, event: ReportStored) -> Report:
+        """The report this event is about: its history copy (latest.json may already be a newer scan)."""
+        data = await self.store.get_if_exists(event.history_key, self.max_report_bytes)
+        key = event.history_key
+        if data is None:
+            key = event.report_key
+            try:
+                data = await self.store.get(key, self.max_report_bytes)
+            except ObjectMissing:
+                raise RuntimeError(
+                    f"report {event.history_key} (and {event.report_key}) is not in bucket {self.store.bucket}; "
+                    "the parser stores it before publishing report.stored: check the bucket name"
+                ) from None
+        try:
+            return _report_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise busmod.Reject(f"report {key} is not a podsweep Report: {exc}") from None
+
+
+def outbox_consumer_settings(settings: Settings) -> ConsumerSettings:
+    """The loop's own limit sits above retry_max_attempts: the Deliverer gives up (and says so) first."""
+    n = settings.notifier
+    return ConsumerSettings(
+        max_deliver=n.retry_max_attempts + 1,
+        backoff_s=[n.retry_base_s],
+        ack_wait_s=n.outbox_ack_wait_s,
+        batch=max(n.outbox_concurrency * 2, 16),
+        concurrency=n.outbox_concurrency,
+    )
+
+
+class Outboxes:
+    """One durable consumer per destination, started as the policy names them (and never stopped before `stop`)."""
+
+    def __init__(
+        self, bus: busmod.Bus, deliverer: Deliverer, settings: Settings, stop: asyncio.Event, group: asyncio.TaskGroup
+    ) -> None:
+        self.bus = bus
+        self.deliverer = deliverer
+        self.consumer = outbox_consumer_settings(settings)
+        self.stop = stop
+        self.group = group
+        self.running: set[str] = set()
+
+    def ensure(self, policy: Policy) -> None:
+        for dest in policy.destinations:
+            if dest.name in self.running:
+                continue
+            self.running.add(dest.name)
+            self.group.create_task(
+                busmod.consume(
+                    self.bus,
+                    service=SERVICE,
+                    durable=f"{SERVICE}-outbox-{dest.name}",
+                    routes={subjects.outbox(dest.name): busmod.Route(OutboxEntry, self.deliverer.handle)},
+                    settings=self.consumer,
+                    stop=self.stop,
+                )
+            )
+            log.info("outbox consuming", destination=dest.name)
+
+
+async def _watch_policy(policies: PolicySource, outboxes: Outboxes, every_s: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        outboxes.ensure(policies.refresh())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    policies = PolicySource(settings.notifier.policy_file)
+    policies.load()  # an invalid policy stops the start, naming its line and key
+    HEALTH.set("notifier:consuming", False)
+    async with open_service(SERVICE, settings, s3=True) as service:
+        bus, store = service.bus, service.require_store()
+        workloads = await bus.kv(WORKLOADS_BUCKET)
+        notify = await bus.kv(NOTIFY_BUCKET)
+        delivered = await bus.kv(DELIVERED_BUCKET, ttl_s=settings.notifier.delivered_ttl_h * 3600)
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        async with httpx.AsyncClient(follow_redirects=False, limits=limits, trust_env=False) as client:
+            deliverer = Deliverer(bus, store, policies, settings, client, delivered, os.environ)
+            reports = ReportHandler(bus, store, policies, settings, workloads, notify)
+            async with asyncio.TaskGroup() as group:
+                outboxes = Outboxes(bus, deliverer, settings, stop, group)
+                outboxes.ensure(policies.refresh())
+                group.create_task(_watch_policy(policies, outboxes, settings.notifier.policy_poll_s, stop))
+                group.create_task(
+                    busmod.consume(
+                        bus,
+                        service=SERVICE,
+                        durable=SERVICE,
+                        routes={subjects.REPORT_STORED: busmod.Route(ReportStored, reports.handle)},
+                        settings=settings.consumer,
+                        stop=stop,
+                    )
+                )
+                HEALTH.set("notifier:consuming", True)
+    HEALTH.set("notifier:consuming", False)

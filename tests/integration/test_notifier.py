@@ -1,0 +1,749 @@
+"""The notifier shell against a real nats-server, a real SeaweedFS and real aiohttp receivers on loopback.
+
+Receivers verify the HMAC signature of every generic webhook and record each request; a request whose client
+had gone (timed out, killed) by the time the receiver answered is recorded as aborted, never as accepted, so
+"accepted twice" means the notifier really delivered an alert twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+from aiohttp import web
+
+from podsweep import bus as busmod
+from podsweep.config import ConsumerSettings, NatsSettings, NotifierSettings, S3Settings, Settings
+from podsweep.objectstore import ObjectStore
+from schemas import storage, subjects
+from schemas.alerts import AlertPayload, NotifyFingerprint
+from schemas.events import SEVERITIES, AlertSent, DeadLetter, ReportStored, SeverityCounts, Workload
+from schemas.report import Finding, Report
+from schemas.state import NOTIFY_BUCKET, WORKLOADS_BUCKET, DigestWorkloads, WorkloadRun
+from services.notifier import signing
+from services.notifier.decide import fingerprint_key
+from services.notifier.main import main
+
+REPO = Path(__file__).resolve().parents[2]
+HOOK_KEY = "k" * 32
+DOJO_TOKEN = "dojo-token-0123456789"
+FAST = ConsumerSettings(max_deliver=5, backoff_s=[0.05, 0.1], ack_wait_s=5, batch=16, concurrency=4)
+WORKLOAD = Workload(kind="Deployment", name="api")
+T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+
+
+def digest(n: int = 0) -> str:
+    return f"registry.example.com/team/app@sha256:{n:064x}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Receivers
+
+
+@dataclass
+class Arrival:
+    path: str
+    key: str
+    status: int
+    verified: bool
+    body: bytes
+    at: float
+    aborted: bool = False
+    form: dict[str, list[str]] = field(default_factory=dict)
+    file: bytes = b""
+    authorization: str = ""
+
+
+class Receiver:
+    """A loopback HTTP receiver. `plan[path]` lists responses for successive requests: an int status,
+    ("retry-after", status, value), ("hang", seconds) or "dojo"; when a plan runs out it answers 200."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.plan: dict[str, list[object]] = {}
+        self.arrivals: list[Arrival] = []
+        self.delay_s = 0.0
+        self._runner: web.AppRunner | None = None
+
+    def accepted(self, path: str | None = None) -> list[Arrival]:
+        return [a for a in self.arrivals if 200 <= a.status < 300 and not a.aborted and path in (None, a.path)]
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        key = request.headers.get(signing.IDEMPOTENCY_HEADER, "")
+        verified = False
+        form: dict[str, list[str]] = {}
+        file = b""
+        if request.content_type == "multipart/form-data":
+            form, file = await _multipart(request, body)
+        else:
+            try:
+                signing.verify(
+                    [HOOK_KEY.encode()], body, request.headers.get(signing.SIGNATURE_HEADER), int(time.time())
+                )
+                verified = True
+            except signing.SignatureError:
+                verified = False
+        arrival = Arrival(
+            path=request.path,
+            key=key,
+            status=0,  # not answered yet
+            verified=verified,
+            body=body,
+            at=time.monotonic(),
+            form=form,
+            file=file,
+            authorization=request.headers.get("Authorization", ""),
+        )
+        self.arrivals.append(arrival)
+        steps = self.plan.get(request.path, [])
+        step = steps.pop(0) if steps else 200
+        headers: dict[str, str] = {}
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if isinstance(step, tuple) and step[0] == "hang":
+            await asyncio.sleep(float(step[1]))
+            status = 200
+        elif isinstance(step, tuple) and step[0] == "retry-after":
+            status, headers = int(step[1]), {"Retry-After": str(step[2])}
+        elif step == "dojo":
+            status, problems = dojo_contract(request.path, arrival)
+            if problems:
+                arrival.status = status
+                return web.json_response({"errors": problems}, status=status)
+        else:
+            status = int(step)  # type: ignore[call-overload]
+        transport = request.transport
+        arrival.aborted = transport is None or transport.is_closing()
+        arrival.status = status
+        return web.Response(status=status, headers=headers, text="{}", content_type="application/json")
+
+
+async def _multipart(request: web.Request, body: bytes) -> tuple[dict[str, list[str]], bytes]:
+    from aiohttp import BodyPartReader, MultipartReader
+    from aiohttp.streams import StreamReader
+
+    stream = StreamReader(request.protocol, len(body) + 1, loop=asyncio.get_running_loop())
+    stream.feed_data(body)
+    stream.feed_eof()
+    reader = MultipartReader(request.headers, stream)
+    form: dict[str, list[str]] = {}
+    file = b""
+    while (part := await reader.next()) is not None:
+        assert isinstance(part, BodyPartReader)
+        if part.filename is not None:
+            form.setdefault("__file_name__", []).append(part.filename)
+            file = await part.read()
+        else:
+            form.setdefault(part.name or "", []).append((await part.read()).decode())
+    return form, file
+
+
+DOJO_FIELDS = {
+    "scan_type", "product_name", "engagement_name", "test_title", "auto_create_context", "scan_date",
+    "minimum_severity", "active", "verified", "close_old_findings", "version", "build_id", "tags",
+    "product_type_name", "engagement", "test", "__file_name__",
+}  # fmt: skip
+
+
+def dojo_contract(path: str, arrival: Arrival) -> tuple[int, list[str]]:
+    """DefectDojo's documented API v2 import-scan / reimport-scan contract, as far as a receiver can check it:
+    `Authorization: Token <key>`; multipart with `scan_type` (a parser name), `file`; the target as `engagement`
+    (import) or `test` (reimport) id, or by name with `auto_create_context` (product_name + engagement_name, and
+    for reimport the test by `test_title`); `scan_date` YYYY-MM-DD; `minimum_severity` one of Info..Critical;
+    booleans as true/false. Unknown fields are reported (DefectDojo ignores them, so a typo would go unnoticed)."""
+    problems: list[str] = []
+    if path not in ("/api/v2/import-scan/", "/api/v2/reimport-scan/"):
+        return 404, [f"no endpoint {path}"]
+    if arrival.authorization != f"Token {DOJO_TOKEN}":
+        return 401, ["Authentication credentials were not provided or are wrong"]
+    form = arrival.form
+    one = {k: v[0] for k, v in form.items() if len(v) == 1}
+    problems += [f"unknown field {k}" for k in form if k not in DOJO_FIELDS]
+    problems += [f"field {k} given {len(v)} times" for k, v in form.items() if len(v) > 1 and k != "tags"]
+    if one.get("scan_type") != "Trivy Scan":
+        problems.append(f"scan_type {one.get('scan_type')!r} is not the Trivy parser")
+    if not arrival.file:
+        problems.append("file is required")
+    else:
+        try:
+            json.loads(arrival.file)
+        except ValueError:
+            problems.append("file is not JSON")
+    by_name = one.get("auto_create_context") == "true" and one.get("product_name") and one.get("engagement_name")
+    if path.endswith("reimport-scan/") and not (one.get("test") or (by_name and one.get("test_title"))):
+        problems.append("reimport needs test, or product_name + engagement_name + test_title + auto_create_context")
+    if path.endswith("/import-scan/") and not (one.get("engagement") or by_name):
+        problems.append("import needs engagement, or product_name + engagement_name + auto_create_context")
+    try:
+        datetime.strptime(one.get("scan_date", ""), "%Y-%m-%d")
+    except ValueError:
+        problems.append(f"scan_date {one.get('scan_date')!r} is not YYYY-MM-DD")
+    if one.get("minimum_severity", "Info") not in ("Info", "Low", "Medium", "High", "Critical"):
+        problems.append("minimum_severity is not one of Info, Low, Medium, High, Critical")
+    for flag in ("active", "verified", "close_old_findings", "auto_create_context"):
+        if flag in one and one[flag] not in ("true", "false"):
+            problems.append(f"{flag} must be true or false")
+    return (400, problems) if problems else (201, [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    yield r
+    await r.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports, workloads, the policy and the service
+
+
+def finding(cve: str, severity: str = "CRITICAL", fixed: str = "1.2.4", package: str = "openssl") -> Finding:
+    return Finding(
+        id=cve,
+        package=package,
+        installed_version="1.2.3",
+        severity=severity,  # type: ignore[arg-type]
+        fixed_version=fixed,
+        fixable=bool(fixed),
+        cvss=9.8,
+        title=f"{cve} in {package}",
+        url=f"https://avd.aquasec.com/nvd/{cve.lower()}",
+        target="app (alpine 3.19)",
+    )
+
+
+def make_report(digest_ref: str, scan_id: str, findings: list[Finding], at: datetime = T0) -> Report:
+    tally = dict.fromkeys(SEVERITIES, 0)
+    for f in findings:
+        tally[f.severity] += 1
+    return Report(
+        digest_ref=digest_ref,
+        scan_id=scan_id,
+        source_format="v2",
+        artifact="app",
+        scanned_at=at,
+        findings=findings,
+        counts=SeverityCounts(**tally),
+    )
+
+
+@dataclass
+class World:
+    settings: Settings
+    bus: busmod.Bus
+    store: ObjectStore
+    policy_path: Path
+
+    async def runs(self, digest_ref: str, *runs: WorkloadRun) -> None:
+        kv = await self.bus.kv(WORKLOADS_BUCKET)
+        doc = DigestWorkloads(digest_ref=digest_ref, runs=list(runs))
+        await kv.put(digest_ref.rsplit(":", 1)[1], msgspec.json.encode(doc))
+
+    async def report(self, report: Report, stored_at: datetime | None = None, publish: bool = True) -> ReportStored:
+        """Store a report the way the parser does (raw, history, latest) and publish report.stored."""
+        assert report.digest_ref is not None and report.scan_id is not None
+        stored_at = stored_at or datetime.now(UTC)
+        history = storage.history_report_key(report.digest_ref, stored_at)
+        latest = storage.latest_report_key(report.digest_ref)
+        raw = json.dumps({"SchemaVersion": 2, "ArtifactName": "app", "Results": []}).encode()
+        await self.store.put(storage.raw_key(report.digest_ref, report.scan_id), raw)
+        await self.store.put(history, msgspec.json.encode(report))
+        await self.store.put(latest, msgspec.json.encode(report))
+        event = ReportStored(
+            cluster="c1",
+            scan_id=report.scan_id,
+            digest_ref=report.digest_ref,
+            report_key=latest,
+            history_key=history,
+            counts=report.counts,
+            fixable=report.fixable,
+            stored_at=stored_at,
+        )
+        if publish:
+            await self.bus.publish(subjects.REPORT_STORED, event, msg_id=f"report:{report.scan_id}")
+        return event
+
+    async def audit(self, name: str) -> list[AlertSent]:
+        return [msgspec.json.decode(d, type=AlertSent) for d in await read_subject(self.bus, name)]
+
+    async def dead(self) -> list[DeadLetter]:
+        return [msgspec.json.decode(d, type=DeadLetter) for d in await read_subject(self.bus, "dead.notifier")]
+
+
+def run(image: str = "registry.example.com/team/app:1.4", namespace: str = "payments") -> WorkloadRun:
+    return WorkloadRun(namespace=namespace, workload=WORKLOAD, image=image, last_seen_at=T0)
+
+
+async def read_subject(bus: busmod.Bus, name: str) -> list[bytes]:
+    sub = await bus.js.subscribe(bus.subject(name), stream=bus.settings.stream, ordered_consumer=True)
+    out: list[bytes] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.3)
+            out.append(msg.data)
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+def policy_yaml(destinations: str, extra: str = "", destination_names: str = "") -> str:
+    names = destination_names or ", ".join(
+        line.split("name:")[1].split(",")[0].strip() for line in destinations.splitlines() if "name:" in line
+    )
+    return f"version: 1\ndefaults:\n  threshold: {{max_critical: 0}}\n  destinations: [{names}]\ndestinations:\n{destinations}\n{extra}"
+
+
+def webhook(name: str, url: str, timeout_s: float = 2.0) -> str:
+    return f'  - {{name: {name}, kind: webhook, url: "{url}", hmac_key: {{env: PODSWEEP_TEST_HOOK_KEY}}, timeout_s: {timeout_s}}}\n'
+
+
+def notifier_settings(policy: Path, **changes: object) -> NotifierSettings:
+    base: dict[str, object] = {
+        "policy_file": str(policy),
+        "policy_poll_s": 0.2,
+        "workloads_wait_deliveries": 2,
+        "workloads_wait_s": 0.2,
+        "outbox_ack_wait_s": 8.0,
+        "retry_base_s": 0.1,
+        "retry_cap_s": 0.3,
+        "retry_max_attempts": 6,
+    }
+    base.update(changes)
+    return msgspec.convert(base, NotifierSettings)
+
+
+@pytest.fixture
+async def world(
+    nats_settings: NatsSettings, s3_settings: S3Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[World]:
+    monkeypatch.setenv("PODSWEEP_TEST_HOOK_KEY", HOOK_KEY)
+    monkeypatch.setenv("PODSWEEP_TEST_DOJO_TOKEN", DOJO_TOKEN)
+    policy = tmp_path / "policy.yaml"
+    settings = Settings(
+        cluster="c1", nats=nats_settings, s3=s3_settings, consumer=FAST, notifier=notifier_settings(policy)
+    )
+    bus = await busmod.connect(nats_settings, "test")
+    await busmod.ensure_stream(bus)
+    store = ObjectStore(s3_settings)
+    await store.ensure_bucket()
+    yield World(settings=settings, bus=bus, store=store, policy_path=policy)
+    await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def notifier(settings: Settings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(main(settings, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def eventually(check: Callable[[], bool], within: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def payload(arrival: Arrival) -> AlertPayload:
+    return msgspec.json.decode(arrival.body, type=AlertPayload)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Delivery
+
+
+async def test_breach_reaches_webhook_slack_and_teams_once_each_signed(world: World, receiver: Receiver) -> None:
+    world.policy_path.write_text(
+        policy_yaml(
+            webhook("hook", f"{receiver.url}/hook")
+            + "  - {name: chat, kind: slack, url: {env: PODSWEEP_TEST_SLACK_URL}}\n"
+            + "  - {name: teams, kind: teams, url: {env: PODSWEEP_TEST_TEAMS_URL}}\n"
+        )
+    )
+    os.environ["PODSWEEP_TEST_SLACK_URL"] = f"{receiver.url}/slack"
+    os.environ["PODSWEEP_TEST_TEAMS_URL"] = f"{receiver.url}/teams"
+    try:
+        await world.runs(digest(1), run())
+        async with notifier(world.settings):
+            await world.report(make_report(digest(1), "scan-0001", [finding("CVE-2026-0001")]))
+            await eventually(lambda: len(receiver.accepted()) == 3, what="three deliveries")
+            await asyncio.sleep(0.5)
+    finally:
+        del os.environ["PODSWEEP_TEST_SLACK_URL"], os.environ["PODSWEEP_TEST_TEAMS_URL"]
+    by_path = {a.path: a for a in receiver.accepted()}
+    assert sorted(by_path) == ["/hook", "/slack", "/teams"]
+    assert by_path["/hook"].verified
+    body = payload(by_path["/hook"])
+    assert body.workload == WORKLOAD and body.new_count == 1 and body.findings[0].id == "CVE-2026-0001"
+    assert {a.key for a in receiver.arrivals} == {body.id}
+    assert "CVE-2026-0001" in by_path["/slack"].body.decode()
+    assert (
+        json.loads(by_path["/teams"].body)["attachments"][0]["contentType"] == "application/vnd.microsoft.card.adaptive"
+    )
+    sent = await world.audit(subjects.ALERT_SENT)
+    assert sorted(s.destination for s in sent) == ["chat", "hook", "teams"]
+    assert all(s.outcome == "delivered" and s.attempts == 1 and s.findings == ["CVE-2026-0001"] for s in sent)
+
+
+@pytest.mark.parametrize(
+    ("plan", "attempts"),
+    [
+        pytest.param([500, 500], 3, id="500-twice-then-recovers"),
+        pytest.param([503, 502, 504], 4, id="every-retryable-5xx"),
+        pytest.param([("hang", 3.0)], 2, id="hangs-past-the-timeout"),
+    ],
+)
+async def test_failing_receiver_gets_the_alert_once_it_recovers(
+    world: World, receiver: Receiver, plan: list[object], attempts: int
+) -> None:
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook", timeout_s=0.5)))
+    receiver.plan["/hook"] = list(plan)
+    await world.runs(digest(2), run())
+    async with notifier(world.settings):
+        await world.report(make_report(digest(2), "scan-0002", [finding("CVE-2026-0002")]))
+        await eventually(lambda: len(receiver.accepted()) == 1, what="the delivery after recovery")
+        await asyncio.sleep(0.5)
+    assert len(receiver.arrivals) == attempts
+    assert len({a.key for a in receiver.arrivals}) == 1
+    sent = await world.audit(subjects.ALERT_SENT)
+    assert [(s.outcome, s.attempts) for s in sent] == [("delivered", attempts)]
+
+
+async def test_429_retry_after_is_waited_out_instead_of_the_short_backoff(world: World, receiver: Receiver) -> None:
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
+    receiver.plan["/hook"] = [("retry-after", 429, 2)]
+    await world.runs(digest(3), run())
+    async with notifier(world.settings):
+        await world.report(make_report(digest(3), "scan-0003", [finding("CVE-2026-0003")]))
+        await eventually(lambda: len(receiver.accepted()) == 1, what="the delivery after Retry-After")
+    first, second = receiver.arrivals
+    assert second.at - first.at >= 1.9  # the backoff alone would have retried within 0.3 s
+
+
+async def test_receiver_down_for_a_while_gets_the_alert_when_it_comes_up(world: World) -> None:
+    receiver = Receiver()
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
+    settings = msgspec.structs.replace(
+        world.settings, notifier=notifier_settings(world.policy_path, retry_max_attempts=30)
+    )
+    await world.runs(digest(4), run())
+    async with notifier(settings):
+        await world.report(make_report(digest(4), "scan-0004", [finding("CVE-2026-0004")]))
+        await asyncio.sleep(2.0)  # several connection refusals
+        await receiver.start()
+        try:
+            await eventually(lambda: len(receiver.accepted()) == 1, what="the delivery once the receiver is up")
+        finally:
+            await receiver.stop()
+    sent = await world.audit(subjects.ALERT_SENT)
+    assert len(sent) == 1 and sent[0].attempts > 2
+
+
+@pytest.mark.parametrize(
+    ("plan", "attempts", "reason"),
+    [
+        pytest.param([404], 1, "HTTP 404 is permanent", id="permanent-404-gives-up-at-once"),
+        pytest.param([500] * 6, 6, "after 6 attempts", id="last-attempt-gives-up"),
+        pytest.param([("retry-after", 429, 7200)], 1, "more than max_retry_after_s", id="retry-after-too-long"),
+    ],
+)
+async def test_undeliverable_alert_is_recorded_failed_and_dead_lettered(
+    world: World, receiver: Receiver, plan: list[object], attempts: int, reason: str
+) -> None:
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
+    receiver.plan["/hook"] = list(plan)
+    await world.runs(digest(5), run())
+    async with notifier(world.settings):
+        await world.report(make_report(digest(5), "scan-0005", [finding("CVE-2026-0005")]))
+        await eventually(lambda: len(receiver.arrivals) == attempts, what="every attempt")
+        failed: list[AlertSent] = []
+        for _ in range(50):
+            failed = await world.audit(subjects.ALERT_FAILED)
+            if failed:
+                break
+        assert len(failed) == 1
+    assert failed[0].outcome == "failed" and failed[0].attempts == attempts and reason in failed[0].error
+    assert HOOK_KEY not in failed[0].error and receiver.url not in failed[0].error
+    letters = await world.dead()
+    assert len(letters) == 1 and letters[0].subject.endswith("outbox.hook")
+    assert await world.audit(subjects.ALERT_SENT) == []
+
+
+async def test_a_hanging_receiver_delays_no_other_destination(world: World, receiver: Receiver) -> None:
+    world.policy_path.write_text(
+        policy_yaml(webhook("slow", f"{receiver.url}/slow", timeout_s=20) + webhook("fast", f"{receiver.url}/fast"))
+    )
+    settings = msgspec.structs.replace(
+        world.settings, notifier=notifier_settings(world.policy_path, outbox_ack_wait_s=30, outbox_concurrency=1)
+    )
+    receiver.plan["/slow"] = [("hang", 4.0)]
+    for n in range(3):
+        await world.runs(digest(10 + n), run())
+    async with notifier(settings):
+        started = time.monotonic()
+        for n in range(3):
+            await world.report(make_report(digest(10 + n), f"scan-001{n}", [finding("CVE-2026-0010")]))
+        await eventually(lambda: len(receiver.accepted("/fast")) == 3, within=3, what="the fast destination")
+        assert time.monotonic() - started < 3
+        assert receiver.accepted("/slow") == []  # still holding the first one
+        await eventually(lambda: len(receiver.accepted("/slow")) == 3, within=10, what="the slow destination")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# When to alert
+
+
+async def test_second_report_with_no_new_findings_sends_nothing(world: World, receiver: Receiver) -> None:
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
+    await world.runs(digest(6), run())
+    async with notifier(world.settings):
+        await world.report(make_report(digest(6), "scan-0061", [finding("CVE-2026-0006")]))
+        await eventually(lambda: len(receiver.accepted()) == 1, what="the first alert")
+        await world.report(make_report(digest(6), "scan-0062", [finding("CVE-2026-0006")]))
+        await world.report(make_report(digest(6), "scan-0063", [finding("CVE-2026-0007")]))  # something new
+        await eventually(lambda: len(receiver.accepted()) == 2, what="the alert about the new finding")
+        await asyncio.sleep(1.0)
+    assert len(receiver.arrivals) == 2
+    second = payload(receiver.arrivals[1])
+    assert (second.scan_id, second.new_count, second.findings[0].id) == ("scan-0063", 1, "CVE-2026-0007")
+
+
+async def test_expired_suppression_alerts_again_and_says_so(world: World, receiver: Receiver) -> None:
+    expires = datetime.now(UTC) + timedelta(seconds=3)
+    suppression = (
+        "suppressions:\n"
+        "  - id: CVE-2026-0008\n"
+        "    owner: alice@example.com\n"
+        "    reason: not reachable\n"
+        f"    expires: {expires.isoformat()}\n"
+    )
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook"), suppression))
+    await world.runs(digest(7), run())
+    async with notifier(world.settings):
+        await world.report(make_report(digest(7), "scan-0071", [finding("CVE-2026-0008")]))
+        await asyncio.sleep(1.0)
+        assert receiver.arrivals == []  # suppressed: no breach
+        await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.2)
+        await world.report(make_report(digest(7), "scan-0072", [finding("CVE-2026-0008")]))
+        await eventually(lambda: len(receiver.accepted()) == 1, what="the alert after the suppression expired")
+    body = payload(receiver.arrivals[0])
+    assert body.expired_suppressions == 1
+    note = body.findings[0].expired_suppression
+    assert note is not None and note.owner == "alice@example.com" and note.reason == "not reachable"
+
+
+async def test_report_waits_for_its_workloads_then_alerts(world: World, receiver: Receiver) -> None:
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
+    settings = msgspec.structs.replace(
+        world.settings, notifier=notifier_settings(world.policy_path, workloads_wait_deliveries=4, workloads_wait_s=0.5)
+    )
+    async with notifier(settings):
+        await world.report(make_report(digest(8), "scan-0008", [finding("CVE-2026-0009")]))
+        await asyncio.sleep(0.6)
+        await world.runs(digest(8), run())  # image.seen reached the parser after the report
+        await eventually(lambda: len(receiver.accepted()) == 1, what="the alert once the workload is known")
+    assert payload(receiver.arrivals[0]).workload == WORKLOAD
+
+
+async def test_an_older_report_arriving_late_neither_alerts_nor_rolls_back(world: World, receiver: Receiver) -> None:
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
+    await world.runs(digest(9), run())
+    now = datetime.now(UTC)
+    newer = await world.report(make_report(digest(9), "scan-0092", [finding("CVE-2026-0011")]), stored_at=now)
+    async with notifier(world.settings):
+        await eventually(lambda: len(receiver.accepted()) == 1, what="the alert of the newer report")
+        await world.report(
+            make_report(digest(9), "scan-0091", [finding("CVE-2026-0012")]), stored_at=now - timedelta(minutes=5)
+        )
+        await asyncio.sleep(1.5)
+    assert len(receiver.arrivals) == 1
+    kv = await world.bus.kv(NOTIFY_BUCKET)
+    fp, _ = await busmod.kv_read(kv, fingerprint_key("c1", digest(9), "payments", WORKLOAD), NotifyFingerprint)
+    assert fp is not None and fp.scan_id == newer.scan_id
+
+
+async def test_invalid_policy_reload_keeps_the_previous_policy(world: World, receiver: Receiver) -> None:
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
+    await world.runs(digest(11), run())
+    async with notifier(world.settings):
+        await asyncio.sleep(0.3)
+        world.policy_path.write_text("version: 1\nrules:\n  - threshold: {max_high: five}\n")
+        await asyncio.sleep(0.6)
+        await world.report(make_report(digest(11), "scan-0111", [finding("CVE-2026-0013")]))
+        await eventually(lambda: len(receiver.accepted()) == 1, what="the alert under the previous policy")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DefectDojo
+
+
+@pytest.mark.parametrize("reimport", [pytest.param(True, id="reimport-scan"), pytest.param(False, id="import-scan")])
+async def test_defectdojo_sink_follows_the_import_scan_contract(
+    world: World, receiver: Receiver, reimport: bool
+) -> None:
+    """DefectDojo itself cannot run here (a Django app with PostgreSQL, Redis and Celery workers): the receiver
+    checks each request against DefectDojo's documented API v2 import-scan/reimport-scan contract instead
+    (`dojo_contract`), and answers 201 as DefectDojo does, or 400 with the problems."""
+    endpoint = "/api/v2/reimport-scan/" if reimport else "/api/v2/import-scan/"
+    receiver.plan[endpoint] = ["dojo"]
+    world.policy_path.write_text(
+        policy_yaml(
+            f'  - {{name: dojo, kind: defectdojo, url: "{receiver.url}", token: {{env: PODSWEEP_TEST_DOJO_TOKEN}},'
+            f" product: Payments, engagement: Runtime images, reimport: {str(reimport).lower()}, tags: [prod]}}\n"
+        )
+    )
+    await world.runs(digest(12), run("registry.example.com/team/app:1.4@sha256:" + f"{12:064x}"))
+    async with notifier(world.settings):
+        event = await world.report(make_report(digest(12), "scan-0012", []))  # no breach: uploaded all the same
+        await eventually(lambda: len(receiver.arrivals) == 1, what="the upload")
+        await asyncio.sleep(0.5)
+    arrival = receiver.arrivals[0]
+    assert (arrival.path, arrival.status) == (endpoint, 201), dojo_contract(arrival.path, arrival)
+    assert arrival.form["test_title"] == ["registry.example.com/team/app:1.4"]
+    assert arrival.form["tags"] == ["podsweep", "prod"]
+    assert arrival.form["version"] == [f"sha256:{12:064x}"]
+    raw = await world.store.get(storage.raw_key(event.digest_ref, event.scan_id))
+    assert arrival.file == raw
+    sent = await world.audit(subjects.ALERT_SENT)
+    assert [(s.destination, s.outcome, s.findings) for s in sent] == [("dojo", "delivered", [])]
+
+
+async def test_defectdojo_with_a_wrong_token_fails_at_once(world: World, receiver: Receiver) -> None:
+    receiver.plan["/api/v2/reimport-scan/"] = ["dojo"]
+    world.policy_path.write_text(
+        policy_yaml(
+            f'  - {{name: dojo, kind: defectdojo, url: "{receiver.url}", token: {{env: PODSWEEP_TEST_HOOK_KEY}},'
+            " product: Payments, engagement: Runtime images}\n"
+        )
+    )
+    await world.runs(digest(13), run())
+    async with notifier(world.settings):
+        await world.report(make_report(digest(13), "scan-0013", [finding("CVE-2026-0014")]))
+        await eventually(lambda: len(receiver.arrivals) == 1, what="the refused upload")
+        await asyncio.sleep(1.0)
+    failed = await world.audit(subjects.ALERT_FAILED)
+    assert len(failed) == 1 and "HTTP 401 is permanent" in failed[0].error and HOOK_KEY not in failed[0].error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kill -9
+
+
+def _env(world: World) -> dict[str, str]:
+    s = world.settings
+    env = {
+        **os.environ,
+        "PODSWEEP_CLUSTER": "c1",
+        "PODSWEEP_LOG_FORMAT": "json",
+        "PODSWEEP_NATS_URL": s.nats.url,
+        "PODSWEEP_NATS_SUBJECT_ROOT": s.nats.subject_root,
+        "PODSWEEP_NATS_STREAM": s.nats.stream,
+        "PODSWEEP_NATS_KV_PREFIX": s.nats.kv_prefix,
+        "PODSWEEP_NATS_DUPLICATE_WINDOW_S": "60",
+        "PODSWEEP_S3_ENDPOINT_URL": s.s3.endpoint_url,
+        "PODSWEEP_S3_BUCKET": s.s3.bucket,
+        "PODSWEEP_S3_ACCESS_KEY_ID": s.s3.access_key_id,
+        "PODSWEEP_S3_SECRET_ACCESS_KEY": s.s3.secret_access_key,
+        "PODSWEEP_CONSUMER_ACK_WAIT_S": "3",
+        "PODSWEEP_CONSUMER_BACKOFF_S": "0.05,0.1",
+        "PODSWEEP_NOTIFIER_POLICY_FILE": str(world.policy_path),
+        "PODSWEEP_NOTIFIER_OUTBOX_ACK_WAIT_S": "6",
+        "PODSWEEP_NOTIFIER_OUTBOX_CONCURRENCY": "2",
+        "PODSWEEP_NOTIFIER_RETRY_BASE_S": "0.1",
+        "PODSWEEP_NOTIFIER_RETRY_CAP_S": "0.3",
+        "PODSWEEP_NOTIFIER_WORKLOADS_WAIT_S": "0.2",
+    }
+    return env
+
+
+async def start_notifier(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    """`python -m podsweep run notifier`, configured by environment only, as a Deployment runs it."""
+    with log.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "podsweep", "run", "notifier", cwd=REPO, env=env, stdout=out, stderr=out
+        )
+
+
+async def test_notifier_killed_mid_delivery_loses_nothing_and_sends_nothing_twice(
+    world: World, receiver: Receiver, tmp_path: Path
+) -> None:
+    world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook", timeout_s=10)))
+    receiver.delay_s = 0.3  # deliveries are in flight at the receiver when the process dies
+    count = 20
+    for n in range(count):
+        await world.runs(digest(100 + n), run())
+    for n in range(count):
+        await world.report(make_report(digest(100 + n), f"scan-{100 + n:04d}", [finding("CVE-2026-0100")]))
+    env = _env(world)
+    first = await start_notifier(env, tmp_path / "notifier-1.log")
+    try:
+        await eventually(lambda: len(receiver.accepted()) >= 4, within=30, what="some deliveries")
+        await eventually(lambda: len(receiver.arrivals) > len(receiver.accepted()), what="one in flight")
+        first.send_signal(signal.SIGKILL)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            first.kill()
+        await first.wait()
+    await asyncio.sleep(receiver.delay_s + 0.2)
+    aborted = [a for a in receiver.arrivals if a.aborted]
+    assert aborted, "the kill did not interrupt a delivery"
+    receiver.delay_s = 0.0
+    second = await start_notifier(env, tmp_path / "notifier-2.log")
+    try:
+        await eventually(lambda: len(receiver.accepted()) >= count, within=60, what="every alert")
+        await asyncio.sleep(2.0)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(second.wait(), 20)
+        except TimeoutError:
+            second.kill()
+            await second.wait()
+    keys = [a.key for a in receiver.accepted()]
+    assert len(set(keys)) == count
+    assert len(keys) == count, "an alert was accepted twice"
+    assert all(a.verified for a in receiver.arrivals)
+    assert second.returncode == 0
+    logs = (tmp_path / "notifier-1.log").read_text() + (tmp_path / "notifier-2.log").read_text()
+    assert "alert delivered" in logs and HOOK_KEY not in logs
