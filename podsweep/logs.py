@@ -20,6 +20,20 @@ def _trace_ids(_: object, __: str, event: structlog.types.EventDict) -> structlo
     return event
 
 
+class _StderrLogger:
+    """Writes each line to whatever sys.stderr is now: a logger made while stderr was redirected (pytest's
+    capture, a daemon's reopened streams) never writes to a closed file later."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def _logger_factory(*_: object) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -36,10 +50,13 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_logger_factory,
         cache_logger_on_first_use=False,
     )
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)  # type: ignore[no-any-return]
+
+
+configure()  # sane defaults for code that logs before (or without) the CLI configuring it, e.g. tests
