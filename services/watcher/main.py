@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -19,7 +19,7 @@ from opentelemetry import metrics
 
 from podsweep import bus as busmod
 from podsweep import logs, runtime
-from podsweep.config import Settings
+from podsweep.config import Settings, WatcherSettings
 from podsweep.health import HEALTH
 from podsweep.kube import METADATA, METADATA_ANY, METADATA_LIST, Kube, KubeError
 from podsweep.service import Service, open_service
@@ -312,19 +312,31 @@ class Watcher:
 
 
 async def _follow(
-    name: str,
-    source: Callable[[], AsyncIterator[Observation[T]]],
+    kube: Kube,
+    path: str,
+    codec: Codec[T],
     handle: Callable[[Observation[T]], Awaitable[None]],
+    settings: WatcherSettings,
+    params: Mapping[str, str | int | bool] | None = None,
+    accept: str = "application/json",
 ) -> None:
     """Feed a reflector into a handler; a failure is logged and the resource relisted, never fatal."""
     while True:
         try:
-            async for observation in source():
+            async for observation in reflect(
+                kube,
+                path,
+                codec,
+                params=params,
+                page_size=settings.page_size,
+                watch_timeout_s=settings.watch_timeout_s,
+                accept=accept,
+            ):
                 await handle(observation)
         except asyncio.CancelledError:
             raise
         except (busmod.Conflict, ConnectionError, TimeoutError, KubeError, msgspec.DecodeError) as exc:
-            log.warning("resource loop restarting", resource=name, error=f"{type(exc).__name__}: {exc}"[:300])
+            log.warning("resource loop restarting", resource=path, error=f"{type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(1.0)
 
 
@@ -339,64 +351,13 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         scan_selector: dict[str, str | int | bool] = {
             "labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}"
         }
-        tasks = [
-            asyncio.create_task(
-                _follow(
-                    "pods",
-                    lambda: reflect(
-                        kube,
-                        "/api/v1/pods",
-                        _pod_codec,
-                        params=pod_params,
-                        page_size=ws.page_size,
-                        watch_timeout_s=ws.watch_timeout_s,
-                    ),
-                    watcher.on_pods,
-                )
-            ),
-            asyncio.create_task(
-                _follow(
-                    "jobs",
-                    lambda: reflect(
-                        kube,
-                        f"/apis/batch/v1{scans}/jobs",
-                        _job_codec,
-                        params=scan_selector,
-                        page_size=ws.page_size,
-                        watch_timeout_s=ws.watch_timeout_s,
-                    ),
-                    watcher.on_jobs,
-                )
-            ),
-            asyncio.create_task(
-                _follow(
-                    "scan-pods",
-                    lambda: reflect(
-                        kube,
-                        f"/api/v1{scans}/pods",
-                        _scan_pod_codec,
-                        params=scan_selector,
-                        page_size=ws.page_size,
-                        watch_timeout_s=ws.watch_timeout_s,
-                    ),
-                    watcher.on_scan_pods,
-                )
-            ),
-            asyncio.create_task(
-                _follow(
-                    "nodes",
-                    lambda: reflect(
-                        kube,
-                        "/api/v1/nodes",
-                        _meta_codec,
-                        accept=METADATA_ANY,
-                        page_size=ws.page_size,
-                        watch_timeout_s=ws.watch_timeout_s,
-                    ),
-                    watcher.on_nodes,
-                )
-            ),
+        follows = [
+            _follow(kube, "/api/v1/pods", _pod_codec, watcher.on_pods, ws, pod_params),
+            _follow(kube, f"/apis/batch/v1{scans}/jobs", _job_codec, watcher.on_jobs, ws, scan_selector),
+            _follow(kube, f"/api/v1{scans}/pods", _scan_pod_codec, watcher.on_scan_pods, ws, scan_selector),
+            _follow(kube, "/api/v1/nodes", _meta_codec, watcher.on_nodes, ws, accept=METADATA_ANY),
         ]
+        tasks = [asyncio.create_task(follow) for follow in follows]
         tasks.append(asyncio.create_task(watcher.resync_forever(), name="watcher-resync"))
         log.info("watcher started", cluster=settings.cluster, scan_namespace=settings.namespace)
         try:
