@@ -55,6 +55,10 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         return {"requests": {"cpu": self.requests_cpu, "memory": self.requests_memory}, "limits": limits}
 
 
+# deploy/base's NetworkPolicies let pods with this component label (and only them) reach the Trivy server.
+COMPONENT_LABEL = "app.kubernetes.io/component"
+COMPONENT_VALUE = "scan"
+
 SCAN_RESOURCES = Resources(requests_cpu="100m", requests_memory="256Mi", limits_memory="1Gi")
 HELPER_RESOURCES = Resources(requests_cpu="10m", requests_memory="32Mi", limits_cpu="500m", limits_memory="256Mi")
 
@@ -91,6 +95,8 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     read_capability: Literal["DAC_READ_SEARCH", "DAC_OVERRIDE"] = "DAC_READ_SEARCH"
     helper_uid: int = 65532
     priority_class: K8sName | None = None
+    # The scan pods' identity (deploy/base: no RBAC, no token); None leaves the namespace's `default`.
+    service_account: K8sName | None = "scan"
 
     def __post_init__(self) -> None:
         if (self.trivy_server is None) == (self.db_claim is None):
@@ -183,7 +189,11 @@ def build_node_scan_job(scan: NodeScan, options: JobOptions) -> Manifest:
     scan = msgspec.convert(msgspec.to_builtins(scan), NodeScan)
     want_sbom = options.sbom and scan.sbom_put_url is not None
     raw_key = storage.raw_key(scan.digest_ref, scan.scan_id)
-    labels = {jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE, jobs.SCAN_ID_LABEL: scan.scan_id}
+    labels = {
+        jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE,
+        COMPONENT_LABEL: COMPONENT_VALUE,
+        jobs.SCAN_ID_LABEL: scan.scan_id,
+    }
     annotations = {
         jobs.DIGEST_REF_ANNOTATION: scan.digest_ref,
         jobs.RAW_KEY_ANNOTATION: raw_key,
@@ -291,6 +301,8 @@ def build_node_scan_job(scan: NodeScan, options: JobOptions) -> Manifest:
         }
     if options.priority_class is not None:
         pod_spec["priorityClassName"] = options.priority_class
+    if options.service_account is not None:
+        pod_spec["serviceAccountName"] = options.service_account
 
     manifest: Manifest = {
         "apiVersion": "batch/v1",
@@ -345,7 +357,11 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
     can swallow an exit code); the dispatcher then retries that batch's digests in smaller batches or on nodes.
     """
     batch = msgspec.convert(msgspec.to_builtins(batch), SbomRescan)
-    labels = {jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE, jobs.SCAN_ID_LABEL: batch.batch_id}
+    labels = {
+        jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE,
+        COMPONENT_LABEL: COMPONENT_VALUE,
+        jobs.SCAN_ID_LABEL: batch.batch_id,
+    }
     listing = [
         {"scan_id": i.scan_id, "digest_ref": i.digest_ref, "raw_key": storage.raw_key(i.digest_ref, i.scan_id)}
         for i in batch.items
@@ -423,6 +439,8 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
     }
     if options.priority_class is not None:
         pod_spec["priorityClassName"] = options.priority_class
+    if options.service_account is not None:
+        pod_spec["serviceAccountName"] = options.service_account
     manifest: Manifest = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -135,7 +135,12 @@ def test_the_job_is_found_by_label_and_annotations_name_digest_keys_and_node() -
     manifest = build_node_scan_job(_scan(), JobOptions())
     meta = manifest["metadata"]
     assert meta["name"] == SCAN_ID
-    assert meta["labels"] == {jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE, jobs.SCAN_ID_LABEL: SCAN_ID}
+    assert meta["labels"] == {
+        jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE,
+        jobspec.COMPONENT_LABEL: jobspec.COMPONENT_VALUE,
+        jobs.SCAN_ID_LABEL: SCAN_ID,
+    }
+    assert manifest["spec"]["template"]["spec"]["serviceAccountName"] == "scan"
     assert meta["annotations"] == {
         jobs.DIGEST_REF_ANNOTATION: REF,
         jobs.RAW_KEY_ANNOTATION: storage.raw_key(REF, SCAN_ID),

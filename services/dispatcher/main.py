@@ -1,0 +1,541 @@
+"""The dispatcher service: turns image and scan events into scan Jobs, one per digest, within the limits.
+
+A thin shell around plan.py (what to do about a digest) and limits.py (may a Job start now): every state change is a
+compare-and-set on JetStream KV, so replicas and restarts agree. Never reads the API beyond its Jobs' create calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from podsweep import bus as busmod
+from podsweep import logs
+from podsweep.config import Settings
+from podsweep.health import HEALTH
+from podsweep.kube import Kube, KubeError
+from podsweep.objectstore import ObjectStore
+from podsweep.runtime import kubeconfig_path
+from podsweep.service import open_service
+from schemas import storage, subjects
+from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted
+from schemas.refs import digest_hex
+from schemas.state import LIMITER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, LimiterState
+from services.dispatcher import jobspec, plan
+from services.dispatcher import limits as limiter
+from services.dispatcher.parking import ParkingLot
+from services.dispatcher.plan import Decision, ScanPlan
+from services.dispatcher.settings import Configured, configure
+
+SERVICE = "dispatcher"
+DURABLE = "dispatcher"
+# How often parked claims (refused by a limit) and timers (retries after backoff, rescans coming due) are looked at.
+TICK_S = 0.5
+# Parked digests are looked at when the limiter changed or something new was parked, and at least this often (slots
+# past their deadline and creations leaving the one-minute window free room without a write).
+PARKED_IDLE_PASS_S = 5.0
+
+log = logs.get("podsweep.dispatcher")
+tracer = trace.get_tracer("podsweep.dispatcher")
+meter = metrics.get_meter("podsweep.dispatcher")
+jobs_created = meter.create_counter("podsweep_dispatcher_jobs_created", description="Scan Jobs created, by mode")
+retries = meter.create_counter("podsweep_dispatcher_retries", description="Scans claimed again after a failure")
+limit_waits = meter.create_counter(
+    "podsweep_dispatcher_limit_waits", description="Claimed scans that waited for a limit, by the limit"
+)
+_STATE = msgspec.json.Decoder(DigestScanState)
+Launch = Literal["created", "exists", "refused", "stale", "failed"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Dispatcher:
+    """One replica's handlers, its parked claims and timers, and its view of the shared limiter state."""
+
+    def __init__(self, *, settings: Settings, cfg: Configured, bus: busmod.Bus, kube: Kube, store: ObjectStore) -> None:
+        self.settings = settings
+        self.cfg = cfg
+        self.bus = bus
+        self.kube = kube
+        self.store = store
+        self.scans: KeyValue
+        self.limits_kv: KeyValue
+        self.limiter = LimiterState()  # the last limiter state read or written; the KV key is the authority
+        self.parked = ParkingLot()
+        self.timers: dict[str, datetime] = {}  # digest hex -> when to decide again (the latest setting wins)
+        self._timer_heap: list[tuple[datetime, str]] = []
+        self.wake = asyncio.Event()
+        self._parked_seen = (-1, -1)  # (limiter revision, parking generation) at the last pass over parked digests
+        self._parked_pass_at = 0.0
+        self.jobs_path = f"/apis/batch/v1/namespaces/{cfg.jobs.namespace}/jobs"
+
+    async def open(self) -> None:
+        self.scans = await self.bus.kv(SCANS_BUCKET)
+        self.limits_kv = await self.bus.kv(LIMITS_BUCKET)
+        stored, _ = await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState)
+        self.limiter = stored or LimiterState()
+
+    # -- event handlers --------------------------------------------------------------------------------------------
+
+    async def on_image_seen(self, seen: ImageSeen, _: busmod.Delivery) -> None:
+        now = utcnow()
+        active = limiter.active_per_node(self.limiter, now)
+        policy, limits = self.cfg.policy, self.cfg.limits
+        decision, nodes = await self._update(
+            digest_hex(seen.digest_ref), lambda old: plan.on_seen(old, seen, now, policy, active, limits), seen.node
+        )
+        await self._follow(digest_hex(seen.digest_ref), decision, nodes)
+
+    async def on_image_gone(self, gone: ImageGone, _: busmod.Delivery) -> None:
+        now = utcnow()
+        key = digest_hex(gone.digest_ref)
+        decision, _nodes = await self._update(key, lambda old: plan.on_gone(old, gone, now, self.cfg.policy))
+        if decision.state is not None and decision.state.status == "not_scanned" and not decision.state.nodes_seen:
+            self.parked.unpark(key)
+            log.info("digest not scanned", digest=gone.digest_ref, reason=decision.state.reason)
+
+    async def on_scan_started(self, started: ScanStarted, _: busmod.Delivery) -> None:
+        await busmod.kv_update(
+            self.scans,
+            digest_hex(started.digest_ref),
+            DigestScanState,
+            lambda old: plan.on_started(old, started, self.cfg.policy),
+        )
+
+    async def on_scan_completed(self, done: ScanCompleted, _: busmod.Delivery) -> None:
+        if done.raw_key != storage.raw_key(done.digest_ref, done.scan_id):
+            raise busmod.Reject(f"raw_key is not the key of scan {done.scan_id} (expected raw/sha256/<hex>/<id>.json)")
+        key = digest_hex(done.digest_ref)
+        decision, nodes = await self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy))
+        await self._release(done.scan_id)
+        await self._follow(key, decision, nodes)
+
+    async def on_scan_failed(self, failed: ScanFailed, _: busmod.Delivery) -> None:
+        now = utcnow()
+        key = digest_hex(failed.digest_ref)
+        await self._release(failed.scan_id)
+        active = limiter.active_per_node(self.limiter, now)
+        policy, limits = self.cfg.policy, self.cfg.limits
+        decision, nodes = await self._update(key, lambda old: plan.on_failed(old, failed, now, policy, active, limits))
+        if decision.state is not None:
+            log.info(
+                "scan failed",
+                digest=failed.digest_ref,
+                scan_id=failed.scan_id,
+                node=failed.node,
+                reason=failed.reason,
+                status=decision.state.status,
+            )
+        await self._follow(key, decision, nodes)
+
+    # -- deciding and carrying out ---------------------------------------------------------------------------------
+
+    async def _update(
+        self, key: str, decide: Callable[[DigestScanState | None], Decision], node: str | None = None
+    ) -> tuple[Decision, tuple[str, ...]]:
+        """Apply a pure decision with compare-and-set; returns the decision that was written and the digest's nodes.
+
+        A decision that was not written (the state did not change) never carries a scan: only the writer of a claim
+        carries it out.
+        """
+        made: list[tuple[Decision, tuple[str, ...]]] = []
+
+        def change(old: DigestScanState | None) -> DigestScanState | None:
+            decision = decide(old)
+            nodes = tuple(old.nodes_seen) if old is not None else ()
+            if node is not None and node not in nodes:
+                nodes = (*nodes, node)
+            made.append((decision, nodes))
+            return decision.state
+
+        _, wrote = await busmod.kv_update(self.scans, key, DigestScanState, change)
+        decision, nodes = made[-1]
+        if not wrote and decision.scan is not None:
+            return Decision(None, None, "claimed", decision.recheck_at), nodes
+        return decision, nodes
+
+    async def _follow(self, key: str, decision: Decision, nodes: tuple[str, ...]) -> Launch | None:
+        """Carry out a decision: start its scan, park it when every node is full, or remember when to look again."""
+        if decision.scan is not None:
+            if decision.why == "retry":
+                retries.add(1)
+            return await self._launch(key, decision.scan)
+        if decision.why == "nodes_full":
+            limit_waits.add(1, {"limit": "node_full"})
+            self.parked.park(key, None, nodes)
+        elif decision.why in ("backoff", "not_due", "gave_up", "recorded") and decision.recheck_at is not None:
+            self._set_timer(key, decision.recheck_at)
+        return None
+
+    async def reconsider(self, key: str) -> Launch | None:
+        """Decide again about one digest (the sweep, timers and parked digests all come here)."""
+        now = utcnow()
+        active = limiter.active_per_node(self.limiter, now)
+        policy, limits = self.cfg.policy, self.cfg.limits
+
+        def decide(old: DigestScanState | None) -> Decision:
+            if old is None:
+                return Decision(None, None, "stale")
+            return plan.decide(old, now, policy, active, limits)
+
+        decision, nodes = await self._update(key, decide)
+        return await self._follow(key, decision, nodes)
+
+    async def _launch(self, key: str, scan: ScanPlan) -> Launch:
+        """Take a slot, create the Job, record it running. Every step is keyed by the scan id: repeating is harmless."""
+        now = utcnow()
+        deadline = now + self.cfg.policy.job_deadline + self.cfg.policy.deadline_grace
+        outcome = await self._acquire(scan, now, deadline)
+        if not outcome.ok:
+            limit_waits.add(1, {"limit": outcome.reason})
+            self.parked.park(key, scan, (scan.node,) if scan.node else ())
+            return "refused"
+        state, _ = await busmod.kv_read(self.scans, key, DigestScanState)
+        if state is None or state.scan_id != scan.scan_id or state.status not in ("pending", "running"):
+            # Finished or given up while this replica waited: the slot just taken is not needed.
+            await self._release(scan.scan_id)
+            self.parked.unpark(key)
+            return "stale"
+        self.parked.unpark(key)
+        if state.status == "running":
+            return "exists"  # another replica (or this one, earlier) created it
+        try:
+            manifest = self._manifest(scan, state)
+        except (msgspec.ValidationError, ValueError) as exc:
+            await self._release(scan.scan_id)
+            await self._fail(key, scan, f"the scan Job could not be built: {exc}")
+            return "failed"
+        created = await self._create(key, scan, manifest)
+        if created == "failed":
+            return created
+        policy = self.cfg.policy
+        await busmod.kv_update(
+            self.scans, key, DigestScanState, lambda old: plan.on_created(old, scan.scan_id, utcnow(), policy)
+        )
+        return created
+
+    def _manifest(self, scan: ScanPlan, state: DigestScanState) -> jobspec.Manifest:
+        """The Job for a claimed scan, with presigned PUT URLs for its keys that expire with the Job's deadline."""
+        options = self.cfg.jobs
+        expires = options.active_deadline_seconds
+        raw_url = self.store.presign_put(storage.raw_key(scan.digest_ref, scan.scan_id), expires)
+        if scan.mode == "sbom":
+            if state.sbom_key is None:
+                raise ValueError("an SBOM rescan was planned for a digest without an SBOM")
+            # A batch of one, named by its scan id (batching several due digests is issue 10's).
+            item = {
+                "scan_id": scan.scan_id,
+                "digest_ref": scan.digest_ref,
+                "sbom_get_url": self.store.presign_get(state.sbom_key, expires),
+                "raw_put_url": raw_url,
+            }
+            batch = msgspec.convert({"batch_id": scan.scan_id, "items": [item]}, jobspec.SbomRescan)
+            return jobspec.build_sbom_rescan_job(batch, options)
+        if scan.node is None:
+            raise ValueError("a node scan was planned without a node")
+        sbom_url = (
+            self.store.presign_put(storage.sbom_key(scan.digest_ref, scan.scan_id), expires) if options.sbom else None
+        )
+        node_scan = jobspec.validated_node_scan(
+            scan_id=scan.scan_id,
+            digest_ref=scan.digest_ref,
+            node=scan.node,
+            raw_put_url=raw_url,
+            sbom_put_url=sbom_url,
+            ignore_unfixed=scan.options.ignore_unfixed,
+        )
+        return jobspec.build_node_scan_job(node_scan, options)
+
+    async def _create(self, key: str, scan: ScanPlan, manifest: jobspec.Manifest) -> Launch:
+        """POST the Job: 409 means it exists already (a repeated step), which is fine."""
+        with tracer.start_as_current_span("create scan Job", kind=SpanKind.CLIENT) as span:
+            span.set_attribute("podsweep.scan_id", scan.scan_id)
+            span.set_attribute("podsweep.node", scan.node or "")
+            try:
+                await self.kube.request("POST", self.jobs_path, body=manifest)
+            except KubeError as exc:
+                if exc.status == 409:
+                    span.set_attribute("podsweep.job_existed", True)
+                    return "exists"
+                span.set_status(Status(StatusCode.ERROR, f"HTTP {exc.status}"))
+                await self._release(scan.scan_id)
+                if 400 <= exc.status < 500 and exc.status not in (408, 429):
+                    # The API will refuse this Job every time (invalid, forbidden, no namespace): count it as a
+                    # failed attempt, so the backoff and the attempt limit apply instead of a retry loop.
+                    await self._fail(key, scan, f"the API server refused the Job with {exc.status}")
+                    return "failed"
+                raise
+        jobs_created.add(1, {"mode": scan.mode})
+        log.info("scan created", digest=scan.digest_ref, scan_id=scan.scan_id, node=scan.node, attempt=scan.attempt)
+        return "created"
+
+    async def _fail(self, key: str, scan: ScanPlan, message: str) -> None:
+        now = utcnow()
+        failed = ScanFailed(
+            cluster=self.settings.cluster,
+            scan_id=scan.scan_id,
+            digest_ref=scan.digest_ref,
+            mode=scan.mode,
+            node=scan.node,
+            job=scan.scan_id,
+            reason="Unknown",
+            message=message[:1000],
+            failed_at=now,
+        )
+        log.warning("scan not created", digest=scan.digest_ref, scan_id=scan.scan_id, error=message[:300])
+        active = limiter.active_per_node(self.limiter, now)
+        policy, limits = self.cfg.policy, self.cfg.limits
+        decision, nodes = await self._update(key, lambda old: plan.on_failed(old, failed, now, policy, active, limits))
+        if decision.scan is None:
+            await self._follow(key, decision, nodes)
+        else:  # never launch from inside a launch: the timer or the sweep picks the retry up
+            self._set_timer(key, now)
+
+    # -- the limiter -----------------------------------------------------------------------------------------------
+
+    async def _acquire(self, scan: ScanPlan, now: datetime, deadline: datetime) -> limiter.Outcome:
+        outcomes: list[limiter.Outcome] = []
+        limits = self.cfg.limits
+
+        def change(old: LimiterState | None) -> LimiterState | None:
+            new, outcome = limiter.try_acquire(
+                old or LimiterState(), now, scan_id=scan.scan_id, node=scan.node, deadline=deadline, limits=limits
+            )
+            outcomes.append(outcome)
+            return new
+
+        stored, _ = await busmod.kv_update(self.limits_kv, LIMITER_KEY, LimiterState, change)
+        if stored is not None:
+            self.limiter = stored
+        return outcomes[-1]
+
+    async def _release(self, scan_id: str) -> None:
+        def change(old: LimiterState | None) -> LimiterState | None:
+            return None if old is None else limiter.release(old, utcnow(), scan_id)
+
+        stored, wrote = await busmod.kv_update(self.limits_kv, LIMITER_KEY, LimiterState, change)
+        if stored is not None:
+            self.limiter = stored
+        if wrote:
+            self.wake.set()
+
+    # -- background: parked claims, timers, the sweep --------------------------------------------------------------
+
+    async def tend(self, stop: asyncio.Event) -> None:
+        """Start parked scans as slots free up, and decide again about digests whose timer came due."""
+        while not stop.is_set():
+            await _wait(stop, TICK_S, self.wake)
+            self.wake.clear()
+            try:
+                await self._run_timers()
+                if self.parked:
+                    await self._run_parked()
+            except Exception as exc:  # this loop must outlive any one digest's trouble
+                log.warning("parked scans will be tried again", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+
+    def _set_timer(self, key: str, at: datetime) -> None:
+        self.timers[key] = at
+        heapq.heappush(self._timer_heap, (at, key))
+
+    async def _run_timers(self) -> None:
+        now = utcnow()
+        while self._timer_heap and self._timer_heap[0][0] <= now:
+            at, key = heapq.heappop(self._timer_heap)
+            if self.timers.get(key) != at:
+                continue  # replaced by a later setting
+            del self.timers[key]
+            await self.reconsider(key)
+
+    async def _run_parked(self) -> None:
+        stored, revision = await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState)
+        self.limiter = stored or LimiterState()
+        seen = (revision, self.parked.generation)
+        if seen == self._parked_seen and time.monotonic() - self._parked_pass_at < PARKED_IDLE_PASS_S:
+            return  # no slot freed and nothing new parked since the last pass (expiries are caught by the idle pass)
+        self._parked_seen, self._parked_pass_at = seen, time.monotonic()
+        limits = self.cfg.limits
+        while True:
+            now = utcnow()
+            current = limiter.live(self.limiter, now)
+            free = min(limits.max_active - len(current.slots), limits.max_created_per_minute - len(current.created))
+            keys = self.parked.candidates(limiter.active_per_node(current, now), limits.max_active_per_node, free)
+            if not keys:
+                return
+            started = 0
+            for key in keys:
+                parked = self.parked.get(key)
+                if parked is None:
+                    continue
+                if parked.scan is not None:
+                    result = await self._resume(key, parked.scan)
+                else:
+                    self.parked.unpark(key)
+                    result = await self.reconsider(key)
+                if result in ("created", "exists", "stale"):
+                    started += 1
+                elif result == "refused" and self._full(utcnow()):
+                    return
+            if started == 0:
+                return
+
+    def _full(self, now: datetime) -> bool:
+        current = limiter.live(self.limiter, now)
+        limits = self.cfg.limits
+        return len(current.slots) >= limits.max_active or len(current.created) >= limits.max_created_per_minute
+
+    async def _resume(self, key: str, scan: ScanPlan) -> Launch | None:
+        # No read first: _launch checks the claim once it holds the slot (a stale claim just hands the slot back).
+        return await self._launch(key, scan)
+
+    async def sweep(self, stop: asyncio.Event) -> None:
+        """Every interval (with jitter), decide again about every digest: due rescans, expired claims, parked ones."""
+        while not stop.is_set():
+            interval = self.cfg.sweep_interval_s * (1 + self.cfg.sweep_jitter_ratio * random.random())  # noqa: S311
+            if await _wait(stop, interval):
+                return
+            try:
+                todo = await self._sweep_candidates()
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                log.warning("sweep could not read the scan states", error=str(exc)[:300])
+                continue
+            for key in todo:
+                if stop.is_set():
+                    return
+                try:
+                    await self.reconsider(key)
+                except Exception as exc:  # the next sweep tries this digest again
+                    log.warning("sweep skipped a digest", key=key, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            log.debug("sweep done", acted_on=len(todo), parked=len(self.parked))
+
+    async def _sweep_candidates(self) -> list[str]:
+        """The digests a decision would change, from one pass over the bucket's latest values (no read per key).
+
+        The decision on this snapshot only selects: each one is decided again on a fresh read with compare-and-set.
+        """
+        now = utcnow()
+        active = limiter.active_per_node(self.limiter, now)
+        policy, limits = self.cfg.policy, self.cfg.limits
+        todo: list[str] = []
+        watcher = await self.scans.watchall(ignore_deletes=True)
+        try:
+            async with asyncio.timeout(max(self.cfg.sweep_interval_s, 30.0)):
+                async for entry in watcher:
+                    if entry is None:  # the end of the current values
+                        break
+                    if entry.value is None or entry.key in self.parked:
+                        continue
+                    try:
+                        state = _STATE.decode(entry.value)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        log.warning("sweep skipped an unreadable scan state", key=entry.key, error=str(exc)[:300])
+                        continue
+                    decision = plan.decide(state, now, policy, active, limits)
+                    if decision.state is not None or decision.scan is not None or decision.why == "nodes_full":
+                        todo.append(entry.key)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return todo
+
+    def observe_active(self, _: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(len(limiter.live(self.limiter, utcnow()).slots))
+
+    def observe_active_per_node(self, _: CallbackOptions) -> Iterable[Observation]:
+        for node, count in limiter.active_per_node(self.limiter, utcnow()).items():
+            yield Observation(count, {"node": node})
+
+
+async def _wait(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> bool:
+    """Sleep up to `seconds`, less when `stop` (or `wake`) is set; True when stopping."""
+    waits = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waits.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    return stop.is_set()
+
+
+_replicas: list[Dispatcher] = []
+
+
+def _observe_active(options: CallbackOptions) -> Iterable[Observation]:
+    return _replicas[-1].observe_active(options) if _replicas else ()
+
+
+def _observe_active_per_node(options: CallbackOptions) -> Iterable[Observation]:
+    return _replicas[-1].observe_active_per_node(options) if _replicas else ()
+
+
+meter.create_observable_gauge(
+    "podsweep_dispatcher_active_jobs", [_observe_active], description="Scan Jobs holding a limiter slot"
+)
+meter.create_observable_gauge(
+    "podsweep_dispatcher_active_jobs_per_node",
+    [_observe_active_per_node],
+    description="Scan Jobs holding a limiter slot, by node",
+)
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    cfg = configure(settings)  # a config error stops start-up before anything connects
+    kube = await Kube.connect(kubeconfig_path(settings))
+    try:
+        async with open_service(SERVICE, settings, s3=True) as service:
+            dispatcher = Dispatcher(
+                settings=settings, cfg=cfg, bus=service.bus, kube=kube, store=service.require_store()
+            )
+            await dispatcher.open()
+            _replicas.append(dispatcher)
+            background = [
+                asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
+                asyncio.create_task(dispatcher.sweep(stop), name="dispatcher-sweep"),
+            ]
+            routes: dict[str, busmod.Route[Any]] = {
+                subjects.IMAGE_SEEN: busmod.Route(ImageSeen, dispatcher.on_image_seen),
+                subjects.IMAGE_GONE: busmod.Route(ImageGone, dispatcher.on_image_gone),
+                subjects.SCAN_STARTED: busmod.Route(ScanStarted, dispatcher.on_scan_started),
+                subjects.SCAN_COMPLETED: busmod.Route(ScanCompleted, dispatcher.on_scan_completed),
+                subjects.SCAN_FAILED: busmod.Route(ScanFailed, dispatcher.on_scan_failed),
+            }
+            HEALTH.set("dispatcher:consuming", True)
+            log.info(
+                "dispatcher consuming",
+                namespace=cfg.jobs.namespace,
+                max_active=cfg.limits.max_active,
+                max_active_per_node=cfg.limits.max_active_per_node,
+                max_created_per_minute=cfg.limits.max_created_per_minute,
+            )
+            try:
+                await busmod.consume(
+                    service.bus,
+                    service=SERVICE,
+                    durable=DURABLE,
+                    routes=routes,
+                    settings=settings.consumer,
+                    stop=stop,
+                )
+            finally:
+                HEALTH.set("dispatcher:consuming", False)
+                if not stop.is_set():
+                    for task in background:
+                        task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                _replicas.remove(dispatcher)
+    finally:
+        await kube.close()

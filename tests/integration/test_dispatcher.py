@@ -1,0 +1,417 @@
+"""The dispatcher against the real control plane (apiserver, controller-manager, kwok), real NATS and real S3.
+
+The kubelet stand-in (completer mode) finishes scan pods; tests/harness/scanjobs.py plays the watcher's part for Jobs:
+it records how many were active at once and publishes scan.completed / scan.failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from podsweep import bus as busmod
+from podsweep.config import (
+    ConsumerSettings,
+    DispatcherSettings,
+    NatsSettings,
+    S3Settings,
+    Settings,
+)
+from podsweep.kube import Kube, KubeError
+from schemas import jobs, subjects
+from schemas.events import DeadLetter, FailureReason, ImageSeen, Workload
+from schemas.refs import digest_hex
+from schemas.state import LIMITER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, LimiterState
+from services.dispatcher import jobspec
+from services.dispatcher.main import main
+from services.dispatcher.settings import job_options
+from tests.harness import replicas as replicas_mod
+from tests.harness.kube import KubeControlPlane
+from tests.harness.kwok import create_fake_node
+from tests.harness.scanjobs import ScanJobObserver, SeenJob
+from tests.harness.standin import StartStandin
+
+pytestmark = pytest.mark.kube
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ConsumerSettings(max_deliver=20, backoff_s=[0.2, 0.5, 1.0], ack_wait_s=5, batch=32, concurrency=8)
+_ids = itertools.count(1)
+
+
+def digest_ref(test: str, n: int) -> str:
+    return f"registry.example.com/{test}/app{n}@sha256:" + hashlib.sha256(f"{test}/{n}".encode()).hexdigest()
+
+
+def image_seen(ref: str, node: str, n: int) -> ImageSeen:
+    return ImageSeen(
+        cluster="default",
+        digest_ref=ref,
+        image=ref.split("@")[0] + ":1.0",
+        node=node,
+        namespace="apps",
+        pod=f"app-{n}",
+        container="app",
+        container_kind="app",
+        workload=Workload("Deployment", f"app-{n % 50}"),
+        observed_at=datetime.now(UTC),
+    )
+
+
+def dispatcher_settings(
+    kube: KubeControlPlane, namespace: str, nats: NatsSettings, s3: S3Settings, **dispatcher: Any
+) -> Settings:
+    section = {
+        "sweep_interval_s": 1.0,
+        "claim_ttl_s": 5.0,
+        "backoff_base_s": 0.2,
+        "backoff_max_s": 1.0,
+        "job_deadline_s": 120.0,
+        "deadline_grace_s": 10.0,
+        "max_created_per_minute": 6000,
+        "trivy_image": "registry.example.com/aquasec/trivy:0.76.0",
+        "podsweep_image": "registry.example.com/podsweep/podsweep:test",
+        **dispatcher,
+    }
+    return Settings(
+        kubeconfig=str(kube.kubeconfig),
+        namespace=namespace,
+        nats=nats,
+        s3=s3,
+        consumer=FAST,
+        log_format="json",
+        dispatcher=msgspec.convert(section, DispatcherSettings),
+    )
+
+
+@contextlib.asynccontextmanager
+async def in_process(settings: Settings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(main(settings, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+@contextlib.asynccontextmanager
+async def observer(
+    kube_api: Kube, namespace: str, nats: NatsSettings, verdict: Callable[[SeenJob], FailureReason | None] | None = None
+) -> AsyncIterator[tuple[ScanJobObserver, busmod.Bus]]:
+    bus = await busmod.connect(nats, "test")
+    await busmod.ensure_stream(bus)
+    watcher = ScanJobObserver(kube_api, namespace, bus, verdict=verdict or (lambda _job: None))
+    await watcher.start()
+    try:
+        yield watcher, bus
+    finally:
+        await watcher.stop()
+        await bus.close()
+
+
+async def prepare_namespace(kube_api: Kube, namespace: str, nodes: int, *, baseline: bool = False) -> list[str]:
+    """The `scan` ServiceAccount the Jobs run as, and `nodes` fake nodes of this test's own."""
+    await kube_api.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts",
+        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "scan"}},
+    )
+    if baseline:
+        await kube_api.request(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}",
+            body={"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "baseline"}}},
+            content_type="application/merge-patch+json",
+        )
+    names = [f"{namespace}-n{i}" for i in range(nodes)]
+    await asyncio.gather(*(create_fake_node(kube_api, name) for name in names))
+    return names
+
+
+async def states(bus: busmod.Bus, refs: list[str]) -> dict[str, DigestScanState | None]:
+    kv = await bus.kv(SCANS_BUCKET)
+    found: dict[str, DigestScanState | None] = {}
+    for ref in refs:
+        found[ref], _ = await busmod.kv_read(kv, digest_hex(ref), DigestScanState)
+    return found
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
+        await asyncio.sleep(0.2)
+
+
+# --- every Job the builder makes is accepted by the real apiserver ------------------------------------------------
+
+OPTION_COMBINATIONS = [
+    pytest.param({}, True, id="defaults-client-server-sbom-dac-override"),
+    pytest.param({"sbom": False, "severities": ["CRITICAL", "HIGH"]}, True, id="no-sbom-severities"),
+    pytest.param({"trivy_server": "", "db_claim": "trivy-db"}, True, id="standalone-db-claim"),
+    pytest.param({"pinning": "affinity", "priority_class": "system-node-critical"}, True, id="affinity-priority"),
+    pytest.param(
+        {"ignore_unfixed": True, "honor_workload_ignore_unfixed": True, "scan_limits_cpu": "1"},
+        True,
+        id="ignore-unfixed-cpu-limit",
+    ),
+    pytest.param({"service_account": ""}, True, id="namespace-default-service-account"),
+    pytest.param({"read_capability": "DAC_READ_SEARCH"}, False, id="dac-read-search-refused-by-baseline"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "admitted_by_baseline"), OPTION_COMBINATIONS)
+async def test_every_generated_job_is_accepted_by_the_apiserver(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    overrides: dict[str, Any],
+    admitted_by_baseline: bool,
+) -> None:
+    """Server-side validation of the Job (dry run), and of its pod under Pod Security "baseline" like deploy/base."""
+    await prepare_namespace(kube_api, kube_namespace, 0, baseline=True)
+    settings = dispatcher_settings(kube, kube_namespace, nats_settings, s3_settings, **overrides)
+    options = job_options(settings.dispatcher, kube_namespace)
+    ref = digest_ref(kube_namespace, 1)
+    url = "https://s3.example.com/podsweep/raw/x.json?X-Amz-Signature=abc"
+    node_scan = jobspec.validated_node_scan(
+        scan_id="psw-" + "a" * 24,
+        digest_ref=ref,
+        node="worker-1",
+        raw_put_url=url,
+        sbom_put_url=url,
+        ignore_unfixed=True,
+    )
+    batch = msgspec.convert(
+        {
+            "batch_id": "psw-b-" + "b" * 24,
+            "items": [
+                {"scan_id": f"psw-{n:024d}", "digest_ref": digest_ref(kube_namespace, n), "sbom_get_url": url}
+                | {"raw_put_url": url}
+                for n in range(3)
+            ],
+        },
+        jobspec.SbomRescan,
+    )
+    for manifest in (jobspec.build_node_scan_job(node_scan, options), jobspec.build_sbom_rescan_job(batch, options)):
+        jobs_path = f"/apis/batch/v1/namespaces/{kube_namespace}/jobs"
+        await kube_api.request("POST", jobs_path, {"dryRun": "All"}, body=manifest)
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": manifest["metadata"]["name"], "namespace": kube_namespace},
+            "spec": manifest["spec"]["template"]["spec"],
+        }
+        pods_path = f"/api/v1/namespaces/{kube_namespace}/pods"
+        is_node_scan = manifest["metadata"]["annotations"][jobs.MODE_ANNOTATION] == "node"
+        if admitted_by_baseline or not is_node_scan:
+            await kube_api.request("POST", pods_path, {"dryRun": "All"}, body=pod)
+        else:
+            with pytest.raises(KubeError) as refused:
+                await kube_api.request("POST", pods_path, {"dryRun": "All"}, body=pod)
+            assert refused.value.status == 403
+            assert b"DAC_READ_SEARCH" in refused.value.body
+
+
+# --- two replicas, a burst of events, limits held -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kill_one", [False, True], ids=["both-replicas-live", "one-replica-killed-mid-run"])
+async def test_two_replicas_create_exactly_one_job_per_digest_within_the_limits(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubelet_standin: StartStandin,
+    tmp_path: Path,
+    kill_one: bool,
+) -> None:
+    nodes = await prepare_namespace(kube_api, kube_namespace, 20)
+    await kubelet_standin(namespace=kube_namespace, execute=False)
+    limits = {"max_active": 12, "max_active_per_node": 2}
+    settings = dispatcher_settings(kube, kube_namespace, nats_settings, s3_settings, **limits)
+    refs = [digest_ref(kube_namespace, n) for n in range(200)]
+    async with observer(kube_api, kube_namespace, nats_settings) as (watcher, bus):
+        replicas = [replicas_mod.start("dispatcher", settings, tmp_path / f"replica-{i}.log") for i in range(2)]
+        try:
+            # 1,000 events: each digest five times, on up to three nodes, interleaved like a resync.
+            for i in range(1000):
+                n = i % 200
+                node = nodes[(n + (i // 200) % 3) % len(nodes)]
+                await bus.publish(subjects.IMAGE_SEEN, image_seen(refs[n], node, n), msg_id=f"seen-{i}")
+            if kill_one:
+                await watcher.wait(lambda: len(watcher.jobs) >= 40, 120, "40 Jobs created")
+                replicas[0].kill()
+                assert len(watcher.jobs) < 200, "the replica was killed after the run, not during it"
+            await watcher.wait(
+                lambda: sum(1 for f in watcher.finished.values() if f == "completed") >= 200, 300, "200 scans done"
+            )
+            await asyncio.sleep(2)  # anything a replica would still create shows up now
+        finally:
+            for replica in replicas:
+                replica.stop()
+        per_digest = watcher.digests_with_jobs()
+        assert len(watcher.jobs) == 200, f"{len(watcher.jobs)} Jobs for 200 digests"
+        assert set(per_digest) == set(refs)
+        assert max(per_digest.values()) == 1
+        # Held, and reached: a burst this size fills every slot, so a limit that is never hit proves nothing.
+        assert watcher.max_active == limits["max_active"]
+        assert watcher.max_active_per_node == limits["max_active_per_node"]
+        final = await states(bus, refs)
+        assert {s.status for s in final.values() if s is not None} == {"done"}
+        limiter, _ = await busmod.kv_read(await bus.kv(LIMITS_BUCKET), LIMITER_KEY, LimiterState)
+        assert limiter is not None and limiter.slots == []
+    for replica in replicas[1:] if kill_one else replicas:
+        assert replica.proc.returncode == 0, replica.tail()
+
+
+# --- retries, nodes gone, rescans ---------------------------------------------------------------------------------
+
+
+async def test_a_failed_scan_is_retried_on_another_node(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubelet_standin: StartStandin,
+) -> None:
+    nodes = await prepare_namespace(kube_api, kube_namespace, 2)
+    await kubelet_standin(namespace=kube_namespace, execute=False)
+    settings = dispatcher_settings(kube, kube_namespace, nats_settings, s3_settings)
+    ref = digest_ref(kube_namespace, 1)
+    failed_once: set[str] = set()
+
+    def fail_first(job: SeenJob) -> FailureReason | None:
+        if job.digest_ref in failed_once:
+            return None
+        failed_once.add(job.digest_ref)
+        return "ScanError"
+
+    async with observer(kube_api, kube_namespace, nats_settings, fail_first) as (watcher, bus), in_process(settings):
+        for i, node in enumerate(nodes):
+            await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id=f"seen-{i}")
+        await watcher.wait(lambda: "completed" in watcher.finished.values(), 60, "the retry completed")
+        (state,) = (await states(bus, [ref])).values()
+    first, second = watcher.jobs_for(ref)
+    assert watcher.finished[first.name] == "ScanError"
+    assert {first.node, second.node} == set(nodes)
+    assert state is not None and state.status == "done" and state.attempts == 0
+
+
+async def test_a_digest_whose_nodes_all_vanished_ends_not_scanned_with_the_reason(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubelet_standin: StartStandin,
+) -> None:
+    nodes = await prepare_namespace(kube_api, kube_namespace, 2)
+    await kubelet_standin(namespace=kube_namespace, execute=False)
+    settings = dispatcher_settings(kube, kube_namespace, nats_settings, s3_settings)
+    ref = digest_ref(kube_namespace, 1)
+    async with (
+        observer(kube_api, kube_namespace, nats_settings, lambda _job: "NodeGone") as (watcher, bus),
+        in_process(settings),
+    ):
+        for i, node in enumerate(nodes):
+            await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id=f"seen-{i}")
+
+        async def not_scanned() -> bool:
+            state = (await states(bus, [ref]))[ref]
+            return state is not None and state.status == "not_scanned"
+
+        await eventually(not_scanned, 60, "the digest recorded as not scanned")
+        await asyncio.sleep(1.5)  # a sweep passes: nothing more is created
+        state = (await states(bus, [ref]))[ref]
+    assert [j.node for j in watcher.jobs_for(ref)] in (nodes, nodes[::-1])
+    assert state is not None and state.nodes_seen == []
+    assert "no node runs this digest any more" in state.reason and "NodeGone" in state.reason
+
+
+async def test_a_digest_seen_again_before_its_interval_creates_nothing_and_after_it_one_rescan(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubelet_standin: StartStandin,
+) -> None:
+    (node,) = await prepare_namespace(kube_api, kube_namespace, 1)
+    await kubelet_standin(namespace=kube_namespace, execute=False)
+    interval = 8.0
+    settings = dispatcher_settings(
+        kube, kube_namespace, nats_settings, s3_settings, rescan_interval_s=interval, jitter_ratio=0.0
+    )
+    ref = digest_ref(kube_namespace, 1)
+    async with observer(kube_api, kube_namespace, nats_settings) as (watcher, bus), in_process(settings):
+        await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-0")
+        await watcher.wait(lambda: len(watcher.finished) == 1, 60, "the first scan done")
+        first_done = time.monotonic()
+        await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-1")
+        await asyncio.sleep(2)
+        assert len(watcher.jobs) == 1, "a digest seen again before its interval was scanned again"
+        await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-2")
+        await watcher.wait(lambda: len(watcher.jobs) == 2, interval + 30, "the rescan after the interval")
+        assert time.monotonic() - first_done >= interval - 1
+        await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-3")
+        await watcher.wait(lambda: len(watcher.finished) == 2, 30, "the rescan done")
+        await asyncio.sleep(1.5)
+    assert len(watcher.jobs) == 2
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+async def test_unusable_events_are_dead_lettered_with_the_reason_and_create_nothing(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+) -> None:
+    (node,) = await prepare_namespace(kube_api, kube_namespace, 1)
+    settings = dispatcher_settings(kube, kube_namespace, nats_settings, s3_settings)
+    good = msgspec.to_builtins(image_seen(digest_ref(kube_namespace, 1), node, 1))
+    hostile_ref = {**good, "digest_ref": "evil.example.com/x@sha256:" + "0" * 64 + "; rm -rf /"}
+    completed = {
+        "cluster": "default",
+        "scan_id": "psw-" + "c" * 24,
+        "digest_ref": good["digest_ref"],
+        "job": "psw-" + "c" * 24,
+        "raw_key": "raw/sha256/" + "f" * 64 + "/psw-" + "c" * 24 + ".json",  # another digest's key
+        "finished_at": "2026-11-23T10:00:00Z",
+    }
+    bus = await busmod.connect(nats_settings, "test")
+    await busmod.ensure_stream(bus)
+    letters = await bus.nc.subscribe(subjects.dead_letter_subject(nats_settings.subject_root, "dispatcher"))
+    try:
+        async with in_process(settings):
+            for name, payload in ((subjects.IMAGE_SEEN, hostile_ref), (subjects.SCAN_COMPLETED, completed)):
+                await bus.js.publish(bus.subject(name), msgspec.json.encode(payload), stream=nats_settings.stream)
+            errors = []
+            for _ in range(2):
+                message = await letters.next_msg(timeout=30)
+                errors.append(msgspec.json.decode(message.data, type=DeadLetter).error)
+        listing = await kube_api.get(f"/apis/batch/v1/namespaces/{kube_namespace}/jobs")
+    finally:
+        await letters.unsubscribe()
+        await bus.close()
+    assert any(e.startswith("invalid image.seen event") and "digest_ref" in e for e in errors), errors
+    assert any(e.startswith("rejected: raw_key is not the key of scan") for e in errors), errors
+    assert msgspec.json.decode(listing)["items"] == []

@@ -1,0 +1,58 @@
+"""Parked digests: the oldest waits that fit the free slots come first, and full nodes cost no look at their waits."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.dispatcher.parking import ParkingLot
+from services.dispatcher.plan import ScanPlan
+
+REF = "registry.example.com/app@sha256:" + "ab" * 32
+
+
+def scan(n: int, node: str | None) -> ScanPlan:
+    return ScanPlan(scan_id=f"psw-{n:024d}", digest_ref=REF, mode="node" if node else "sbom", node=node, attempt=1)
+
+
+def lot(*waits: tuple[str, str | None]) -> ParkingLot:
+    parked = ParkingLot()
+    for n, (key, node) in enumerate(waits):
+        parked.park(key, scan(n, node), (node,) if node else ())
+    return parked
+
+
+@pytest.mark.parametrize(
+    ("waits", "active", "free", "expected"),
+    [
+        pytest.param([("a", "n1"), ("b", "n2")], {}, 10, ["a", "b"], id="oldest-first"),
+        pytest.param([("a", "n1"), ("b", "n2")], {"n1": 2}, 10, ["b"], id="full-node-skipped"),
+        pytest.param([("a", "n1"), ("b", "n1"), ("c", "n1")], {"n1": 1}, 10, ["a"], id="only-the-node-room"),
+        pytest.param([("a", "n1"), ("b", "n2"), ("c", "n3")], {}, 2, ["a", "b"], id="only-the-global-room"),
+        pytest.param([("a", "n1")], {}, 0, [], id="no-global-room"),
+        pytest.param([("a", None), ("b", "n1")], {"n1": 2}, 1, ["a"], id="sbom-rescan-needs-no-node"),
+    ],
+)
+def test_candidates_are_the_oldest_waits_that_fit(
+    waits: list[tuple[str, str | None]], active: dict[str, int], free: int, expected: list[str]
+) -> None:
+    assert lot(*waits).candidates(active, 2, free) == expected
+
+
+def test_a_claimed_scan_replaces_an_unclaimed_wait_and_a_repeat_keeps_its_place() -> None:
+    parked = ParkingLot()
+    parked.park("a", None, ("n1", "n2"))
+    parked.park("b", scan(2, "n2"), ("n2",))
+    parked.park("a", scan(1, "n1"), ("n1",))
+    assert parked.candidates({}, 2, 10) == ["b", "a"]  # "a" was parked again with its claim: it moved back
+    generation = parked.generation
+    parked.park("b", None, ("n2",))
+    assert parked.generation == generation and parked.get("b") is not None and parked.get("b").scan is not None  # type: ignore[union-attr]
+    assert parked.candidates({"n2": 2}, 2, 10) == ["a"]
+
+
+def test_unparked_digests_leave_every_node_index() -> None:
+    parked = ParkingLot()
+    parked.park("a", None, ("n1", "n2"))
+    parked.unpark("a")
+    assert len(parked) == 0 and "a" not in parked
+    assert parked.candidates({}, 2, 10) == []
