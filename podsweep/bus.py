@@ -8,6 +8,7 @@ context. The consumer loop decodes with msgspec, acks on success, naks with back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -276,6 +277,8 @@ async def consume(
     finally:
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
+        with contextlib.suppress(Exception):  # acks are fire-and-forget: make sure they left before returning
+            await bus.nc.flush(timeout=5)
         await sub.unsubscribe()
 
 

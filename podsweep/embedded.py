@@ -149,8 +149,12 @@ class EmbeddedS3:
         self.process.stop()
 
 
-def start_seaweedfs(data_dir: Path, s3_port: int | None = None) -> EmbeddedS3:
-    """`weed server -s3` on loopback with one identity (facts: without one, no signature is checked at all)."""
+def start_seaweedfs(data_dir: Path, s3_port: int | None = None, max_volumes: int = 64) -> EmbeddedS3:
+    """`weed server -s3` on loopback with one identity (facts: without one, no signature is checked at all).
+
+    Every bucket is a SeaweedFS collection that grows 7 volumes on its first write; `max_volumes` bounds how many
+    may exist (volumes are sparse files, not preallocated). Past it, writes fail with InternalError.
+    """
     identity = _identity(data_dir)
     store = data_dir / "s3"
     store.mkdir(parents=True, exist_ok=True)
@@ -180,7 +184,7 @@ def start_seaweedfs(data_dir: Path, s3_port: int | None = None) -> EmbeddedS3:
         "-ip.bind=127.0.0.1",
         "-master.telemetry=false",
         "-master.volumeSizeLimitMB=256",
-        "-volume.max=0",
+        f"-volume.max={max_volumes}",
         "-iam=false",
         "-s3",
         f"-s3.config={config}",

@@ -27,7 +27,8 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embedded.E
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embedded.EmbeddedS3]:
-    server = embedded.start_seaweedfs(Path(tmp_path_factory.mktemp("seaweedfs")))
+    # Each test takes its own bucket, and each bucket grows 7 volumes: leave room for a few hundred buckets.
+    server = embedded.start_seaweedfs(Path(tmp_path_factory.mktemp("seaweedfs")), max_volumes=3000)
     yield server
     server.stop()
 

@@ -183,7 +183,11 @@ async def test_stop_drains_the_event_in_flight_before_returning(bus: busmod.Bus)
     stop.set()  # what SIGTERM does
     await asyncio.wait_for(task, 10)
     assert finished == [True]
-    info = await bus.js.consumer_info(bus.settings.stream, "slow")
+    for _ in range(20):  # the server applies the ack asynchronously
+        info = await bus.js.consumer_info(bus.settings.stream, "slow")
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.05)
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
