@@ -270,7 +270,8 @@ async def test_two_replicas_create_exactly_one_job_per_digest_within_the_limits(
         assert max(per_digest.values()) == 1
         # Held, and reached: a burst this size fills every slot, so a limit that is never hit proves nothing.
         assert watcher.max_active == limits["max_active"]
-        assert watcher.max_active_per_node == limits["max_active_per_node"]
+        # Per node it is held; whether it is reached depends on how the replicas spread (they prefer idle nodes).
+        assert 1 <= watcher.max_active_per_node <= limits["max_active_per_node"]
         final = await states(bus, refs)
         assert {s.status for s in final.values() if s is not None} == {"done"}
         limiter, _ = await busmod.kv_read(await bus.kv(LIMITS_BUCKET), LIMITER_KEY, LimiterState)
