@@ -1,8 +1,9 @@
 """List-then-watch of one Kubernetes resource, as raw bytes decoded by the caller's msgspec codec.
 
-I/O only: it never decides what a change means. Pages of a list are yielded as they arrive (so 50k pods are never
-held twice), then the watch resumes from the list's resourceVersion with bookmarks. A dropped connection or an API
-server restart resumes the watch from the last resourceVersion seen; only `410 Gone` (history compacted) relists.
+I/O only: it never decides what a change means. Pages of a list are yielded as they arrive, the next one already
+requested (so 50k pods are never held at once), then the watch resumes from the list's resourceVersion with
+bookmarks. A dropped connection or an API server restart resumes the watch from the last resourceVersion seen; only
+`410 Gone` (history compacted) relists.
 """
 
 from __future__ import annotations
@@ -93,16 +94,25 @@ async def reflect(
             if not rv:
                 relists.add(1, {"resource": resource, "cause": cause})
                 yield ListStarted(cause)
-                token, list_rv = "", ""
-                while True:
-                    query = {**base, "limit": page_size}
-                    if token:
-                        query["continue"] = token
-                    items, token, page_rv = codec.decode_page(await kube.get(path, query, accept=accept))
-                    list_rv = page_rv or list_rv
-                    yield ListPage(items)
-                    if not token:
-                        break
+                list_rv = ""
+                # The next page is requested before this one is handed on, so the API server encodes page n+1
+                # while the consumer works on page n (about a third of a 50k-pod first sync was waiting).
+                page = asyncio.ensure_future(kube.get(path, {**base, "limit": page_size}, accept=accept))
+                try:
+                    while True:
+                        items, token, page_rv = codec.decode_page(await page)
+                        list_rv = page_rv or list_rv
+                        if token:
+                            query = {**base, "limit": page_size, "continue": token}
+                            page = asyncio.ensure_future(kube.get(path, query, accept=accept))
+                        yield ListPage(items)
+                        if not token:
+                            break
+                finally:
+                    if not page.done():
+                        page.cancel()
+                    elif not page.cancelled():
+                        page.exception()  # a prefetched page that failed is reported by the relist, not as unhandled
                 rv = list_rv  # only a finished list may start a watch; a failure mid-list relists
                 yield ListDone(rv)
                 log.info("list done", resource=resource, resource_version=rv, cause=cause)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +74,14 @@ async def _ready_nodes(kube_api: Kube, count: int) -> list[str]:
 
 @pytest.fixture
 async def running(
-    kube: KubeControlPlane, kube_api: Kube, kube_namespace: str, nats_settings: NatsSettings
+    request: pytest.FixtureRequest,
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
 ) -> AsyncIterator[Running]:
+    """The watcher on this test's namespace; parametrize it indirectly with a resync interval to shorten that."""
+    resync_interval_s = float(getattr(request, "param", 3600))
     scan_namespace = f"scans-{secrets.token_hex(3)}"
     await create_namespace(kube_api, scan_namespace)
     settings = Settings(
@@ -83,7 +90,7 @@ async def running(
         namespace=scan_namespace,
         nats=nats_settings,
         consumer=ConsumerSettings(max_deliver=3, backoff_s=[0.1]),
-        watcher=WatcherSettings(include_namespaces=[kube_namespace], resync_interval_s=3600),
+        watcher=WatcherSettings(include_namespaces=[kube_namespace], resync_interval_s=resync_interval_s),
     )
     bus = await busmod.connect(nats_settings, "test")
     await busmod.ensure_stream(bus)
@@ -288,3 +295,144 @@ async def test_scan_job_whose_image_is_not_on_the_node_fails_with_err_image_neve
     events = await wait_until(failed, 60, "scan.failed")
     assert events[0].reason == "ErrImageNeverPull"
     assert events[0].node == running.nodes[1]
+
+
+class _Uid(msgspec.Struct):
+    uid: str
+
+
+class _Created(msgspec.Struct):
+    metadata: _Uid
+
+
+async def _create(kube_api: Kube, path: str, manifest: dict[str, Any]) -> str:
+    """POST an object and return its uid."""
+    return msgspec.json.decode(await kube_api.request("POST", path, body=manifest), type=_Created).metadata.uid
+
+
+def _seen_pairs(seen: list[ImageSeen]) -> list[tuple[str, str]]:
+    return [(e.digest_ref, e.node) for e in seen]
+
+
+async def test_ephemeral_container_added_to_a_running_pod_is_seen_as_ephemeral(
+    running: Running, kube_api: Kube
+) -> None:
+    ns, node = running.namespace, running.nodes[0]
+    await kube_api.request(
+        "POST", f"/api/v1/namespaces/{ns}/pods", body=_pod("debug-me", node, {"app": "registry.test/app:3"})
+    )
+    await running.wait_for("the app container", lambda s, g: [e for e in s if e.pod == "debug-me"])
+    patch = {"spec": {"ephemeralContainers": [{"name": "debugger", "image": "registry.test/debug:1"}]}}
+    await kube_api.request(
+        "PATCH",
+        f"/api/v1/namespaces/{ns}/pods/debug-me/ephemeralcontainers",
+        body=patch,
+        content_type="application/strategic-merge-patch+json",
+    )
+    found = await running.wait_for("the ephemeral container", lambda s, g: [e for e in s if e.container == "debugger"])
+    assert found[0].container_kind == "ephemeral"
+    assert found[0].digest_ref == _digest_of("registry.test/debug:1", "debugger")
+    assert found[0].workload.kind == "Pod"
+    await asyncio.sleep(1.0)
+    seen, gone = await running.events()
+    assert sorted(_seen_pairs(seen)) == sorted(
+        [(_digest_of("registry.test/app:3", "app"), node), (_digest_of("registry.test/debug:1", "debugger"), node)]
+    ), "adding a container re-announces nothing that already ran"
+    assert gone == []
+
+
+async def test_job_created_for_a_cronjob_resolves_to_the_cronjob(running: Running, kube_api: Kube) -> None:
+    ns, node = running.namespace, running.nodes[0]
+    template = {
+        "spec": {
+            "nodeName": node,
+            "restartPolicy": "Never",
+            "containers": [{"name": "task", "image": "registry.test/nightly:1"}],
+        }
+    }
+    cron_uid = await _create(
+        kube_api,
+        f"/apis/batch/v1/namespaces/{ns}/cronjobs",
+        {
+            "apiVersion": "batch/v1",
+            "kind": "CronJob",
+            "metadata": {"name": "nightly"},
+            # Suspended: the only Job is the one made by hand below, as the CronJob controller would make it.
+            "spec": {"schedule": "0 3 * * *", "suspend": True, "jobTemplate": {"spec": {"template": template}}},
+        },
+    )
+    owner = {"apiVersion": "batch/v1", "kind": "CronJob", "name": "nightly", "uid": cron_uid, "controller": True}
+    await _create(
+        kube_api,
+        f"/apis/batch/v1/namespaces/{ns}/jobs",
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "nightly-29000000", "ownerReferences": [owner]},
+            "spec": {"backoffLimit": 0, "template": template},
+        },
+    )
+    found = await running.wait_for("the Job's pod", lambda s, g: [e for e in s if e.container == "task"], 60)
+    assert found[0].pod.startswith("nightly-29000000-")
+    assert (found[0].workload.kind, found[0].workload.name) == ("CronJob", "nightly")
+    assert found[0].digest_ref == _digest_of("registry.test/nightly:1", "task")
+
+
+async def test_deployment_rollout_gives_seen_for_the_new_digest_and_gone_for_the_old(
+    running: Running, kube_api: Kube
+) -> None:
+    ns, node = running.namespace, running.nodes[1]
+    deployments = f"/apis/apps/v1/namespaces/{ns}/deployments"
+    await kube_api.request("POST", deployments, body=_deployment("roll", node, "registry.test/roll:1", 2))
+    old = _digest_of("registry.test/roll:1", "app")
+    new = _digest_of("registry.test/roll:2", "app")
+    await running.wait_for("the first version", lambda s, g: [e for e in s if e.digest_ref == old], 60)
+    patch = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "registry.test/roll:2"}]}}}}
+    await kube_api.request(
+        "PATCH", f"{deployments}/roll", body=patch, content_type="application/strategic-merge-patch+json"
+    )
+    await running.wait_for(
+        "seen for the new digest and gone for the old",
+        lambda s, g: any(e.digest_ref == new for e in s) and any(e.digest_ref == old for e in g),
+        90,
+    )
+    seen, gone = await running.events()
+    assert sorted(_seen_pairs(seen)) == sorted([(old, node), (new, node)]), "one seen per digest, not one per pod"
+    assert [(e.digest_ref, e.node) for e in gone] == [(old, node)], "the new digest still runs"
+    assert {(e.workload.kind, e.workload.name) for e in seen} == {("Deployment", "roll")}
+
+
+@pytest.mark.parametrize("running", [10], indirect=True, ids=["resync-every-10s"])
+async def test_resync_republishes_what_runs_once_per_slot(running: Running, kube_api: Kube) -> None:
+    ns, node = running.namespace, running.nodes[0]
+    await kube_api.request(
+        "POST", f"/api/v1/namespaces/{ns}/pods", body=_pod("steady", node, {"app": "registry.test/steady:1"})
+    )
+    first = await running.wait_for("the first image.seen", lambda s, g: [e for e in s if not e.resync])
+    resynced = await running.wait_for("a resync image.seen", lambda s, g: [e for e in s if e.resync], 30)
+    assert (resynced[0].digest_ref, resynced[0].node) == (first[0].digest_ref, first[0].node)
+    assert (resynced[0].pod, resynced[0].workload) == (first[0].pod, first[0].workload)
+    assert resynced[0].observed_at.timestamp() % 10 == 0, "stamped with its slot, so a replica's copy is a duplicate"
+    seen, _ = await running.events()
+    slots = [e.observed_at for e in seen if e.resync]
+    assert len(slots) == len(set(slots)), "one resync event per slot"
+    assert len([e for e in seen if not e.resync]) == 1
+
+
+@pytest.mark.parametrize(
+    ("api_version", "kind", "name"),
+    [
+        ("example.com/v1", "Widget", "widget-1"),  # group not served: discovery says so
+        ("argoproj.io/v1alpha1", "Rollout", "canary"),  # well-known plural, GET answers 404
+    ],
+    ids=["unknown-kind-needs-discovery", "known-plural-not-installed"],
+)
+async def test_owner_of_a_kind_the_cluster_does_not_serve_is_the_workload(
+    running: Running, kube_api: Kube, api_version: str, kind: str, name: str
+) -> None:
+    ns, node = running.namespace, running.nodes[0]
+    owner = {"apiVersion": api_version, "kind": kind, "name": name, "uid": str(uuid.uuid4()), "controller": True}
+    pod = _pod("custom-owned", node, {"app": "registry.test/custom:1"}, ownerReferences=[owner])
+    await kube_api.request("POST", f"/api/v1/namespaces/{ns}/pods", body=pod)
+    found = await running.wait_for("the custom-owned pod", lambda s, g: [e for e in s if e.pod == "custom-owned"])
+    assert (found[0].workload.kind, found[0].workload.name) == (kind, name)
