@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -30,35 +28,16 @@ from podsweep import embedded
 from podsweep.config import ConsumerSettings, DispatcherSettings, NatsSettings, S3Settings, Settings
 from podsweep.kube import Kube
 from schemas import subjects
-from schemas.events import ImageSeen, Workload
 from schemas.refs import digest_hex
 from schemas.state import SCANS_BUCKET, DigestScanState
 from tests.harness import replicas
+from tests.harness.events import digest_ref, image_seen
 from tests.harness.kube import KubeControlPlane, locate_binaries
 from tests.harness.kwok import create_fake_node, create_namespace
 from tests.harness.scanjobs import ScanJobObserver
 from tests.harness.standin import KubeletStandin
 
 NAMESPACE = "podsweep-bench"
-
-
-def digest_ref(n: int) -> str:
-    return f"registry.example.com/bench/app{n}@sha256:" + hashlib.sha256(f"bench/{n}".encode()).hexdigest()
-
-
-def image_seen(ref: str, node: str, n: int) -> ImageSeen:
-    return ImageSeen(
-        cluster="default",
-        digest_ref=ref,
-        image=ref.split("@")[0] + ":1.0",
-        node=node,
-        namespace="apps",
-        pod=f"app-{n}",
-        container="app",
-        container_kind="app",
-        workload=Workload("Deployment", f"app-{n % 400}"),
-        observed_at=datetime.now(UTC),
-    )
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
@@ -118,9 +97,11 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
         cpu_before = sum(r.cpu_seconds() for r in started)
         began = time.monotonic()
 
-        refs = [digest_ref(n) for n in range(args.digests)]
+        refs = [digest_ref("bench", n) for n in range(args.digests)]
         events = [
-            image_seen(refs[i % args.digests], nodes[(i * 7 + i // args.digests) % len(nodes)], i % args.digests)
+            image_seen(
+                refs[i % args.digests], nodes[(i * 7 + i // args.digests) % len(nodes)], i % args.digests, workloads=400
+            )
             for i in range(args.events)
         ]
         for chunk in range(0, len(events), 200):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +27,14 @@ from podsweep.config import (
 )
 from podsweep.kube import Kube, KubeError
 from schemas import jobs, subjects
-from schemas.events import DeadLetter, FailureReason, ImageSeen, Workload
+from schemas.events import DeadLetter, FailureReason
 from schemas.refs import digest_hex
 from schemas.state import LIMITER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, LimiterState
 from services.dispatcher import jobspec
 from services.dispatcher.main import main
 from services.dispatcher.settings import job_options
 from tests.harness import replicas as replicas_mod
+from tests.harness.events import digest_ref, image_seen
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node
 from tests.harness.scanjobs import ScanJobObserver, SeenJob
@@ -46,25 +45,6 @@ pytestmark = pytest.mark.kube
 REPO = Path(__file__).resolve().parents[2]
 FAST = ConsumerSettings(max_deliver=20, backoff_s=[0.2, 0.5, 1.0], ack_wait_s=5, batch=32, concurrency=8)
 _ids = itertools.count(1)
-
-
-def digest_ref(test: str, n: int) -> str:
-    return f"registry.example.com/{test}/app{n}@sha256:" + hashlib.sha256(f"{test}/{n}".encode()).hexdigest()
-
-
-def image_seen(ref: str, node: str, n: int) -> ImageSeen:
-    return ImageSeen(
-        cluster="default",
-        digest_ref=ref,
-        image=ref.split("@")[0] + ":1.0",
-        node=node,
-        namespace="apps",
-        pod=f"app-{n}",
-        container="app",
-        container_kind="app",
-        workload=Workload("Deployment", f"app-{n % 50}"),
-        observed_at=datetime.now(UTC),
-    )
 
 
 def dispatcher_settings(
