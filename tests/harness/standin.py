@@ -1139,3 +1139,18 @@ async def kubelet_standin(kube: KubeControlPlane, tmp_path: Path) -> AsyncIterat
         for standin in started:
             await standin.stop()
         await client.close()
+
+
+def scan_images(trivy_bin: Path, target_ref: str | None = None, target: Path | None = None) -> dict[str, ImageRoot]:
+    """The images a podsweep scan Job names, as the dispatcher's defaults spell them: the trivy image, the podsweep
+    image, and the target digest when a fixture root filesystem stands in for it (none: ErrImageNeverPull)."""
+    from services.dispatcher import jobspec  # the builder's defaults are the contract
+
+    options = jobspec.JobOptions()
+    images: dict[str, ImageRoot] = {
+        options.trivy_image: RootfsImage(path=str(trivy_image_rootfs(trivy_bin, options.trivy_binary))),
+        options.uploader_image: podsweep_image(),
+    }
+    if target_ref is not None and target is not None:
+        images[target_ref] = RootfsImage(path=str(target))
+    return images

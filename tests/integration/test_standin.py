@@ -28,6 +28,7 @@ from tests.harness.standin import (
     ContainerState,
     EnvVar,
     HostImage,
+    ImageRoot,
     KubeletStandin,
     Pod,
     PodMeta,
@@ -44,8 +45,7 @@ from tests.harness.standin import (
     plan_container,
     pod_phase,
     pod_status,
-    podsweep_image,
-    trivy_image_rootfs,
+    scan_images,
 )
 from tests.harness.trivy import TrivyServer
 
@@ -288,15 +288,8 @@ async def _job_finished(kube_api: Kube, namespace: str, name: str, standin: Kube
         raise AssertionError(f"{error}\n{standin.describe() if standin else ''}\n{said}") from None
 
 
-def _images(trivy_bin: Path, target: Path | None) -> dict[str, RootfsImage | HostImage]:
-    options = jobspec.JobOptions()
-    images: dict[str, RootfsImage | HostImage] = {
-        options.trivy_image: RootfsImage(path=str(trivy_image_rootfs(trivy_bin, options.trivy_binary))),
-        options.uploader_image: podsweep_image(),
-    }
-    if target is not None:
-        images[DIGEST_REF] = RootfsImage(path=str(target))
-    return images
+def _images(trivy_bin: Path, target: Path | None) -> dict[str, ImageRoot]:
+    return scan_images(trivy_bin, DIGEST_REF, target)
 
 
 async def _create_scan_job(

@@ -23,7 +23,7 @@ from services.dispatcher import jobspec
 from services.watcher.main import main as watcher_main
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id, get_node, wait_until
-from tests.harness.standin import HostImage, RootfsImage, StartStandin, podsweep_image, trivy_image_rootfs
+from tests.harness.standin import StartStandin, scan_images
 
 pytestmark = pytest.mark.kube
 
@@ -233,14 +233,6 @@ async def test_forced_relist_after_compaction_loses_nothing_and_repeats_nothing(
     assert [e.digest_ref for e in gone] == [_digest_of("registry.test/a:1", "app")]
 
 
-def _scan_images(trivy_bin: Path) -> dict[str, RootfsImage | HostImage]:
-    options = jobspec.JobOptions()
-    return {
-        options.trivy_image: RootfsImage(path=str(trivy_image_rootfs(trivy_bin, options.trivy_binary))),
-        options.uploader_image: podsweep_image(),
-    }
-
-
 async def _scan_job(kube_api: Kube, namespace: str, node: str, digest_ref: str) -> str:
     scan_id = f"scan-{secrets.token_hex(6)}"
     scan = jobspec.validated_node_scan(
@@ -283,7 +275,7 @@ async def test_scan_job_that_succeeds_is_started_then_completed(
 async def test_scan_job_whose_image_is_not_on_the_node_fails_with_err_image_never_pull(
     running: Running, kube_api: Kube, kubelet_standin: StartStandin, trivy_bin: Path
 ) -> None:
-    await kubelet_standin(_scan_images(trivy_bin), namespace=running.scan_namespace)
+    await kubelet_standin(scan_images(trivy_bin), namespace=running.scan_namespace)
     digest_ref = "registry.test/missing@sha256:" + "2" * 64
     scan_id = await _scan_job(kube_api, running.scan_namespace, running.nodes[1], digest_ref)
 
