@@ -223,3 +223,28 @@ class DeadLetter(Event, frozen=True, kw_only=True):
     error: Text
     payload: bytes
     failed_at: datetime
+
+
+class RescanRequested(Event, frozen=True, kw_only=True):
+    """Asks the dispatcher to make digests due now. An event on the stream (so it survives a dispatcher restart),
+    answered by `rescan.accepted` with the same request_id. The dispatcher still applies its limits; this only moves
+    the due time. Sent by `podsweep rescan` (for example from a CronJob after the Trivy DB updated) and by the admission
+    gate for a digest it has no report for."""
+
+    cluster: ClusterName
+    request_id: ScanId
+    digests: list[DigestRef] = []
+    namespace: K8sLabelName | None = None  # every digest seen running in this namespace
+    all: bool = False  # every digest the dispatcher knows
+    requested_by: ShortText  # "cli", "admission", or a user-supplied name
+    reason: Text = ""
+    requested_at: datetime
+
+
+class RescanAccepted(Event, frozen=True, kw_only=True):
+    """The dispatcher's answer to a RescanRequested: how many digests it made due, and which it has never seen."""
+
+    cluster: ClusterName
+    request_id: ScanId
+    due: int
+    unknown: list[DigestRef] = []

@@ -24,6 +24,8 @@ DOCUMENTS: dict[str, Any] = {
     "alert.sent": events.AlertSent,
     "alert.failed": events.AlertSent,  # the same audit record with outcome "failed"
     "dead": events.DeadLetter,
+    "rescan.requested": events.RescanRequested,
+    "rescan.accepted": events.RescanAccepted,
     "report": report.Report,  # reports/sha256/<hex>/latest.json
     "state.digest": state.DigestScanState,
     "state.workloads": state.DigestWorkloads,

@@ -14,6 +14,9 @@ REPORT_STORED = "report.stored"
 REPORT_QUARANTINED = "report.quarantined"
 ALERT_SENT = "alert.sent"
 ALERT_FAILED = "alert.failed"
+RESCAN_REQUESTED = "rescan.requested"
+RESCAN_ACCEPTED = "rescan.accepted"
+ADMISSION_DECIDED = "admission.decided"
 DEAD = "dead"  # dead letters: <root>.dead.<service>
 OUTBOX = "outbox"  # the notifier's per-destination outbox: <root>.outbox.<destination>
 
