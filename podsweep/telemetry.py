@@ -5,6 +5,7 @@ Exporters come from config (none by default, so nothing is sent anywhere unless 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from opentelemetry import context, metrics, propagate, trace
@@ -72,3 +73,19 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
 def extract(headers: Mapping[str, str] | None) -> context.Context:
     """The remote parent context carried in incoming NATS headers (empty context when there is none)."""
     return propagate.extract(dict(headers or {}))
+
+
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def traceparent() -> str | None:
+    """The current span's W3C traceparent, to carry the trace where no header goes (a Job's annotation)."""
+    return inject({}).get("traceparent")
+
+
+def from_traceparent(value: str | None) -> context.Context:
+    """The parent context a stored traceparent names; an empty context when it is missing or malformed (a Job's
+    annotations can be written by anyone with access to the namespace, so only the exact W3C form is read)."""
+    if value is None or _TRACEPARENT.fullmatch(value) is None:
+        return context.Context()
+    return extract({"traceparent": value})

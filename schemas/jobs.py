@@ -15,6 +15,10 @@ SBOM_KEY_ANNOTATION = "podsweep.io/sbom-key"
 MODE_ANNOTATION = "podsweep.io/mode"
 NODE_ANNOTATION = "podsweep.io/node"
 
+# The W3C traceparent of the dispatcher's span that created the Job, so the watcher's scan.* events continue the
+# trace of the image.seen that caused the scan. Read only in its exact form (podsweep.telemetry.from_traceparent).
+TRACEPARENT_ANNOTATION = "podsweep.io/traceparent"
+
 JOB_ANNOTATIONS = (DIGEST_REF_ANNOTATION, RAW_KEY_ANNOTATION, SBOM_KEY_ANNOTATION, MODE_ANNOTATION, NODE_ANNOTATION)
 # SBOM rescan Jobs (mode "sbom") hold a batch: a JSON list of {scan_id, digest_ref, raw_key} objects.
 BATCH_ANNOTATION = "podsweep.io/batch"

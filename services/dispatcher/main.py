@@ -22,14 +22,14 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from podsweep import bus as busmod
-from podsweep import logs
+from podsweep import logs, telemetry
 from podsweep.config import Settings
 from podsweep.health import HEALTH
 from podsweep.kube import Kube, KubeError
 from podsweep.objectstore import ObjectStore
 from podsweep.runtime import kubeconfig_path
 from podsweep.service import open_service
-from schemas import storage, subjects
+from schemas import jobs, storage, subjects
 from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted
 from schemas.refs import digest_hex
 from schemas.state import LIMITER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, LimiterState
@@ -265,6 +265,9 @@ class Dispatcher:
         with tracer.start_as_current_span("create scan Job", kind=SpanKind.CLIENT) as span:
             span.set_attribute("podsweep.scan_id", scan.scan_id)
             span.set_attribute("podsweep.node", scan.node or "")
+            carried = telemetry.traceparent()
+            if carried is not None:  # the watcher's scan.* events continue this trace from the Job's annotation
+                manifest["metadata"]["annotations"][jobs.TRACEPARENT_ANNOTATION] = carried
             try:
                 await self.kube.request("POST", self.jobs_path, body=manifest)
             except KubeError as exc:

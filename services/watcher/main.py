@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import msgspec
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 
 from podsweep import bus as busmod
-from podsweep import logs, runtime
+from podsweep import logs, runtime, telemetry
 from podsweep.config import Settings, WatcherSettings
 from podsweep.health import HEALTH
 from podsweep.kube import METADATA, METADATA_ANY, METADATA_LIST, Kube, KubeError
@@ -41,6 +41,7 @@ from services.watcher.reflector import Changed, ListDone, ListPage, ListStarted,
 
 T = TypeVar("T")
 log = logs.get("podsweep.watcher")
+tracer = trace.get_tracer("podsweep.watcher")
 meter = metrics.get_meter("podsweep.watcher")
 owner_lookups = meter.create_counter("podsweep_watcher_owner_lookups", description="Owner metadata GETs (cache misses)")
 
@@ -254,6 +255,7 @@ class Watcher:
         current = jobstatus.outcome(job, pods, node_exists)
         if not jobstatus.transition(self.job_phase.get(name), current):
             return
+        parent = telemetry.from_traceparent(job.metadata.annotations.get(jobs.TRACEPARENT_ANNOTATION))
         for scan in scans:  # one for a node scan, one per digest of an SBOM rescan batch
             event = jobstatus.scan_event(scan, current, self.service.settings.cluster, _now())
             if event is None:
@@ -261,7 +263,8 @@ class Watcher:
             subject = {ScanStarted: subjects.SCAN_STARTED, ScanCompleted: subjects.SCAN_COMPLETED}.get(
                 type(event), subjects.SCAN_FAILED
             )
-            await self.service.bus.publish(subject, event, msg_id=jobstatus.message_id(event))
+            with tracer.start_as_current_span(f"scan Job {current.phase}", context=parent):
+                await self.service.bus.publish(subject, event, msg_id=jobstatus.message_id(event))
             log.info(
                 "scan " + current.phase,
                 scan_id=scan.scan_id,

@@ -839,8 +839,12 @@ class KubeletStandin:
         execute: bool = True,
         parallel_pods: int = 4,
         container_timeout_s: float = 120.0,
+        on_complete: Callable[[Pod], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_complete` (with execute=False) plays the scan pod's work while its containers run, e.g. PUTs a report
+        to the Job's presigned URL; when it raises, the pod fails as a container exiting 1 would."""
         self.client = client
+        self.on_complete = on_complete
         self.work_dir = work_dir
         self.images = dict(images or {})
         self.namespace = namespace
@@ -1013,9 +1017,16 @@ class KubeletStandin:
         for container in pod.spec.containers:
             states[container.name] = Running(began)
         await report()
+        code, reason = 0, "Completed"
+        if self.on_complete is not None:
+            try:
+                await self.on_complete(pod)
+            except Exception as error:  # the pod's work failed: the pod fails, as its container would
+                log.warning("stand-in pod work failed", pod=pod.metadata.name, error=str(error))
+                code, reason = 1, "Error"
         finished = _now()
         for container in pod.spec.containers:
-            states[container.name] = Terminated(0, "Completed", began, finished)
+            states[container.name] = Terminated(code, reason, began, finished)
         await report()
 
     async def _execute_pod(

@@ -1,0 +1,399 @@
+"""End to end: the four services as their own processes against the harness control plane, real NATS and S3.
+
+The one part that cannot run here is a scan pod on a real node: the kubelet stand-in plays it by PUTting a real Trivy
+0.76 report to the presigned URL the dispatcher put in the Job, then completing the pod. Everything else is podsweep:
+the watcher sees the pods and the Jobs, the dispatcher creates the Jobs, the parser stores the reports, the notifier
+signs and sends the webhooks. Traces go to a real OTLP/HTTP receiver on loopback, so "one trace" is checked on what
+the four processes exported, not on what they meant to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import itertools
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from podsweep import bus as busmod
+from podsweep.config import (
+    ConsumerSettings,
+    DispatcherSettings,
+    NatsSettings,
+    NotifierSettings,
+    S3Settings,
+    Settings,
+    TelemetrySettings,
+    WatcherSettings,
+)
+from podsweep.kube import Kube
+from podsweep.objectstore import ObjectStore
+from schemas import storage, subjects
+from schemas.alerts import AlertPayload
+from schemas.events import ReportStored
+from services.dispatcher.jobspec import RAW_URL_ENV
+from tests.harness import replicas
+from tests.harness.kube import KubeControlPlane
+from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
+from tests.harness.receiver import Receiver, free_port
+from tests.harness.standin import KubeletStandin, Pod
+
+pytestmark = pytest.mark.kube
+
+REPO = Path(__file__).resolve().parents[2]
+REPORT = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-alpine.json").read_bytes(), mtime=0)
+HOOK_KEY = "e2e-hook-key-" + "x" * 24
+SERVICES = ("watcher", "dispatcher", "parser", "notifier")
+FAST = ConsumerSettings(max_deliver=30, backoff_s=[0.2, 0.5, 1.0], ack_wait_s=5, batch=32, concurrency=8)
+_ids = itertools.count(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real OTLP/HTTP trace receiver
+
+
+@dataclass(frozen=True)
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+
+
+@dataclass
+class TraceReceiver:
+    port: int = field(default_factory=free_port)
+    spans: list[Span] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/traces", self._export)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _export(self, request: web.Request) -> web.Response:
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.read())
+        for resource_spans in message.resource_spans:
+            service = next(
+                (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+            )
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    self.spans.append(
+                        Span(service, span.name, span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex())
+                    )
+        return web.Response(status=200, content_type="application/x-protobuf", body=b"")
+
+    def trace(self, trace_id: str) -> list[Span]:
+        return [s for s in self.spans if s.trace_id == trace_id]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The world: namespaces, nodes, the stand-in, four service processes
+
+
+@dataclass
+class World:
+    kube: KubeControlPlane
+    client: Kube
+    settings: Settings
+    apps: str
+    nodes: list[str]
+    receiver: Receiver
+    traces: TraceReceiver
+    standin: KubeletStandin
+    store: ObjectStore
+    logs: Path
+    running: dict[str, replicas.Replica] = field(default_factory=dict)
+    pod_puts: Counter[str] = field(default_factory=Counter)
+
+    def start(self, service: str) -> None:
+        self.running[service] = replicas.start(service, self.settings, self.logs / f"{service}.log")
+
+    def kill(self, service: str) -> None:
+        """kill -9: no drain, no flush, no goodbye."""
+        self.running[service].kill()
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {name}\n{replica.tail(1500)}" for name, replica in self.running.items())
+
+
+async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
+    """What the scan pod's upload container does on a real node: PUT the report to the Job's presigned URL."""
+    env = {e.name: e.value for c in pod.spec.containers if c.name == "upload" for e in c.env}
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.put(env[RAW_URL_ENV], content=REPORT, headers={"Content-Type": "application/gzip"})
+        response.raise_for_status()
+    puts[pod.metadata.name] += 1
+
+
+def e2e_settings(
+    kube: KubeControlPlane, jobs: str, apps: str, nats: NatsSettings, s3: S3Settings, policy: Path, otlp: str
+) -> Settings:
+    dispatcher = {
+        "sweep_interval_s": 2.0,
+        "claim_ttl_s": 10.0,
+        "backoff_base_s": 0.5,
+        "backoff_max_s": 2.0,
+        "max_active": 60,
+        "max_active_per_node": 10,
+        "max_created_per_minute": 6000,
+        "job_deadline_s": 300.0,
+        "sbom": False,  # SBOMs end to end are tests/integration/test_rescan_e2e.py's
+        "trivy_image": "registry.example.com/aquasec/trivy:0.76.0",
+        "podsweep_image": "registry.example.com/podsweep/podsweep:test",
+    }
+    notifier = {
+        "policy_file": str(policy),
+        "workloads_wait_deliveries": 5,
+        "workloads_wait_s": 0.5,
+        "retry_base_s": 0.2,
+        "retry_cap_s": 1.0,
+        "outbox_ack_wait_s": 8.0,
+    }
+    return Settings(
+        cluster="e2e",
+        kubeconfig=str(kube.kubeconfig),
+        namespace=jobs,
+        nats=nats,
+        s3=s3,
+        consumer=FAST,
+        log_format="json",
+        telemetry=TelemetrySettings(traces="otlp", otlp_endpoint=otlp),
+        watcher=WatcherSettings(include_namespaces=[apps]),
+        dispatcher=msgspec.convert(dispatcher, DispatcherSettings),
+        notifier=msgspec.convert(notifier, NotifierSettings),
+    )
+
+
+@pytest.fixture
+async def world(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[World]:
+    n = next(_ids)
+    jobs, apps = f"e2e-jobs-{n}", f"e2e-apps-{n}"
+    for namespace in (jobs, apps):
+        await create_namespace(kube_api, namespace)
+    await kube_api.request(
+        "POST",
+        f"/api/v1/namespaces/{jobs}/serviceaccounts",
+        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "scan"}},
+    )
+    nodes = [f"e2e-{n}-node-{i}" for i in range(8)]
+    await asyncio.gather(*(create_fake_node(kube_api, name) for name in nodes))
+    receiver = Receiver(hmac_key=HOOK_KEY)
+    traces = TraceReceiver()
+    await receiver.start()
+    await traces.start()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\ndefaults:\n  threshold: {max_critical: 0}\n  destinations: [hook]\ndestinations:\n"
+        f'  - {{name: hook, kind: webhook, url: "{receiver.url}/hook", hmac_key: {{env: E2E_HOOK_KEY}}}}\n'
+    )
+    monkeypatch.setenv("E2E_HOOK_KEY", HOOK_KEY)  # the services' processes inherit it; it is never in Settings
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export spans every 200 ms, not every 5 s
+    settings = e2e_settings(kube, jobs, apps, nats_settings, s3_settings, policy, traces.url)
+    store = ObjectStore(s3_settings)
+    await store.ensure_bucket()
+    puts: Counter[str] = Counter()
+
+    async def complete(pod: Pod) -> None:
+        await play_scan_pod(pod, puts)
+
+    standin = KubeletStandin(
+        kube_api, tmp_path / "standin", namespace=jobs, execute=False, parallel_pods=16, on_complete=complete
+    )
+    await standin.start()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    world = World(kube, kube_api, settings, apps, nodes, receiver, traces, standin, store, logs, pod_puts=puts)
+    try:
+        yield world
+    finally:
+        for replica in world.running.values():
+            replica.stop()
+        await standin.stop()
+        await receiver.stop()
+        await traces.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, world: World) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        for name, replica in world.running.items():
+            if replica.proc.poll() is not None and replica.proc.returncode != -9:
+                raise AssertionError(f"{name} exited with {replica.proc.returncode}:\n{replica.tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{world.tails()}")
+        await asyncio.sleep(0.25)
+
+
+def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": image}]},
+    }
+
+
+def alerts(world: World) -> dict[str, list[AlertPayload]]:
+    """Accepted, signature-verified alerts by idempotency key."""
+    by_key: dict[str, list[AlertPayload]] = {}
+    for arrival in world.receiver.accepted("/hook"):
+        assert arrival.verified, "a webhook arrived without a valid signature"
+        by_key.setdefault(arrival.key, []).append(msgspec.json.decode(arrival.body, type=AlertPayload))
+    return by_key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+
+
+async def test_a_deployment_on_kwok_nodes_ends_in_one_signed_alert_and_one_trace(world: World) -> None:
+    for service in SERVICES:
+        world.start(service)
+    image = "registry.example.com/e2e/web:1.0"
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": world.nodes[0]},
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{"name": "web", "image": image}],
+                },
+            },
+        },
+    }
+    await world.client.request("POST", f"/apis/apps/v1/namespaces/{world.apps}/deployments", body=deployment)
+    digest_ref = expected_image_id(image, "web")
+
+    async def alerted() -> bool:
+        return bool(alerts(world))
+
+    await eventually(alerted, 120, "the webhook alert", world)
+    [[alert]] = alerts(world).values()
+    assert (alert.digest_ref, alert.namespace, alert.workload.kind, alert.workload.name) == (
+        digest_ref,
+        world.apps,
+        "Deployment",
+        "web",
+    )
+    assert alert.counts.CRITICAL >= 1
+    report = msgspec.json.decode(await world.store.get(storage.latest_report_key(digest_ref)))
+    assert report["digest_ref"] == digest_ref
+    assert sum(world.pod_puts.values()) == 1, "two replicas of one digest on one node must be scanned once"
+
+    # One trace from the watcher's image.seen to the notifier's alert.sent, across the four processes.
+    async def exported() -> bool:
+        return any(s.name == "publish alert.sent" for s in world.traces.spans)
+
+    await eventually(exported, 30, "the notifier's alert.sent span", world)
+    sent = next(s for s in world.traces.spans if s.name == "publish alert.sent")
+    chain = world.traces.trace(sent.trace_id)
+    names = {s.name for s in chain}
+    for step in ("publish image.seen", "create scan Job", "publish scan.completed", "publish report.stored"):
+        assert step in names, f"{step!r} is not in the alert's trace: {sorted(names)}"
+    assert {s.service for s in chain} == {f"podsweep-{s}" for s in SERVICES}, {s.service for s in chain}
+    ids = {s.span_id for s in chain}
+    roots = [s for s in chain if not s.parent_id]
+    assert [r.name for r in roots] == ["publish image.seen"], roots
+    orphans = [s.name for s in chain if s.parent_id and s.parent_id not in ids]
+    assert not orphans, f"spans whose parent never arrived: {orphans}"
+
+
+async def test_kill_9_of_each_service_during_a_200_digest_run_loses_and_duplicates_nothing(world: World) -> None:
+    for service in SERVICES:
+        world.start(service)
+    count = 200
+    images = [f"registry.example.com/e2e/app-{i}:1.{i}" for i in range(count)]
+    refs = {expected_image_id(image, "app") for image in images}
+    assert len(refs) == count
+
+    async def create(i: int) -> None:
+        body = bare_pod(f"app-{i}", images[i], world.nodes[i % len(world.nodes)])
+        await world.client.request("POST", f"/api/v1/namespaces/{world.apps}/pods", body=body)
+
+    await asyncio.gather(*(create(i) for i in range(count)))
+
+    # Each service in turn, at a point where it has work in flight, then restarted at once.
+    def scanned() -> int:
+        return len(world.pod_puts)
+
+    def alerted() -> int:
+        return len(alerts(world))
+
+    kills = (("watcher", scanned, 10), ("dispatcher", scanned, 50), ("parser", scanned, 90), ("notifier", alerted, 60))
+    for service, progress, at in kills:
+
+        async def reached(progress: Callable[[], int] = progress, at: int = at) -> bool:
+            return progress() >= at
+
+        await eventually(reached, 180, f"progress {at} before killing the {service}", world)
+        assert progress() < count, f"the run finished before the {service} could be killed in flight"
+        world.kill(service)
+        world.start(service)
+
+    async def every_digest_alerted() -> bool:
+        return {a[0].digest_ref for a in alerts(world).values()} >= refs
+
+    await eventually(every_digest_alerted, 300, f"an alert for each of the {count} digests", world)
+
+    # Nothing lost: a stored report per digest. Nothing duplicated: one scan pod per digest, one alert per digest.
+    for ref in sorted(refs):
+        assert await world.store.get_if_exists(storage.latest_report_key(ref)) is not None, ref
+    assert len(world.pod_puts) == count and set(world.pod_puts.values()) == {1}, world.pod_puts.most_common(3)
+    by_digest = Counter(a[0].digest_ref for a in alerts(world).values())
+    assert set(by_digest) == refs and set(by_digest.values()) == {1}, by_digest.most_common(3)
+    for key, copies in alerts(world).items():  # a redelivery after a kill carries the same key, so receivers dedupe
+        assert len({c.digest_ref for c in copies}) == 1, key
+    stored = await read_stored(world.settings.nats)
+    assert Counter(e.digest_ref for e in stored) == Counter(refs), "report.stored must be once per digest"
+
+
+async def read_stored(settings: NatsSettings) -> list[ReportStored]:
+    """Every report.stored on the stream (an ordered consumer reads to the end; 0.5 s of silence is the end)."""
+    bus = await busmod.connect(settings, "e2e-test")
+    sub = await bus.js.subscribe(bus.subject(subjects.REPORT_STORED), stream=settings.stream, ordered_consumer=True)
+    out: list[ReportStored] = []
+    try:
+        while True:
+            out.append(msgspec.json.decode((await sub.next_msg(timeout=0.5)).data, type=ReportStored))
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+        await bus.close()
+    return out
