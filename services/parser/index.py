@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import datetime
 
+from schemas.events import SEVERITIES
 from schemas.index import (
     DigestSummary,
     IndexedDigest,
@@ -17,7 +18,11 @@ from schemas.index import (
     SummaryIndex,
     WorkloadImage,
 )
+from schemas.refs import split_digest_ref
 from schemas.state import DigestWorkloads
+
+# One gauge sample: its labels and value.
+Sample = tuple[dict[str, str], int]
 
 
 class IndexModel:
@@ -123,3 +128,19 @@ class IndexModel:
             for key, w in sorted(by_workload.items())
         ]
         return NamespaceIndex(namespace=namespace, generated_at=now, workloads=workloads)
+
+
+def vulnerability_samples(summaries: dict[str, DigestSummary]) -> list[Sample]:
+    """Findings by severity per image for Prometheus (`podsweep_image_vulnerabilities`), one series per digest and
+    severity, as trivy-operator's and image-scanner's exporters do, plus a `fixable` label. Labels come only from
+    validated digest refs, so a hostile name never becomes a label."""
+    samples: list[Sample] = []
+    for summary in summaries.values():
+        repository, digest = split_digest_ref(summary.digest_ref)
+        for severity in SEVERITIES:
+            labels = {"repository": repository, "digest": digest, "severity": severity}
+            samples.append(
+                ({**labels, "fixable": "false"}, getattr(summary.counts, severity) - getattr(summary.fixable, severity))
+            )
+            samples.append(({**labels, "fixable": "true"}, getattr(summary.fixable, severity)))
+    return samples

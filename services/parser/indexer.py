@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import msgspec
 from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from podsweep import logs
 from podsweep.objectstore import ObjectStore
@@ -24,13 +25,28 @@ from schemas import storage
 from schemas.index import DigestSummary, IndexRevisions
 from schemas.state import DigestWorkloads
 from services.parser import html
-from services.parser.index import IndexModel
+from services.parser.index import IndexModel, vulnerability_samples
 
 log = logs.get("podsweep.parser.index")
 tracer = trace.get_tracer("podsweep.parser")
 meter = metrics.get_meter("podsweep.parser")
 flush_seconds = meter.create_histogram("podsweep_index_flush_seconds", unit="s", description="Index writes")
 pages_written = meter.create_counter("podsweep_index_objects_written", description="index/ objects written")
+
+_indexers: list[Indexer] = []  # the running one reports; a test process may have had several
+
+
+def _observe_vulnerabilities(_: CallbackOptions) -> list[Observation]:
+    if not _indexers:
+        return []
+    return [Observation(value, labels) for labels, value in vulnerability_samples(_indexers[-1].model.summaries)]
+
+
+meter.create_observable_gauge(
+    "podsweep_image_vulnerabilities",
+    [_observe_vulnerabilities],
+    description="Findings in the latest report of each image digest, by severity and whether a fix exists",
+)
 
 _DELETED = frozenset({"DEL", "PURGE"})
 _encoder = msgspec.json.Encoder()
@@ -63,6 +79,7 @@ class Indexer:
         self.changed = asyncio.Event()
         self._watchers: list[KeyValue.KeyWatcher] = []
         self._pumps: list[asyncio.Task[None]] = []
+        _indexers.append(self)
 
     # -- loading ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -175,6 +192,8 @@ class Indexer:
         log.info("index written", namespaces=len(namespaces), digests=len(index.digests), seconds=round(elapsed, 3))
 
     async def close(self) -> None:
+        if self in _indexers:
+            _indexers.remove(self)
         for watcher in self._watchers:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]

@@ -128,8 +128,10 @@ class World:
     running: dict[str, replicas.Replica] = field(default_factory=dict)
     pod_puts: Counter[str] = field(default_factory=Counter)
 
-    def start(self, service: str) -> None:
-        self.running[service] = replicas.start(service, self.settings, self.logs / f"{service}.log")
+    def start(self, service: str, metrics_port: int = 0) -> None:
+        telemetry = msgspec.structs.replace(self.settings.telemetry, metrics_port=metrics_port)
+        settings = msgspec.structs.replace(self.settings, telemetry=telemetry)
+        self.running[service] = replicas.start(service, settings, self.logs / f"{service}.log")
 
     def kill(self, service: str) -> None:
         """kill -9: no drain, no flush, no goodbye."""
@@ -277,8 +279,9 @@ def alerts(world: World) -> dict[str, list[AlertPayload]]:
 
 
 async def test_a_deployment_on_kwok_nodes_ends_in_one_signed_alert_and_one_trace(world: World) -> None:
+    parser_metrics = free_port()
     for service in SERVICES:
-        world.start(service)
+        world.start(service, metrics_port=parser_metrics if service == "parser" else 0)
     image = "registry.example.com/e2e/web:1.0"
     deployment = {
         "apiVersion": "apps/v1",
@@ -315,6 +318,18 @@ async def test_a_deployment_on_kwok_nodes_ends_in_one_signed_alert_and_one_trace
     report = msgspec.json.decode(await world.store.get(storage.latest_report_key(digest_ref)))
     assert report["digest_ref"] == digest_ref
     assert sum(world.pod_puts.values()) == 1, "two replicas of one digest on one node must be scanned once"
+
+    # Findings by severity per image, as the parser's Prometheus endpoint shows them.
+    repository, digest = digest_ref.split("@")
+    async with httpx.AsyncClient() as client:
+        scraped = (await client.get(f"http://127.0.0.1:{parser_metrics}/metrics")).text
+    wanted = (f'digest="{digest}"', f'repository="{repository}"', 'severity="CRITICAL"')
+    critical = [
+        float(line.rsplit(" ", 1)[1])
+        for line in scraped.splitlines()
+        if line.startswith("podsweep_image_vulnerabilities{") and all(label in line for label in wanted)
+    ]
+    assert len(critical) == 2 and sum(critical) == alert.counts.CRITICAL, scraped[-3000:]  # fixable and not
 
     # One trace from the watcher's image.seen to the notifier's alert.sent, across the four processes.
     async def exported() -> bool:
