@@ -12,7 +12,7 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-from podsweep import __version__, embedded, logs, runtime
+from podsweep import __version__, embedded, logs, progress, runtime
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.status import StatusReport
 from services.dispatcher.cli import upload_app
@@ -85,6 +85,17 @@ def run(
     asyncio.run(runtime.run(settings, [service]))
 
 
+async def _run_up(settings: Settings, names: list[str]) -> None:
+    """The services, and a progress line whenever the sweep moves."""
+    stop = asyncio.Event()
+    follower = asyncio.create_task(progress.follow(settings, stop, err.print))
+    try:
+        await runtime.run(settings, names, stop)
+    finally:
+        stop.set()
+        await follower
+
+
 @app.command()
 def up(
     config: ConfigOption = None,
@@ -129,7 +140,7 @@ def up(
         asyncio.run(_prepare(settings))
         names = runtime.available()
         err.print(f"running: {', '.join(names) or '(no services in this build yet)'} — Ctrl-C stops")
-        asyncio.run(runtime.run(settings, names))
+        asyncio.run(_run_up(settings, names))
     except embedded.EmbeddedServerError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None

@@ -33,9 +33,10 @@ def test_up_starts_embedded_servers_runs_and_stops_cleanly_on_ctrl_c(kube: KubeC
             if not line:
                 break
             lines.append(line)
-            if line.startswith("running:"):
+            if line.startswith("first sweep"):
                 break
         assert any(line.startswith("running:") for line in lines), "".join(lines)
+        assert any(line.startswith("first sweep") and " digests: " in line for line in lines), "".join(lines)
         assert any("embedded NATS" in line for line in lines)
         assert any("embedded S3" in line for line in lines)
         proc.send_signal(signal.SIGINT)
