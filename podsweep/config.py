@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -23,6 +24,7 @@ _NATS_URL_RE = re.compile(r"^(nats|tls|ws|wss)://[^\s/:]+(:\d{1,5})?/?$")
 _HTTP_URL_RE = re.compile(r"^https?://[^\s/]+(/[^\s]*)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ROOT_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+_NAMESPACE_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]!-]{1,63}$")
 
 
 class ConfigError(ValueError):
@@ -165,6 +167,9 @@ class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     honor_workload_ignore_unfixed: bool = False
     sbom: bool = True
     sbom_rescans: bool = True
+    sbom_batch_size: int = 50  # digests per SBOM rescan Job
+    sbom_batch_window_s: float = 1.0  # how long due SBOM rescans gather before a partial batch starts
+    rescan_gone_for_s: float = 604800.0  # digests no node runs any more are rescanned from their SBOM this long
     scan_requests_cpu: str = "100m"
     scan_requests_memory: str = "256Mi"
     scan_limits_cpu: str = ""
@@ -183,6 +188,10 @@ class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
         for name in ("rescan_interval_s", "sweep_interval_s", "claim_ttl_s", "backoff_base_s", "backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be more than 0 seconds")
+        if not 1 <= self.sbom_batch_size <= 100:
+            raise ValueError(f"sbom_batch_size {self.sbom_batch_size} must be between 1 and 100")
+        if self.sbom_batch_window_s < 0 or self.rescan_gone_for_s < 0:
+            raise ValueError("sbom_batch_window_s and rescan_gone_for_s must not be negative")
         if not 60 <= self.job_deadline_s <= 86400:
             raise ValueError(f"job_deadline_s {self.job_deadline_s} must be between 60 and 86400 seconds")
         if self.deadline_grace_s < 0 or self.ttl_after_finished_s < 0 or self.failure_memory_s < 0:
@@ -229,6 +238,68 @@ class WatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ValueError(f"watch_timeout_s {self.watch_timeout_s} must be between 30 and 3600")
 
 
+class AdmissionBypass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Admit objects whose labels carry every pair of `selector` (e.g. a Helm release), recorded as a suppression."""
+
+    selector: dict[str, str]
+    namespaces: list[str] = []  # globs; empty: every namespace the gate judges
+    owner: str
+    reason: str
+    expires: datetime
+
+    def __post_init__(self) -> None:
+        if not self.selector:
+            raise ValueError("selector must name at least one label (key: value)")
+        if not 0 < len(self.owner.strip()) <= 128 or not 0 < len(self.reason.strip()) <= 1024:
+            raise ValueError("owner (1-128 characters) and reason (1-1024 characters) are required")
+        if self.expires.tzinfo is None:
+            raise ValueError("expires must carry a time zone (e.g. 2026-12-31T00:00:00Z)")
+        for glob in self.namespaces:
+            if not _NAMESPACE_GLOB_RE.match(glob):
+                raise ValueError(f"namespaces {glob!r} is not a namespace glob ([a-z0-9-] and * ? [ ] !)")
+
+
+class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The admission gate (docs/admission.md): where it listens, its TLS files, and how it decides per namespace."""
+
+    host: str = "0.0.0.0"  # noqa: S104 (the apiserver calls it through a Service)
+    port: int = 8443
+    cert_file: str = ""  # PEM certificate chain and key, e.g. a mounted kubernetes.io/tls Secret; required
+    key_file: str = ""
+    cert_reload_s: float = 10.0  # how often the files are checked; a renewed pair serves new connections
+    policy_file: str = ""  # empty: notifier.policy_file (one policy for alerts and admission)
+    policy_poll_s: float = 2.0
+    default_mode: Literal["off", "warn", "enforce"] = "warn"
+    namespace_modes: list[str] = []  # "glob=mode", first match wins, e.g. "prod-*=enforce,sandbox=off"
+    unknown_images: Literal["warn", "deny"] = "warn"  # deny applies in enforce mode only (strict)
+    exempt_namespaces: list[str] = msgspec.field(default_factory=lambda: ["kube-system"])  # plus podsweep's own
+    check_templates: bool = True  # also judge Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs
+    bypasses: list[AdmissionBypass] = []  # file only (not expressible as an environment variable)
+    annotation_bypass_namespaces: list[str] = []  # globs where the podsweep.io/bypass-* annotations are honoured
+    max_bypass_days: float = 30.0  # an annotation bypass may not expire later than this
+    replay_s: float = 7200.0  # the stream is replayed from this long before the stored index was written
+    audit_queue: int = 10000  # audit events waiting to be published; beyond it they are counted and dropped
+    rescan_every_s: float = 600.0  # a scan of one unscanned digest is requested at most this often
+    findings_concurrency: int = 16  # stored reports read at once while loading findings
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} must be between 1 and 65535")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file must be given together")
+        for entry in self.namespace_modes:
+            glob, sep, mode = entry.partition("=")
+            if not sep or not _NAMESPACE_GLOB_RE.match(glob) or mode not in ("off", "warn", "enforce"):
+                raise ValueError(f"namespace_modes {entry!r} must be 'glob=off|warn|enforce', e.g. 'prod-*=enforce'")
+        for glob in (*self.exempt_namespaces, *self.annotation_bypass_namespaces):
+            if not _NAMESPACE_GLOB_RE.match(glob):
+                raise ValueError(f"exempt_namespaces/annotation_bypass_namespaces {glob!r} is not a namespace glob")
+        if min(self.cert_reload_s, self.policy_poll_s, self.max_bypass_days, self.rescan_every_s) <= 0:
+            raise ValueError("cert_reload_s, policy_poll_s, max_bypass_days and rescan_every_s must be > 0")
+        if self.replay_s < 0 or self.audit_queue < 1 or self.findings_concurrency < 1:
+            raise ValueError("replay_s must be >= 0, audit_queue and findings_concurrency >= 1")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     cluster: str = "default"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -244,6 +315,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     parser: ParserSettings = msgspec.field(default_factory=ParserSettings)
     watcher: WatcherSettings = msgspec.field(default_factory=WatcherSettings)
     dispatcher: DispatcherSettings = msgspec.field(default_factory=DispatcherSettings)
+    admission: AdmissionSettings = msgspec.field(default_factory=AdmissionSettings)
 
     def __post_init__(self) -> None:
         if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", self.cluster):

@@ -38,6 +38,7 @@ FailureReason = Literal[
     "Evicted",
     "UploadFailed",  # the uploader could not PUT the report
     "ScanError",  # trivy exited non-zero
+    "BatchAborted",  # another item of the same SBOM rescan batch failed first; this one's result was not uploaded
     "Unknown",
 ]
 
@@ -158,6 +159,8 @@ class ReportStored(Event, frozen=True, kw_only=True):
     fixed: list[FindingRef] = []
     first_report: bool = False
     stored_at: datetime
+    # Set when no node ran the digest any more at the time of this scan (an SBOM rescan of a scaled-to-zero image).
+    not_running_since: datetime | None = None
 
 
 QuarantineKind = Literal[

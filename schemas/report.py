@@ -52,8 +52,14 @@ class Finding(msgspec.Struct, frozen=True, omit_defaults=True):
 
     @property
     def key(self) -> FindingKey:
-        """Identity across scans: the same CVE in the same package version at the same path."""
-        return (self.id, self.package, self.installed_version, self.pkg_path or self.target)
+        """Identity across scans: the same CVE in the same package version at the same path.
+
+        An OS package has no path, and its target names the scanned artifact ("/ (alpine 3.19)" on a node,
+        "<file>.cdx.json (alpine 3.19)" from an SBOM): the image has one OS, so the class stands for the place and
+        a node scan and an SBOM rescan of the same digest agree.
+        """
+        place = self.pkg_path or ("os-pkgs" if self.klass == "os-pkgs" else self.target)
+        return (self.id, self.package, self.installed_version, place)
 
 
 class Misconfiguration(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -100,3 +106,5 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     fixable: SeverityCounts = SeverityCounts()
     misconfigurations: list[Misconfiguration] = []
     secrets: list[SecretFinding] = []
+    # Set by the parser when no node ran the digest any more at the time of this scan (rescanned from its SBOM).
+    not_running_since: datetime | None = None

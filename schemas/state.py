@@ -33,6 +33,9 @@ class DigestScanState(msgspec.Struct, frozen=True, kw_only=True):
     last_scan_at: datetime | None = None
     next_due_at: datetime | None = None
     last_seen_at: datetime | None = None
+    # When the last node running this digest stopped it (None while any node runs it): SBOM rescans continue for
+    # the configured time after this instant, and reports say since when the digest has not run.
+    not_running_since: datetime | None = None
     reason: Text = ""
     sbom_key: ShortText | None = None
     sbom_trivy_version: ShortText | None = None

@@ -1,16 +1,28 @@
-"""The dispatcher's commands for the `podsweep` CLI: `podsweep upload` and `podsweep download`, run inside scan Jobs.
+"""The dispatcher's commands for the `podsweep` CLI: `podsweep upload` / `download` (run inside scan Jobs) and
+`podsweep rescan` (asks the dispatcher to make digests due; never creates a Job itself).
 
-Only parses arguments and maps the outcome to an exit code; the work is in services.dispatcher.upload.
+Only parses arguments, talks to NATS for `rescan`, and maps the outcome to an exit code; the decisions are in
+services.dispatcher.upload and services.dispatcher.rescans.
 """
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
+import msgspec
 import typer
 
+from podsweep import bus as busmod
 from podsweep import logs
-from services.dispatcher import upload
+from podsweep.config import ConfigError, Settings, load_settings
+from schemas import subjects
+from schemas.events import RescanAccepted, RescanRequested
+from services.dispatcher import rescans, upload
+
+_ACCEPTED = msgspec.json.Decoder(RescanAccepted)
 
 
 def upload_command(
@@ -49,7 +61,84 @@ def download_command(
     raise typer.Exit(upload.download(files, policy=policy))
 
 
-# Mount with `app.add_typer(upload_app)` (no name): it adds the two commands at the top level.
+def rescan_command(
+    digests: Annotated[
+        list[str] | None, typer.Argument(help="Digests to rescan, as repo@sha256:<64 hex> (or use --namespace/--all).")
+    ] = None,
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", "-n", help="Every digest a workload in this namespace has run.")
+    ] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every digest the dispatcher knows.")] = False,
+    reason: Annotated[str, typer.Option(help="Why (kept in the request, e.g. 'trivy db updated').")] = "",
+    requested_by: Annotated[str, typer.Option(help="Who asks (shown in the dispatcher's log).")] = "cli",
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the dispatcher's answer.")] = 30.0,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="A TOML or YAML settings file (also PODSWEEP_CONFIG).")
+    ] = None,
+) -> None:
+    """Make digests due for a rescan now (e.g. from a CronJob after the Trivy DB updated).
+
+    Goes through the dispatcher on NATS, so its claims, batches and limits apply. Exit 0 answered, 1 no answer
+    within --timeout (the request stays on the stream and is handled when a dispatcher runs), 2 bad input.
+    """
+    try:
+        settings = load_settings(file=config)
+        logs.configure(settings.log_level, settings.log_format)
+        request = rescans.rescan_request(
+            cluster=settings.cluster,
+            request_id=rescans.new_request_id(),
+            digests=list(digests or []),
+            namespace=namespace,
+            everything=everything,
+            requested_by=requested_by,
+            reason=reason,
+            now=datetime.now(UTC),
+        )
+    except (ConfigError, rescans.BadRescanRequest) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    answer = asyncio.run(request_rescan(settings, request, timeout))
+    if answer is None:
+        typer.echo(
+            f"rescan {request.request_id}: no answer from a dispatcher within {timeout:g}s "
+            "(the request is on the stream and will be handled when one runs)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(rescans.describe(answer))
+
+
+async def request_rescan(settings: Settings, request: RescanRequested, timeout_s: float) -> RescanAccepted | None:
+    """Publish the request on the stream and wait for the dispatcher's rescan.accepted with the same request_id."""
+    bus = await busmod.connect(settings.nats, "rescan")
+    try:
+        answered: asyncio.Future[RescanAccepted] = asyncio.get_running_loop().create_future()
+
+        async def on_reply(msg: object) -> None:
+            data = getattr(msg, "data", b"")
+            try:
+                accepted = _ACCEPTED.decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return
+            if accepted.request_id == request.request_id and not answered.done():
+                answered.set_result(accepted)
+
+        # Subscribed before publishing: the answer cannot come before we listen.
+        sub = await bus.nc.subscribe(bus.subject(subjects.RESCAN_ACCEPTED), cb=on_reply)
+        try:
+            await bus.publish(subjects.RESCAN_REQUESTED, request, msg_id=f"rescan-{request.request_id}")
+            try:
+                return await asyncio.wait_for(answered, timeout_s)
+            except TimeoutError:
+                return None
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await bus.close()
+
+
+# Mount with `app.add_typer(upload_app)` (no name): it adds these commands at the top level.
 upload_app = typer.Typer(add_completion=False)
 upload_app.command("upload")(upload_command)
 upload_app.command("download")(download_command)
+upload_app.command("rescan")(rescan_command)

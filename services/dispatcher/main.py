@@ -7,6 +7,7 @@ compare-and-set on JetStream KV, so replicas and restarts agree. Never reads the
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import random
 import time
@@ -30,11 +31,28 @@ from podsweep.objectstore import ObjectStore
 from podsweep.runtime import kubeconfig_path
 from podsweep.service import open_service
 from schemas import jobs, storage, subjects
-from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted
+from schemas.events import (
+    ImageGone,
+    ImageSeen,
+    RescanAccepted,
+    RescanRequested,
+    ScanCompleted,
+    ScanFailed,
+    ScanStarted,
+)
 from schemas.refs import digest_hex
-from schemas.state import LIMITER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, LimiterState
-from services.dispatcher import jobspec, plan
+from schemas.state import (
+    LIMITER_KEY,
+    LIMITS_BUCKET,
+    SCANS_BUCKET,
+    WORKLOADS_BUCKET,
+    DigestScanState,
+    DigestWorkloads,
+    LimiterState,
+)
+from services.dispatcher import jobspec, plan, rescans
 from services.dispatcher import limits as limiter
+from services.dispatcher.batching import Gathered, Gathering
 from services.dispatcher.parking import ParkingLot
 from services.dispatcher.plan import Decision, ScanPlan
 from services.dispatcher.settings import Configured, configure
@@ -56,7 +74,8 @@ limit_waits = meter.create_counter(
     "podsweep_dispatcher_limit_waits", description="Claimed scans that waited for a limit, by the limit"
 )
 _STATE = msgspec.json.Decoder(DigestScanState)
-Launch = Literal["created", "exists", "refused", "stale", "failed"]
+_WORKLOADS = msgspec.json.Decoder(DigestWorkloads)
+Launch = Literal["created", "exists", "refused", "stale", "failed", "gathered"]
 
 
 def utcnow() -> datetime:
@@ -82,10 +101,14 @@ class Dispatcher:
         self._parked_seen = (-1, -1)  # (limiter revision, parking generation) at the last pass over parked digests
         self._parked_pass_at = 0.0
         self.jobs_path = f"/apis/batch/v1/namespaces/{cfg.jobs.namespace}/jobs"
+        self.gathering = Gathering(cfg.sbom_batch_size, cfg.sbom_batch_window_s)
+        self._gathering_blocked_at = 0.0
+        self.workloads: KeyValue
 
     async def open(self) -> None:
         self.scans = await self.bus.kv(SCANS_BUCKET)
         self.limits_kv = await self.bus.kv(LIMITS_BUCKET)
+        self.workloads = await self.bus.kv(WORKLOADS_BUCKET)
         stored, _ = await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState)
         self.limiter = stored or LimiterState()
 
@@ -121,13 +144,14 @@ class Dispatcher:
             raise busmod.Reject(f"raw_key is not the key of scan {done.scan_id} (expected raw/sha256/<hex>/<id>.json)")
         key = digest_hex(done.digest_ref)
         decision, nodes = await self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy))
-        await self._release(done.scan_id)
+        # An SBOM rescan's slot is its batch Job's (named by the batch); a node scan's is its own.
+        await self._release(done.job if done.mode == "sbom" else done.scan_id)
         await self._follow(key, decision, nodes)
 
     async def on_scan_failed(self, failed: ScanFailed, _: busmod.Delivery) -> None:
         now = utcnow()
         key = digest_hex(failed.digest_ref)
-        await self._release(failed.scan_id)
+        await self._release(failed.job if failed.mode == "sbom" else failed.scan_id)
         active = limiter.active_per_node(self.limiter, now)
         policy, limits = self.cfg.policy, self.cfg.limits
         decision, nodes = await self._update(key, lambda old: plan.on_failed(old, failed, now, policy, active, limits))
@@ -173,6 +197,12 @@ class Dispatcher:
         if decision.scan is not None:
             if decision.why == "retry":
                 retries.add(1)
+            if decision.scan.mode == "sbom":
+                claimed_until = decision.state.claim_expires_at if decision.state is not None else None
+                self.gathering.add(Gathered(key, decision.scan, claimed_until), time.monotonic())
+                if len(self.gathering) >= self.gathering.size:
+                    self.wake.set()
+                return "gathered"
             return await self._launch(key, decision.scan)
         if decision.why == "nodes_full":
             limit_waits.add(1, {"limit": "node_full"})
@@ -233,19 +263,7 @@ class Dispatcher:
         options = self.cfg.jobs
         expires = options.active_deadline_seconds
         raw_url = self.store.presign_put(storage.raw_key(scan.digest_ref, scan.scan_id), expires)
-        if scan.mode == "sbom":
-            if state.sbom_key is None:
-                raise ValueError("an SBOM rescan was planned for a digest without an SBOM")
-            # A batch of one, named by its scan id (batching several due digests is issue 10's).
-            item = {
-                "scan_id": scan.scan_id,
-                "digest_ref": scan.digest_ref,
-                "sbom_get_url": self.store.presign_get(state.sbom_key, expires),
-                "raw_put_url": raw_url,
-            }
-            batch = msgspec.convert({"batch_id": scan.scan_id, "items": [item]}, jobspec.SbomRescan)
-            return jobspec.build_sbom_rescan_job(batch, options)
-        if scan.node is None:
+        if scan.mode == "sbom" or scan.node is None:
             raise ValueError("a node scan was planned without a node")
         sbom_url = (
             self.store.presign_put(storage.sbom_key(scan.digest_ref, scan.scan_id), expires) if options.sbom else None
@@ -308,6 +326,181 @@ class Dispatcher:
         else:  # never launch from inside a launch: the timer or the sweep picks the retry up
             self._set_timer(key, now)
 
+    # -- SBOM rescans in batches ----------------------------------------------------------------------------------
+
+    async def _run_batches(self) -> None:
+        """Start every batch that is ready; when the limiter refuses one, wait for a released slot (or the idle pass)."""
+        if self.gathering.blocked and time.monotonic() - self._gathering_blocked_at >= PARKED_IDLE_PASS_S:
+            self.gathering.blocked = False
+        while self.gathering.ready(time.monotonic()):
+            items = self.gathering.take()
+            if await self._launch_batch(items) == "refused":
+                self.gathering.restore(items, time.monotonic())
+                self.gathering.blocked = True
+                self._gathering_blocked_at = time.monotonic()
+                return
+
+    async def _launch_batch(self, items: list[Gathered]) -> Launch:
+        """One slot for the batch, the claims renewed (those no longer this replica's leave), the Job, then running.
+
+        The Job's name is a hash of the scan ids first offered, so repeating a creation is a 409, not a second Job.
+        """
+        now = utcnow()
+        batch_id = plan.batch_id_for([i.scan.scan_id for i in items])
+        deadline = now + self.cfg.policy.job_deadline + self.cfg.policy.deadline_grace
+        outcome = await self._acquire_slot(batch_id, now, deadline)
+        if not outcome.ok:
+            limit_waits.add(1, {"limit": outcome.reason})
+            return "refused"
+        policy = self.cfg.policy
+        confirmed: list[tuple[Gathered, DigestScanState]] = []
+        for item in items:
+            renew = functools.partial(
+                plan.confirm_batch_item,
+                scan_id=item.scan.scan_id,
+                claimed_until=item.claimed_until,
+                now=now,
+                policy=policy,
+            )
+            stored, wrote = await busmod.kv_update(self.scans, item.key, DigestScanState, renew)
+            if wrote and stored is not None and stored.sbom_key is not None:
+                confirmed.append((item, stored))
+        if not confirmed:
+            await self._release(batch_id)
+            return "stale"
+        try:
+            manifest = self._batch_manifest(batch_id, confirmed)
+        except (msgspec.ValidationError, ValueError) as exc:
+            await self._release(batch_id)
+            for item, _ in confirmed:
+                await self._fail(item.key, item.scan, f"the SBOM rescan Job could not be built: {exc}")
+            return "failed"
+        created = await self._create_batch(batch_id, confirmed, manifest)
+        if created in ("created", "exists"):
+            for item, _ in confirmed:
+                running = functools.partial(plan.on_created, scan_id=item.scan.scan_id, now=utcnow(), policy=policy)
+                await busmod.kv_update(self.scans, item.key, DigestScanState, running)
+        return created
+
+    def _batch_manifest(self, batch_id: str, confirmed: list[tuple[Gathered, DigestScanState]]) -> jobspec.Manifest:
+        """The rescan Job: per digest a presigned GET of its stored SBOM and a presigned PUT for its report."""
+        options = self.cfg.jobs
+        expires = options.active_deadline_seconds
+        items = [
+            {
+                "scan_id": item.scan.scan_id,
+                "digest_ref": item.scan.digest_ref,
+                "sbom_get_url": self.store.presign_get(str(state.sbom_key), expires),
+                "raw_put_url": self.store.presign_put(
+                    storage.raw_key(item.scan.digest_ref, item.scan.scan_id), expires
+                ),
+            }
+            for item, state in confirmed
+        ]
+        batch = msgspec.convert({"batch_id": batch_id, "items": items}, jobspec.SbomRescan)
+        return jobspec.build_sbom_rescan_job(batch, options)
+
+    async def _create_batch(
+        self, batch_id: str, confirmed: list[tuple[Gathered, DigestScanState]], manifest: jobspec.Manifest
+    ) -> Launch:
+        """POST the batch Job: 409 is a repeated step. A refusal that will repeat fails every item (backoff applies)."""
+        with tracer.start_as_current_span("create SBOM rescan Job", kind=SpanKind.CLIENT) as span:
+            span.set_attribute("podsweep.batch_id", batch_id)
+            span.set_attribute("podsweep.batch_size", len(confirmed))
+            carried = telemetry.traceparent()
+            if carried is not None:
+                manifest["metadata"]["annotations"][jobs.TRACEPARENT_ANNOTATION] = carried
+            try:
+                await self.kube.request("POST", self.jobs_path, body=manifest)
+            except KubeError as exc:
+                if exc.status == 409:
+                    return "exists"
+                span.set_status(Status(StatusCode.ERROR, f"HTTP {exc.status}"))
+                await self._release(batch_id)
+                if 400 <= exc.status < 500 and exc.status not in (408, 429):
+                    for item, _ in confirmed:
+                        await self._fail(item.key, item.scan, f"the API server refused the Job with {exc.status}")
+                else:
+                    # Transient: the claims stay pending, expire, and are resumed into a new batch.
+                    log.warning("sbom rescan Job not created, will be retried", batch=batch_id, status=exc.status)
+                return "failed"
+        jobs_created.add(1, {"mode": "sbom"})
+        log.info("sbom rescan created", batch=batch_id, digests=len(confirmed))
+        return "created"
+
+    # -- podsweep rescan ---------------------------------------------------------------------------------------------
+
+    async def on_rescan_requested(self, request: RescanRequested, _: busmod.Delivery) -> None:
+        """Make the requested digests due (compare-and-set), answer with rescan.accepted, let the timers claim them.
+
+        Claims, batches and every limit apply as for any due digest: a request only moves due times.
+        """
+        now = utcnow()
+        keys, unknown = await self._requested_keys(request)
+        due = 0
+        for key in keys:
+            answers: list[plan.RescanAnswer] = []
+            await busmod.kv_update(
+                self.scans,
+                key,
+                DigestScanState,
+                functools.partial(_make_due, now=now, policy=self.cfg.policy, answers=answers),
+            )
+            if answers and answers[-1] in ("made_due", "in_flight"):
+                due += 1
+            if answers and answers[-1] == "made_due":
+                self._set_timer(key, now)
+        accepted = RescanAccepted(
+            cluster=self.settings.cluster, request_id=request.request_id, due=due, unknown=unknown
+        )
+        await self.bus.publish(subjects.RESCAN_ACCEPTED, accepted, msg_id=f"rescan-accepted-{request.request_id}")
+        self.wake.set()
+        log.info(
+            "rescan accepted",
+            request_id=request.request_id,
+            requested_by=request.requested_by,
+            due=due,
+            unknown=len(unknown),
+        )
+
+    async def _requested_keys(self, request: RescanRequested) -> tuple[list[str], list[str]]:
+        """The digest keys a request names, and the digests it names that this dispatcher has never seen."""
+        if request.all:
+            try:
+                return sorted(await self.scans.keys()), []
+            except nats.js.errors.NoKeysError:
+                return [], []
+        if request.namespace is not None:
+            return rescans.keys_in_namespace(await self._workloads(), request.namespace), []
+        keys: list[str] = []
+        unknown: list[str] = []
+        for ref in dict.fromkeys(request.digests):
+            state, _ = await busmod.kv_read(self.scans, digest_hex(ref), DigestScanState)
+            if state is None:
+                unknown.append(ref)
+            else:
+                keys.append(digest_hex(ref))
+        return keys, unknown
+
+    async def _workloads(self) -> list[DigestWorkloads]:
+        """Every digest's workloads, from one pass over the WORKLOADS bucket's latest values."""
+        found: list[DigestWorkloads] = []
+        watcher = await self.workloads.watchall(ignore_deletes=True)
+        try:
+            async with asyncio.timeout(30.0):
+                async for entry in watcher:
+                    if entry is None:
+                        break
+                    if entry.value is None:
+                        continue
+                    try:
+                        found.append(_WORKLOADS.decode(entry.value))
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        log.warning("rescan skipped an unreadable workloads document", key=entry.key)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return found
+
     # -- the limiter -----------------------------------------------------------------------------------------------
 
     async def _acquire(self, scan: ScanPlan, now: datetime, deadline: datetime) -> limiter.Outcome:
@@ -326,6 +519,23 @@ class Dispatcher:
             self.limiter = stored
         return outcomes[-1]
 
+    async def _acquire_slot(self, slot_id: str, now: datetime, deadline: datetime) -> limiter.Outcome:
+        """One global slot and no node slot: what an unpinned SBOM rescan batch holds."""
+        outcomes: list[limiter.Outcome] = []
+        limits = self.cfg.limits
+
+        def change(old: LimiterState | None) -> LimiterState | None:
+            new, outcome = limiter.try_acquire(
+                old or LimiterState(), now, scan_id=slot_id, node=None, deadline=deadline, limits=limits
+            )
+            outcomes.append(outcome)
+            return new
+
+        stored, _ = await busmod.kv_update(self.limits_kv, LIMITER_KEY, LimiterState, change)
+        if stored is not None:
+            self.limiter = stored
+        return outcomes[-1]
+
     async def _release(self, scan_id: str) -> None:
         def change(old: LimiterState | None) -> LimiterState | None:
             return None if old is None else limiter.release(old, utcnow(), scan_id)
@@ -334,6 +544,7 @@ class Dispatcher:
         if stored is not None:
             self.limiter = stored
         if wrote:
+            self.gathering.blocked = False
             self.wake.set()
 
     # -- background: parked claims, timers, the sweep --------------------------------------------------------------
@@ -345,6 +556,7 @@ class Dispatcher:
             self.wake.clear()
             try:
                 await self._run_timers()
+                await self._run_batches()
                 if self.parked:
                     await self._run_parked()
             except Exception as exc:  # this loop must outlive any one digest's trouble
@@ -388,7 +600,7 @@ class Dispatcher:
                 else:
                     self.parked.unpark(key)
                     result = await self.reconsider(key)
-                if result in ("created", "exists", "stale"):
+                if result in ("created", "exists", "stale", "gathered"):
                     started += 1
                 elif result == "refused" and self._full(utcnow()):
                     return
@@ -461,6 +673,16 @@ class Dispatcher:
             yield Observation(count, {"node": node})
 
 
+def _make_due(
+    old: DigestScanState | None, *, now: datetime, policy: plan.Policy, answers: list[plan.RescanAnswer]
+) -> DigestScanState | None:
+    if old is None:
+        return None
+    new, answer = plan.make_due(old, now, policy)
+    answers.append(answer)
+    return new
+
+
 async def _wait(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> bool:
     """Sleep up to `seconds`, less when `stop` (or `wake`) is set; True when stopping."""
     waits = [asyncio.ensure_future(stop.wait())]
@@ -515,6 +737,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                 subjects.SCAN_STARTED: busmod.Route(ScanStarted, dispatcher.on_scan_started),
                 subjects.SCAN_COMPLETED: busmod.Route(ScanCompleted, dispatcher.on_scan_completed),
                 subjects.SCAN_FAILED: busmod.Route(ScanFailed, dispatcher.on_scan_failed),
+                subjects.RESCAN_REQUESTED: busmod.Route(RescanRequested, dispatcher.on_rescan_requested),
             }
             HEALTH.set("dispatcher:consuming", True)
             log.info(

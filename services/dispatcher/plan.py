@@ -41,6 +41,9 @@ from services.dispatcher.nodes import pick_node
 # Failures that prove the node does not hold the image any more: never retry there.
 NO_OPTIONS = ImageOptions()
 _NODE_LOST_IMAGE = frozenset({"ErrImageNeverPull", "NodeGone"})
+# SBOM rescan failures that are the item's own (its `trivy sbom` failed): the SBOM is not used again, the digest
+# falls back to a node scan. Other failures of a batch (deadline, eviction, another item failing first) keep it.
+_SBOM_AT_FAULT = frozenset({"ScanError", "OOMKilled"})
 
 Why = Literal[
     "first_scan",
@@ -78,6 +81,8 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     # Rescan from a stored SBOM (issue 10) instead of a node when one exists, unless it predates this Trivy.
     sbom_rescans: bool = True
     sbom_min_trivy_version: str | None = None
+    # Digests no node runs any more keep being rescanned from their SBOM this long after the last one stopped.
+    rescan_gone_for: timedelta = timedelta(days=7)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -143,6 +148,17 @@ def _sbom_usable(state: DigestScanState, policy: Policy) -> bool:
     return _version(state.sbom_trivy_version or "0") >= _version(policy.sbom_min_trivy_version)
 
 
+def _still_covered(state: DigestScanState, now: datetime, policy: Policy) -> bool:
+    """Whether a digest may be rescanned now: a node runs it, or it stopped running less than `rescan_gone_for`
+    ago and has a usable SBOM (a scaled-to-zero workload stays covered without any node)."""
+    if state.nodes_seen:
+        return True
+    if not _sbom_usable(state, policy):
+        return False
+    since = state.not_running_since or state.last_seen_at
+    return since is not None and now - since < policy.rescan_gone_for
+
+
 def _version(text: str) -> tuple[int, ...]:
     parts = []
     for piece in text.lstrip("v").split("."):
@@ -172,7 +188,7 @@ def _claim(
 ) -> Decision | None:
     """Claim a new scan of `state`'s digest, or None when no node can take it now (the caller says why)."""
     attempts = 1 if new_cycle else state.attempts + 1
-    if why == "rescan_due" and _sbom_usable(state, policy):
+    if why in ("rescan_due", "retry") and _sbom_usable(state, policy):
         mode: ScanMode = "sbom"
         node = None
     else:
@@ -222,8 +238,8 @@ def _record_failure(
         failures=failures,
         nodes_seen=nodes,
         claim_expires_at=None,
-        # An SBOM rescan that failed falls back to a node scan.
-        sbom_key=None if node is None else state.sbom_key,
+        # An SBOM rescan that failed by its own fault falls back to a node scan.
+        sbom_key=None if node is None and reason in _SBOM_AT_FAULT else state.sbom_key,
     )
     if state.attempts >= policy.max_attempts:
         return msgspec.structs.replace(
@@ -232,7 +248,7 @@ def _record_failure(
             next_due_at=now + policy.rescan_interval,
             reason=f"gave up after {state.attempts} attempts; last: {detail}"[:4096],
         )
-    if not nodes:
+    if not nodes and not _sbom_usable(base, policy):
         return msgspec.structs.replace(
             base,
             status="not_scanned",
@@ -288,7 +304,7 @@ def decide(
         due = state.next_due_at or (due_at(state.digest_ref, state.last_scan_at, policy) if state.last_scan_at else now)
         if now < due:
             return Decision(keep, None, "not_due", due)
-        if not state.nodes_seen and not _sbom_usable(state, policy):
+        if not _still_covered(state, now, policy):
             return Decision(keep, None, "no_node", None)
         return _claim(
             state, now, policy, active_per_node, limits, why="rescan_due", new_cycle=True, options=options
@@ -297,7 +313,7 @@ def decide(
         gave_up = state.attempts >= policy.max_attempts
         if state.next_due_at is not None and now < state.next_due_at:
             return Decision(keep, None, "gave_up" if gave_up else "backoff", state.next_due_at)
-        if not state.nodes_seen:
+        if not _still_covered(state, now, policy):
             return Decision(keep, None, "no_node", None)
         return _claim(
             state, now, policy, active_per_node, limits, why="retry", new_cycle=gave_up, options=options
@@ -326,7 +342,7 @@ def on_seen(
         changed = False
     if seen.node not in state.nodes_seen:
         nodes = [*state.nodes_seen, seen.node][-policy.max_nodes_tracked :]
-        state = msgspec.structs.replace(state, nodes_seen=nodes, last_seen_at=now)
+        state = msgspec.structs.replace(state, nodes_seen=nodes, last_seen_at=now, not_running_since=None)
         changed = True
     elif state.last_seen_at is None or now - state.last_seen_at >= policy.seen_refresh:
         state = msgspec.structs.replace(state, last_seen_at=now)
@@ -343,6 +359,10 @@ def on_gone(state: DigestScanState | None, gone: ImageGone, now: datetime, polic
         return Decision(None, None, "stale")
     nodes = [n for n in state.nodes_seen if n != gone.node]
     state = msgspec.structs.replace(state, nodes_seen=nodes)
+    if not nodes:
+        state = msgspec.structs.replace(state, not_running_since=gone.observed_at, last_seen_at=gone.observed_at)
+    if not nodes and _still_covered(state, now, policy) and state.status in ("done", "failed"):
+        return Decision(state, None, "recorded", state.next_due_at)
     if not nodes and state.status in ("failed", "not_scanned") and state.attempts < policy.max_attempts:
         state = msgspec.structs.replace(
             state,
@@ -399,3 +419,41 @@ def on_failed(
     node = failed.node if failed.node is not None else state.node
     recorded = _record_failure(state, node, failed.reason, failed.message[:200], now, policy)
     return decide(recorded, now, policy, active_per_node, limits, changed=True)
+
+
+def confirm_batch_item(
+    state: DigestScanState | None, scan_id: str, claimed_until: datetime | None, now: datetime, policy: Policy
+) -> DigestScanState | None:
+    """Renew this replica's claim on an SBOM rescan about to join a batch Job; None drops it from the batch.
+
+    The claim must still be the one this replica wrote (same scan id, same expiry): a claim another replica
+    resumed after it expired carries the same scan id but a new expiry, so two replicas never batch one digest.
+    Written with compare-and-set like every claim.
+    """
+    if state is None or state.status != "pending" or state.scan_id != scan_id or state.node is not None:
+        return None
+    if state.claim_expires_at != claimed_until:
+        return None
+    return msgspec.structs.replace(state, claim_expires_at=now + policy.claim_ttl)
+
+
+RescanAnswer = Literal["made_due", "in_flight", "not_covered"]
+
+
+def make_due(state: DigestScanState, now: datetime, policy: Policy) -> tuple[DigestScanState | None, RescanAnswer]:
+    """A forced rescan (`podsweep rescan`): move the digest's due time to now. Limits and claims still apply.
+
+    A claim in flight already rescans it; a digest no node runs and with no SBOM that may still be used cannot be
+    rescanned at all. A digest waiting in backoff or given up is made due too (an operator asked).
+    """
+    if state.status in ("pending", "running"):
+        return None, "in_flight"
+    if not _still_covered(state, now, policy):
+        return None, "not_covered"
+    if state.status == "not_scanned":
+        return None, "made_due"  # scanned as soon as a node can take it
+    if state.next_due_at is not None and state.next_due_at <= now:
+        return None, "made_due"
+    if state.status == "failed":
+        return msgspec.structs.replace(state, next_due_at=now, attempts=0), "made_due"
+    return msgspec.structs.replace(state, next_due_at=now), "made_due"

@@ -23,6 +23,8 @@ class Configured(msgspec.Struct, frozen=True, kw_only=True):
     jobs: JobOptions
     sweep_interval_s: float
     sweep_jitter_ratio: float
+    sbom_batch_size: int = 50
+    sbom_batch_window_s: float = 1.0
 
 
 def _seconds(value: float) -> timedelta:
@@ -91,6 +93,7 @@ def configure(settings: Settings) -> Configured:
         backoff_max=_seconds(section.backoff_max_s),
         failure_memory=_seconds(section.failure_memory_s),
         sbom_rescans=section.sbom_rescans and section.sbom,
+        rescan_gone_for=_seconds(section.rescan_gone_for_s),
     )
     limits = Limits(
         max_active=section.max_active,
@@ -103,4 +106,6 @@ def configure(settings: Settings) -> Configured:
         jobs=job_options(section, settings.namespace),
         sweep_interval_s=section.sweep_interval_s,
         sweep_jitter_ratio=section.sweep_jitter_ratio,
+        sbom_batch_size=section.sbom_batch_size,
+        sbom_batch_window_s=section.sbom_batch_window_s,
     )

@@ -91,6 +91,7 @@ class Parser:
         report = await self._read_report(event, delivery)
         if report is None:
             return  # quarantined
+        report = await self._with_running_state(report, hex_)
         if step == "stale":
             key = storage.history_report_key(event.digest_ref, event.finished_at)
             await self.store.put(key, _encoder.encode(report))
@@ -124,6 +125,13 @@ class Parser:
             first=out.first_report,
             sbom=sbom_key is not None,
         )
+
+    async def _with_running_state(self, report: Report, key: str) -> Report:
+        """The report saying since when no node runs the digest (a scaled-to-zero image rescanned from its SBOM)."""
+        state, _ = await busmod.kv_read(self.scans, key, DigestScanState)
+        if state is None or state.nodes_seen or state.not_running_since is None:
+            return report
+        return msgspec.structs.replace(report, not_running_since=state.not_running_since)
 
     async def _republish(self, event: ScanCompleted) -> None:
         found = await self._stored_event(event)

@@ -53,6 +53,7 @@ def report_stored(event: ScanCompleted, report: Report, previous: Report | None,
         fixed=fixed,
         first_report=previous is None,
         stored_at=stored_at,
+        not_running_since=report.not_running_since,
     )
 
 

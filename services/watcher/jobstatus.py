@@ -1,7 +1,8 @@
 """What a podsweep scan Job's state means: started, completed or failed (with a FailureReason), as events.
 
-A node scan Job runs one scan; an SBOM rescan Job runs a batch, and its outcome is every item's (one failing item
-fails the Job, see services/dispatcher/jobspec.py). Init containers scan, the main container uploads.
+A node scan Job runs one scan; an SBOM rescan Job runs a batch: one failing item fails the Job (see
+services/dispatcher/jobspec.py), and each item gets its own event. The item whose `rescan-<n>` container failed gets
+that failure; the others get BatchAborted (their reports were never uploaded, their SBOMs are not at fault).
 
 Pure: the shell passes the Job, the pods it last saw for it and whether its node still exists. Never trusts the
 Job's labels or annotations without validating them: a Job in podsweep's namespace could have been made by anyone.
@@ -42,6 +43,7 @@ class ScanJob(msgspec.Struct, frozen=True, kw_only=True):
     job: K8sName
     raw_key: ObjectKey
     sbom_key: ObjectKey | None = None
+    item: int | None = None  # the position in an SBOM rescan batch (its container is `rescan-<item>`)
 
 
 class NotAScanJob(msgspec.Struct, frozen=True):
@@ -55,6 +57,8 @@ class Outcome(msgspec.Struct, frozen=True):
     reason: FailureReason | None = None
     message: str = ""
     at: datetime | None = None
+    # For a failed SBOM rescan batch: the items whose own `rescan-<n>` container failed.
+    failed_items: tuple[int, ...] = ()
 
 
 class _BatchItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -104,8 +108,8 @@ def _batch_scans(job: Job) -> tuple[ScanJob, ...] | NotAScanJob:
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
         return NotAScanJob(f"invalid SBOM rescan Job metadata at {_where(exc)} (annotation {jobs.BATCH_ANNOTATION})")
     scans = tuple(
-        ScanJob(scan_id=i.scan_id, digest_ref=i.digest_ref, mode="sbom", job=meta.name, raw_key=i.raw_key)
-        for i in items
+        ScanJob(scan_id=i.scan_id, digest_ref=i.digest_ref, mode="sbom", job=meta.name, raw_key=i.raw_key, item=n)
+        for n, i in enumerate(items)
     )
     for scan in scans:
         problem = _key_problem(scan)
@@ -130,6 +134,28 @@ def _where(exc: msgspec.DecodeError) -> str:
 
 def outcome(job: Job, pods: Sequence[ScanPod] = (), node_exists: bool | None = None) -> Outcome:
     """Where the scan is. A failure visible in a pod (ErrImageNeverPull never fails a pod by itself) counts at once."""
+    found = _job_outcome(job, pods, node_exists)
+    if found.phase == "failed" and job.metadata.annotations.get(jobs.MODE_ANNOTATION) == "sbom":
+        return msgspec.structs.replace(found, failed_items=_failed_items(pods))
+    return found
+
+
+_RESCAN_CONTAINER = re.compile(r"^rescan-([0-9]{1,4})$")
+
+
+def _failed_items(pods: Sequence[ScanPod]) -> tuple[int, ...]:
+    """The batch items whose own rescan container exited non-zero or was OOM-killed."""
+    failed: set[int] = set()
+    for pod in pods:
+        for cs in pod.status.init_container_statuses:
+            match = _RESCAN_CONTAINER.match(cs.name)
+            terminated = cs.state.terminated
+            if match and terminated is not None and (terminated.exit_code != 0 or terminated.reason == "OOMKilled"):
+                failed.add(int(match[1]))
+    return tuple(sorted(failed))
+
+
+def _job_outcome(job: Job, pods: Sequence[ScanPod], node_exists: bool | None) -> Outcome:
     status = job.status
     for condition in status.conditions:
         if condition.status == "True" and condition.type in ("Complete", "SuccessCriteriaMet"):
@@ -233,6 +259,7 @@ def scan_event(scan: ScanJob, current: Outcome, cluster: str, now: datetime) -> 
             finished_at=at,
         )
     if current.phase == "failed":
+        reason, message = _item_failure(scan, current)
         return ScanFailed(
             cluster=cluster,
             scan_id=scan.scan_id,
@@ -240,11 +267,23 @@ def scan_event(scan: ScanJob, current: Outcome, cluster: str, now: datetime) -> 
             mode=scan.mode,
             node=scan.node,
             job=scan.job,
-            reason=current.reason or "Unknown",
-            message=current.message,
+            reason=reason,
+            message=message,
             failed_at=at,
         )
     return None
+
+
+def _item_failure(scan: ScanJob, current: Outcome) -> tuple[FailureReason, str]:
+    """A batch item's own failure, or BatchAborted when another item (or the batch's download/upload) failed."""
+    reason: FailureReason = current.reason or "Unknown"
+    if scan.item is None or scan.item in current.failed_items:
+        return reason, current.message
+    if current.failed_items or reason in ("ScanError", "UploadFailed"):
+        others = ", ".join(str(n) for n in current.failed_items) or "none"
+        text = f"SBOM rescan batch {scan.job} failed (failed items: {others}); this item was not uploaded: "
+        return "BatchAborted", _clean(text + current.message)
+    return reason, current.message
 
 
 def message_id(event: ScanEvent) -> str:

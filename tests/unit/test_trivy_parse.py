@@ -38,7 +38,12 @@ def walk(data: bytes) -> dict[str, Any]:
         ),
         "secrets": sum(len(r.get("Secrets") or []) for r in results),
         "keys": {
-            (v["VulnerabilityID"], v["PkgName"], v["InstalledVersion"], v.get("PkgPath") or r["Target"])
+            (
+                v["VulnerabilityID"],
+                v["PkgName"],
+                v["InstalledVersion"],
+                v.get("PkgPath") or ("os-pkgs" if r.get("Class") == "os-pkgs" else r["Target"]),
+            )
             for r in results
             for v in r.get("Vulnerabilities") or []
         },
