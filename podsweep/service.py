@@ -2,14 +2,58 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+import nats.js.errors
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from podsweep import bus as busmod
 from podsweep import logs
 from podsweep.config import Settings
 from podsweep.objectstore import ObjectStore
+
+LAG_POLL_S = 15.0
+meter = metrics.get_meter("podsweep.service")
+_lag: dict[str, tuple[int, int]] = {}  # service -> (pending, ack pending), from its consumer's info
+
+
+def _observe_pending(_: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(pending, {"service": name}) for name, (pending, _ack) in _lag.items()]
+
+
+def _observe_ack_pending(_: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(ack, {"service": name}) for name, (_pending, ack) in _lag.items()]
+
+
+meter.create_observable_gauge(
+    "podsweep_consumer_pending", [_observe_pending], description="Events not yet delivered to the service's consumer"
+)
+meter.create_observable_gauge(
+    "podsweep_consumer_ack_pending", [_observe_ack_pending], description="Events delivered and not yet acknowledged"
+)
+
+
+async def _follow_lag(bus: busmod.Bus, name: str, every_s: float = LAG_POLL_S) -> None:
+    """Consumer lag for /metrics: one consumer-info request every `every_s` (a service without a consumer, such as
+    the watcher, reports none)."""
+    misses = 0
+    while True:
+        wait = every_s
+        try:
+            info = await bus.js.consumer_info(bus.settings.stream, name)
+            _lag[name] = (int(info.num_pending or 0), int(info.num_ack_pending or 0))
+        except nats.js.errors.NotFoundError:  # not created yet (the service is starting) or none at all
+            _lag.pop(name, None)
+            misses += 1
+            wait = min(every_s, 2.0) if misses < 30 else every_s
+        except Exception as exc:  # lag is for dashboards: a failed reading waits for the next one
+            logs.get("podsweep.service").debug("consumer lag unreadable", service=name, error=str(exc)[:200])
+        await asyncio.sleep(wait)
 
 
 @dataclass
@@ -35,6 +79,13 @@ async def open_service(name: str, settings: Settings, *, s3: bool = False) -> As
             store = ObjectStore(settings.s3)
             await store.ensure_bucket()
         logs.get(f"podsweep.{name}").info("service connected", nats=settings.nats.url, s3=bool(store))
-        yield Service(name=name, settings=settings, bus=bus, store=store)
+        lag = asyncio.create_task(_follow_lag(bus, name))
+        try:
+            yield Service(name=name, settings=settings, bus=bus, store=store)
+        finally:
+            lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
+            _lag.pop(name, None)
     finally:
         await bus.close()
