@@ -108,6 +108,7 @@ class ScanCompleted(Event, frozen=True, kw_only=True):
     job: K8sName
     raw_key: ObjectKey
     sbom_key: ObjectKey | None = None
+    started_at: datetime | None = None  # the Job's start (absent from watchers before this field)
     finished_at: datetime
 
 

@@ -44,6 +44,9 @@ quarantined_total = meter.create_counter(
     "podsweep_uploads_quarantined", description="Uploads quarantined, by object (report, sbom) and kind"
 )
 parse_seconds = meter.create_histogram("podsweep_report_parse_seconds", unit="s", description="Parse + normalize")
+scan_seconds = meter.create_histogram(
+    "podsweep_scan_duration_seconds", unit="s", description="Scan Job start to completion, by scan mode"
+)
 
 _encoder = msgspec.json.Encoder()
 _report_decoder = msgspec.json.Decoder(Report)
@@ -114,6 +117,8 @@ class Parser:
         await busmod.kv_update(self.summaries, hex_, DigestSummary, lambda old: stored.newer_summary(old, new_summary))
         await self.bus.publish(subjects.REPORT_STORED, out, msg_id=stored.stored_msg_id(event.scan_id))
         reports_stored.add(1, {"mode": event.mode})
+        if event.started_at is not None:  # counted where the report lands: once per scan, whichever replica
+            scan_seconds.record(max(0.0, (event.finished_at - event.started_at).total_seconds()), {"mode": event.mode})
         log.info(
             "report stored",
             digest=event.digest_ref,

@@ -57,6 +57,7 @@ class Outcome(msgspec.Struct, frozen=True):
     reason: FailureReason | None = None
     message: str = ""
     at: datetime | None = None
+    started_at: datetime | None = None  # the Job's startTime, so a completed scan's duration is known
     # For a failed SBOM rescan batch: the items whose own `rescan-<n>` container failed.
     failed_items: tuple[int, ...] = ()
 
@@ -159,7 +160,8 @@ def _job_outcome(job: Job, pods: Sequence[ScanPod], node_exists: bool | None) ->
     status = job.status
     for condition in status.conditions:
         if condition.status == "True" and condition.type in ("Complete", "SuccessCriteriaMet"):
-            return Outcome("completed", at=status.completion_time or condition.last_transition_time)
+            at = status.completion_time or condition.last_transition_time
+            return Outcome("completed", at=at, started_at=status.start_time)
 
     failed_condition = next(
         (c for c in status.conditions if c.status == "True" and c.type in ("Failed", "FailureTarget")), None
@@ -256,6 +258,7 @@ def scan_event(scan: ScanJob, current: Outcome, cluster: str, now: datetime) -> 
             job=scan.job,
             raw_key=scan.raw_key,
             sbom_key=scan.sbom_key,
+            started_at=current.started_at,
             finished_at=at,
         )
     if current.phase == "failed":

@@ -103,16 +103,19 @@ class KubeControlPlane:
         return self.work_dir / "logs"
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Start everything at once (each component retries its server), then wait for the API and controllers."""
+        """Start etcd and the API server, and once the API is ready the controllers and kwok, then wait for them.
+
+        The controller-manager gives the API server only 10 s to become healthy and then exits, which a loaded
+        machine overruns (seen at a load average of 20 on 2 cores), so it starts after /readyz answers."""
         began = time.monotonic()
         self._write_credentials()
         self._spawn("etcd", self._etcd_argv())
         self._spawn("kube-apiserver", self._apiserver_argv())
+        deadline = began + timeout_s
+        self._wait_for("kube-apiserver", "/readyz", deadline)
         self._spawn("kube-controller-manager", self._controller_manager_argv())
         self._spawn("kube-scheduler", self._scheduler_argv())
         self._spawn("kwok", self._kwok_argv())
-        deadline = began + timeout_s
-        self._wait_for("kube-apiserver", "/readyz", deadline)
         # The default ServiceAccount exists once the controller-manager runs; pods cannot be admitted without it.
         self._wait_for("kube-controller-manager", "/api/v1/namespaces/default/serviceaccounts/default", deadline)
         self._wait_for_kwok(deadline)

@@ -330,6 +330,8 @@ async def test_a_deployment_on_kwok_nodes_ends_in_one_signed_alert_and_one_trace
         if line.startswith("podsweep_image_vulnerabilities{") and all(label in line for label in wanted)
     ]
     assert len(critical) == 2 and sum(critical) == alert.counts.CRITICAL, scraped[-3000:]  # fixable and not
+    durations = [line for line in scraped.splitlines() if line.startswith("podsweep_scan_duration_seconds_count{")]
+    assert durations and float(durations[0].rsplit(" ", 1)[1]) == 1, scraped[-3000:]
     lag = [line for line in scraped.splitlines() if line.startswith("podsweep_consumer_pending{")]
     assert any('service="parser"' in line for line in lag), scraped[-3000:]
 

@@ -192,12 +192,12 @@ def test_jobs_with_missing_or_hostile_metadata_are_ignored(
     [
         pytest.param(job(start_time=False), [], None, Outcome("pending"), id="not-started"),
         pytest.param(job(active=1), [], None, Outcome("started", at=STARTED), id="active"),
-        pytest.param(job(conditions=[cond("Complete")]), [], None, Outcome("completed", at=FINISHED), id="complete"),
+        pytest.param(job(conditions=[cond("Complete")]), [], None, Outcome("completed", at=FINISHED, started_at=STARTED), id="complete"),
         pytest.param(
             job(conditions=[cond("SuccessCriteriaMet"), cond("Complete", status="False")]),
             [],
             None,
-            Outcome("completed", at=FINISHED),
+            Outcome("completed", at=FINISHED, started_at=STARTED),
             id="success-criteria-met",
         ),
         pytest.param(
@@ -336,13 +336,13 @@ def test_events_for_each_phase_validate_against_the_contract() -> None:
     assert not isinstance(scans, NotAScanJob)
     [scan] = scans
     started = jobstatus.scan_event(scan, Outcome("started", at=STARTED), "prod", NOW)
-    completed = jobstatus.scan_event(scan, Outcome("completed"), "prod", NOW)
+    completed = jobstatus.scan_event(scan, Outcome("completed", started_at=STARTED), "prod", NOW)
     failed = jobstatus.scan_event(scan, Outcome("failed", "OOMKilled", "container scan was OOM-killed"), "prod", NOW)
     assert jobstatus.scan_event(scan, Outcome("pending"), "prod", NOW) is None
     assert isinstance(started, ScanStarted)
     assert started.started_at == STARTED
     assert isinstance(completed, ScanCompleted)
-    assert completed.finished_at == NOW
+    assert (completed.started_at, completed.finished_at) == (STARTED, NOW)
     assert completed.raw_key == storage.raw_key(REF, SCAN_ID)
     assert isinstance(failed, ScanFailed)
     assert failed.reason == "OOMKilled"
