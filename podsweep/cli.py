@@ -15,6 +15,7 @@ from rich.table import Table
 from podsweep import __version__, embedded, logs, progress, runtime
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.status import StatusReport
+from services.admission.cli import admissions_command
 from services.dispatcher.cli import upload_app
 from services.notifier.cli import check_command
 from services.parser.cli import report_app
@@ -35,6 +36,7 @@ app = typer.Typer(
 schemas_app = typer.Typer(no_args_is_help=True, help="The event and document contract (JSON Schema).")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(report_app, name="report")
+report_app.command("admissions")(admissions_command)  # the admission gate's audit, from the stream
 app.add_typer(upload_app)  # `podsweep upload` / `podsweep download`: what the scan Job's containers run
 app.command("check")(check_command)
 
@@ -138,7 +140,7 @@ def up(
                 f"embedded S3 (SeaweedFS) at {s3.endpoint_url}, bucket {settings.s3.bucket}, data in {root / 's3'}"
             )
         asyncio.run(_prepare(settings))
-        names = runtime.available()
+        names = [n for n in runtime.available() if n not in runtime.NOT_IN_UP]
         err.print(f"running: {', '.join(names) or '(no services in this build yet)'} — Ctrl-C stops")
         asyncio.run(_run_up(settings, names))
     except embedded.EmbeddedServerError as exc:

@@ -291,9 +291,10 @@ class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             glob, sep, mode = entry.partition("=")
             if not sep or not _NAMESPACE_GLOB_RE.match(glob) or mode not in ("off", "warn", "enforce"):
                 raise ValueError(f"namespace_modes {entry!r} must be 'glob=off|warn|enforce', e.g. 'prod-*=enforce'")
-        for glob in (*self.exempt_namespaces, *self.annotation_bypass_namespaces):
-            if not _NAMESPACE_GLOB_RE.match(glob):
-                raise ValueError(f"exempt_namespaces/annotation_bypass_namespaces {glob!r} is not a namespace glob")
+        for name in ("exempt_namespaces", "annotation_bypass_namespaces"):
+            for glob in getattr(self, name):
+                if not _NAMESPACE_GLOB_RE.match(glob):
+                    raise ValueError(f"{name} {glob!r} is not a namespace glob ([a-z0-9-] and * ? [ ] !)")
         if min(self.cert_reload_s, self.policy_poll_s, self.max_bypass_days, self.rescan_every_s) <= 0:
             raise ValueError("cert_reload_s, policy_poll_s, max_bypass_days and rescan_every_s must be > 0")
         if self.replay_s < 0 or self.audit_queue < 1 or self.findings_concurrency < 1:

@@ -424,6 +424,11 @@ def _glob(glob: str, value: str) -> bool:
     return _compiled(glob).match(value) is not None
 
 
+def glob_matches(glob: str, value: str) -> bool:
+    """The policy's glob semantics (fnmatch, case-sensitive, compiled once), for the admission gate's settings."""
+    return _glob(glob, value)
+
+
 def _any_glob(globs: Sequence[str], value: str) -> bool:
     return any(_glob(g, value) for g in globs)
 
@@ -467,6 +472,19 @@ def evaluate(
     now: datetime,
 ) -> Verdict:
     """Apply one resolved rule and the suppressions to a report as run by `image` in `namespace`. A finding whose CVSS is unknown is never filtered by `min_cvss`: unknown is not low."""
+    return evaluate_findings(rule, suppressions, report.findings, namespace, image, now)
+
+
+def evaluate_findings(
+    rule: PolicyRule,
+    suppressions: Sequence[Suppression],
+    findings: Sequence[Finding],
+    namespace: str | None,
+    image: str,
+    now: datetime,
+) -> Verdict:
+    """`evaluate` over findings alone: the admission gate keeps a compact copy of each digest's findings in memory
+    instead of whole reports."""
     repository, digest_ref = _image_names(image)
     counted: list[Finding] = []
     uncounted: list[Finding] = []
@@ -474,7 +492,7 @@ def evaluate(
     expired: list[SuppressedFinding] = []
     ignored_unfixed = 0
     by_id = _by_id(suppressions)
-    for finding in report.findings:
+    for finding in findings:
         if rule.ignore_unfixed and not finding.fixable:
             ignored_unfixed += 1
             continue

@@ -22,6 +22,8 @@ ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
 
 # In pipeline order; `up` starts the ones that exist.
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
+# Not started by `podsweep up`: the admission gate needs a TLS pair and an apiserver configured to call it.
+NOT_IN_UP = ("admission",)
 
 log = logs.get("podsweep.runtime")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from schemas import alerts, events, index, report, state
+from schemas import admission, alerts, events, index, report, state
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -26,6 +26,7 @@ DOCUMENTS: dict[str, Any] = {
     "dead": events.DeadLetter,
     "rescan.requested": events.RescanRequested,
     "rescan.accepted": events.RescanAccepted,
+    "admission.decided": admission.AdmissionDecided,  # the admission gate's audit of a warn/deny/bypass
     "report": report.Report,  # reports/sha256/<hex>/latest.json
     "state.digest": state.DigestScanState,
     "state.workloads": state.DigestWorkloads,

@@ -34,8 +34,8 @@ pytestmark = pytest.mark.kube
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RENDERED = ("base", "overlays/dev", "overlays/prod")
 OVERLAYS = ("overlays/dev", "overlays/prod")
-SERVICES = ("watcher", "dispatcher", "parser", "notifier")
-S3_SERVICES = ("dispatcher", "parser", "notifier")
+SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
+S3_SERVICES = ("dispatcher", "parser", "notifier", "admission")
 METRICS_PORT = 9090
 NAMESPACE = "podsweep"
 
@@ -280,7 +280,7 @@ def test_overlay_holds_what_it_is_for(
 
 @pytest.mark.parametrize("overlay", RENDERED)
 def test_every_namespaced_object_lands_in_podsweep(rendered: dict[str, Rendered], overlay: str) -> None:
-    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration"}
     misplaced = [
         f"{h.kind}/{h.metadata.name} in {h.metadata.namespace!r}"
         for h in rendered[overlay].headers()
@@ -349,6 +349,7 @@ def test_service_runs_its_own_command_and_probes_health_on_the_metrics_port(
         pytest.param("dispatcher", True, id="dispatcher-creates-jobs"),
         pytest.param("parser", False, id="parser-never-talks-to-the-api"),
         pytest.param("notifier", False, id="notifier-never-talks-to-the-api"),
+        pytest.param("admission", False, id="admission-never-talks-to-the-api"),
         pytest.param("scan", False, id="scan-jobs-never-get-a-token"),
         pytest.param("nats", False, id="nats-never-gets-a-token"),
         pytest.param("trivy", False, id="trivy-never-gets-a-token"),
@@ -730,6 +731,7 @@ async def test_services_run_the_event_pipeline_with_their_own_users(buses: dict[
         "parser": ["report.stored", "dead.parser"],
         "notifier": ["alert.sent", "alert.failed", "dead.notifier", "outbox.team-a"],
         "dispatcher": ["dead.dispatcher"],
+        "admission": ["admission.decided", "rescan.requested"],
     }
     for service, names in published.items():
         for n, name in enumerate(names):

@@ -1,0 +1,136 @@
+"""Test and benchmark material for the admission gate: AdmissionReview bodies, pod specs and a throwaway TLS CA.
+
+Builds plain JSON the way the apiserver sends it; decides nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+def pod(
+    name: str,
+    images: dict[str, str],
+    *,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+    node: str | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": [{"name": c, "image": i} for c, i in images.items()]}
+    if node is not None:
+        spec["nodeName"] = node
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}},
+        "spec": spec,
+    }
+
+
+def deployment(name: str, images: dict[str, str], *, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    selector = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": {**selector, **(labels or {})}},
+                "spec": {"containers": [{"name": c, "image": i} for c, i in images.items()]},
+            },
+        },
+    }
+
+
+def review(
+    obj: dict[str, Any],
+    namespace: str,
+    *,
+    operation: str = "CREATE",
+    old: dict[str, Any] | None = None,
+    uid: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """An admission/v1 AdmissionReview request for `obj`, as the apiserver would send it."""
+    kind = obj.get("kind", "Pod")
+    group, _, version = obj.get("apiVersion", "v1").rpartition("/")
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid or str(uuid.uuid4()),
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": kind.lower() + "s"},
+            "requestKind": {"group": group, "version": version, "kind": kind},
+            "namespace": namespace,
+            "name": obj.get("metadata", {}).get("name", ""),
+            "operation": operation,
+            "userInfo": {"username": "alice@example.com", "groups": ["system:authenticated"]},
+            "object": obj,
+            "oldObject": old,
+            "dryRun": dry_run,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Tls:
+    """A CA and a serving pair for 127.0.0.1, written as PEM files."""
+
+    ca_pem: bytes
+    cert_file: Path
+    key_file: Path
+
+
+def make_tls(directory: Path, common_name: str = "podsweep-admission") -> Tls:
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name}-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_file = directory / "tls.crt"
+    key_file = directory / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return Tls(ca.public_bytes(serialization.Encoding.PEM), cert_file, key_file)

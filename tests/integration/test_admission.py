@@ -1,0 +1,580 @@
+"""The admission gate as the apiserver sees it: the harness kube-apiserver calls `podsweep run admission` over HTTPS
+on loopback (a CA made here, registered as the webhook's caBundle), with a real NATS and a real SeaweedFS behind it.
+
+The gate starts from a stored index and reports in S3 and from events on the stream, as in a cluster. Pods and
+Deployments go through the apiserver with a raw HTTP client, so the `Warning` headers of each answer are visible.
+The last test kills the gate's process: failurePolicy Ignore admits, Fail refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import secrets
+import signal
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import pytest_asyncio
+import yaml
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from typer.testing import CliRunner
+
+from podsweep import bus as busmod
+from podsweep import embedded
+from podsweep.config import NatsSettings, S3Settings
+from podsweep.embedded import free_port
+from podsweep.kube import Kube, KubeError
+from podsweep.objectstore import ObjectStore
+from schemas import storage, subjects
+from schemas.admission import AdmissionDecided
+from schemas.events import ImageSeen, ReportStored, RescanRequested, SeverityCounts, Workload
+from schemas.index import DigestSummary, IndexedDigest, SummaryIndex
+from schemas.report import Finding, Report
+from tests.harness.admission import Tls, deployment, make_tls, pod, review
+from tests.harness.kube import KubeControlPlane
+from tests.harness.kwok import create_namespace
+
+pytestmark = pytest.mark.kube
+
+REPO = Path(__file__).resolve().parents[2]
+NOW = datetime.now(UTC)
+IMAGE = "registry.test/team/app"
+BAD = f"{IMAGE}@sha256:{'b' * 64}"  # in the stored index: 1 CRITICAL
+SUPPRESSED = f"{IMAGE}@sha256:{'5' * 64}"  # in the stored index: 1 CRITICAL, suppressed by the policy
+CLEAN = f"{IMAGE}@sha256:{'c' * 64}"
+LATE = f"{IMAGE}@sha256:{'1' * 64}"  # its report arrives while the gate runs
+UNSCANNED = f"{IMAGE}@sha256:{'d' * 64}"  # seen running, never scanned
+CVE = "CVE-2026-4242"
+SUPPRESSED_CVE = "CVE-2026-5353"
+LATE_CVE = "CVE-2026-6464"
+WEBHOOKS = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
+
+
+@dataclass
+class Gate:
+    kube: KubeControlPlane
+    kube_api: Kube
+    nats: NatsSettings
+    bus: busmod.Bus
+    store: ObjectStore
+    tls: Tls
+    port: int
+    metrics_port: int
+    process: asyncio.subprocess.Process
+    webhook: str
+    enforce: str  # namespaces the webhook selects, by mode
+    warn: str
+    config_file: Path
+    log: Path
+
+    async def create(self, namespace: str, obj: dict[str, Any]) -> tuple[int, dict[str, Any], list[str]]:
+        """POST through the apiserver: status, body and the Warning headers (the client's view of admission)."""
+        plural = {"Pod": "pods", "Deployment": "deployments"}[obj["kind"]]
+        base = "/api/v1" if obj["kind"] == "Pod" else "/apis/apps/v1"
+        context = ssl.create_default_context(cafile=str(self.kube.ca_file))
+        async with httpx.AsyncClient(verify=context, timeout=20) as client:
+            response = await client.post(
+                f"{self.kube.server}{base}/namespaces/{namespace}/{plural}",
+                json=obj,
+                headers={"Authorization": f"Bearer {self.kube.token}"},
+            )
+        return response.status_code, response.json(), response.headers.get_list("warning")
+
+    async def audits(self) -> list[AdmissionDecided]:
+        return [msgspec.json.decode(d, type=AdmissionDecided) for d in await self._read(subjects.ADMISSION_DECIDED)]
+
+    async def rescans(self) -> list[RescanRequested]:
+        return [msgspec.json.decode(d, type=RescanRequested) for d in await self._read(subjects.RESCAN_REQUESTED)]
+
+    async def _read(self, name: str) -> list[bytes]:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        sub = await self.bus.js.subscribe(
+            self.bus.subject(name), ordered_consumer=True, config=config, stream=self.nats.stream
+        )
+        out: list[bytes] = []
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.3)
+                except TimeoutError:
+                    return out
+                out.append(msg.data)
+        finally:
+            await sub.unsubscribe()
+
+    async def audit_for(self, uid_part: str, timeout_s: float = 10) -> AdmissionDecided:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event in await self.audits():
+                if uid_part in (event.name or "") or uid_part in event.workload.name:
+                    return event
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"no admission.decided for {uid_part} in {timeout_s} s")
+
+
+def _report(ref: str, scan_id: str, cve: str) -> Report:
+    finding = Finding(
+        id=cve,
+        package="openssl",
+        installed_version="3.0.1",
+        severity="CRITICAL",
+        fixed_version="3.0.9",
+        fixable=True,
+        cvss=9.8,
+        title="a fixture finding",
+    )
+    counts = SeverityCounts(CRITICAL=1)
+    return Report(
+        digest_ref=ref,
+        scan_id=scan_id,
+        source_format="v2",
+        findings=[finding],
+        counts=counts,
+        fixable=counts,
+    )
+
+
+def _summary(ref: str, scan_id: str, critical: int) -> DigestSummary:
+    counts = SeverityCounts(CRITICAL=critical)
+    return DigestSummary(
+        digest_ref=ref,
+        scan_id=scan_id,
+        finished_at=NOW - timedelta(hours=1),
+        stored_at=NOW - timedelta(hours=1),
+        counts=counts,
+        fixable=counts,
+        report_key=storage.latest_report_key(ref),
+        history_key=storage.history_report_key(ref, NOW - timedelta(hours=1)),
+    )
+
+
+def _seen(image: str, ref: str, at: datetime) -> ImageSeen:
+    return ImageSeen(
+        cluster="default",
+        digest_ref=ref,
+        image=image,
+        node="node-1",
+        namespace="somewhere",
+        pod="p",
+        container="app",
+        container_kind="app",
+        workload=Workload(kind="Deployment", name="app"),
+        observed_at=at,
+    )
+
+
+async def _seed(store: ObjectStore, bus: busmod.Bus) -> None:
+    """What podsweep knew before the gate started: an index with reports, and sightings on the stream."""
+    encode = msgspec.json.encode
+    for ref, scan_id, cve in ((BAD, "scan-bad-0001", CVE), (SUPPRESSED, "scan-sup-0001", SUPPRESSED_CVE)):
+        await store.put(storage.latest_report_key(ref), encode(_report(ref, scan_id, cve)))
+    index = SummaryIndex(
+        generated_at=NOW - timedelta(minutes=30),
+        digests={
+            ref.rsplit(":", 1)[1]: IndexedDigest(digest_ref=ref, images=images, report=report)
+            for ref, images, report in (
+                (BAD, [f"{IMAGE}:1.0"], _summary(BAD, "scan-bad-0001", 1)),
+                (SUPPRESSED, [], _summary(SUPPRESSED, "scan-sup-0001", 1)),
+                (CLEAN, [f"{IMAGE}:2.0"], _summary(CLEAN, "scan-cln-0001", 0)),
+            )
+        },
+    )
+    await store.put(storage.SUMMARY_KEY, encode(index))
+    # The tag moved: first to CLEAN (in the index), then seen running BAD; the gate must follow the sighting.
+    await bus.publish(subjects.IMAGE_SEEN, _seen(f"{IMAGE}:moving", CLEAN, NOW - timedelta(hours=3)), msg_id="s1")
+    await bus.publish(subjects.IMAGE_SEEN, _seen(f"{IMAGE}:moving", BAD, NOW - timedelta(minutes=5)), msg_id="s2")
+    await bus.publish(subjects.IMAGE_SEEN, _seen(f"{IMAGE}:new", UNSCANNED, NOW - timedelta(minutes=5)), msg_id="s3")
+
+
+def _write_config(path: Path, gate_port: int, metrics_port: int, nats: NatsSettings, s3: S3Settings, tls: Tls) -> None:
+    policy = path.parent / "policy.yaml"
+    policy.write_text(
+        f"""suppressions:
+  - id: {SUPPRESSED_CVE}
+    owner: sec-team@example.com
+    reason: only reachable from the admin network; fix tracked in SEC-77
+    expires: {(NOW + timedelta(days=10)).date().isoformat()}
+"""
+    )
+    document = {
+        "nats": {
+            "url": nats.url,
+            "subject_root": nats.subject_root,
+            "stream": nats.stream,
+            "kv_prefix": nats.kv_prefix,
+        },
+        "s3": {
+            "endpoint_url": s3.endpoint_url,
+            "bucket": s3.bucket,
+            "access_key_id": s3.access_key_id,
+            "secret_access_key": s3.secret_access_key,
+        },
+        "telemetry": {"metrics_port": metrics_port},
+        "admission": {
+            "host": "127.0.0.1",
+            "port": gate_port,
+            "cert_file": str(tls.cert_file),
+            "key_file": str(tls.key_file),
+            "cert_reload_s": 0.5,
+            "policy_file": str(policy),
+            "default_mode": "warn",
+            "namespace_modes": ["enf-*=enforce"],
+            "bypasses": [
+                {
+                    "selector": {"app.kubernetes.io/instance": "payments"},
+                    "owner": "platform@example.com",
+                    "reason": "release 4.2 ships before the base image fix (INC-1234)",
+                    "expires": (NOW + timedelta(days=3)).isoformat(),
+                }
+            ],
+        },
+    }
+    path.write_text(yaml.safe_dump(document))
+
+
+async def _start(config_file: Path, log: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PODSWEEP_CONFIG": str(config_file), "PODSWEEP_LOG_FORMAT": "json"}
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "podsweep", "run", "admission", cwd=REPO, env=env, stdout=out, stderr=out
+        )
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def _ready(metrics_port: int, process: asyncio.subprocess.Process, log: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2) as client:
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                raise AssertionError(f"the gate exited with {process.returncode}:\n{_tail(log)}")
+            try:
+                if (await client.get(f"http://127.0.0.1:{metrics_port}/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the gate was not ready in {timeout_s} s:\n{_tail(log)}")
+
+
+def _webhook_configuration(name: str, port: int, ca: bytes, namespaces: list[str], policy: str) -> dict[str, Any]:
+    def hook(hook_name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "name": hook_name,
+            "clientConfig": {"url": f"https://127.0.0.1:{port}/validate", "caBundle": base64.b64encode(ca).decode()},
+            "rules": rules,
+            "failurePolicy": policy,
+            "timeoutSeconds": 3,
+            "sideEffects": "NoneOnDryRun",
+            "admissionReviewVersions": ["v1"],
+            "namespaceSelector": {
+                "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]
+            },
+        }
+
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            hook(
+                "pods.admission.podsweep.io",
+                [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+            ),
+            hook(
+                "workloads.admission.podsweep.io",
+                [
+                    {
+                        "apiGroups": ["apps"],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["deployments"],
+                    }
+                ],
+            ),
+        ],
+    }
+
+
+@pytest_asyncio.fixture(scope="module")
+async def gate(
+    kube: KubeControlPlane,
+    nats_server: embedded.EmbeddedNats,
+    s3_server: embedded.EmbeddedS3,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Gate]:
+    run = secrets.token_hex(3)
+    work = tmp_path_factory.mktemp("admission")
+    nats = NatsSettings(
+        url=nats_server.url, subject_root=f"adm{run}.podsweep", stream=f"ADM{run}", kv_prefix=f"adm{run}"
+    )
+    s3 = S3Settings(
+        endpoint_url=s3_server.endpoint_url,
+        bucket=f"podsweep-adm{run}",
+        access_key_id=s3_server.identity.access_key_id,
+        secret_access_key=s3_server.identity.secret_access_key,
+    )
+    bus = await busmod.connect(nats, "admission-test")
+    await busmod.ensure_stream(bus)
+    store = ObjectStore(s3)
+    await store.ensure_bucket()
+    await _seed(store, bus)
+    tls = make_tls(work / "tls")
+    port, metrics_port = free_port(), free_port()
+    config_file = work / "podsweep.yaml"
+    _write_config(config_file, port, metrics_port, nats, s3, tls)
+    log = work / "admission.log"
+    process = await _start(config_file, log)
+    kube_api = await Kube.connect(str(kube.kubeconfig))
+    enforce, warn = f"enf-{run}", f"warn-{run}"
+    for namespace in (enforce, warn):
+        await create_namespace(kube_api, namespace)
+    webhook = f"podsweep-admission-{run}"
+    try:
+        await _ready(metrics_port, process, log)
+        await kube_api.request(
+            "POST",
+            WEBHOOKS,
+            body=_webhook_configuration(webhook, port, tls.ca_pem, [enforce, warn], "Ignore"),
+        )
+        gate = Gate(
+            kube, kube_api, nats, bus, store, tls, port, metrics_port, process, webhook, enforce, warn, config_file, log
+        )
+        await _wait_webhook_active(gate)
+        yield gate
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        with contextlib.suppress(KubeError):
+            await kube_api.request("DELETE", f"{WEBHOOKS}/{webhook}")
+        for namespace in (enforce, warn):
+            with contextlib.suppress(KubeError):
+                await kube_api.request("DELETE", f"/api/v1/namespaces/{namespace}")
+        await kube_api.close()
+        await bus.close()
+
+
+async def _wait_webhook_active(gate: Gate, timeout_s: float = 20) -> None:
+    """The apiserver picks a new webhook configuration up asynchronously: probe until a bad pod is refused."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, _, _ = await gate.create(gate.enforce, pod(f"probe-{secrets.token_hex(3)}", {"app": BAD}))
+        if status == 403:
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"the webhook never refused a breaching pod:\n{_tail(gate.log)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+async def test_enforce_denies_a_breaching_pod_and_the_message_names_the_findings(gate: Gate) -> None:
+    status, body, _ = await gate.create(gate.enforce, pod("bad-by-digest", {"app": BAD}))
+    assert status == 403, body
+    message = body["message"]
+    for part in (BAD, "1 CRITICAL (more than 0)", CVE, "openssl 3.0.1", "suppression"):
+        assert part in message, message
+    audit = await gate.audit_for("bad-by-digest")
+    assert (audit.verdict, audit.allowed, audit.namespace) == ("deny", False, gate.enforce)
+    assert audit.images[0].findings == [CVE]
+
+
+async def test_enforce_denies_a_deployment_at_apply(gate: Gate) -> None:
+    status, body, _ = await gate.create(gate.enforce, deployment("api", {"app": BAD}))
+    assert status == 403, body
+    assert CVE in body["message"]
+    audit = await gate.audit_for("api")
+    assert audit.workload == Workload(kind="Deployment", name="api")
+
+
+async def test_warn_mode_creates_the_pod_and_the_client_sees_the_warnings(gate: Gate) -> None:
+    status, body, warnings = await gate.create(gate.warn, pod("warned", {"app": BAD}))
+    assert status == 201, body
+    assert any(CVE in w and "1 CRITICAL" in w for w in warnings), warnings
+    assert (await gate.audit_for("warned")).verdict == "warn"
+
+
+async def test_a_suppression_lets_it_in_and_the_audit_names_owner_and_reason(gate: Gate) -> None:
+    status, body, warnings = await gate.create(gate.enforce, pod("suppressed", {"app": SUPPRESSED}))
+    assert status == 201, body
+    assert any("sec-team@example.com" in w for w in warnings), warnings
+    audit = await gate.audit_for("suppressed")
+    assert audit.verdict == "suppressed" and audit.allowed
+    note = audit.images[0].suppressions[0]
+    assert (note.owner, note.reason) == (
+        "sec-team@example.com",
+        "only reachable from the admin network; fix tracked in SEC-77",
+    )
+
+
+async def test_a_bypass_label_lets_it_in_and_the_audit_names_owner_and_reason(gate: Gate) -> None:
+    labels = {"app.kubernetes.io/instance": "payments"}
+    status, body, warnings = await gate.create(gate.enforce, pod("bypassed", {"app": BAD}, labels=labels))
+    assert status == 201, body
+    assert any("bypass by platform@example.com" in w for w in warnings), warnings
+    audit = await gate.audit_for("bypassed")
+    assert audit.verdict == "bypass" and audit.bypass is not None
+    assert (audit.bypass.owner, audit.bypass.reason) == (
+        "platform@example.com",
+        "release 4.2 ships before the base image fix (INC-1234)",
+    )
+
+
+async def test_a_tag_resolves_through_the_last_digest_seen_running_it(gate: Gate) -> None:
+    status, body, _ = await gate.create(gate.enforce, pod("by-tag", {"app": f"{IMAGE}:moving"}))
+    assert status == 403, body
+    assert "tags move" in body["message"] and CVE in body["message"]
+    status, body, _ = await gate.create(gate.enforce, pod("clean-tag", {"app": f"{IMAGE}:2.0"}))
+    assert status == 201, body
+
+
+async def test_an_unknown_image_is_admitted_with_a_warning_and_a_known_unscanned_one_gets_a_scan_request(
+    gate: Gate,
+) -> None:
+    status, body, warnings = await gate.create(gate.enforce, pod("unknown", {"app": "registry.test/never:1"}))
+    assert status == 201, body
+    assert any("never been seen running" in w for w in warnings), warnings
+    status, body, warnings = await gate.create(gate.enforce, pod("unscanned", {"app": f"{IMAGE}:new"}))
+    assert status == 201, body
+    assert any("scan was requested" in w for w in warnings), warnings
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        requests = [r for r in await gate.rescans() if UNSCANNED in r.digests]
+        if requests:
+            break
+        await asyncio.sleep(0.2)
+    assert requests and requests[0].requested_by == "admission"
+
+
+async def test_a_report_stored_while_running_is_used_without_restart(gate: Gate) -> None:
+    status, _, _ = await gate.create(gate.enforce, pod("late-before", {"app": LATE}))
+    assert status == 201  # never seen: unknown, admitted with a warning
+    at = datetime.now(UTC)
+    history = storage.history_report_key(LATE, at)
+    await gate.store.put(history, msgspec.json.encode(_report(LATE, "scan-late-0001", LATE_CVE)))
+    event = ReportStored(
+        cluster="default",
+        scan_id="scan-late-0001",
+        digest_ref=LATE,
+        report_key=storage.latest_report_key(LATE),
+        history_key=history,
+        counts=SeverityCounts(CRITICAL=1),
+        fixable=SeverityCounts(CRITICAL=1),
+        stored_at=at,
+    )
+    await gate.bus.publish(subjects.REPORT_STORED, event, msg_id="late-1")
+    deadline = time.monotonic() + 10
+    message = ""
+    while time.monotonic() < deadline:
+        status, body, _ = await gate.create(gate.enforce, pod(f"late-{secrets.token_hex(2)}", {"app": LATE}))
+        message = body.get("message", "")
+        if status == 403 and LATE_CVE in message:  # the findings, not only the counts
+            break
+        await asyncio.sleep(0.2)
+    assert LATE_CVE in message
+
+
+async def test_hostile_input_gets_a_clear_answer_and_never_a_crash(gate: Gate) -> None:
+    context = ssl.create_default_context(cadata=gate.tls.ca_pem.decode())
+    url = f"https://127.0.0.1:{gate.port}/validate"
+    async with httpx.AsyncClient(verify=context, timeout=10) as client:
+        malformed = await client.post(url, content=b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionRev')
+        assert malformed.status_code == 400 and "not an AdmissionReview" in malformed.text
+        oversized = await client.post(url, content=b"x" * (2 * 1024 * 1024))
+        assert oversized.status_code == 413
+        configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
+        unknown_kind = await client.post(url, json=review(configmap, gate.enforce, uid="u-kind"))
+        assert unknown_kind.json()["response"] == {"uid": "u-kind", "allowed": True}
+    # Odd image references through the apiserver (which accepts them): admitted with a bounded warning.
+    for image in ("Registry.Test/UPPER:1", "registry.test/app:" + "t" * 300, "registry.test/x@sha256:zz"):
+        status, body, warnings = await gate.create(gate.enforce, pod(f"odd-{secrets.token_hex(2)}", {"app": image}))
+        assert status == 201, body
+        assert warnings and all(len(w) < 400 for w in warnings)
+    assert gate.process.returncode is None
+
+
+async def test_a_renewed_certificate_is_served_without_restart(gate: Gate) -> None:
+    original = (gate.tls.cert_file.read_bytes(), gate.tls.key_file.read_bytes())
+    renewed = make_tls(gate.tls.cert_file.parent / "renewed")
+    try:
+        gate.tls.key_file.write_bytes(renewed.key_file.read_bytes())
+        gate.tls.cert_file.write_bytes(renewed.cert_file.read_bytes())
+        assert await _served_with(gate, renewed.ca_pem)
+    finally:  # the apiserver's caBundle is the first CA: put the first pair back
+        gate.tls.key_file.write_bytes(original[1])
+        gate.tls.cert_file.write_bytes(original[0])
+    assert await _served_with(gate, gate.tls.ca_pem)
+
+
+async def _served_with(gate: Gate, ca_pem: bytes, timeout_s: float = 10) -> bool:
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            async with httpx.AsyncClient(verify=context, timeout=5) as client:
+                response = await client.post(f"https://127.0.0.1:{gate.port}/validate", content=b"{}")
+                return response.status_code == 400
+        except httpx.ConnectError:  # still the other certificate
+            await asyncio.sleep(0.2)
+    return False
+
+
+async def test_report_admissions_lists_recent_decisions(gate: Gate) -> None:
+    from podsweep.cli import app
+
+    env = {"PODSWEEP_CONFIG": str(gate.config_file)}
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["report", "admissions", "--json", "--verdict", "bypass"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    lines = [msgspec.json.decode(line, type=AdmissionDecided) for line in result.output.splitlines() if line]
+    assert [event.name for event in lines] == ["bypassed"]
+
+
+async def test_metrics_count_decisions_by_verdict_and_namespace(gate: Gate) -> None:
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{gate.metrics_port}/metrics")).text
+    decided = [line for line in text.splitlines() if line.startswith("podsweep_admission_decisions_total{")]
+    assert any(f'namespace="{gate.enforce}"' in line and 'verdict="deny"' in line for line in decided), decided
+    assert any(f'namespace="{gate.warn}"' in line and 'verdict="warn"' in line for line in decided), decided
+    assert any('verdict="http-400"' in line for line in decided), decided
+    assert "podsweep_admission_request_seconds_bucket" in text
+
+
+async def test_a_killed_webhook_admits_under_ignore_and_refuses_under_fail(gate: Gate) -> None:
+    gate.process.send_signal(signal.SIGKILL)
+    await gate.process.wait()
+    status, body, _ = await gate.create(gate.enforce, pod("while-dead", {"app": BAD}))
+    assert status == 201, body  # failurePolicy Ignore
+    path = f"{WEBHOOKS}/{gate.webhook}"
+    current = msgspec.json.decode(await gate.kube_api.get(path))
+    for hook in current["webhooks"]:
+        hook["failurePolicy"] = "Fail"
+    await gate.kube_api.request("PUT", path, body=current)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status, body, _ = await gate.create(gate.enforce, pod(f"refused-{secrets.token_hex(2)}", {"app": CLEAN}))
+        if status >= 500 or status == 403:
+            break
+        await asyncio.sleep(0.3)
+    assert status >= 500 or status == 403, body
+    assert "failed calling webhook" in body.get("message", ""), body
