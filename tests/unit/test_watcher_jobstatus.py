@@ -192,7 +192,13 @@ def test_jobs_with_missing_or_hostile_metadata_are_ignored(
     [
         pytest.param(job(start_time=False), [], None, Outcome("pending"), id="not-started"),
         pytest.param(job(active=1), [], None, Outcome("started", at=STARTED), id="active"),
-        pytest.param(job(conditions=[cond("Complete")]), [], None, Outcome("completed", at=FINISHED, started_at=STARTED), id="complete"),
+        pytest.param(
+            job(conditions=[cond("Complete")]),
+            [],
+            None,
+            Outcome("completed", at=FINISHED, started_at=STARTED),
+            id="complete",
+        ),
         pytest.param(
             job(conditions=[cond("SuccessCriteriaMet"), cond("Complete", status="False")]),
             [],
