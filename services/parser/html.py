@@ -8,7 +8,7 @@ only from a validated namespace or digest hex, or is an http(s) URL from a repor
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from html import escape
 
 from schemas.events import SEVERITIES, SeverityCounts
@@ -31,7 +31,10 @@ def _e(value: object) -> str:
 
 
 def _when(at: datetime | None) -> str:
-    return at.strftime("%Y-%m-%d %H:%M UTC") if at is not None else "-"
+    """An instant in UTC, as labelled (a time with another offset is converted; one without any is taken as UTC)."""
+    if at is None:
+        return "-"
+    return (at.astimezone(UTC) if at.tzinfo is not None else at).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _page(title: str, body: Iterable[str], up: str | None) -> str:
@@ -130,6 +133,15 @@ def _link(url: str, label: str) -> str:
     return _e(label)
 
 
+def _not_running_row(report: Report) -> list[str]:
+    """A digest no node runs any more is still rescanned from its SBOM for a while: its page says since when, so
+    nobody takes its findings for something running now."""
+    if report.not_running_since is None:
+        return []
+    since = _when(report.not_running_since)
+    return [f'<tr><th>running</th><td class="muted">not running since {since}</td></tr>']
+
+
 def digest_page(report: Report, summary: DigestSummary, images: list[str], namespaces: list[str]) -> str:
     """index/digests/<hex>.html: the latest report of one digest, every finding, worst first."""
     body = [
@@ -142,6 +154,7 @@ def digest_page(report: Report, summary: DigestSummary, images: list[str], names
         f"<tr><th>scanned</th><td>{_when(report.scanned_at or summary.finished_at)} by trivy "
         f"{_e(report.trivy_version or '?')} (scan {_e(summary.scan_id)}, {_e(summary.mode)})</td></tr>",
         f"<tr><th>misconfigurations / secrets</th><td>{summary.misconfigurations} / {summary.secrets}</td></tr>",
+        *_not_running_row(report),
         "</table>",
         f"<h2>Counts</h2><table><tr>{_COUNT_HEADERS}</tr><tr>{_count_cells(report.counts, report.fixable)}</tr></table>",
         "<h2>Findings</h2><table><tr><th>id</th><th>severity</th><th>package</th><th>installed</th><th>fixed</th>"

@@ -16,7 +16,10 @@ from schemas.report import Report
 from services.parser import normalize, trivy
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trivy"
-REPORT_FILES = sorted(p for p in FIXTURES.glob("*.json") if not p.name.startswith("not-report"))
+# CycloneDX SBOMs (`*.cdx.json`) are not reports: tests/unit/test_trivy_sbom_fixtures.py reads them.
+REPORT_FILES = sorted(
+    p for p in FIXTURES.glob("*.json") if not p.name.startswith("not-report") and not p.name.endswith(".cdx.json")
+)
 NOT_REPORTS = sorted(FIXTURES.glob("not-report*.json"))
 LARGE = FIXTURES / "v2-alpine-image-trivy-0.64-large.json"
 PREVIOUS = FIXTURES / "v2-alpine-image-trivy-0.64-previous.json"

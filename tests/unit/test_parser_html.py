@@ -1,0 +1,69 @@
+"""The digest page says when no node runs a digest any more (its report came from an SBOM rescan)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from schemas import storage
+from schemas.events import SeverityCounts
+from schemas.index import DigestSummary
+from schemas.report import Finding, Report
+from services.parser import html
+
+REF = "registry.example.com/app@sha256:" + "b" * 64
+T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+FINDING = Finding("CVE-2020-28500", "lodash", "4.17.20", "MEDIUM")
+
+
+def _summary() -> DigestSummary:
+    return DigestSummary(
+        digest_ref=REF,
+        scan_id="psw-000000000009",
+        mode="sbom",
+        finished_at=T0,
+        stored_at=T0,
+        counts=SeverityCounts(MEDIUM=1),
+        report_key=storage.latest_report_key(REF),
+        history_key=storage.history_report_key(REF, T0),
+    )
+
+
+def _page(not_running_since: datetime | None) -> str:
+    report = Report(
+        source_format="v2",
+        findings=[FINDING],
+        counts=SeverityCounts(MEDIUM=1),
+        not_running_since=not_running_since,
+    )
+    return html.digest_page(report, _summary(), ["registry.example.com/app:1"], ["shop"])
+
+
+@pytest.mark.parametrize(
+    ("since", "shown"),
+    [
+        pytest.param(
+            datetime(2026, 11, 20, 17, 45, 12, tzinfo=UTC), "not running since 2026-11-20 17:45 UTC", id="utc"
+        ),
+        pytest.param(
+            datetime.fromisoformat("2026-11-21T01:30:00+02:00"),
+            "not running since 2026-11-20 23:30 UTC",
+            id="other-offset-shown-in-utc",
+        ),
+        pytest.param(
+            datetime(2026, 11, 20, 8, 0), "not running since 2026-11-20 08:00 UTC", id="no-offset-taken-as-utc"
+        ),
+    ],
+)
+def test_digest_page_says_since_when_no_node_runs_the_digest(since: datetime, shown: str) -> None:
+    page = _page(since)
+    assert shown in page
+    assert page.index(shown) < page.index("<h2>Counts</h2>"), "said in the digest's header table, above the counts"
+    assert "lodash" in page, "its findings are still listed"
+
+
+def test_digest_page_of_a_running_digest_says_nothing_about_running() -> None:
+    page = _page(None)
+    assert "not running" not in page
+    assert "<th>running</th>" not in page
