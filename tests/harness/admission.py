@@ -17,6 +17,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from schemas.events import ImageSeen, Workload
+
+
+def seen(image: str, ref: str, at: datetime.datetime, namespace: str = "team-a") -> ImageSeen:
+    """The watcher's sighting of `image` as written running as digest `ref` (what maps a tag to its digest)."""
+    return ImageSeen(
+        cluster="default",
+        digest_ref=ref,
+        image=image,
+        node="node-1",
+        namespace=namespace,
+        pod="p",
+        container="app",
+        container_kind="app",
+        workload=Workload(kind="Deployment", name="app"),
+        observed_at=at,
+    )
+
 
 def pod(
     name: str,

@@ -39,10 +39,10 @@ from podsweep.kube import Kube, KubeError
 from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
 from schemas.admission import AdmissionDecided
-from schemas.events import ImageSeen, ReportStored, RescanRequested, SeverityCounts, Workload
+from schemas.events import ReportStored, RescanRequested, SeverityCounts, Workload
 from schemas.index import DigestSummary, IndexedDigest, SummaryIndex
 from schemas.report import Finding, Report
-from tests.harness.admission import Tls, deployment, make_tls, pod, review
+from tests.harness.admission import Tls, deployment, make_tls, pod, review, seen
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_namespace
 
@@ -160,21 +160,6 @@ def _summary(ref: str, scan_id: str, critical: int) -> DigestSummary:
     )
 
 
-def _seen(image: str, ref: str, at: datetime) -> ImageSeen:
-    return ImageSeen(
-        cluster="default",
-        digest_ref=ref,
-        image=image,
-        node="node-1",
-        namespace="somewhere",
-        pod="p",
-        container="app",
-        container_kind="app",
-        workload=Workload(kind="Deployment", name="app"),
-        observed_at=at,
-    )
-
-
 async def _seed(store: ObjectStore, bus: busmod.Bus) -> None:
     """What podsweep knew before the gate started: an index with reports, and sightings on the stream."""
     encode = msgspec.json.encode
@@ -193,9 +178,21 @@ async def _seed(store: ObjectStore, bus: busmod.Bus) -> None:
     )
     await store.put(storage.SUMMARY_KEY, encode(index))
     # The tag moved: first to CLEAN (in the index), then seen running BAD; the gate must follow the sighting.
-    await bus.publish(subjects.IMAGE_SEEN, _seen(f"{IMAGE}:moving", CLEAN, NOW - timedelta(hours=3)), msg_id="s1")
-    await bus.publish(subjects.IMAGE_SEEN, _seen(f"{IMAGE}:moving", BAD, NOW - timedelta(minutes=5)), msg_id="s2")
-    await bus.publish(subjects.IMAGE_SEEN, _seen(f"{IMAGE}:new", UNSCANNED, NOW - timedelta(minutes=5)), msg_id="s3")
+    await bus.publish(
+        subjects.IMAGE_SEEN,
+        seen(f"{IMAGE}:moving", CLEAN, NOW - timedelta(hours=3), namespace="somewhere"),
+        msg_id="s1",
+    )
+    await bus.publish(
+        subjects.IMAGE_SEEN,
+        seen(f"{IMAGE}:moving", BAD, NOW - timedelta(minutes=5), namespace="somewhere"),
+        msg_id="s2",
+    )
+    await bus.publish(
+        subjects.IMAGE_SEEN,
+        seen(f"{IMAGE}:new", UNSCANNED, NOW - timedelta(minutes=5), namespace="somewhere"),
+        msg_id="s3",
+    )
 
 
 def _write_config(path: Path, gate_port: int, metrics_port: int, nats: NatsSettings, s3: S3Settings, tls: Tls) -> None:

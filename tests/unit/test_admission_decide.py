@@ -12,7 +12,7 @@ import pytest
 
 from podsweep.config import AdmissionBypass, AdmissionSettings, ConfigError, Settings, load_settings
 from podsweep.policy import Policy, load_policy
-from schemas.events import ImageSeen, ReportStored, SeverityCounts, Workload
+from schemas.events import ReportStored, SeverityCounts, Workload
 from schemas.report import Finding
 from services.admission import review
 from services.admission.decide import (
@@ -29,7 +29,7 @@ from services.admission.decide import (
     rules_from,
 )
 from services.admission.view import View, compact
-from tests.harness.admission import deployment, pod
+from tests.harness.admission import deployment, pod, seen
 from tests.harness.admission import review as review_body
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -63,21 +63,6 @@ def stored(ref: str, counts: SeverityCounts, scan_id: str = "scan-0001", at: dat
         counts=counts,
         fixable=counts,
         stored_at=at - timedelta(hours=1),
-    )
-
-
-def seen(image: str, ref: str, at: datetime) -> ImageSeen:
-    return ImageSeen(
-        cluster="default",
-        digest_ref=ref,
-        image=image,
-        node="node-1",
-        namespace="team-a",
-        pod="p",
-        container="app",
-        container_kind="app",
-        workload=Workload(kind="Deployment", name="app"),
-        observed_at=at,
     )
 
 
