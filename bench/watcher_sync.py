@@ -1,13 +1,22 @@
 """The watcher's first sync at scale: N pods on kwok nodes, then `podsweep run watcher` as a subprocess until every
-expected (digest, node) image.seen is in the stream. Measures wall time, API calls and the watcher's peak RSS.
+expected (digest, node) image.seen is in the stream. Measures wall time, the watcher's CPU seconds and peak RSS, API
+calls, and the control plane's CPU meanwhile.
 
 Starts its own control plane (tests/harness/kube.py) and nats-server (podsweep.embedded) in a temp dir and stops only
 those. The cluster is a realistic mix: Deployments (Pod -> ReplicaSet -> Deployment), StatefulSets, DaemonSets,
 CronJob Jobs and bare pods, a few hundred distinct images, sidecars and init containers, labels and annotations.
 Owners and pods are created by this script (pods with nodeName, so no scheduler): the controller-manager is stopped
 once the namespaces exist, so nothing adopts, scales or garbage-collects them while the watcher lists.
-Run: .venv/bin/python bench/watcher_sync.py [--pods 20000 --nodes 100 --images 300 --profile out.txt]. The last line
-is one JSON object; --profile adds a second, unmeasured sync under pyinstrument (a dev dependency).
+
+The cluster is built once and nothing is timed until kwok has started every pod and the control plane is idle again
+(creating 50k pods leaves the API server, etcd and kwok busy for minutes; a sync timed meanwhile measures them).
+Then each variant's watcher syncs `--runs` times, alternating, each into a stream of its own: this tree, this tree
+with other page sizes (`--page-size`), and `--baseline TREE` (e.g. `git archive <commit> podsweep schemas services
+| tar -x -C TREE`), so before/after are compared on the same cluster and the same minutes.
+Run: .venv/bin/python bench/watcher_sync.py [--pods 20000 --nodes 100 --images 300 --runs 2 --baseline TREE
+--profile out.txt]. Each run prints a JSON line to stderr; the last line of stdout is one JSON object (medians of this
+tree's runs at the top, every run under "runs"). --profile adds one more, unmeasured sync under pyinstrument (a dev
+dependency).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from schemas.events import ImageSeen
 from tests.harness.kube import KubeControlPlane, locate_binaries
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 
+REPO = Path(__file__).resolve().parent.parent
 WATCHER = (sys.executable, "-m", "podsweep", "run", "watcher")
 CREATE_CONCURRENCY = 32
 NAMESPACES = 20
@@ -287,18 +297,14 @@ async def build_cluster(api: Kube, cluster: Cluster) -> None:
     await _bounded((create_pod(p) for p in cluster.pods), CREATE_CONCURRENCY)
 
 
-async def pods_pending(api: Kube) -> int:
-    """Pods kwok has not started yet (Job pods go on to Succeeded, so "not Running" would never reach 0)."""
-    count, token = 0, ""
-    while True:
-        params: dict[str, str | int | bool] = {"fieldSelector": "status.phase=Pending", "limit": 5000}
-        if token:
-            params["continue"] = token
-        page = _phase_list.decode(await api.get("/api/v1/pods", params))
-        count += len(page.items)
-        token = page.metadata.next
-        if not token:
-            return count
+async def any_pod_pending(api: Kube) -> bool:
+    """Whether kwok has yet to start some pod (Job pods go on to Succeeded, so "not Running" would never end).
+
+    One item at most: counting them all would make the API server encode the whole pod list every few seconds,
+    slowing down kwok and everything the benchmark then times.
+    """
+    params: dict[str, str | int | bool] = {"fieldSelector": "status.phase=Pending", "limit": 1}
+    return bool(_phase_list.decode(await api.get("/api/v1/pods", params)).items)
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -309,19 +315,30 @@ def vm_hwm_mb(pid: int) -> float:
     raise RuntimeError(f"/proc/{pid}/status has no VmHWM line")
 
 
-def log_records(log: Path) -> dict[str, dict[str, Any]]:
-    """The first JSON log record of each event name, with `at` (epoch seconds) from its timestamp."""
-    records: dict[str, dict[str, Any]] = {}
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_record(log: Path, event: str, **match: str) -> dict[str, Any]:
+    """The JSON log record of `event` whose fields equal `match` (the largest by `pages`, then `mb`, when several do:
+    the workload pod list rather than the scan pod list), with `at` (epoch seconds); {} if none."""
+    found: dict[str, Any] = {}
     for line in log.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("event") not in records:
+        if not isinstance(record, dict) or record.get("event") != event:
+            continue
+        if all(record.get(key) == value for key, value in match.items()):
+            if found and (record.get("pages", 0), record.get("mb", 0)) <= (found.get("pages", 0), found.get("mb", 0)):
+                continue
             stamp = str(record.get("timestamp", "")).replace("Z", "+00:00")
             record["at"] = datetime.fromisoformat(stamp).timestamp() if stamp else 0.0
-            records[str(record.get("event"))] = record
-    return records
+            found = record
+    return found
 
 
 async def _terminate(process: asyncio.subprocess.Process, grace_s: float) -> None:
@@ -334,8 +351,34 @@ async def _terminate(process: asyncio.subprocess.Process, grace_s: float) -> Non
             await process.wait()
 
 
+async def settle(
+    plane: KubeControlPlane, quiet_cores: float = 0.3, window_s: float = 5.0, limit_s: float = 180
+) -> float:
+    """Wait until the control plane has finished the work the pods' creation caused (kwok moving pods on, the API
+    server and etcd writing their status): a first sync timed while they still work measures them too."""
+    pids = [process.proc.pid for process in plane.processes.values()]
+    began = time.monotonic()
+    while True:
+        before = sum(cpu_s(pid) for pid in pids)
+        await asyncio.sleep(window_s)
+        busy = (sum(cpu_s(pid) for pid in pids) - before) / window_s
+        if busy < quiet_cores or time.monotonic() - began > limit_s:
+            print(f"control plane at {busy:.2f} cores after {time.monotonic() - began:.0f}s", file=sys.stderr)
+            return time.monotonic() - began
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A watcher to time: this tree, or a baseline tree (an earlier commit's `git archive`) run side by side, with
+    settings of its own (environment variables)."""
+
+    name: str
+    tree: Path
+    env: tuple[tuple[str, str], ...] = ()
+
+
 async def profile_watcher(env: dict[str, str], work: Path, out: Path) -> None:
-    """A second, unmeasured first sync under pyinstrument, into a stream of its own; the text profile goes to `out`."""
+    """A further, unmeasured first sync under pyinstrument, into a stream of its own; the text profile goes to `out`."""
     env = {**env, "PODSWEEP_NATS_SUBJECT_ROOT": "profile", "PODSWEEP_NATS_STREAM": "PROFILE"}
     log = work / "watcher-profile.log"
     argv = [sys.executable, "-m", "pyinstrument", "--renderer", "text", "--outfile", str(out), *WATCHER[1:]]
@@ -345,8 +388,116 @@ async def profile_watcher(env: dict[str, str], work: Path, out: Path) -> None:
             if process.returncode is not None:
                 raise RuntimeError(f"profiled watcher exited with {process.returncode}; see {log}")
             await asyncio.sleep(0.2)
-        await _terminate(process, 120)  # pyinstrument renders its report on the way out
+        await _terminate(process, 300)  # pyinstrument renders its report on the way out (minutes for a long session)
     print(f"profile written to {out}", file=sys.stderr)
+
+
+async def time_first_sync(
+    variant: Variant,
+    number: int,
+    base_env: dict[str, str],
+    nats_url: str,
+    expected: set[tuple[str, str]],
+    plane: KubeControlPlane,
+    work: Path,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """One watcher process from spawn to the stream's timestamp of the last expected (digest, node) pair, into a
+    stream of its own; with its CPU, the control plane's CPU meanwhile and the watcher's own split of the list."""
+    root, stream = f"run{number}", f"RUN{number}"
+    bus = await busmod.connect(NatsSettings(url=nats_url, subject_root=root, stream=stream), "bench")
+    await busmod.ensure_stream(bus)
+    seen: set[tuple[str, str]] = set()
+    missing = set(expected)
+    stored_last = 0.0  # when the stream stored the last expected pair (its own timestamp: consumer lag is not in it)
+    events = 0
+    all_seen = asyncio.Event()
+    decoder = msgspec.json.Decoder(ImageSeen)
+
+    async def on_seen(msg: Any) -> None:
+        nonlocal events, stored_last
+        event = decoder.decode(msg.data)
+        events += 1
+        pair = (event.digest_ref, event.node)
+        seen.add(pair)
+        if pair in missing:
+            missing.discard(pair)
+            stored_last = max(stored_last, msg.metadata.timestamp.timestamp())
+            if not missing:
+                all_seen.set()
+
+    sub = await bus.js.subscribe(bus.subject(subjects.IMAGE_SEEN), cb=on_seen, ordered_consumer=True)
+    env = {
+        **base_env,
+        **dict(variant.env),
+        "PODSWEEP_NATS_SUBJECT_ROOT": root,
+        "PODSWEEP_NATS_STREAM": stream,
+        "PODSWEEP_DATA_DIR": str(work / f"watcher-{number}"),
+    }
+    plane_pids = {name: process.proc.pid for name, process in plane.processes.items()}
+    plane_before = {name: cpu_s(pid) for name, pid in plane_pids.items()}
+    log = work / f"watcher-{number}-{variant.name}.log"
+    peak_rss = watcher_cpu = 0.0
+    plane_used: dict[str, float] = {}
+    with log.open("wb") as out:
+        spawned_at = time.time()
+        load_before = os.getloadavg()[0]
+        watcher = await asyncio.create_subprocess_exec(
+            *WATCHER, env=env, cwd=variant.tree, stdout=out, stderr=asyncio.subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not all_seen.is_set():
+                if watcher.returncode is not None:
+                    raise RuntimeError(f"watcher exited with {watcher.returncode}; see {log}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{len(missing)} of {len(expected)} (digest, node) pairs not seen in time; see {log}"
+                    )
+                peak_rss = max(peak_rss, vm_hwm_mb(watcher.pid))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(all_seen.wait(), 0.05)
+            watcher_cpu = cpu_s(watcher.pid)
+            plane_used = {name: cpu_s(pid) - plane_before[name] for name, pid in plane_pids.items()}
+            await asyncio.sleep(2.0)  # anything published after the last expected pair (duplicates) lands now
+            peak_rss = max(peak_rss, vm_hwm_mb(watcher.pid))
+        finally:
+            await _terminate(watcher, 10)
+    await sub.unsubscribe()
+    await bus.close()
+    listed = log_record(log, "list done", resource="pods")
+    reconciled = log_record(log, "pods reconciled")
+    started = log_record(log, "watcher started")
+    return {
+        "variant": variant.name,
+        "first_sync_s": round(stored_last - spawned_at, 2),
+        "watcher_cpu_s": round(watcher_cpu, 2),
+        "apiserver_cpu_s": round(plane_used.get("kube-apiserver", 0.0), 2),
+        "etcd_cpu_s": round(plane_used.get("etcd", 0.0), 2),
+        "kwok_cpu_s": round(plane_used.get("kwok", 0.0), 2),
+        "load_avg_before": round(load_before, 2),
+        "startup_s": round(started["at"] - spawned_at, 2) if started else None,
+        # From the watcher's own log (absent in versions that did not log them): the pod list from its first
+        # request to the end of the reconcile, the part of it spent waiting for pages and decoding them, and
+        # (reconcile line) the time turning pods into state and publishing.
+        "list_s": listed.get("s"),
+        "list_waiting_s": listed.get("waiting_s"),
+        "list_decoding_s": listed.get("decoding_s"),
+        "list_mb": listed.get("mb"),
+        "states_s": reconciled.get("states_s"),
+        "publish_s": reconciled.get("publish_s"),
+        "api_calls": reconciled.get("api_calls"),
+        "peak_rss_mb": round(peak_rss, 1),
+        "seen_events": events,
+        "duplicates": events - len(seen),
+        "unexpected_pairs": len(seen - expected),
+    }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else round((ordered[middle - 1] + ordered[middle]) / 2, 2)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -357,7 +508,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="podsweep-watcher-sync-"))
     plane = KubeControlPlane(bin_dir=locate_binaries(), work_dir=work / "kube")
     nats = None
-    watcher: asyncio.subprocess.Process | None = None
+    variants = [Variant("current", REPO)]
+    for size in args.page_sizes:
+        variants.append(Variant(f"current-page-{size}", REPO, (("PODSWEEP_WATCHER_PAGE_SIZE", str(size)),)))
+    if args.baseline:
+        variants.insert(0, Variant("baseline", args.baseline))
     try:
         plane.start()
         nats = embedded.start_nats(work)
@@ -381,87 +536,57 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await build_cluster(api, cluster)
         create_s = time.monotonic() - began
         print(f"created in {create_s:.0f}s ({len(cluster.pods) / create_s:.0f} pods/s)", file=sys.stderr)
-        while (waiting := await pods_pending(api)) > 0:
-            print(f"waiting for kwok: {waiting} pods Pending", file=sys.stderr)
+        began = time.monotonic()
+        while await any_pod_pending(api):
+            print(f"waiting for kwok to start every pod ({time.monotonic() - began:.0f}s)", file=sys.stderr)
             await asyncio.sleep(5)
         await api.close()
+        settle_s = await settle(plane)
+        # kwok keeps working after every pod runs (node heartbeats, its own resyncs: 0.7 of a core during a 50k
+        # sync). Nothing needs it any more (no controller-manager reacts to nodes going stale), so it stops here.
+        plane.processes.pop("kwok").stop()
 
-        bus = await busmod.connect(NatsSettings(url=nats.url), "bench")
-        await busmod.ensure_stream(bus)
-        seen: set[tuple[str, str]] = set()
-        missing = set(expected)
-        stored_last = (
-            0.0  # when the stream stored the last expected pair (its own timestamp: consumer lag is not in it)
-        )
-        events = 0
-        all_seen = asyncio.Event()
-        decoder = msgspec.json.Decoder(ImageSeen)
-
-        async def on_seen(msg: Any) -> None:
-            nonlocal events, stored_last
-            event = decoder.decode(msg.data)
-            events += 1
-            pair = (event.digest_ref, event.node)
-            seen.add(pair)
-            if pair in missing:
-                missing.discard(pair)
-                stored_last = max(stored_last, msg.metadata.timestamp.timestamp())
-                if not missing:
-                    all_seen.set()
-
-        sub = await bus.js.subscribe(bus.subject(subjects.IMAGE_SEEN), cb=on_seen, ordered_consumer=True)
         env = {
             **os.environ,
             "PODSWEEP_KUBECONFIG": str(plane.kubeconfig),
             "PODSWEEP_NATS_URL": nats.url,
             "PODSWEEP_CLUSTER": "bench",
             "PODSWEEP_LOG_FORMAT": "json",
-            "PODSWEEP_DATA_DIR": str(work / "watcher"),
         }
-        log = work / "watcher.log"
-        peak_rss = 0.0
-        with log.open("wb") as out:
-            spawned_at = time.time()
-            watcher = await asyncio.create_subprocess_exec(
-                *WATCHER, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
-            )
-            deadline = time.monotonic() + args.timeout_s
-            while not all_seen.is_set():
-                if watcher.returncode is not None:
-                    raise RuntimeError(f"watcher exited with {watcher.returncode}; see {log}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{len(missing)} of {len(expected)} (digest, node) pairs not seen in time; see {log}"
-                    )
-                peak_rss = max(peak_rss, vm_hwm_mb(watcher.pid))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(all_seen.wait(), 0.05)
-            first_sync_s = stored_last - spawned_at
-            await asyncio.sleep(2.0)  # anything published after the last expected pair (duplicates) lands now
-            peak_rss = max(peak_rss, vm_hwm_mb(watcher.pid))
-            await _terminate(watcher, 10)
-        await sub.unsubscribe()
-        await bus.close()
+        runs: list[dict[str, Any]] = []
+        for number in range(args.runs * len(variants)):  # alternating, so a busy minute hits both alike
+            variant = variants[number % len(variants)]
+            result = await time_first_sync(variant, number, env, nats.url, expected, plane, work, args.timeout_s)
+            print(json.dumps(result), file=sys.stderr)
+            runs.append(result)
         if args.profile:
-            await profile_watcher(env, work, Path(args.profile))
-        records = log_records(log)
+            await profile_watcher({**env, "PODSWEEP_DATA_DIR": str(work / "watcher-profile")}, work, Path(args.profile))
+        summary = {
+            v.name: {
+                key: _median([r[key] for r in runs if r["variant"] == v.name])
+                for key in ("first_sync_s", "watcher_cpu_s", "apiserver_cpu_s", "peak_rss_mb")
+            }
+            for v in variants
+        }
+        current = summary["current"]
         return {
             "pods": len(cluster.pods),
             "nodes": len(nodes),
             "owners": len(cluster.owners),
             "distinct_digests": len({digest for digest, _ in expected}),
             "digest_node_pairs": len(expected),
-            "seen_events": events,
-            "unexpected_pairs": len(seen - expected),
             "pods_create_s": round(create_s, 1),
-            "watcher_startup_s": round(records["watcher started"]["at"] - spawned_at, 2),
-            "first_sync_s": round(first_sync_s, 2),
-            "api_calls": records["pods reconciled"]["api_calls"],
-            "peak_rss_mb": round(peak_rss, 1),
+            "settle_s": round(settle_s, 1),
+            "first_sync_s": current["first_sync_s"],  # medians of this tree's runs
+            "watcher_cpu_s": current["watcher_cpu_s"],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs if r["variant"] == "current"),
+            "api_calls": max(r["api_calls"] or 0 for r in runs if r["variant"] == "current"),
+            "duplicates": sum(r["duplicates"] for r in runs),
+            "unexpected_pairs": sum(r["unexpected_pairs"] for r in runs),
+            "summary": summary,
+            "runs": runs,
         }
     finally:
-        if watcher is not None:
-            await _terminate(watcher, 10)
         if nats is not None:
             nats.stop()
         plane.stop()
@@ -476,10 +601,29 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=20000)
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--images", type=int, default=300, help="distinct application images")
+    parser.add_argument("--runs", type=int, default=2, help="watcher first syncs per variant over the one cluster")
+    parser.add_argument(
+        "--baseline",
+        metavar="TREE",
+        help="also time the watcher of this source tree (e.g. `git archive <commit> podsweep schemas services`)",
+    )
+    parser.add_argument(
+        "--page-size",
+        dest="page_sizes",
+        type=int,
+        action="append",
+        default=[],
+        help="also time this tree with this list page size (repeatable)",
+    )
     parser.add_argument("--timeout-s", type=float, default=600.0, help="how long the watcher may take to sync")
-    parser.add_argument("--profile", metavar="PATH", help="then profile a second first sync with pyinstrument")
+    parser.add_argument("--profile", metavar="PATH", help="then profile one more first sync with pyinstrument")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
-    result = asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    if args.baseline:
+        args.baseline = Path(args.baseline).resolve()
+        if not (args.baseline / "services" / "watcher" / "main.py").is_file():
+            parser.error(f"--baseline {args.baseline} has no services/watcher/main.py (expected a podsweep tree)")
+    result = asyncio.run(run(args))
     print(json.dumps(result))
 
 

@@ -1,7 +1,8 @@
 """NATS JetStream: the one way podsweep connects, declares its stream/KV/consumers, publishes and consumes.
 
 Publishing sets `Nats-Msg-Id` (the stream's duplicate window stores a re-published event once) and W3C trace
-context. The consumer loop decodes with msgspec, acks on success, naks with backoff on failure, and dead-letters to
+context; `publish_many` sends a batch with a bounded window of unacknowledged messages and one span for the batch,
+re-sending what was not acknowledged (same ids, so nothing is stored twice). The consumer loop decodes with msgspec, acks on success, naks with backoff on failure, and dead-letters to
 `<root>.dead.<service>` with the error: a message is never dropped silently.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -20,6 +22,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js import api as jsapi
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -48,6 +51,12 @@ processed = meter.create_counter("podsweep_events_processed", description="Event
 published = meter.create_counter("podsweep_events_published", description="Events published (duplicates too)")
 _encoder = msgspec.json.Encoder()
 
+# Unacknowledged messages a batch keeps on the wire: enough to hide the round trip, few enough that a lost
+# connection re-sends little.
+PUBLISH_WINDOW = 512
+PUBLISH_ACK_TIMEOUT_S = 10.0
+PUBLISH_ATTEMPTS = 5
+
 
 class Reject(Exception):
     """Raised by a handler for a message that can never succeed: dead-letter it now, with this reason."""
@@ -59,6 +68,22 @@ class Retry(Exception):
     def __init__(self, reason: str, delay: float | None = None) -> None:
         super().__init__(reason)
         self.delay = delay
+
+
+class PublishFailed(ConnectionError):
+    """Some events of a batch were still unacknowledged after every attempt; `unsent` is what to publish again."""
+
+    def __init__(self, message: str, unsent: Sequence[Outgoing]) -> None:
+        super().__init__(message)
+        self.unsent = tuple(unsent)
+
+
+class Outgoing(msgspec.Struct, frozen=True):
+    """One event of a batch: its subject name (schemas/subjects.py), the event, and its Nats-Msg-Id."""
+
+    name: str
+    event: msgspec.Struct
+    msg_id: str
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,101 @@ class Bus:
             ack = await self.js.publish(subject, _encoder.encode(event), headers=out, stream=self.settings.stream)
         published.add(1, {"subject": name, "duplicate": bool(ack.duplicate)})
         return not ack.duplicate
+
+    async def publish_many(
+        self,
+        batch: Sequence[Outgoing],
+        *,
+        window: int = PUBLISH_WINDOW,
+        ack_timeout_s: float = PUBLISH_ACK_TIMEOUT_S,
+        attempts: int = PUBLISH_ATTEMPTS,
+    ) -> int:
+        """Publish a batch; return how many were stored (the rest were duplicates).
+
+        At most `window` messages wait for their ack at once. Every message carries its own Nats-Msg-Id and the
+        batch span's traceparent. Messages not acknowledged (timeout, error, reconnect) are sent again with the same
+        id, up to `attempts` rounds (so a re-sent message may land after later ones); then PublishFailed carries
+        what is left.
+        """
+        if not batch:
+            return 0
+        names = sorted({out.name for out in batch})
+        span_name = f"publish {names[0]}" if len(names) == 1 else "publish batch"
+        stored: dict[str, int] = {}
+        duplicates: dict[str, int] = {}
+        with tracer.start_as_current_span(span_name, kind=SpanKind.PRODUCER) as span:
+            span.set_attribute("messaging.batch.message_count", len(batch))
+            trace_headers = telemetry.inject({})
+            pending: Sequence[Outgoing] = batch
+            for attempt in range(1, attempts + 1):
+                pending, error = await self._send_window(
+                    pending, trace_headers, window, ack_timeout_s, stored, duplicates
+                )
+                if not pending:
+                    break
+                span.set_attribute("messaging.publish.attempts", attempt + 1)
+                log.warning("events unacknowledged, sending again", events=len(pending), attempt=attempt, error=error)
+                if attempt < attempts:
+                    await asyncio.sleep(min(5.0, 0.25 * 2**attempt))
+            else:
+                span.set_status(Status(StatusCode.ERROR, "unacknowledged"))
+                raise PublishFailed(
+                    f"nats: {len(pending)} of {len(batch)} events to {self.settings.stream} unacknowledged after "
+                    f"{attempts} attempts (last error: {error}); is the stream's server reachable?",
+                    pending,
+                )
+        for name, count in stored.items():
+            published.add(count, {"subject": name, "duplicate": False})
+        for name, count in duplicates.items():
+            published.add(count, {"subject": name, "duplicate": True})
+        return sum(stored.values())
+
+    async def _send_window(
+        self,
+        batch: Sequence[Outgoing],
+        trace_headers: Mapping[str, str],
+        window: int,
+        ack_timeout_s: float,
+        stored: dict[str, int],
+        duplicates: dict[str, int],
+    ) -> tuple[list[Outgoing], str]:
+        """One round of a batch: (what was not acknowledged, the last error seen)."""
+        in_flight: deque[tuple[Outgoing, asyncio.Future[jsapi.PubAck]]] = deque()
+        failed: list[Outgoing] = []
+        error = ""
+
+        async def settle_oldest() -> None:
+            nonlocal error
+            out, ack = in_flight.popleft()
+            if not ack.done():
+                await asyncio.wait((ack,), timeout=ack_timeout_s)
+            if not ack.done():
+                ack.cancel()
+                failed.append(out)
+                error = "ack timeout"
+            elif ack.cancelled() or ack.exception() is not None:
+                failed.append(out)
+                error = "cancelled" if ack.cancelled() else f"{type(ack.exception()).__name__}: {ack.exception()}"
+            else:
+                counts = duplicates if ack.result().duplicate else stored
+                counts[out.name] = counts.get(out.name, 0) + 1
+
+        for out in batch:
+            while len(in_flight) >= window or (in_flight and in_flight[0][1].done()):
+                await settle_oldest()
+            headers = {**trace_headers, "Nats-Msg-Id": out.msg_id}
+            try:
+                ack = await self.js.publish_async(
+                    self.subject(out.name), _encoder.encode(out.event), headers=headers, stream=self.settings.stream
+                )
+            except (nats.errors.Error, OSError) as exc:
+                failed.append(out)
+                error = f"{type(exc).__name__}: {exc}"
+                continue
+            in_flight.append((out, ack))
+        while in_flight:
+            await settle_oldest()
+        return failed, error
 
     def kv_bucket(self, name: str) -> str:
         return f"{self.settings.kv_prefix}-{name}"
@@ -378,18 +498,41 @@ async def kv_update(
     Returns (document now stored, whether this call wrote it). `change` returning None means "no change". On a lost
     race the document is read again and `change` re-applied, so two replicas never both act on one old state.
     """
+    stored, _, wrote = await kv_change(kv, key, typ, change, attempts=attempts)
+    return stored, wrote
+
+
+async def kv_change(
+    kv: KeyValue,
+    key: str,
+    typ: type[S],
+    change: Callable[[S | None], S | None],
+    *,
+    known: tuple[S | None, int] | None = None,
+    attempts: int = 20,
+) -> tuple[S | None, int, bool]:
+    """`kv_update` that may start from a document and revision the caller already holds (its own last write, a
+    watch), saving the read; a stale `known` only costs the failed write. "No change" is only ever concluded from a
+    fresh read. Returns (document, its revision, whether this call wrote it)."""
     for _ in range(attempts):
-        current, revision = await kv_read(kv, key, typ)
-        new = change(current)
-        if new is None:
-            return current, False
+        if known is not None:
+            current, revision = known
+            known = None
+            new = change(current)
+            if new is None:
+                continue  # decided on what may be stale: read and decide again
+        else:
+            current, revision = await kv_read(kv, key, typ)
+            new = change(current)
+            if new is None:
+                return current, revision, False
         data = _encoder.encode(new)
         try:
             if revision == 0:
-                await kv.create(key, data)
+                written = await kv.create(key, data)
             else:
-                await kv.update(key, data, last=revision)
+                written = await kv.update(key, data, last=revision)
         except (nats.js.errors.KeyWrongLastSequenceError, BadRequestError):
             continue
-        return new, True
+        return new, written, True
     raise Conflict(f"kv: key {key!r} lost {attempts} compare-and-set races in a row; retry later")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -45,7 +46,6 @@ tracer = trace.get_tracer("podsweep.watcher")
 meter = metrics.get_meter("podsweep.watcher")
 owner_lookups = meter.create_counter("podsweep_watcher_owner_lookups", description="Owner metadata GETs (cache misses)")
 
-PUBLISH_CONCURRENCY = 64
 # Kinds whose metadata is listed at each pod (re)list, so the owner walk of 50k pods costs a few dozen list pages,
 # not one GET per distinct owner (bench/watcher_sync.py: 3,700 GETs at 20k pods). Other kinds are GET on demand.
 PREFETCH = (
@@ -68,18 +68,30 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _subject(event: ImageSeen | ImageGone) -> str:
+    return subjects.IMAGE_SEEN if isinstance(event, ImageSeen) else subjects.IMAGE_GONE
+
+
+# A pod's namespace and its controller reference (apiVersion, kind, name, uid).
+WorkloadKey = tuple[str, str, str, str, str]
+
+
 class Owners:
-    """Owner metadata by (group, plural, namespace, name), filled by prefetched lists and cached GETs."""
+    """Owner metadata by (group, plural, namespace, name), filled by prefetched lists and cached GETs; and each
+    controller reference's walk result, so the replicas of one workload cost one walk."""
 
     def __init__(self, kube: Kube, concurrency: int) -> None:
         self.kube = kube
         self.cache: dict[tuple[str, str, str, str], PartialObjectMetadata | None] = {}
+        # None: the walk stops at the pod itself (controlled by a Node, invalid reference), whatever its name.
+        self.workloads: dict[WorkloadKey, Workload | None] = {}
         # One GET per owner even when a page's pods (500 replicas of one Deployment) miss the cache at once.
         self.in_flight: dict[tuple[str, str, str, str], asyncio.Future[PartialObjectMetadata | None]] = {}
         self.discovery: dict[str, APIResourceList] = {}
         self.limit = asyncio.Semaphore(concurrency)
 
     async def prefetch(self) -> None:
+        self.workloads.clear()  # walked again from the fresh lists: an owner may have changed since
         for group, version, plural in PREFETCH:
             path = f"/apis/{group}/{version}/{plural}"
             token = ""
@@ -97,8 +109,26 @@ class Owners:
             except KubeError as exc:  # forbidden or not served: the walk falls back to GETs
                 log.info("owner prefetch skipped", resource=plural, status=exc.status)
 
+    def known(self, pod: Pod) -> Workload | None:
+        """The pod's workload when no API call is needed (no controller, or its controller already walked)."""
+        meta = pod.metadata
+        ref = owners.controller_of(meta.owner_references)
+        if ref is None:
+            return Workload("Pod", meta.name)
+        key = (meta.namespace, ref.api_version, ref.kind, ref.name, ref.uid)
+        if key not in self.workloads:
+            return None
+        return self.workloads[key] or Workload("Pod", meta.name)
+
     async def workload(self, pod: Pod) -> Workload:
-        step = owners.start(pod.metadata.namespace, pod.metadata.name, pod.metadata.owner_references)
+        meta = pod.metadata
+        step = owners.start(meta.namespace, meta.name, meta.owner_references)
+        ref = owners.controller_of(meta.owner_references)
+        key = None if ref is None else (meta.namespace, ref.api_version, ref.kind, ref.name, ref.uid)
+        if isinstance(step, owners.Resolved):
+            if key is not None:
+                self.workloads[key] = None
+            return step.workload
         while isinstance(step, owners.OwnerLookup):
             if step.plural is None:
                 step = owners.with_plural(step, await self._discover(step))
@@ -107,6 +137,8 @@ class Owners:
             if found is not None and owners.is_stale(step, found):
                 found = await self._get(step, refresh=True)
             step = owners.advance(step, found)
+        if key is not None:
+            self.workloads[key] = step.workload
         return step.workload
 
     async def _get(self, lookup: owners.OwnerLookup, refresh: bool) -> PartialObjectMetadata | None:
@@ -164,7 +196,11 @@ class Watcher:
         self.jobs: dict[str, Job] = {}
         self.scan_pods: dict[str, dict[str, ScanPod]] = {}  # job name -> pod name -> pod
         self.nodes: set[str] | None = None  # None until the first node list
-        self.listing: list[podstate.PodState] = []
+        self.relist: podstate.Relist | None = None
+        # In the current relist: events published, seconds turning pods into state, seconds publishing.
+        self.relist_events = 0
+        self.relist_cost = [0.0, 0.0]
+        self.unsent: list[busmod.Outgoing] = []
         self.listing_nodes: set[str] = set()
         self.warned: set[str] = set()
         meter.create_observable_gauge(
@@ -175,22 +211,43 @@ class Watcher:
 
     # -- publishing ---------------------------------------------------------------------------------------------
     async def publish(self, events: Sequence[ImageSeen | ImageGone]) -> None:
-        limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
-
-        async def one(event: ImageSeen | ImageGone) -> None:
-            name = subjects.IMAGE_SEEN if isinstance(event, ImageSeen) else subjects.IMAGE_GONE
-            async with limit:
-                await self.service.bus.publish(name, event, msg_id=podstate.message_id(event))
-
-        await asyncio.gather(*(one(e) for e in events))
+        """Publish in one batch (one span, a window of acks in flight). The index already counts these events, so
+        what NATS did not acknowledge is kept and sent first next time: a relist would not produce it again."""
+        batch = [*self.unsent, *(busmod.Outgoing(_subject(e), e, podstate.message_id(e)) for e in events)]
+        self.unsent = []
+        try:
+            await self.service.bus.publish_many(batch)
+        except busmod.PublishFailed as exc:
+            self.unsent = list(exc.unsent)
+            raise
 
     # -- pods ---------------------------------------------------------------------------------------------------
+    async def states_of(self, pods: Sequence[Pod]) -> list[podstate.PodState]:
+        """The state of each pod in scope. Workloads already known cost nothing; the rest are walked concurrently,
+        one walk per distinct owner."""
+        selected = [pod for pod in pods if self.filter.selects(pod.metadata.namespace)]
+        workloads: list[Workload | None] = []
+        for pod in selected:
+            known = self.index.workload_of(pod.metadata.uid)
+            workloads.append(known[0] if known is not None else self.owners.known(pod))
+        missing = [i for i, known_workload in enumerate(workloads) if known_workload is None]
+        if missing:
+            walked = await asyncio.gather(*(self.owners.workload(selected[i]) for i in missing))
+            for i, found in zip(missing, walked, strict=True):
+                workloads[i] = found
+        states = []
+        for pod, workload in zip(selected, workloads, strict=True):
+            state = None if workload is None else self.state_from(pod, workload)
+            if state is not None:
+                states.append(state)
+        return states
+
     async def state_of(self, pod: Pod) -> podstate.PodState | None:
+        states = await self.states_of((pod,))
+        return states[0] if states else None
+
+    def state_from(self, pod: Pod, workload: Workload) -> podstate.PodState | None:
         meta = pod.metadata
-        if not self.filter.selects(meta.namespace):
-            return None
-        images = podstate.images_of(pod)
-        known = self.index.workload_of(meta.uid)
         options, rejections = podannotations.options_from(meta.annotations)
         if rejections and meta.uid not in self.index.pods:
             for rejection in rejections:
@@ -203,8 +260,7 @@ class Watcher:
                     value=rejection.preview,
                 )
         # Resolved once per pod (cached per owner), also before it has images: the first state is what is kept.
-        workload = known[0] if known is not None else await self.owners.workload(pod)
-        state = podstate.pod_state(pod, images, workload, options, self.index.intern)
+        state = podstate.pod_state(pod, podstate.images_of(pod), workload, options, self.index.intern)
         if isinstance(state, podstate.Skipped):
             if meta.uid not in self.warned:
                 self.warned.add(meta.uid)
@@ -214,17 +270,36 @@ class Watcher:
 
     async def on_pods(self, observation: Observation[Pod]) -> None:
         if isinstance(observation, ListStarted):
-            self.listing = []
+            # A list that failed half-way left its pages applied and their events published: the new one converges
+            # from there.
+            self.relist = podstate.Relist(self.index)
+            self.relist_events, self.relist_cost = 0, [0.0, 0.0]
             await self.owners.prefetch()
         elif isinstance(observation, ListPage):
-            states = await asyncio.gather(*(self.state_of(pod) for pod in observation.items))
-            self.listing.extend(s for s in states if s is not None)
+            assert self.relist is not None, "a list page arrived before its ListStarted"
+            began = time.perf_counter()
+            states = await self.states_of(observation.items)
+            seen = self.relist.page(states, _now())
+            published_at = time.perf_counter()
+            await self.publish(seen)
+            self.relist_events += len(seen)
+            self.relist_cost[0] += published_at - began
+            self.relist_cost[1] += time.perf_counter() - published_at
         elif isinstance(observation, ListDone):
-            events = podstate.reconcile(self.index, self.listing, _now())
-            self.listing = []
+            assert self.relist is not None, "a list ended before its ListStarted"
+            began = time.perf_counter()
+            events = self.relist.finish(_now())
+            self.relist = None
             await self.publish(events)
             HEALTH.set("watcher:pods-listed", True)
-            log.info("pods reconciled", pods=len(self.index.pods), events=len(events), api_calls=self.kube.calls)
+            log.info(
+                "pods reconciled",
+                pods=len(self.index.pods),
+                events=self.relist_events + len(events),
+                api_calls=self.kube.calls,
+                states_s=round(self.relist_cost[0], 2),
+                publish_s=round(self.relist_cost[1] + time.perf_counter() - began, 2),
+            )
         elif isinstance(observation, Changed):
             pod = observation.obj
             if observation.type == "DELETED":

@@ -23,6 +23,7 @@ import re
 import sys
 from collections.abc import Hashable, Iterable
 from datetime import datetime
+from functools import lru_cache
 from typing import TypeVar
 
 import msgspec
@@ -134,17 +135,10 @@ def images_of(pod: Pod) -> ContainerImages:
         for cs in statuses:
             if not cs.image_id:
                 continue  # not started yet: reported when the runtime knows its image
-            spec_image = _spec_image(specs, cs.name)
-            parsed = digests.parse_image_id(cs.image_id, spec_image)
-            if not isinstance(parsed, digests.ImageDigest):
-                skipped.append(Skipped(_safe_name(cs.name), parsed.reason))
+            image = _container_image(cs.image_id, _spec_image(specs, cs.name), cs.name, kind)
+            if isinstance(image, Skipped):
+                skipped.append(image)
                 continue
-            if _LABEL_RE.match(cs.name) is None or len(cs.name) > 63:
-                skipped.append(Skipped(_safe_name(cs.name), "container name is not a DNS label"))
-                continue
-            image = RunningImage(
-                parsed.digest_ref, sys.intern(cs.name), kind, digests.display_image(spec_image, parsed.digest_ref)
-            )
             restarts = policy == "Always" or (
                 policy == "OnFailure" and cs.state.terminated is not None and cs.state.terminated.exit_code != 0
             )
@@ -155,6 +149,29 @@ def images_of(pod: Pod) -> ContainerImages:
     if not running and not finished and not skipped:
         return NOTHING
     return ContainerImages(tuple(running), tuple(finished), tuple(skipped))
+
+
+# Longer inputs are not cached: hostile values must not pin memory (annotations.py does the same).
+_CACHEABLE = 1024
+
+
+def _container_image(image_id: str, spec_image: str, name: str, kind: ContainerKind) -> RunningImage | Skipped:
+    """One container's RunningImage, or why it is skipped; the replicas of a workload share one instance."""
+    if len(image_id) + len(spec_image) + len(name) > _CACHEABLE:
+        return _container_image_uncached(image_id, spec_image, name, kind)
+    return _container_image_cached(image_id, spec_image, name, kind)
+
+
+def _container_image_uncached(image_id: str, spec_image: str, name: str, kind: ContainerKind) -> RunningImage | Skipped:
+    parsed = digests.parse_image_id(image_id, spec_image)
+    if not isinstance(parsed, digests.ImageDigest):
+        return Skipped(_safe_name(name), parsed.reason)
+    if _LABEL_RE.match(name) is None or len(name) > 63:
+        return Skipped(_safe_name(name), "container name is not a DNS label")
+    return RunningImage(parsed.digest_ref, sys.intern(name), kind, digests.display_image(spec_image, parsed.digest_ref))
+
+
+_container_image_cached = lru_cache(maxsize=65536)(_container_image_uncached)
 
 
 def _spec_image(specs: tuple[Container, ...], name: str) -> str:
@@ -173,23 +190,38 @@ def pod_state(
 ) -> PodState | Skipped:
     """The state kept for a pod, or why the whole pod is skipped (names the API server should never have allowed)."""
     meta = pod.metadata
-    if _LABEL_RE.match(meta.namespace) is None or len(meta.namespace) > 63:
+    namespace = _valid_namespace(meta.namespace) if len(meta.namespace) <= 63 else None
+    if namespace is None:
         return Skipped("", "namespace is not a DNS label")
     if _SUBDOMAIN_RE.match(meta.name) is None or len(meta.name) > 253:
         return Skipped("", "pod name is not a DNS subdomain")
-    node = pod.spec.node_name
-    if node and (_NODE_RE.match(node) is None or len(node) > 253):
+    node: str | None = pod.spec.node_name
+    if node:
+        node = _valid_node(node) if len(node) <= 253 else None
+    if node is None:
         return Skipped("", "node name is not a valid node name")
     return PodState(
         meta.uid,
-        sys.intern(meta.namespace),
+        namespace,
         meta.name,
-        sys.intern(node),
+        node,
         intern(workload),
         intern(options),
         tuple(intern(i) for i in images.running),
         tuple(intern(i) for i in images.finished),
     )
+
+
+@lru_cache(maxsize=8192)
+def _valid_namespace(namespace: str) -> str | None:
+    """The interned namespace when it is a DNS label (at most 63 characters: the caller checks), else None."""
+    return sys.intern(namespace) if _LABEL_RE.match(namespace) is not None else None
+
+
+@lru_cache(maxsize=65536)
+def _valid_node(node: str) -> str | None:
+    """The interned node name when it is valid (at most 253 characters: the caller checks), else None."""
+    return sys.intern(node) if _NODE_RE.match(node) is not None else None
 
 
 Key = tuple[str, str]  # (digest_ref, node)
@@ -216,15 +248,21 @@ Event = ImageSeen | ImageGone
 
 
 class _Batch:
-    """Applies many pod changes, then emits only the net change per (digest, node): no storm on relist."""
+    """Applies many pod changes, then emits only the net change per (digest, node): no storm on relist.
 
-    __slots__ = ("_before", "_first_holder", "_flashes", "_index")
+    `announce` emits early the seen of a (digest, node) that no pod held when the batch began and one holds now;
+    `events` then leaves it out (or, should the count drop back to 0 within the batch, emits its gone).
+    """
+
+    __slots__ = ("_announced", "_before", "_first_holder", "_flashes", "_fresh", "_index")
 
     def __init__(self, index: Index) -> None:
         self._index = index
         self._before: dict[Key, int] = {}
         self._first_holder: dict[Key, tuple[PodState, RunningImage]] = {}
         self._flashes: dict[Key, tuple[PodState, RunningImage]] = {}
+        self._fresh: list[Key] = []  # keys added since the last announce, held by nobody when the batch began
+        self._announced: set[Key] = set()
 
     def _touch(self, key: Key) -> None:
         if key not in self._before:
@@ -232,11 +270,17 @@ class _Batch:
 
     def add(self, state: PodState) -> None:
         counts = self._index.counts
+        before = self._before
         for image in state.running:
             key = (image.digest_ref, state.node)
-            self._touch(key)
-            counts[key] = counts.get(key, 0) + 1
-            self._first_holder.setdefault(key, (state, image))
+            if key not in before:
+                before[key] = counts.get(key, 0)
+            count = counts.get(key, 0)
+            counts[key] = count + 1
+            if key not in self._first_holder:
+                self._first_holder[key] = (state, image)
+                if before[key] == 0:
+                    self._fresh.append(key)
 
     def remove(self, state: PodState) -> None:
         counts = self._index.counts
@@ -260,6 +304,18 @@ class _Batch:
                 self._touch(key)
                 self._flashes.setdefault(key, (state, image))
 
+    def announce(self, now: datetime) -> list[ImageSeen]:
+        """The seen events that are already certain: a key nobody held before the batch and somebody holds now."""
+        counts = self._index.counts
+        cluster = self._index.cluster
+        out: list[ImageSeen] = []
+        for key in self._fresh:
+            if key not in self._announced and counts.get(key, 0) > 0:
+                self._announced.add(key)
+                out.append(_seen(cluster, *self._first_holder[key], now))
+        self._fresh.clear()
+        return out
+
     def events(self, now: datetime) -> list[Event]:
         """Seen before gone: a consumer never briefly believes a node runs nothing during a rollout."""
         counts = self._index.counts
@@ -268,7 +324,10 @@ class _Batch:
         gone: list[Event] = []
         for key, before in self._before.items():
             after = counts.get(key, 0)
-            if before == 0 and after > 0:
+            if key in self._announced:
+                if after == 0:  # announced, then dropped again within the batch
+                    gone.append(_gone(cluster, key, now))
+            elif before == 0 and after > 0:
                 seen.append(_seen(cluster, *self._first_holder[key], now))
             elif before > 0 and after == 0:
                 gone.append(_gone(cluster, key, now))
@@ -330,30 +389,52 @@ def _stopped(state: PodState) -> PodState:
     return msgspec.structs.replace(state, running=(), finished=(*state.running, *state.finished))
 
 
-def reconcile(index: Index, listed: Iterable[PodState], now: datetime) -> list[Event]:
-    """A complete (re)list: converge the index on it, emitting only what changed since the index last saw each pod.
+class Relist:
+    """A complete (re)list applied page by page, converging the index on it.
 
-    Pods the index knows but the list lacks were deleted while the watch was down: their digests go, unless a
-    listed pod still holds them on that node.
+    `page` applies one page and returns the image.seen events that are already certain: a (digest, node) no pod held
+    before the list and a listed pod holds now stays held whatever the later pages say (only pods the index knew can
+    be found missing), so the first sync publishes while the API server still sends pages. `finish` returns the rest
+    of the net change: pods the index knows but the list lacks were deleted while the watch was down, and their
+    digests go unless a listed pod still holds them on that node; and what ran and stopped between observations.
     """
-    pods = index.pods
-    batch = _Batch(index)
-    seen_uids: set[str] = set()
-    for state in listed:
-        seen_uids.add(state.uid)
-        previous = pods.get(state.uid)
-        if previous is not None and previous.running == state.running and previous.finished == state.finished:
-            if previous != state:
-                pods[state.uid] = state
-            continue
-        if previous is not None:
-            batch.remove(previous)
-        batch.add(state)
-        batch.flash(state, previous)
-        pods[state.uid] = state
-    for uid in [uid for uid in pods if uid not in seen_uids]:
-        batch.remove(pods.pop(uid))
-    return batch.events(now)
+
+    __slots__ = ("_batch", "_index", "_listed")
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self._batch = _Batch(index)
+        self._listed: set[str] = set()
+
+    def page(self, listed: Iterable[PodState], now: datetime) -> list[ImageSeen]:
+        pods = self._index.pods
+        batch = self._batch
+        for state in listed:
+            self._listed.add(state.uid)
+            previous = pods.get(state.uid)
+            if previous is not None and previous.running == state.running and previous.finished == state.finished:
+                if previous != state:
+                    pods[state.uid] = state
+                continue
+            if previous is not None:
+                batch.remove(previous)
+            batch.add(state)
+            batch.flash(state, previous)
+            pods[state.uid] = state
+        return batch.announce(now)
+
+    def finish(self, now: datetime) -> list[Event]:
+        pods = self._index.pods
+        for uid in [uid for uid in pods if uid not in self._listed]:
+            self._batch.remove(pods.pop(uid))
+        return self._batch.events(now)
+
+
+def reconcile(index: Index, listed: Iterable[PodState], now: datetime) -> list[Event]:
+    """A complete (re)list in one piece (see Relist): emits only what changed since the index last saw each pod."""
+    relist = Relist(index)
+    events: list[Event] = [*relist.page(listed, now)]
+    return events + relist.finish(now)
 
 
 def resync(index: Index, now: datetime) -> list[ImageSeen]:

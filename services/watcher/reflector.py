@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
@@ -95,12 +96,22 @@ async def reflect(
                 relists.add(1, {"resource": resource, "cause": cause})
                 yield ListStarted(cause)
                 list_rv = ""
+                pages = size = 0
+                waited = decoding = 0.0  # seconds waiting for the API server, and decoding what it sent
+                began = time.perf_counter()
                 # The next page is requested before this one is handed on, so the API server encodes page n+1
                 # while the consumer works on page n (about a third of a 50k-pod first sync was waiting).
                 page = asyncio.ensure_future(kube.get(path, {**base, "limit": page_size}, accept=accept))
                 try:
                     while True:
-                        items, token, page_rv = codec.decode_page(await page)
+                        at = time.perf_counter()
+                        data = await page
+                        decode_at = time.perf_counter()
+                        items, token, page_rv = codec.decode_page(data)
+                        waited += decode_at - at
+                        decoding += time.perf_counter() - decode_at
+                        pages, size = pages + 1, size + len(data)
+                        del data
                         list_rv = page_rv or list_rv
                         if token:
                             query = {**base, "limit": page_size, "continue": token}
@@ -115,7 +126,17 @@ async def reflect(
                         page.exception()  # a prefetched page that failed is reported by the relist, not as unhandled
                 rv = list_rv  # only a finished list may start a watch; a failure mid-list relists
                 yield ListDone(rv)
-                log.info("list done", resource=resource, resource_version=rv, cause=cause)
+                log.info(
+                    "list done",
+                    resource=resource,
+                    resource_version=rv,
+                    cause=cause,
+                    pages=pages,
+                    mb=round(size / 1e6, 1),
+                    s=round(time.perf_counter() - began, 2),
+                    waiting_s=round(waited, 2),
+                    decoding_s=round(decoding, 2),
+                )
             query = {
                 **base,
                 "resourceVersion": rv,

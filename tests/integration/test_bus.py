@@ -221,3 +221,78 @@ async def test_compare_and_set_without_a_change_writes_nothing(bus: busmod.Bus) 
     stored, wrote = await busmod.kv_update(kv, "k", Counter, lambda c: None)
     assert (stored, wrote) == (None, False)
     assert await busmod.kv_read(kv, "k", Counter) == (None, 0)
+
+
+async def _stored(bus: busmod.Bus, name: str) -> list[tuple[str, str | None, ImageGone]]:
+    """(Nats-Msg-Id, traceparent, event) of every message stored on a subject, in stream order."""
+    sub = await bus.js.subscribe(bus.subject(name), stream=bus.settings.stream, ordered_consumer=True)
+    out = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            headers = msg.headers or {}
+            out.append(
+                (headers["Nats-Msg-Id"], headers.get("traceparent"), msgspec.json.decode(msg.data, type=ImageGone))
+            )
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+def _batch(count: int, prefix: str = "gone") -> list[busmod.Outgoing]:
+    return [busmod.Outgoing(subjects.IMAGE_GONE, gone(f"node-{i}"), f"{prefix}:{i}") for i in range(count)]
+
+
+@pytest.mark.parametrize("window", [1, 7, 512], ids=["one-ack-at-a-time", "window-smaller-than-batch", "whole-batch"])
+async def test_batch_publish_stores_every_event_once_with_its_own_msg_id(bus: busmod.Bus, window: int) -> None:
+    batch = _batch(40)
+    assert await bus.publish_many(batch, window=window) == 40
+    assert await bus.publish_many(batch, window=window) == 0  # all duplicates: nothing stored twice
+    stored = await _stored(bus, subjects.IMAGE_GONE)
+    assert sorted(msg_id for msg_id, _, _ in stored) == sorted(out.msg_id for out in batch)
+    assert {msg_id: event.node for msg_id, _, event in stored} == {f"gone:{i}": f"node-{i}" for i in range(40)}
+
+
+async def test_batch_publish_carries_the_current_trace_to_every_message(bus: busmod.Bus) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("relist") as span:
+        await bus.publish_many(_batch(5))
+    trace_id = f"{span.get_span_context().trace_id:032x}"
+    parents = [traceparent for _, traceparent, _ in await _stored(bus, subjects.IMAGE_GONE)]
+    assert len(parents) == 5
+    assert all(p is not None and p.split("-")[1] == trace_id for p in parents), parents
+
+
+async def test_batch_to_a_stream_that_appears_late_is_sent_again_and_stored_once(
+    nats_settings: NatsSettings,
+) -> None:
+    bus = await busmod.connect(nats_settings, "test")
+    try:
+        batch = _batch(10, "late")
+        publishing = asyncio.create_task(bus.publish_many(batch, attempts=4))
+        await asyncio.sleep(0.2)  # the first round finds no stream: nothing acknowledged
+        assert not publishing.done()
+        await busmod.ensure_stream(bus)
+        assert await asyncio.wait_for(publishing, 15) == 10
+        assert sorted(msg_id for msg_id, _, _ in await _stored(bus, subjects.IMAGE_GONE)) == sorted(
+            out.msg_id for out in batch
+        )
+    finally:
+        await bus.close()
+
+
+async def test_batch_that_is_never_acknowledged_fails_with_what_is_left_to_send(nats_settings: NatsSettings) -> None:
+    bus = await busmod.connect(nats_settings, "test")  # no stream: nothing can ever be stored
+    try:
+        batch = _batch(6, "never")
+        with pytest.raises(
+            busmod.PublishFailed, match=r"6 of 6 events to T\d+ unacknowledged after 2 attempts"
+        ) as info:
+            await bus.publish_many(batch, attempts=2, ack_timeout_s=1.0)
+        assert sorted(out.msg_id for out in info.value.unsent) == sorted(out.msg_id for out in batch)
+    finally:
+        await bus.close()

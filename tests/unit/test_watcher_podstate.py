@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -458,3 +459,78 @@ def test_any_event_sequence_alternates_seen_and_gone_per_digest_and_node(
         holding = {(i.digest_ref, s.node) for s in cluster_now.values() for i in s.running}
         assert active == holding == set(index.counts)
         assert index.pods == cluster_now
+
+
+def paged_relist(index: Index, pages: Sequence[Sequence[kubeobjects.Pod]]) -> tuple[list[Any], list[Any]]:
+    """(what each page announced, what finish emitted), as summaries."""
+    relist = podstate.Relist(index)
+    early = [summary(relist.page([state_of(p, index) for p in page], NOW)) for page in pages]
+    return early, summary(relist.finish(NOW))
+
+
+def test_first_list_announces_each_digest_and_node_on_the_page_that_brings_it() -> None:
+    pages = [[pod("web-1"), pod("web-2")], [pod("web-3"), pod("web-4", node="node-2")]]
+    early, at_end = paged_relist(Index("prod"), pages)
+    assert early == [[("seen", REF_A, "node-1")], [("seen", REF_A, "node-2")]]
+    assert at_end == []
+
+
+def test_relist_announces_only_new_pairs_and_reports_gone_at_the_end() -> None:
+    index = Index("prod")
+    observe(index, pod("web-1"))
+    observe(index, pod("other", node="node-2", app=[("app", f"ghcr.io/org/app@sha256:{B}", running())]))
+    # Meanwhile: web-1 was replaced by web-3 on the same node, other was deleted, web-4 started on node-3.
+    pages = [[pod("web-3")], [pod("web-4", node="node-3", app=[("app", f"ghcr.io/org/app@sha256:{B}", running())])]]
+    early, at_end = paged_relist(index, pages)
+    assert early == [[], [("seen", REF_B, "node-3")]]
+    assert at_end == [("gone", REF_B, "node-2")]
+
+
+def test_digest_whose_new_holder_comes_on_a_later_page_is_never_gone() -> None:
+    index = Index("prod")
+    observe(index, pod("web-1"))
+    early, at_end = paged_relist(index, [[pod("db-1", node="node-2")], [pod("web-9")]])  # web-1 replaced by web-9
+    assert early == [[("seen", REF_A, "node-2")], []]
+    assert at_end == []
+
+
+def test_pod_that_ran_and_stopped_between_lists_is_reported_at_the_end_as_seen_then_gone() -> None:
+    index = Index("prod")
+    job = pod("job-1", phase="Succeeded", restart_policy="Never", app=(("app", f"nginx@sha256:{A}", terminated()),))
+    early, at_end = paged_relist(index, [[job]])
+    assert early == [[]]
+    assert at_end == [("seen", REF_A, "node-1"), ("gone", REF_A, "node-1")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_op, max_size=15),
+    st.lists(st.tuples(st.sampled_from(_UIDS), st.lists(st.sampled_from(_REFS), max_size=3)), max_size=6),
+    st.lists(st.integers(min_value=0, max_value=6), max_size=4),
+)
+def test_a_relist_in_pages_emits_what_the_same_relist_in_one_piece_emits(
+    ops: list[tuple[str, Any, list[str], list[str]]],
+    listed_pods: list[tuple[str, list[str]]],
+    cuts: list[int],
+) -> None:
+    def history() -> Index:
+        index = Index("prod")
+        for op, target, running_refs, finished_refs in ops:
+            if op == "observe":
+                podstate.observe(index, _state(target, running_refs, finished_refs), NOW)
+            elif op == "forget":
+                podstate.forget(index, target, NOW)
+        return index
+
+    listed = list({uid: _state(uid, refs, []) for uid, refs in listed_pods}.values())  # a list names a uid once
+    whole, paged = history(), history()
+    expected = podstate.reconcile(whole, listed, NOW)
+    relist = podstate.Relist(paged)
+    bounds = [0, *sorted(min(c, len(listed)) for c in cuts), len(listed)]
+    events: list[Any] = []
+    for start, end in itertools.pairwise(bounds):
+        events += relist.page(listed[start:end], NOW)
+    events += relist.finish(NOW)
+    assert sorted(summary(events)) == sorted(summary(expected))
+    assert paged.pods == whole.pods
+    assert paged.counts == whole.counts
