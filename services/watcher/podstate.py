@@ -2,7 +2,9 @@
 
 Pure: no I/O, no clock (callers pass `now`); functions change only the Index they are given. The Index counts
 containers per (digest ref, node), so one image.seen goes out when a count leaves 0 and one image.gone when it
-returns to 0, however many pods, restarts, relists or rollouts happen in between.
+returns to 0, however many pods, restarts, relists or rollouts happen in between. It also counts per (digest ref,
+node, workload): a second workload starting a digest on a node that already runs it gets its own image.seen (its
+owners must learn of it), though the (digest, node) count never left 0.
 
 Decisions written down:
 - An app container holds its digest while it runs, waits to restart, or has terminated and will be restarted
@@ -225,17 +227,22 @@ def _valid_node(node: str) -> str | None:
 
 
 Key = tuple[str, str]  # (digest_ref, node)
+# (digest_ref, node, namespace, workload): a second workload starting a digest on a node that already runs it is
+# news for its owners (the notifier routes by workload), though not for the dispatcher.
+WorkloadKey = tuple[str, str, str, Workload]
 
 
 class Index:
-    """The pods the watcher knows (by uid, including pods that hold nothing) and the holders per (digest, node)."""
+    """The pods the watcher knows (by uid, including pods that hold nothing) and the holders per (digest, node) and
+    per (digest, node, workload)."""
 
-    __slots__ = ("cluster", "counts", "intern", "pods")
+    __slots__ = ("cluster", "counts", "intern", "pods", "workload_counts")
 
     def __init__(self, cluster: str) -> None:
         self.cluster = cluster
         self.pods: dict[str, PodState] = {}
         self.counts: dict[Key, int] = {}
+        self.workload_counts: dict[WorkloadKey, int] = {}
         self.intern = Interner()
 
     def workload_of(self, uid: str) -> tuple[Workload, ImageOptions] | None:
@@ -254,7 +261,16 @@ class _Batch:
     `events` then leaves it out (or, should the count drop back to 0 within the batch, emits its gone).
     """
 
-    __slots__ = ("_announced", "_before", "_first_holder", "_flashes", "_fresh", "_index")
+    __slots__ = (
+        "_announced",
+        "_before",
+        "_first_holder",
+        "_flashes",
+        "_fresh",
+        "_index",
+        "_workload_before",
+        "_workload_holder",
+    )
 
     def __init__(self, index: Index) -> None:
         self._index = index
@@ -263,6 +279,8 @@ class _Batch:
         self._flashes: dict[Key, tuple[PodState, RunningImage]] = {}
         self._fresh: list[Key] = []  # keys added since the last announce, held by nobody when the batch began
         self._announced: set[Key] = set()
+        self._workload_before: dict[WorkloadKey, int] = {}
+        self._workload_holder: dict[WorkloadKey, tuple[PodState, RunningImage]] = {}
 
     def _touch(self, key: Key) -> None:
         if key not in self._before:
@@ -270,6 +288,7 @@ class _Batch:
 
     def add(self, state: PodState) -> None:
         counts = self._index.counts
+        workload_counts = self._index.workload_counts
         before = self._before
         for image in state.running:
             key = (image.digest_ref, state.node)
@@ -281,9 +300,15 @@ class _Batch:
                 self._first_holder[key] = (state, image)
                 if before[key] == 0:
                     self._fresh.append(key)
+            wkey = (image.digest_ref, state.node, state.namespace, state.workload)
+            held = workload_counts.get(wkey, 0)
+            self._workload_before.setdefault(wkey, held)
+            self._workload_holder.setdefault(wkey, (state, image))
+            workload_counts[wkey] = held + 1
 
     def remove(self, state: PodState) -> None:
         counts = self._index.counts
+        workload_counts = self._index.workload_counts
         for image in state.running:
             key = (image.digest_ref, state.node)
             self._touch(key)
@@ -292,6 +317,13 @@ class _Batch:
                 counts[key] = left
             else:
                 counts.pop(key, None)
+            wkey = (image.digest_ref, state.node, state.namespace, state.workload)
+            held = workload_counts.get(wkey, 0)
+            self._workload_before.setdefault(wkey, held)
+            if held > 1:
+                workload_counts[wkey] = held - 1
+            else:
+                workload_counts.pop(wkey, None)
 
     def flash(self, state: PodState, previous: PodState | None) -> None:
         """Images that ran between two observations of this pod and were never reported from it."""
@@ -334,7 +366,23 @@ class _Batch:
             elif before == 0 and after == 0 and key in self._flashes:
                 seen.append(_seen(cluster, *self._flashes[key], now))
                 gone.append(_gone(cluster, key, now))
-        return seen + gone
+        return seen + self._joined(now) + gone
+
+    def _joined(self, now: datetime) -> list[Event]:
+        """A seen for each workload that started holding a digest on a node another workload already ran it on (the
+        (digest, node) seen above names one workload; its owners are not the only ones)."""
+        counts = self._index.workload_counts
+        out: list[Event] = []
+        for wkey, before in self._workload_before.items():
+            if before or not counts.get(wkey):
+                continue
+            state, image = self._workload_holder[wkey]
+            first = self._first_holder.get((wkey[0], wkey[1]))
+            key_is_news = self._before.get((wkey[0], wkey[1])) == 0
+            if key_is_news and first is not None and (first[0].namespace, first[0].workload) == (wkey[2], wkey[3]):
+                continue  # the (digest, node) seen already names this workload
+            out.append(_seen(self._index.cluster, state, image, now))
+        return out
 
 
 def _seen(cluster: str, state: PodState, image: RunningImage, now: datetime, resync: bool = False) -> ImageSeen:
@@ -438,13 +486,13 @@ def reconcile(index: Index, listed: Iterable[PodState], now: datetime) -> list[E
 
 
 def resync(index: Index, now: datetime) -> list[ImageSeen]:
-    """One image.seen (resync=True) per (digest, node) that runs now, and the interning table rebuilt.
+    """One image.seen (resync=True) per (digest, node, workload) that runs now, and the interning table rebuilt.
 
     Pass `now` rounded down to the resync interval: message ids derive from the event, so a restarted watcher's
     resync within the duplicate window is stored once.
     """
     out: list[ImageSeen] = []
-    emitted: set[Key] = set()
+    emitted: set[WorkloadKey] = set()
     intern = index.intern
     intern.clear()  # forget values no pod uses any more; re-register the live ones
     for state in index.pods.values():
@@ -454,9 +502,9 @@ def resync(index: Index, now: datetime) -> list[ImageSeen]:
             intern(finished)
         for image in state.running:
             intern(image)
-            key = (image.digest_ref, state.node)
-            if key not in emitted:
-                emitted.add(key)
+            wkey = (image.digest_ref, state.node, state.namespace, state.workload)
+            if wkey not in emitted:
+                emitted.add(wkey)
                 out.append(_seen(index.cluster, state, image, now, resync=True))
     return out
 

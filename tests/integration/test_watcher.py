@@ -146,7 +146,9 @@ def _digest_of(image: str, container: str) -> str:
     return expected_image_id(image, container)
 
 
-async def test_pods_and_a_deployment_become_one_seen_per_digest_and_node(running: Running, kube_api: Kube) -> None:
+async def test_pods_and_a_deployment_become_one_seen_per_digest_node_and_workload(
+    running: Running, kube_api: Kube
+) -> None:
     ns = running.namespace
     node_a, node_b = running.nodes
     path = f"/api/v1/namespaces/{ns}/pods"
@@ -168,8 +170,18 @@ async def test_pods_and_a_deployment_become_one_seen_per_digest_and_node(running
     await running.wait_for("image.seen for every (digest, node)", complete)
     await asyncio.sleep(1.0)  # anything extra would land now
     seen, gone = await running.events()
-    pairs = [(e.digest_ref, e.node) for e in seen]
-    assert sorted(pairs) == sorted({(app, node_a), (app, node_b), (init, node_a), (web, node_b)}), "one per pair"
+    # Three replicas of one Deployment are one sighting; two bare pods on one node are two workloads, and the
+    # owners of each are told (the second seen of (app, node_a) is for the notifier, not the dispatcher).
+    triples = [(e.digest_ref, e.node, e.workload.name) for e in seen]
+    assert sorted(triples) == sorted(
+        {
+            (app, node_a, "solo-a"),
+            (app, node_a, "twin-a"),
+            (app, node_b, "solo-b"),
+            (init, node_a, "solo-a"),
+            (web, node_b, "web"),
+        }
+    ), "one per (digest, node, workload)"
     by_pair = {(e.digest_ref, e.node): e for e in seen}
     assert by_pair[(init, node_a)].container_kind == "init"
     assert by_pair[(web, node_b)].workload.kind == "Deployment"

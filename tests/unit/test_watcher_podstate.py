@@ -404,8 +404,9 @@ def test_replicas_share_interned_state() -> None:
     assert len(index.intern) == 0  # resync drops interned values no pod uses any more
 
 
-# Any sequence of watch events and relists keeps one rule: per (digest, node), seen and gone alternate, starting
-# with seen, and what the events say runs is exactly what the index holds.
+# Any sequence of watch events and relists keeps these rules: per (digest, node), gone follows a seen and the events
+# say exactly what the index holds; every workload holding a digest on a node was named by a seen since that
+# (digest, node) last started; and a workload that kept holding through a change is not announced again.
 _UIDS = [f"u{i}" for i in range(6)]
 _REFS = [REF_A, REF_B, REF_C]
 _op: st.SearchStrategy[tuple[str, Any, list[str], list[str]]] = st.one_of(
@@ -436,8 +437,14 @@ def test_any_event_sequence_alternates_seen_and_gone_per_digest_and_node(
 ) -> None:
     index = Index("prod")
     active: set[tuple[str, str]] = set()
+    announced: dict[tuple[str, str], set[Workload]] = {}
     cluster_now: dict[str, PodState] = {}  # what the API server would list
+
+    def holders() -> set[tuple[str, str, Workload]]:
+        return {(i.digest_ref, s.node, s.workload) for s in cluster_now.values() for i in s.running}
+
     for op, target, running_refs, finished_refs in ops:
+        held_before = holders()
         if op == "observe":
             state = _state(target, running_refs, finished_refs)
             cluster_now[target] = state
@@ -448,16 +455,22 @@ def test_any_event_sequence_alternates_seen_and_gone_per_digest_and_node(
         else:  # a relist after a disconnect: pods not listed were deleted meanwhile
             cluster_now = {uid: s for uid, s in cluster_now.items() if uid in target}
             events = podstate.reconcile(index, list(cluster_now.values()), NOW)
+        held_after = holders()
         for event in events:
             key = (event.digest_ref, event.node)
             if isinstance(event, ImageSeen):
-                assert key not in active, f"duplicate seen for {key}"
+                kept = (*key, event.workload) in held_before and (*key, event.workload) in held_after
+                assert not (kept and key in active), f"{event.workload} kept holding {key} and was announced again"
                 active.add(key)
+                announced.setdefault(key, set()).add(event.workload)
             else:
                 assert key in active, f"gone without seen for {key}"
                 active.remove(key)
-        holding = {(i.digest_ref, s.node) for s in cluster_now.values() for i in s.running}
+                announced.pop(key, None)
+        holding = {(ref, node) for ref, node, _ in held_after}
         assert active == holding == set(index.counts)
+        for ref, node, workload in held_after:
+            assert workload in announced[(ref, node)], f"{workload} holds {(ref, node)} and was never announced"
         assert index.pods == cluster_now
 
 
