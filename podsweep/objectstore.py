@@ -1,13 +1,19 @@
 """The one S3 client: any S3-compatible endpoint, bucket creation, bounded reads, presigned URLs for one key.
 
-boto3 is synchronous; every call runs in a worker thread so the event loop never blocks on storage.
+boto3 is synchronous; every call runs in a worker thread so the event loop never blocks on storage. Presigning with
+static keys is our own SigV4 query signer (botocore's costs about 0.5 ms a URL); it must never sign anything but one
+key and one method.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import quote, urlsplit
 
 import boto3
 import botocore.exceptions
@@ -31,10 +37,61 @@ class StoredObject:
     etag: str
 
 
+_ALGORITHM = "AWS4-HMAC-SHA256"
+
+
+class QuerySigner:
+    """SigV4 query-string presigning for static credentials, the same URL botocore's S3 presign makes.
+
+    `base` is the URL of the bucket's root with a trailing slash as botocore addresses it (path or virtual-hosted);
+    the signing key is derived once per UTC day. Only `host` is signed and the payload is UNSIGNED-PAYLOAD, as in
+    botocore's presigned PUT and GET: the URL is good for one method on one key until it expires.
+    """
+
+    def __init__(self, base: str, region: str, access_key_id: str, secret_access_key: str) -> None:
+        parts = urlsplit(base)
+        if not parts.scheme or not parts.netloc or not parts.path.endswith("/"):
+            raise ValueError(f"s3: cannot presign under {base!r} (expected scheme://host/[bucket/])")
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._host = parts.netloc
+        self._prefix = parts.path
+        self._region = region
+        self._access_key_id = access_key_id
+        self._secret = secret_access_key.encode()
+        self._day = ""
+        self._key = b""
+
+    def _signing_key(self, day: str) -> bytes:
+        if day != self._day:
+            key = hmac.digest(b"AWS4" + self._secret, day.encode(), "sha256")
+            for part in (self._region, "s3", "aws4_request"):
+                key = hmac.digest(key, part.encode(), "sha256")
+            self._day, self._key = day, key
+        return self._key
+
+    def presign(self, method: str, key: str, expires_s: int, now: datetime) -> str:
+        """A URL for `method` on exactly `key`, valid `expires_s` seconds from `now` (an aware UTC instant)."""
+        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        day = stamp[:8]
+        path = self._prefix + quote(key, safe="/~")
+        credential = f"{self._access_key_id}/{day}/{self._region}/s3/aws4_request"
+        # Already in sorted order, as the canonical query string requires.
+        query = (
+            f"X-Amz-Algorithm={_ALGORITHM}&X-Amz-Credential={quote(credential, safe='-_.~')}"
+            f"&X-Amz-Date={stamp}&X-Amz-Expires={int(expires_s)}&X-Amz-SignedHeaders=host"
+        )
+        canonical = f"{method}\n{path}\n{query}\nhost:{self._host}\n\nhost\nUNSIGNED-PAYLOAD"
+        scope = f"{day}/{self._region}/s3/aws4_request"
+        to_sign = f"{_ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        return f"{self._origin}{path}?{query}&X-Amz-Signature={signature}"
+
+
 class ObjectStore:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         self.bucket = settings.bucket
+        self._signer: QuerySigner | None = None
         self._client = boto3.client(
             "s3",
             endpoint_url=settings.endpoint_url or None,
@@ -145,8 +202,25 @@ class ObjectStore:
         return await asyncio.to_thread(run)
 
     # -- presigned URLs -----------------------------------------------------------------------------------------
+    def signer(self) -> QuerySigner | None:
+        """Our own signer when the credentials are static keys; None (botocore presigns) for any other credentials
+        (environment chain, session tokens, rotation), which botocore resolves and refreshes."""
+        if self._signer is None and self.settings.access_key_id and self.settings.secret_access_key:
+            # botocore decides the addressing (path or virtual-hosted) once; the key is appended to this root.
+            probe: str = self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": "probe"}, ExpiresIn=60
+            )
+            base = probe.split("?", 1)[0].removesuffix("probe")
+            self._signer = QuerySigner(
+                base, self.settings.region, self.settings.access_key_id, self.settings.secret_access_key
+            )
+        return self._signer
+
     def presign_put(self, key: str, expires_s: int, content_type: str | None = None) -> str:
         """A URL that can PUT exactly this key until it expires (SigV4; no other key, no other method)."""
+        signer = None if content_type else self.signer()
+        if signer is not None:
+            return signer.presign("PUT", key, int(expires_s), datetime.now(UTC))
         params = {"Bucket": self.bucket, "Key": key}
         if content_type:
             params["ContentType"] = content_type
@@ -154,6 +228,9 @@ class ObjectStore:
         return url
 
     def presign_get(self, key: str, expires_s: int) -> str:
+        signer = self.signer()
+        if signer is not None:
+            return signer.presign("GET", key, int(expires_s), datetime.now(UTC))
         url: str = self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=int(expires_s)
         )

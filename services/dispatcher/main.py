@@ -75,6 +75,8 @@ limit_waits = meter.create_counter(
 )
 _STATE = msgspec.json.Decoder(DigestScanState)
 _WORKLOADS = msgspec.json.Decoder(DigestWorkloads)
+_LIMITER = msgspec.json.Decoder(LimiterState)
+_WAITING = ("nodes_full", "limited")  # decisions that park a digest until a slot frees
 Launch = Literal["created", "exists", "refused", "stale", "failed", "gathered"]
 
 
@@ -94,6 +96,8 @@ class Dispatcher:
         self.scans: KeyValue
         self.limits_kv: KeyValue
         self.limiter = LimiterState()  # the last limiter state read or written; the KV key is the authority
+        self._limiter_known: tuple[LimiterState | None, int] = (None, 0)  # that state as stored, and its revision
+        self._view_of: tuple[LimiterState, dict[str, int], bool, datetime] | None = None
         self.parked = ParkingLot()
         self.timers: dict[str, datetime] = {}  # digest hex -> when to decide again (the latest setting wins)
         self._timer_heap: list[tuple[datetime, str]] = []
@@ -109,24 +113,42 @@ class Dispatcher:
         self.scans = await self.bus.kv(SCANS_BUCKET)
         self.limits_kv = await self.bus.kv(LIMITS_BUCKET)
         self.workloads = await self.bus.kv(WORKLOADS_BUCKET)
-        stored, _ = await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState)
+        self._limiter_seen(*await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState))
+
+    def _limiter_seen(self, stored: LimiterState | None, revision: int) -> None:
         self.limiter = stored or LimiterState()
+        self._limiter_known = (stored, revision)
+
+    def _view(self, now: datetime) -> tuple[dict[str, int], bool]:
+        """Live slots per node, and whether a global slot and a creation are left, as this replica last saw the
+        limiter: computed once per limiter state until its next slot or creation expires (every event asks)."""
+        cached = self._view_of
+        if cached is not None and cached[0] is self.limiter and now < cached[3]:
+            return cached[1], cached[2]
+        current = limiter.live(self.limiter, now)
+        per_node = limiter.active_per_node(current, now)
+        limits = self.cfg.limits
+        room = len(current.slots) < limits.max_active and len(current.created) < limits.max_created_per_minute
+        expiries = [s.deadline for s in current.slots] + [t + limiter.WINDOW for t in current.created]
+        self._view_of = (self.limiter, per_node, room, min(expiries, default=datetime.max.replace(tzinfo=UTC)))
+        return per_node, room
 
     # -- event handlers --------------------------------------------------------------------------------------------
 
     async def on_image_seen(self, seen: ImageSeen, _: busmod.Delivery) -> None:
         now = utcnow()
-        active = limiter.active_per_node(self.limiter, now)
+        active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
-        decision, nodes = await self._update(
-            digest_hex(seen.digest_ref), lambda old: plan.on_seen(old, seen, now, policy, active, limits), seen.node
+        key = digest_hex(seen.digest_ref)
+        written = await self._update(
+            key, lambda old: plan.on_seen(old, seen, now, policy, active, limits, room=room), seen.node
         )
-        await self._follow(digest_hex(seen.digest_ref), decision, nodes)
+        await self._follow(key, *written)
 
     async def on_image_gone(self, gone: ImageGone, _: busmod.Delivery) -> None:
         now = utcnow()
         key = digest_hex(gone.digest_ref)
-        decision, _nodes = await self._update(key, lambda old: plan.on_gone(old, gone, now, self.cfg.policy))
+        decision = (await self._update(key, lambda old: plan.on_gone(old, gone, now, self.cfg.policy)))[0]
         if decision.state is not None and decision.state.status == "not_scanned" and not decision.state.nodes_seen:
             self.parked.unpark(key)
             log.info("digest not scanned", digest=gone.digest_ref, reason=decision.state.reason)
@@ -143,18 +165,21 @@ class Dispatcher:
         if done.raw_key != storage.raw_key(done.digest_ref, done.scan_id):
             raise busmod.Reject(f"raw_key is not the key of scan {done.scan_id} (expected raw/sha256/<hex>/<id>.json)")
         key = digest_hex(done.digest_ref)
-        decision, nodes = await self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy))
+        written = await self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy))
         # An SBOM rescan's slot is its batch Job's (named by the batch); a node scan's is its own.
         await self._release(done.job if done.mode == "sbom" else done.scan_id)
-        await self._follow(key, decision, nodes)
+        await self._follow(key, *written)
 
     async def on_scan_failed(self, failed: ScanFailed, _: busmod.Delivery) -> None:
         now = utcnow()
         key = digest_hex(failed.digest_ref)
         await self._release(failed.job if failed.mode == "sbom" else failed.scan_id)
-        active = limiter.active_per_node(self.limiter, now)
+        active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
-        decision, nodes = await self._update(key, lambda old: plan.on_failed(old, failed, now, policy, active, limits))
+        written = await self._update(
+            key, lambda old: plan.on_failed(old, failed, now, policy, active, limits, room=room)
+        )
+        decision = written[0]
         if decision.state is not None:
             log.info(
                 "scan failed",
@@ -164,14 +189,15 @@ class Dispatcher:
                 reason=failed.reason,
                 status=decision.state.status,
             )
-        await self._follow(key, decision, nodes)
+        await self._follow(key, *written)
 
     # -- deciding and carrying out ---------------------------------------------------------------------------------
 
     async def _update(
         self, key: str, decide: Callable[[DigestScanState | None], Decision], node: str | None = None
-    ) -> tuple[Decision, tuple[str, ...]]:
-        """Apply a pure decision with compare-and-set; returns the decision that was written and the digest's nodes.
+    ) -> tuple[Decision, tuple[str, ...], int]:
+        """Apply a pure decision with compare-and-set; returns the decision that was written, the digest's nodes and
+        the revision written (0: nothing written).
 
         A decision that was not written (the state did not change) never carries a scan: only the writer of a claim
         carries it out.
@@ -186,14 +212,15 @@ class Dispatcher:
             made.append((decision, nodes))
             return decision.state
 
-        _, wrote = await busmod.kv_update(self.scans, key, DigestScanState, change)
+        _, revision, wrote = await busmod.kv_change(self.scans, key, DigestScanState, change)
         decision, nodes = made[-1]
         if not wrote and decision.scan is not None:
-            return Decision(None, None, "claimed", decision.recheck_at), nodes
-        return decision, nodes
+            return Decision(None, None, "claimed", decision.recheck_at), nodes, 0
+        return decision, nodes, revision if wrote else 0
 
-    async def _follow(self, key: str, decision: Decision, nodes: tuple[str, ...]) -> Launch | None:
-        """Carry out a decision: start its scan, park it when every node is full, or remember when to look again."""
+    async def _follow(self, key: str, decision: Decision, nodes: tuple[str, ...], revision: int = 0) -> Launch | None:
+        """Carry out a decision: start its scan, park it when every node is full or the limiter has no room, or
+        remember when to look again. `revision` is the one the decision's state was written at."""
         if decision.scan is not None:
             if decision.why == "retry":
                 retries.add(1)
@@ -203,9 +230,10 @@ class Dispatcher:
                 if len(self.gathering) >= self.gathering.size:
                     self.wake.set()
                 return "gathered"
-            return await self._launch(key, decision.scan)
-        if decision.why == "nodes_full":
-            limit_waits.add(1, {"limit": "node_full"})
+            claimed = (decision.state, revision) if decision.state is not None and revision else None
+            return await self._launch(key, decision.scan, claimed)
+        if decision.why in _WAITING:
+            limit_waits.add(1, {"limit": "node_full" if decision.why == "nodes_full" else "limited"})
             self.parked.park(key, None, nodes)
         elif decision.why in ("backoff", "not_due", "gave_up", "recorded") and decision.recheck_at is not None:
             self._set_timer(key, decision.recheck_at)
@@ -214,27 +242,37 @@ class Dispatcher:
     async def reconsider(self, key: str) -> Launch | None:
         """Decide again about one digest (the sweep, timers and parked digests all come here)."""
         now = utcnow()
-        active = limiter.active_per_node(self.limiter, now)
+        active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
 
         def decide(old: DigestScanState | None) -> Decision:
             if old is None:
                 return Decision(None, None, "stale")
-            return plan.decide(old, now, policy, active, limits)
+            return plan.decide(old, now, policy, active, limits, room=room)
 
-        decision, nodes = await self._update(key, decide)
-        return await self._follow(key, decision, nodes)
+        return await self._follow(key, *await self._update(key, decide))
 
-    async def _launch(self, key: str, scan: ScanPlan) -> Launch:
-        """Take a slot, create the Job, record it running. Every step is keyed by the scan id: repeating is harmless."""
+    async def _launch(self, key: str, scan: ScanPlan, claimed: tuple[DigestScanState, int] | None = None) -> Launch:
+        """Take a slot, create the Job, record it running. Every step is keyed by the scan id: repeating is harmless.
+
+        `claimed` is the claim this replica just wrote and its revision: while it is young nobody else may write
+        the claim (only its expiry lets another replica resume it, and no scan event can come before the Job), so
+        it is not read again.
+        """
         now = utcnow()
-        deadline = now + self.cfg.policy.job_deadline + self.cfg.policy.deadline_grace
+        policy = self.cfg.policy
+        deadline = now + policy.job_deadline + policy.deadline_grace
         outcome = await self._acquire(scan, now, deadline)
         if not outcome.ok:
             limit_waits.add(1, {"limit": outcome.reason})
             self.parked.park(key, scan, (scan.node,) if scan.node else ())
             return "refused"
-        state, _ = await busmod.kv_read(self.scans, key, DigestScanState)
+        expires = claimed[0].claim_expires_at if claimed is not None else None
+        state: DigestScanState | None
+        if claimed is not None and expires is not None and utcnow() < expires - policy.claim_ttl / 2:
+            state, revision = claimed
+        else:
+            state, revision = await busmod.kv_read(self.scans, key, DigestScanState)
         if state is None or state.scan_id != scan.scan_id or state.status not in ("pending", "running"):
             # Finished or given up while this replica waited: the slot just taken is not needed.
             await self._release(scan.scan_id)
@@ -252,9 +290,12 @@ class Dispatcher:
         created = await self._create(key, scan, manifest)
         if created == "failed":
             return created
-        policy = self.cfg.policy
-        await busmod.kv_update(
-            self.scans, key, DigestScanState, lambda old: plan.on_created(old, scan.scan_id, utcnow(), policy)
+        await busmod.kv_change(
+            self.scans,
+            key,
+            DigestScanState,
+            lambda old: plan.on_created(old, scan.scan_id, utcnow(), policy),
+            known=(state, revision),
         )
         return created
 
@@ -318,11 +359,14 @@ class Dispatcher:
             failed_at=now,
         )
         log.warning("scan not created", digest=scan.digest_ref, scan_id=scan.scan_id, error=message[:300])
-        active = limiter.active_per_node(self.limiter, now)
+        active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
-        decision, nodes = await self._update(key, lambda old: plan.on_failed(old, failed, now, policy, active, limits))
+        written = await self._update(
+            key, lambda old: plan.on_failed(old, failed, now, policy, active, limits, room=room)
+        )
+        decision = written[0]
         if decision.scan is None:
-            await self._follow(key, decision, nodes)
+            await self._follow(key, *written)
         else:  # never launch from inside a launch: the timer or the sweep picks the retry up
             self._set_timer(key, now)
 
@@ -514,9 +558,7 @@ class Dispatcher:
             outcomes.append(outcome)
             return new
 
-        stored, _ = await busmod.kv_update(self.limits_kv, LIMITER_KEY, LimiterState, change)
-        if stored is not None:
-            self.limiter = stored
+        await self._limiter_change(change)
         return outcomes[-1]
 
     async def _acquire_slot(self, slot_id: str, now: datetime, deadline: datetime) -> limiter.Outcome:
@@ -531,21 +573,25 @@ class Dispatcher:
             outcomes.append(outcome)
             return new
 
-        stored, _ = await busmod.kv_update(self.limits_kv, LIMITER_KEY, LimiterState, change)
-        if stored is not None:
-            self.limiter = stored
+        await self._limiter_change(change)
         return outcomes[-1]
 
     async def _release(self, scan_id: str) -> None:
         def change(old: LimiterState | None) -> LimiterState | None:
             return None if old is None else limiter.release(old, utcnow(), scan_id)
 
-        stored, wrote = await busmod.kv_update(self.limits_kv, LIMITER_KEY, LimiterState, change)
-        if stored is not None:
-            self.limiter = stored
-        if wrote:
+        if await self._limiter_change(change):
             self.gathering.blocked = False
             self.wake.set()
+
+    async def _limiter_change(self, change: Callable[[LimiterState | None], LimiterState | None]) -> bool:
+        """Compare-and-set on the limiter, starting from the state this replica last saw (no read when it is still
+        current: the other replica's writes since only cost a failed write and a read). True when it wrote."""
+        stored, revision, wrote = await busmod.kv_change(
+            self.limits_kv, LIMITER_KEY, LimiterState, change, known=self._limiter_known
+        )
+        self._limiter_seen(stored, revision)
+        return wrote
 
     # -- background: parked claims, timers, the sweep --------------------------------------------------------------
 
@@ -575,11 +621,41 @@ class Dispatcher:
             del self.timers[key]
             await self.reconsider(key)
 
+    async def follow_limiter(self, stop: asyncio.Event) -> None:
+        """Keep this replica's view of the limiter current from a KV watch on its key: compare-and-set then rarely
+        starts from a stale revision, and nothing polls the key."""
+        while not stop.is_set():
+            try:
+                watcher = await self.limits_kv.watch(LIMITER_KEY)
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                log.warning("limiter watch will be tried again", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                await _wait(stop, 1.0)
+                continue
+            stopping = asyncio.create_task(_stop_watch_when(stop, watcher))
+            try:
+                async for entry in watcher:
+                    if entry is None or entry.revision is None or entry.revision <= self._limiter_known[1]:
+                        continue  # the end of the current value, or not newer than what this replica knows
+                    try:
+                        stored = None if entry.operation in ("DEL", "PURGE") else _LIMITER.decode(entry.value or b"")
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        log.warning("limiter watch skipped an unreadable state", error=str(exc)[:300])
+                        continue
+                    # No wake: the replica that freed a slot starts its own parked scans at once; this one looks at
+                    # the next tick, by when that slot is usually taken (both chasing it costs reads and lost CAS).
+                    self._limiter_seen(stored, entry.revision)
+            except Exception as exc:  # a broken watch only costs reads: start another
+                log.warning("limiter watch restarts", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                await _wait(stop, 1.0)
+            finally:
+                stopping.cancel()
+
     async def _run_parked(self) -> None:
-        stored, revision = await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState)
-        self.limiter = stored or LimiterState()
-        seen = (revision, self.parked.generation)
-        if seen == self._parked_seen and time.monotonic() - self._parked_pass_at < PARKED_IDLE_PASS_S:
+        idle = time.monotonic() - self._parked_pass_at >= PARKED_IDLE_PASS_S
+        if idle:  # the watch keeps the view current; a read now and then covers a watch that fell behind
+            self._limiter_seen(*await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState))
+        seen = (self._limiter_known[1], self.parked.generation)
+        if seen == self._parked_seen and not idle:
             return  # no slot freed and nothing new parked since the last pass (expiries are caught by the idle pass)
         self._parked_seen, self._parked_pass_at = seen, time.monotonic()
         limits = self.cfg.limits
@@ -642,7 +718,7 @@ class Dispatcher:
         The decision on this snapshot only selects: each one is decided again on a fresh read with compare-and-set.
         """
         now = utcnow()
-        active = limiter.active_per_node(self.limiter, now)
+        active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
         todo: list[str] = []
         watcher = await self.scans.watchall(ignore_deletes=True)
@@ -658,8 +734,8 @@ class Dispatcher:
                     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                         log.warning("sweep skipped an unreadable scan state", key=entry.key, error=str(exc)[:300])
                         continue
-                    decision = plan.decide(state, now, policy, active, limits)
-                    if decision.state is not None or decision.scan is not None or decision.why == "nodes_full":
+                    decision = plan.decide(state, now, policy, active, limits, room=room)
+                    if decision.state is not None or decision.scan is not None or decision.why in _WAITING:
                         todo.append(entry.key)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
@@ -681,6 +757,11 @@ def _make_due(
     new, answer = plan.make_due(old, now, policy)
     answers.append(answer)
     return new
+
+
+async def _stop_watch_when(stop: asyncio.Event, watcher: KeyValue.KeyWatcher) -> None:
+    await stop.wait()
+    await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 async def _wait(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> bool:
@@ -730,6 +811,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             background = [
                 asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
                 asyncio.create_task(dispatcher.sweep(stop), name="dispatcher-sweep"),
+                asyncio.create_task(dispatcher.follow_limiter(stop), name="dispatcher-limiter-watch"),
             ]
             routes: dict[str, busmod.Route[Any]] = {
                 subjects.IMAGE_SEEN: busmod.Route(ImageSeen, dispatcher.on_image_seen),

@@ -54,6 +54,7 @@ Why = Literal[
     "not_due",
     "backoff",
     "nodes_full",
+    "limited",  # the limiter (as this replica last saw it) has no global slot or creation left: claim nothing yet
     "no_node",
     "gave_up",
     "stale",
@@ -273,17 +274,22 @@ def decide(
     *,
     options: ImageOptions = NO_OPTIONS,
     changed: bool = False,
+    room: bool = True,
 ) -> Decision:
     """What to do now about a digest whose state is `state` (the periodic sweep calls this for every key).
 
     `changed` says `state` already differs from what is stored (the caller updated it), so it must be written
-    even when no scan is planned.
+    even when no scan is planned. `room` False (no global slot or creation left) plans no scan: a claim that
+    would only wait for a slot would expire while it waits, and be written again and again.
     """
     keep = state if changed else None
     expires = state.claim_expires_at
     if state.status in ("pending", "running") and expires is not None and now < expires:
         return Decision(keep, None, "claimed", expires)
-    if state.status == "pending" and state.scan_id is not None and state.node in (*state.nodes_seen, None):
+    resumable = state.status == "pending" and state.scan_id is not None and state.node in (*state.nodes_seen, None)
+    if resumable and not room:
+        return Decision(keep, None, "limited")
+    if resumable and state.scan_id is not None:
         # An abandoned claim: resume it under the same scan id (slot and Job creation are idempotent by it).
         resumed = msgspec.structs.replace(state, claim_expires_at=now + policy.claim_ttl)
         plan = ScanPlan(
@@ -306,6 +312,8 @@ def decide(
             return Decision(keep, None, "not_due", due)
         if not _still_covered(state, now, policy):
             return Decision(keep, None, "no_node", None)
+        if not room:
+            return Decision(keep, None, "limited")
         return _claim(
             state, now, policy, active_per_node, limits, why="rescan_due", new_cycle=True, options=options
         ) or Decision(keep, None, "nodes_full", None)
@@ -315,12 +323,16 @@ def decide(
             return Decision(keep, None, "gave_up" if gave_up else "backoff", state.next_due_at)
         if not _still_covered(state, now, policy):
             return Decision(keep, None, "no_node", None)
+        if not room:
+            return Decision(keep, None, "limited")
         return _claim(
             state, now, policy, active_per_node, limits, why="retry", new_cycle=gave_up, options=options
         ) or Decision(keep, None, "nodes_full", None)
     # not_scanned: scan as soon as a node runs the digest.
     if not state.nodes_seen:
         return Decision(keep, None, "no_node", None)
+    if not room:
+        return Decision(keep, None, "limited")
     return _claim(
         state, now, policy, active_per_node, limits, why="first_scan", new_cycle=True, options=options
     ) or Decision(keep, None, "nodes_full", None)
@@ -333,8 +345,10 @@ def on_seen(
     policy: Policy,
     active_per_node: Mapping[str, int],
     limits: Limits,
+    *,
+    room: bool = True,
 ) -> Decision:
-    """A container runs the digest on `seen.node`: remember the node, then decide."""
+    """A container runs the digest on `seen.node`: remember the node, then decide (`room`: see `decide`)."""
     if state is None:
         state = DigestScanState(digest_ref=seen.digest_ref, status="not_scanned")
         changed = True
@@ -350,7 +364,7 @@ def on_seen(
     if state.status == "not_scanned" and state.reason:
         state = msgspec.structs.replace(state, reason="")
         changed = True
-    return decide(state, now, policy, active_per_node, limits, options=seen.options, changed=changed)
+    return decide(state, now, policy, active_per_node, limits, options=seen.options, changed=changed, room=room)
 
 
 def on_gone(state: DigestScanState | None, gone: ImageGone, now: datetime, policy: Policy) -> Decision:
@@ -412,13 +426,15 @@ def on_failed(
     policy: Policy,
     active_per_node: Mapping[str, int],
     limits: Limits,
+    *,
+    room: bool = True,
 ) -> Decision:
     """The scan failed: record it against its node, then retry elsewhere after backoff, or give up, or say why not."""
     if state is None or state.scan_id != failed.scan_id or state.status not in ("pending", "running"):
         return Decision(None, None, "stale")
     node = failed.node if failed.node is not None else state.node
     recorded = _record_failure(state, node, failed.reason, failed.message[:200], now, policy)
-    return decide(recorded, now, policy, active_per_node, limits, changed=True)
+    return decide(recorded, now, policy, active_per_node, limits, changed=True, room=room)
 
 
 def confirm_batch_item(

@@ -396,3 +396,40 @@ def test_scan_started_event_confirms_the_claim_like_a_created_job() -> None:
     assert new is not None and new.status == "running"
     other = msgspec.structs.replace(started, scan_id=scan_id_for(REF, 99))
     assert plan.on_started(pending, other, POLICY) is None
+
+
+@pytest.mark.parametrize(
+    ("current", "at", "writes"),
+    [
+        (None, T0, True),
+        (state(status="not_scanned"), T0, False),
+        (state(status="done", last_scan_at=T0 - timedelta(days=3), next_due_at=T0 - timedelta(hours=1)), T0, False),
+        (state(status="failed", attempts=1, node="n2", next_due_at=T0 - timedelta(seconds=1)), T0, False),
+        (
+            state(status="pending", scan_seq=1, scan_id=scan_id_for(REF, 1), node="n1", claim_expires_at=T0),
+            T0 + timedelta(seconds=1),
+            False,
+        ),
+    ],
+    ids=["never_seen", "never_scanned", "rescan_due", "retry_after_backoff", "abandoned_claim"],
+)
+def test_without_room_in_the_limiter_nothing_is_claimed_and_the_digest_waits(
+    current: DigestScanState | None, at: datetime, writes: bool
+) -> None:
+    """A claim made only to wait for a slot would expire while waiting and be rewritten by every sweep."""
+    d = plan.on_seen(current, seen("n1"), at, POLICY, {}, LIMITS, room=False)
+    assert d.scan is None
+    assert d.why == "limited"
+    assert (d.state is not None) is writes
+    if d.state is not None:
+        assert d.state.status == "not_scanned" and d.state.scan_id is None
+    with_room = plan.on_seen(current, seen("n1"), at, POLICY, {}, LIMITS, room=True)
+    assert with_room.scan is not None  # the same digest is claimed as soon as there is room
+
+
+def test_a_failure_without_room_records_the_failure_and_claims_no_retry() -> None:
+    current = running(node="n1", attempts=1, nodes_seen=["n1", "n2"])
+    failed = failed_event(current, reason="DeadlineExceeded")
+    d = plan.on_failed(current, failed, T0, Policy(backoff_base=timedelta(0)), {}, LIMITS, room=False)
+    assert d.scan is None and d.why == "limited"
+    assert d.state is not None and d.state.status == "failed" and d.state.attempts == 1
