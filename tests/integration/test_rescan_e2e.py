@@ -18,6 +18,7 @@ import gzip
 import os
 import re
 import secrets
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -233,12 +234,19 @@ async def _running(
     *services: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]], settings: Settings
 ) -> AsyncIterator[None]:
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(service(settings, stop)) for service in services]
+    tasks = [asyncio.create_task(service(settings, stop), name=service.__module__) for service in services]
     try:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        _, pending = await asyncio.wait(tasks, timeout=60)
+        for task in pending:  # name what did not stop, with where it waits, instead of a bare TimeoutError
+            task.print_stack(file=sys.stderr)
+            task.cancel()
+        assert not pending, f"did not stop within 60 s of the stop event: {sorted(t.get_name() for t in pending)}"
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise AssertionError(f"{task.get_name()} failed") from task.exception()
 
 
 class MakeWorld(Protocol):
