@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,49 @@ def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path, name: str, ti
         except OSError:
             time.sleep(0.05)
     raise EmbeddedServerError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s:\n{_tail(log)}")
+
+
+class _DataNode(msgspec.Struct, frozen=True):
+    Volumes: int = 0
+
+
+class _Rack(msgspec.Struct, frozen=True):
+    DataNodes: list[_DataNode] = []
+
+
+class _DataCenter(msgspec.Struct, frozen=True):
+    Racks: list[_Rack] = []
+
+
+class _Topology(msgspec.Struct, frozen=True):
+    DataCenters: list[_DataCenter] = []
+
+
+class _DirStatus(msgspec.Struct, frozen=True):
+    Topology: _Topology = _Topology()
+
+
+def _wait_volumes(master_port: int, on_disk: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Wait until the master knows every volume already on disk. A restarted SeaweedFS opens its S3 port before its
+    volume server has registered them, and reads of existing objects answer InternalError until it has."""
+    deadline = time.monotonic() + timeout
+    known = -1
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedServerError(f"seaweedfs exited with {proc.returncode}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{master_port}/dir/status", timeout=2) as response:
+                status = msgspec.json.decode(response.read(), type=_DirStatus)
+            nodes = [n for dc in status.Topology.DataCenters for rack in dc.Racks for n in rack.DataNodes]
+            known = sum(n.Volumes for n in nodes)
+            if nodes and known >= on_disk:
+                return
+        except (OSError, msgspec.DecodeError):
+            pass
+        time.sleep(0.1)
+    raise EmbeddedServerError(
+        f"seaweedfs: its master knows {known} of the {on_disk} volumes on disk after {timeout:.0f}s:\n{_tail(log)}"
+    )
 
 
 @dataclass
@@ -196,4 +240,5 @@ def start_seaweedfs(data_dir: Path, s3_port: int | None = None, max_volumes: int
     process = _spawn("seaweedfs", argv, data_dir / "logs" / "seaweedfs.log")
     process.grace_s = 2.0  # facts: weed server had not exited 20 s after SIGTERM
     _wait_tcp(ports["s3"], process.proc, process.log, "seaweedfs s3", 60)
+    _wait_volumes(ports["master"], len(list(store.rglob("*.dat"))), process.proc, process.log, 60)
     return EmbeddedS3(endpoint_url=f"http://127.0.0.1:{ports['s3']}", identity=identity, process=process, ports=ports)
