@@ -321,8 +321,15 @@ async def test_a_deployment_on_kwok_nodes_ends_in_one_signed_alert_and_one_trace
 
     # Findings by severity per image, as the parser's Prometheus endpoint shows them.
     repository, digest = digest_ref.split("@")
-    async with httpx.AsyncClient() as client:
-        scraped = (await client.get(f"http://127.0.0.1:{parser_metrics}/metrics")).text
+    scraped = ""
+
+    async def scrape() -> bool:  # consumer lag is read every few seconds: the chain can finish before the first
+        nonlocal scraped
+        async with httpx.AsyncClient() as client:
+            scraped = (await client.get(f"http://127.0.0.1:{parser_metrics}/metrics")).text
+        return "podsweep_consumer_pending{" in scraped and 'service="parser"' in scraped
+
+    await eventually(scrape, 30, "the parser's consumer lag on /metrics", world)
     wanted = (f'digest="{digest}"', f'repository="{repository}"', 'severity="CRITICAL"')
     critical = [
         float(line.rsplit(" ", 1)[1])
