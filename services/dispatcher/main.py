@@ -324,9 +324,7 @@ class Dispatcher:
         with tracer.start_as_current_span("create scan Job", kind=SpanKind.CLIENT) as span:
             span.set_attribute("podsweep.scan_id", scan.scan_id)
             span.set_attribute("podsweep.node", scan.node or "")
-            carried = telemetry.traceparent()
-            if carried is not None:  # the watcher's scan.* events continue this trace from the Job's annotation
-                manifest["metadata"]["annotations"][jobs.TRACEPARENT_ANNOTATION] = carried
+            _carry_trace(manifest)
             try:
                 await self.kube.request("POST", self.jobs_path, body=manifest)
             except KubeError as exc:
@@ -451,9 +449,7 @@ class Dispatcher:
         with tracer.start_as_current_span("create SBOM rescan Job", kind=SpanKind.CLIENT) as span:
             span.set_attribute("podsweep.batch_id", batch_id)
             span.set_attribute("podsweep.batch_size", len(confirmed))
-            carried = telemetry.traceparent()
-            if carried is not None:
-                manifest["metadata"]["annotations"][jobs.TRACEPARENT_ANNOTATION] = carried
+            _carry_trace(manifest)
             try:
                 await self.kube.request("POST", self.jobs_path, body=manifest)
             except KubeError as exc:
@@ -757,6 +753,13 @@ def _make_due(
     new, answer = plan.make_due(old, now, policy)
     answers.append(answer)
     return new
+
+
+def _carry_trace(manifest: jobspec.Manifest) -> None:
+    """Put the current span's traceparent on the Job: the watcher's scan.* events continue this trace from it."""
+    carried = telemetry.traceparent()
+    if carried is not None:
+        manifest["metadata"]["annotations"][jobs.TRACEPARENT_ANNOTATION] = carried
 
 
 async def _stop_watch_when(stop: asyncio.Event, watcher: KeyValue.KeyWatcher) -> None:

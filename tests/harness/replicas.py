@@ -1,15 +1,19 @@
-"""Runs a podsweep service as its own `python -m podsweep run <name>` process with given Settings, for tests and
-benchmarks that need real replicas (kill -9 one, measure one's CPU). Signals only the processes it started, by PID.
+"""Runs podsweep services for tests and benchmarks: as their own `python -m podsweep run <name>` processes with given
+Settings (real replicas: kill -9 one, measure one's CPU; signals only the processes it started, by PID), or in this
+event loop (`in_process`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,3 +101,26 @@ def start(service: str, settings: Settings, log: Path, *, profile: Path | None =
             stdin=subprocess.DEVNULL,
         )
     return Replica(service, proc, log)
+
+
+ServiceMain = Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+@contextlib.asynccontextmanager
+async def in_process(*mains: ServiceMain, settings: Settings, stop_within_s: float = 60.0) -> AsyncIterator[None]:
+    """Run services' `main(settings, stop)` in this event loop for the block, then set `stop`. A service that does
+    not return within `stop_within_s` is named with the stack it waits in; one that raised fails the block."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(main(settings, stop), name=main.__module__) for main in mains]
+    try:
+        yield
+    finally:
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=stop_within_s)
+        for task in pending:
+            task.print_stack(file=sys.stderr)
+            task.cancel()
+        assert not pending, f"did not stop within {stop_within_s:.0f} s: {sorted(t.get_name() for t in pending)}"
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise AssertionError(f"{task.get_name()} failed") from task.exception()

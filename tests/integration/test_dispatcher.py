@@ -37,6 +37,7 @@ from tests.harness import replicas as replicas_mod
 from tests.harness.events import digest_ref, image_seen
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node
+from tests.harness.replicas import in_process
 from tests.harness.scanjobs import ScanJobObserver, SeenJob
 from tests.harness.standin import StartStandin
 
@@ -71,17 +72,6 @@ def dispatcher_settings(
         log_format="json",
         dispatcher=msgspec.convert(section, DispatcherSettings),
     )
-
-
-@contextlib.asynccontextmanager
-async def in_process(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(main(settings, stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 @contextlib.asynccontextmanager
@@ -283,7 +273,10 @@ async def test_a_failed_scan_is_retried_on_another_node(
         failed_once.add(job.digest_ref)
         return "ScanError"
 
-    async with observer(kube_api, kube_namespace, nats_settings, fail_first) as (watcher, bus), in_process(settings):
+    async with (
+        observer(kube_api, kube_namespace, nats_settings, fail_first) as (watcher, bus),
+        in_process(main, settings=settings),
+    ):
         for i, node in enumerate(nodes):
             await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id=f"seen-{i}")
         await watcher.wait(lambda: "completed" in watcher.finished.values(), 60, "the retry completed")
@@ -308,7 +301,7 @@ async def test_a_digest_whose_nodes_all_vanished_ends_not_scanned_with_the_reaso
     ref = digest_ref(kube_namespace, 1)
     async with (
         observer(kube_api, kube_namespace, nats_settings, lambda _job: "NodeGone") as (watcher, bus),
-        in_process(settings),
+        in_process(main, settings=settings),
     ):
         for i, node in enumerate(nodes):
             await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id=f"seen-{i}")
@@ -340,7 +333,7 @@ async def test_a_digest_seen_again_before_its_interval_creates_nothing_and_after
         kube, kube_namespace, nats_settings, s3_settings, rescan_interval_s=interval, jitter_ratio=0.0
     )
     ref = digest_ref(kube_namespace, 1)
-    async with observer(kube_api, kube_namespace, nats_settings) as (watcher, bus), in_process(settings):
+    async with observer(kube_api, kube_namespace, nats_settings) as (watcher, bus), in_process(main, settings=settings):
         await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-0")
         await watcher.wait(lambda: len(watcher.finished) == 1, 60, "the first scan done")
         first_done = time.monotonic()
@@ -382,7 +375,7 @@ async def test_unusable_events_are_dead_lettered_with_the_reason_and_create_noth
     await busmod.ensure_stream(bus)
     letters = await bus.nc.subscribe(subjects.dead_letter_subject(nats_settings.subject_root, "dispatcher"))
     try:
-        async with in_process(settings):
+        async with in_process(main, settings=settings):
             for name, payload in ((subjects.IMAGE_SEEN, hostile_ref), (subjects.SCAN_COMPLETED, completed)):
                 await bus.js.publish(bus.subject(name), msgspec.json.encode(payload), stream=nats_settings.stream)
             errors = []

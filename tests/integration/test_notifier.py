@@ -33,6 +33,7 @@ from schemas.state import NOTIFY_BUCKET, WORKLOADS_BUCKET, DigestWorkloads, Work
 from services.notifier.decide import fingerprint_key
 from services.notifier.main import main
 from tests.harness.receiver import Arrival, Receiver, dojo_contract
+from tests.harness.replicas import in_process
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK_KEY = "k" * 32
@@ -193,17 +194,6 @@ async def world(
     await bus.close()
 
 
-@contextlib.asynccontextmanager
-async def notifier(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(main(settings, stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-
 async def eventually(check: Callable[[], bool], within: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + within
     while not check():
@@ -232,7 +222,7 @@ async def test_breach_reaches_webhook_slack_and_teams_once_each_signed(world: Wo
     os.environ["PODSWEEP_TEST_TEAMS_URL"] = f"{receiver.url}/teams"
     try:
         await world.runs(digest(1), run())
-        async with notifier(world.settings):
+        async with in_process(main, settings=world.settings):
             await world.report(make_report(digest(1), "scan-0001", [finding("CVE-2026-0001")]))
             await eventually(lambda: len(receiver.accepted()) == 3, what="three deliveries")
             await asyncio.sleep(0.5)
@@ -267,7 +257,7 @@ async def test_failing_receiver_gets_the_alert_once_it_recovers(
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook", timeout_s=0.5)))
     receiver.plan["/hook"] = list(plan)
     await world.runs(digest(2), run())
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         await world.report(make_report(digest(2), "scan-0002", [finding("CVE-2026-0002")]))
         await eventually(lambda: len(receiver.accepted()) == 1, what="the delivery after recovery")
         await asyncio.sleep(0.5)
@@ -281,7 +271,7 @@ async def test_429_retry_after_is_waited_out_instead_of_the_short_backoff(world:
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
     receiver.plan["/hook"] = [("retry-after", 429, 2)]
     await world.runs(digest(3), run())
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         await world.report(make_report(digest(3), "scan-0003", [finding("CVE-2026-0003")]))
         await eventually(lambda: len(receiver.accepted()) == 1, what="the delivery after Retry-After")
     first, second = receiver.arrivals
@@ -295,7 +285,7 @@ async def test_receiver_down_for_a_while_gets_the_alert_when_it_comes_up(world: 
         world.settings, notifier=notifier_settings(world.policy_path, retry_max_attempts=30)
     )
     await world.runs(digest(4), run())
-    async with notifier(settings):
+    async with in_process(main, settings=settings):
         await world.report(make_report(digest(4), "scan-0004", [finding("CVE-2026-0004")]))
         await asyncio.sleep(2.0)  # several connection refusals
         await receiver.start()
@@ -321,7 +311,7 @@ async def test_undeliverable_alert_is_recorded_failed_and_dead_lettered(
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
     receiver.plan["/hook"] = list(plan)
     await world.runs(digest(5), run())
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         await world.report(make_report(digest(5), "scan-0005", [finding("CVE-2026-0005")]))
         await eventually(lambda: len(receiver.arrivals) == attempts, what="every attempt")
         failed: list[AlertSent] = []
@@ -347,7 +337,7 @@ async def test_a_hanging_receiver_delays_no_other_destination(world: World, rece
     receiver.plan["/slow"] = [("hang", 4.0)]
     for n in range(3):
         await world.runs(digest(10 + n), run())
-    async with notifier(settings):
+    async with in_process(main, settings=settings):
         started = time.monotonic()
         for n in range(3):
             await world.report(make_report(digest(10 + n), f"scan-001{n}", [finding("CVE-2026-0010")]))
@@ -364,7 +354,7 @@ async def test_a_hanging_receiver_delays_no_other_destination(world: World, rece
 async def test_second_report_with_no_new_findings_sends_nothing(world: World, receiver: Receiver) -> None:
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
     await world.runs(digest(6), run())
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         await world.report(make_report(digest(6), "scan-0061", [finding("CVE-2026-0006")]))
         await eventually(lambda: len(receiver.accepted()) == 1, what="the first alert")
         await world.report(make_report(digest(6), "scan-0062", [finding("CVE-2026-0006")]))
@@ -387,7 +377,7 @@ async def test_expired_suppression_alerts_again_and_says_so(world: World, receiv
     )
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook"), suppression))
     await world.runs(digest(7), run())
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         await world.report(make_report(digest(7), "scan-0071", [finding("CVE-2026-0008")]))
         await asyncio.sleep(1.0)
         assert receiver.arrivals == []  # suppressed: no breach
@@ -405,7 +395,7 @@ async def test_report_waits_for_its_workloads_then_alerts(world: World, receiver
     settings = msgspec.structs.replace(
         world.settings, notifier=notifier_settings(world.policy_path, workloads_wait_deliveries=4, workloads_wait_s=0.5)
     )
-    async with notifier(settings):
+    async with in_process(main, settings=settings):
         await world.report(make_report(digest(8), "scan-0008", [finding("CVE-2026-0009")]))
         await asyncio.sleep(0.6)
         await world.runs(digest(8), run())  # image.seen reached the parser after the report
@@ -418,7 +408,7 @@ async def test_an_older_report_arriving_late_neither_alerts_nor_rolls_back(world
     await world.runs(digest(9), run())
     now = datetime.now(UTC)
     newer = await world.report(make_report(digest(9), "scan-0092", [finding("CVE-2026-0011")]), stored_at=now)
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         await eventually(lambda: len(receiver.accepted()) == 1, what="the alert of the newer report")
         await world.report(
             make_report(digest(9), "scan-0091", [finding("CVE-2026-0012")]), stored_at=now - timedelta(minutes=5)
@@ -433,7 +423,7 @@ async def test_an_older_report_arriving_late_neither_alerts_nor_rolls_back(world
 async def test_invalid_policy_reload_keeps_the_previous_policy(world: World, receiver: Receiver) -> None:
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
     await world.runs(digest(11), run())
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         await asyncio.sleep(0.3)
         world.policy_path.write_text("version: 1\nrules:\n  - threshold: {max_high: five}\n")
         await asyncio.sleep(0.6)
@@ -461,7 +451,7 @@ async def test_defectdojo_sink_follows_the_import_scan_contract(
         )
     )
     await world.runs(digest(12), run("registry.example.com/team/app:1.4@sha256:" + f"{12:064x}"))
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         event = await world.report(make_report(digest(12), "scan-0012", []))  # no breach: uploaded all the same
         await eventually(lambda: len(receiver.arrivals) == 1, what="the upload")
         await asyncio.sleep(0.5)
@@ -485,7 +475,7 @@ async def test_defectdojo_with_a_wrong_token_fails_at_once(world: World, receive
         )
     )
     await world.runs(digest(13), run())
-    async with notifier(world.settings):
+    async with in_process(main, settings=world.settings):
         await world.report(make_report(digest(13), "scan-0013", [finding("CVE-2026-0014")]))
         await eventually(lambda: len(receiver.arrivals) == 1, what="the refused upload")
         await asyncio.sleep(1.0)

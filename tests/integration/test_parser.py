@@ -34,6 +34,7 @@ from schemas.report import Report
 from schemas.state import SCANS_BUCKET, SUMMARIES_BUCKET, WORKLOADS_BUCKET, DigestScanState, DigestWorkloads
 from services.parser import normalize
 from services.parser.main import main
+from tests.harness.replicas import in_process
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "trivy"
 PREVIOUS = (FIXTURES / "v2-alpine-image-trivy-0.64-previous.json").read_bytes()
@@ -143,13 +144,10 @@ async def running(settings: Settings) -> AsyncIterator[Harness]:
 
     await bus.nc.subscribe(bus.subject(subjects.REPORT_STORED), cb=on_stored)
     await bus.nc.subscribe(bus.subject(subjects.REPORT_QUARANTINED), cb=on_quarantined)
-    stop = asyncio.Event()
-    task = asyncio.create_task(main(settings, stop))
     try:
-        yield harness
+        async with in_process(main, settings=settings):
+            yield harness
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
         await bus.close()
 
 

@@ -18,8 +18,7 @@ import gzip
 import os
 import re
 import secrets
-import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +55,7 @@ from services.watcher.main import main as watcher_main
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id, wait_until
 from tests.harness.receiver import Receiver
+from tests.harness.replicas import in_process
 from tests.harness.rootfs import EXPECTED_FINDINGS, EXTRA_FINDINGS, FixtureKind, build_rootfs
 from tests.harness.standin import ImageRoot, KubeletStandin, LaunchPlan, RootfsImage, scan_images
 from tests.harness.trivy import BASE_ADVISORIES, EXTRA_ADVISORIES, TrivyServer
@@ -229,26 +229,6 @@ def _pod(name: str, node: str, image: str) -> dict[str, Any]:
     }
 
 
-@contextlib.asynccontextmanager
-async def _running(
-    *services: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]], settings: Settings
-) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(service(settings, stop), name=service.__module__) for service in services]
-    try:
-        yield
-    finally:
-        stop.set()
-        _, pending = await asyncio.wait(tasks, timeout=60)
-        for task in pending:  # name what did not stop, with where it waits, instead of a bare TimeoutError
-            task.print_stack(file=sys.stderr)
-            task.cancel()
-        assert not pending, f"did not stop within 60 s of the stop event: {sorted(t.get_name() for t in pending)}"
-        for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                raise AssertionError(f"{task.get_name()} failed") from task.exception()
-
-
 class MakeWorld(Protocol):
     def __call__(
         self, images: Mapping[str, tuple[str, FixtureKind]], damage: Mapping[str, Damage] | None = None
@@ -356,7 +336,7 @@ def make_world(
             await bus.nc.subscribe(bus.subject(subjects.REPORT_QUARANTINED), cb=on_quarantined),
         ]
         try:
-            async with _running(watcher_main, dispatcher_main, parser_main, notifier_main, settings=settings):
+            async with in_process(watcher_main, dispatcher_main, parser_main, notifier_main, settings=settings):
                 for name, (image, _) in images.items():
                     await kube_api.request(
                         "POST", f"/api/v1/namespaces/{kube_namespace}/pods", body=_pod(name, node, image)
