@@ -73,7 +73,6 @@ retries = meter.create_counter("podsweep_dispatcher_retries", description="Scans
 limit_waits = meter.create_counter(
     "podsweep_dispatcher_limit_waits", description="Claimed scans that waited for a limit, by the limit"
 )
-_STATE = msgspec.json.Decoder(DigestScanState)
 _WORKLOADS = msgspec.json.Decoder(DigestWorkloads)
 _LIMITER = msgspec.json.Decoder(LimiterState)
 _WAITING = ("nodes_full", "limited")  # decisions that park a digest until a slot frees
@@ -94,6 +93,7 @@ class Dispatcher:
         self.kube = kube
         self.store = store
         self.scans: KeyValue
+        self.mirror: busmod.KvMirror[DigestScanState]
         self.limits_kv: KeyValue
         self.limiter = LimiterState()  # the last limiter state read or written; the KV key is the authority
         self._limiter_known: tuple[LimiterState | None, int] = (None, 0)  # that state as stored, and its revision
@@ -111,6 +111,7 @@ class Dispatcher:
 
     async def open(self) -> None:
         self.scans = await self.bus.kv(SCANS_BUCKET)
+        self.mirror = busmod.KvMirror(self.scans, DigestScanState)
         self.limits_kv = await self.bus.kv(LIMITS_BUCKET)
         self.workloads = await self.bus.kv(WORKLOADS_BUCKET)
         self._limiter_seen(*await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState))
@@ -154,12 +155,7 @@ class Dispatcher:
             log.info("digest not scanned", digest=gone.digest_ref, reason=decision.state.reason)
 
     async def on_scan_started(self, started: ScanStarted, _: busmod.Delivery) -> None:
-        await busmod.kv_update(
-            self.scans,
-            digest_hex(started.digest_ref),
-            DigestScanState,
-            lambda old: plan.on_started(old, started, self.cfg.policy),
-        )
+        await self._change(digest_hex(started.digest_ref), lambda old: plan.on_started(old, started, self.cfg.policy))
 
     async def on_scan_completed(self, done: ScanCompleted, _: busmod.Delivery) -> None:
         if done.raw_key != storage.raw_key(done.digest_ref, done.scan_id):
@@ -212,11 +208,27 @@ class Dispatcher:
             made.append((decision, nodes))
             return decision.state
 
-        _, revision, wrote = await busmod.kv_change(self.scans, key, DigestScanState, change)
+        _, revision, wrote = await self._change(key, change)
         decision, nodes = made[-1]
         if not wrote and decision.scan is not None:
             return Decision(None, None, "claimed", decision.recheck_at), nodes, 0
         return decision, nodes, revision if wrote else 0
+
+    async def _change(
+        self,
+        key: str,
+        change: Callable[[DigestScanState | None], DigestScanState | None],
+        known: tuple[DigestScanState | None, int] | None = None,
+    ) -> tuple[DigestScanState | None, int, bool]:
+        """Compare-and-set on a digest's state, from `known` or else the mirror (a read only when the mirror cannot
+        say, or a write lost to another replica). What this replica writes goes into its mirror at once."""
+        fresh = known is None
+        stored, revision, wrote = await busmod.kv_change(
+            self.scans, key, DigestScanState, change, known=known or self.mirror.known(key), fresh=fresh
+        )
+        if wrote:
+            self.mirror.saw(key, stored, revision)
+        return stored, revision, wrote
 
     async def _follow(self, key: str, decision: Decision, nodes: tuple[str, ...], revision: int = 0) -> Launch | None:
         """Carry out a decision: start its scan, park it when every node is full or the limiter has no room, or
@@ -272,7 +284,7 @@ class Dispatcher:
         if claimed is not None and expires is not None and utcnow() < expires - policy.claim_ttl / 2:
             state, revision = claimed
         else:
-            state, revision = await busmod.kv_read(self.scans, key, DigestScanState)
+            state, revision = self.mirror.known(key) or await busmod.kv_read(self.scans, key, DigestScanState)
         if state is None or state.scan_id != scan.scan_id or state.status not in ("pending", "running"):
             # Finished or given up while this replica waited: the slot just taken is not needed.
             await self._release(scan.scan_id)
@@ -290,13 +302,7 @@ class Dispatcher:
         created = await self._create(key, scan, manifest)
         if created == "failed":
             return created
-        await busmod.kv_change(
-            self.scans,
-            key,
-            DigestScanState,
-            lambda old: plan.on_created(old, scan.scan_id, utcnow(), policy),
-            known=(state, revision),
-        )
+        await self._change(key, lambda old: plan.on_created(old, scan.scan_id, utcnow(), policy), (state, revision))
         return created
 
     def _manifest(self, scan: ScanPlan, state: DigestScanState) -> jobspec.Manifest:
@@ -404,7 +410,7 @@ class Dispatcher:
                 now=now,
                 policy=policy,
             )
-            stored, wrote = await busmod.kv_update(self.scans, item.key, DigestScanState, renew)
+            stored, _, wrote = await self._change(item.key, renew)
             if wrote and stored is not None and stored.sbom_key is not None:
                 confirmed.append((item, stored))
         if not confirmed:
@@ -421,7 +427,7 @@ class Dispatcher:
         if created in ("created", "exists"):
             for item, _ in confirmed:
                 running = functools.partial(plan.on_created, scan_id=item.scan.scan_id, now=utcnow(), policy=policy)
-                await busmod.kv_update(self.scans, item.key, DigestScanState, running)
+                await self._change(item.key, running)
         return created
 
     def _batch_manifest(self, batch_id: str, confirmed: list[tuple[Gathered, DigestScanState]]) -> jobspec.Manifest:
@@ -480,12 +486,7 @@ class Dispatcher:
         due = 0
         for key in keys:
             answers: list[plan.RescanAnswer] = []
-            await busmod.kv_update(
-                self.scans,
-                key,
-                DigestScanState,
-                functools.partial(_make_due, now=now, policy=self.cfg.policy, answers=answers),
-            )
+            await self._change(key, functools.partial(_make_due, now=now, policy=self.cfg.policy, answers=answers))
             if answers and answers[-1] in ("made_due", "in_flight"):
                 due += 1
             if answers and answers[-1] == "made_due":
@@ -627,7 +628,7 @@ class Dispatcher:
                 log.warning("limiter watch will be tried again", error=f"{type(exc).__name__}: {str(exc)[:300]}")
                 await _wait(stop, 1.0)
                 continue
-            stopping = asyncio.create_task(_stop_watch_when(stop, watcher))
+            stopping = asyncio.create_task(busmod.stop_watch_when(stop, watcher))
             try:
                 async for entry in watcher:
                     if entry is None or entry.revision is None or entry.revision <= self._limiter_known[1]:
@@ -694,11 +695,10 @@ class Dispatcher:
             interval = self.cfg.sweep_interval_s * (1 + self.cfg.sweep_jitter_ratio * random.random())  # noqa: S311
             if await _wait(stop, interval):
                 return
-            try:
-                todo = await self._sweep_candidates()
-            except (TimeoutError, nats.errors.Error, OSError) as exc:
-                log.warning("sweep could not read the scan states", error=str(exc)[:300])
+            if not self.mirror.ready:
+                log.warning("sweep skipped: the scan states are not mirrored yet (its KV watch is restarting)")
                 continue
+            todo = self._sweep_candidates()
             for key in todo:
                 if stop.is_set():
                     return
@@ -708,33 +708,21 @@ class Dispatcher:
                     log.warning("sweep skipped a digest", key=key, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             log.debug("sweep done", acted_on=len(todo), parked=len(self.parked))
 
-    async def _sweep_candidates(self) -> list[str]:
-        """The digests a decision would change, from one pass over the bucket's latest values (no read per key).
+    def _sweep_candidates(self) -> list[str]:
+        """The digests a decision would change, from the mirror (nothing read).
 
-        The decision on this snapshot only selects: each one is decided again on a fresh read with compare-and-set.
+        The decision on this snapshot only selects: each one is decided again with compare-and-set.
         """
         now = utcnow()
         active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
         todo: list[str] = []
-        watcher = await self.scans.watchall(ignore_deletes=True)
-        try:
-            async with asyncio.timeout(max(self.cfg.sweep_interval_s, 30.0)):
-                async for entry in watcher:
-                    if entry is None:  # the end of the current values
-                        break
-                    if entry.value is None or entry.key in self.parked:
-                        continue
-                    try:
-                        state = _STATE.decode(entry.value)
-                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        log.warning("sweep skipped an unreadable scan state", key=entry.key, error=str(exc)[:300])
-                        continue
-                    decision = plan.decide(state, now, policy, active, limits, room=room)
-                    if decision.state is not None or decision.scan is not None or decision.why in _WAITING:
-                        todo.append(entry.key)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for key, state in self.mirror.documents():
+            if key in self.parked:
+                continue
+            decision = plan.decide(state, now, policy, active, limits, room=room)
+            if decision.state is not None or decision.scan is not None or decision.why in _WAITING:
+                todo.append(key)
         return todo
 
     def observe_active(self, _: CallbackOptions) -> Iterable[Observation]:
@@ -760,11 +748,6 @@ def _carry_trace(manifest: jobspec.Manifest) -> None:
     carried = telemetry.traceparent()
     if carried is not None:
         manifest["metadata"]["annotations"][jobs.TRACEPARENT_ANNOTATION] = carried
-
-
-async def _stop_watch_when(stop: asyncio.Event, watcher: KeyValue.KeyWatcher) -> None:
-    await stop.wait()
-    await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 async def _wait(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> bool:
@@ -815,6 +798,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                 asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
                 asyncio.create_task(dispatcher.sweep(stop), name="dispatcher-sweep"),
                 asyncio.create_task(dispatcher.follow_limiter(stop), name="dispatcher-limiter-watch"),
+                asyncio.create_task(dispatcher.mirror.follow(stop), name="dispatcher-scans-watch"),
             ]
             routes: dict[str, busmod.Route[Any]] = {
                 subjects.IMAGE_SEEN: busmod.Route(ImageSeen, dispatcher.on_image_seen),

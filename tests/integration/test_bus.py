@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import msgspec
@@ -221,6 +221,63 @@ async def test_compare_and_set_without_a_change_writes_nothing(bus: busmod.Bus) 
     stored, wrote = await busmod.kv_update(kv, "k", Counter, lambda c: None)
     assert (stored, wrote) == (None, False)
     assert await busmod.kv_read(kv, "k", Counter) == (None, 0)
+
+
+async def test_buckets_allow_direct_gets(bus: busmod.Bus) -> None:
+    kv = await bus.kv("direct")
+    info = await bus.js.stream_info(f"KV_{bus.kv_bucket('direct')}")
+    assert info.config.allow_direct is True
+    await kv.put("k", b"1")
+    assert (await kv.get("k")).value == b"1"
+
+
+async def _until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the mirror did not get there in time")
+
+
+async def test_mirror_follows_creates_updates_deletes_and_unreadable_documents(bus: busmod.Bus) -> None:
+    kv = await bus.kv("mirrored")
+    await kv.put("before", msgspec.json.encode(Counter(1)))
+    mirror = busmod.KvMirror(kv, Counter)
+    assert mirror.known("before") is None  # not ready: the caller reads
+    stop = asyncio.Event()
+    task = asyncio.create_task(mirror.follow(stop))
+    try:
+        await _until(lambda: mirror.ready)
+        assert mirror.known("before") == (Counter(1), 1)
+        assert mirror.known("never") == (None, 0)
+        revision = await kv.put("later", msgspec.json.encode(Counter(2)))
+        await _until(lambda: mirror.known("later") == (Counter(2), revision))
+        await kv.delete("before")
+        await _until(lambda: mirror.known("before") == (None, 3))
+        await kv.put("broken", b"{not json")
+        await _until(lambda: "broken" in mirror._unreadable)
+        assert mirror.known("broken") is None  # cannot say: the caller reads (and sees the error itself)
+        assert mirror.documents() == [("later", Counter(2))]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert not mirror.ready
+
+
+async def test_compare_and_set_from_a_mirror_skips_the_read_and_survives_a_stale_entry(bus: busmod.Bus) -> None:
+    kv = await bus.kv("fromknown")
+    first = await kv.create("k", msgspec.json.encode(Counter(1)))
+    # Fresh and unchanged: "no change" is concluded from the known document, nothing is read or written.
+    assert await busmod.kv_change(kv, "k", Counter, lambda c: None, known=(Counter(1), first), fresh=True) == (
+        Counter(1),
+        first,
+        False,
+    )
+    await kv.update("k", msgspec.json.encode(Counter(5)), last=first)  # another writer: the known entry is stale
+    bump = lambda c: Counter((c or Counter()).n + 1)  # noqa: E731
+    stored, revision, wrote = await busmod.kv_change(kv, "k", Counter, bump, known=(Counter(1), first), fresh=True)
+    assert (stored, wrote) == (Counter(6), True)  # the failed write led to a read, and the change was re-applied
+    assert await busmod.kv_read(kv, "k", Counter) == (Counter(6), revision)
 
 
 async def _stored(bus: busmod.Bus, name: str) -> list[tuple[str, str | None, ImageGone]]:
