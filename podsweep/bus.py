@@ -590,9 +590,6 @@ class KvMirror(Generic[S]):
         """Every key with a document, as last seen."""
         return [(key, doc) for key, (doc, _) in self._entries.items() if doc is not None]
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     async def follow(self, stop: asyncio.Event) -> None:
         """Watch the bucket until `stop`; a broken watch is started again (and the mirror is not ready meanwhile)."""
         while not stop.is_set():
