@@ -211,7 +211,9 @@ def main() -> None:
     parser.add_argument("--max-active", type=int, default=100)
     parser.add_argument("--max-per-node", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1200.0)
-    parser.add_argument("--profile", default="", help="a directory: run the replicas under cProfile, writing there")
+    parser.add_argument(
+        "--profile", default="", help="a directory: run the replicas under cProfile (CPU time), writing there"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as work:
         result = asyncio.run(run(args, Path(work)))
