@@ -577,6 +577,11 @@ class KvMirror(Generic[S]):
         its watch restarting, or a document it could not decode): read instead."""
         if not self.ready or key in self._unreadable:
             return None
+        return self.last(key)
+
+    def last(self, key: str) -> tuple[S | None, int]:
+        """The last readable document seen and its revision, ready or not ((None, 0): none). A starting point for
+        compare-and-set that does not conclude "no change" from it."""
         return self._entries.get(key, (None, 0))
 
     def saw(self, key: str, document: S | None, revision: int) -> None:
@@ -587,8 +592,10 @@ class KvMirror(Generic[S]):
             self._unreadable.discard(key)
 
     def documents(self) -> list[tuple[str, S]]:
-        """Every key with a document, as last seen."""
-        return [(key, doc) for key, (doc, _) in self._entries.items() if doc is not None]
+        """Every key with a readable document, as last seen."""
+        return [
+            (key, doc) for key, (doc, _) in self._entries.items() if doc is not None and key not in self._unreadable
+        ]
 
     async def follow(self, stop: asyncio.Event) -> None:
         """Watch the bucket until `stop`; a broken watch is started again (and the mirror is not ready meanwhile)."""
@@ -622,8 +629,7 @@ class KvMirror(Generic[S]):
             document = self._decoder.decode(entry.value or b"")
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("kv watch saw an unreadable document", bucket=self.kv._name, key=entry.key, error=_short(exc))
-            self._entries.pop(entry.key, None)
-            self._unreadable.add(entry.key)
+            self._unreadable.add(entry.key)  # last() keeps the last readable one
             return
         self.saw(entry.key, document, revision)
 

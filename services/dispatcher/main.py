@@ -74,7 +74,7 @@ limit_waits = meter.create_counter(
     "podsweep_dispatcher_limit_waits", description="Claimed scans that waited for a limit, by the limit"
 )
 _WORKLOADS = msgspec.json.Decoder(DigestWorkloads)
-_LIMITER = msgspec.json.Decoder(LimiterState)
+_NO_SLOTS = LimiterState()  # the limiter before its first write (one object: _view caches by identity)
 _WAITING = ("nodes_full", "limited")  # decisions that park a digest until a slot frees
 Launch = Literal["created", "exists", "refused", "stale", "failed", "gathered"]
 
@@ -94,9 +94,7 @@ class Dispatcher:
         self.store = store
         self.scans: KeyValue
         self.mirror: busmod.KvMirror[DigestScanState]
-        self.limits_kv: KeyValue
-        self.limiter = LimiterState()  # the last limiter state read or written; the KV key is the authority
-        self._limiter_known: tuple[LimiterState | None, int] = (None, 0)  # that state as stored, and its revision
+        self.limits: busmod.KvMirror[LimiterState]  # the limiter as last read, written or watched
         self._view_of: tuple[LimiterState, dict[str, int], bool, datetime] | None = None
         self.parked = ParkingLot()
         self.timers: dict[str, datetime] = {}  # digest hex -> when to decide again (the latest setting wins)
@@ -112,26 +110,30 @@ class Dispatcher:
     async def open(self) -> None:
         self.scans = await self.bus.kv(SCANS_BUCKET)
         self.mirror = busmod.KvMirror(self.scans, DigestScanState)
-        self.limits_kv = await self.bus.kv(LIMITS_BUCKET)
+        self.limits = busmod.KvMirror(await self.bus.kv(LIMITS_BUCKET), LimiterState)
         self.workloads = await self.bus.kv(WORKLOADS_BUCKET)
-        self._limiter_seen(*await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState))
+        await self._read_limiter()
 
-    def _limiter_seen(self, stored: LimiterState | None, revision: int) -> None:
-        self.limiter = stored or LimiterState()
-        self._limiter_known = (stored, revision)
+    @property
+    def limiter_view(self) -> LimiterState:
+        """This replica's view of the limiter; the KV key is the authority (every change is compare-and-set)."""
+        return self.limits.last(LIMITER_KEY)[0] or _NO_SLOTS
+
+    async def _read_limiter(self) -> None:
+        self.limits.saw(LIMITER_KEY, *await busmod.kv_read(self.limits.kv, LIMITER_KEY, LimiterState))
 
     def _view(self, now: datetime) -> tuple[dict[str, int], bool]:
         """Live slots per node, and whether a global slot and a creation are left, as this replica last saw the
         limiter: computed once per limiter state until its next slot or creation expires (every event asks)."""
-        cached = self._view_of
-        if cached is not None and cached[0] is self.limiter and now < cached[3]:
+        cached, seen = self._view_of, self.limiter_view
+        if cached is not None and cached[0] is seen and now < cached[3]:
             return cached[1], cached[2]
-        current = limiter.live(self.limiter, now)
+        current = limiter.live(seen, now)
         per_node = limiter.active_per_node(current, now)
         limits = self.cfg.limits
         room = len(current.slots) < limits.max_active and len(current.created) < limits.max_created_per_minute
         expiries = [s.deadline for s in current.slots] + [t + limiter.WINDOW for t in current.created]
-        self._view_of = (self.limiter, per_node, room, min(expiries, default=datetime.max.replace(tzinfo=UTC)))
+        self._view_of = (seen, per_node, room, min(expiries, default=datetime.max.replace(tzinfo=UTC)))
         return per_node, room
 
     # -- event handlers --------------------------------------------------------------------------------------------
@@ -583,11 +585,14 @@ class Dispatcher:
 
     async def _limiter_change(self, change: Callable[[LimiterState | None], LimiterState | None]) -> bool:
         """Compare-and-set on the limiter, starting from the state this replica last saw (no read when it is still
-        current: the other replica's writes since only cost a failed write and a read). True when it wrote."""
+        current: the other replica's writes since only cost a failed write and a read). True when it wrote.
+
+        The limiter's mirror wakes nothing: the replica that freed a slot starts its own parked scans at once; the
+        other looks at its next tick, by when that slot is usually taken (both chasing it costs lost CAS)."""
         stored, revision, wrote = await busmod.kv_change(
-            self.limits_kv, LIMITER_KEY, LimiterState, change, known=self._limiter_known
+            self.limits.kv, LIMITER_KEY, LimiterState, change, known=self.limits.last(LIMITER_KEY)
         )
-        self._limiter_seen(stored, revision)
+        self.limits.saw(LIMITER_KEY, stored, revision)
         return wrote
 
     # -- background: parked claims, timers, the sweep --------------------------------------------------------------
@@ -618,47 +623,18 @@ class Dispatcher:
             del self.timers[key]
             await self.reconsider(key)
 
-    async def follow_limiter(self, stop: asyncio.Event) -> None:
-        """Keep this replica's view of the limiter current from a KV watch on its key: compare-and-set then rarely
-        starts from a stale revision, and nothing polls the key."""
-        while not stop.is_set():
-            try:
-                watcher = await self.limits_kv.watch(LIMITER_KEY)
-            except (TimeoutError, nats.errors.Error, OSError) as exc:
-                log.warning("limiter watch will be tried again", error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                await _wait(stop, 1.0)
-                continue
-            stopping = asyncio.create_task(busmod.stop_watch_when(stop, watcher))
-            try:
-                async for entry in watcher:
-                    if entry is None or entry.revision is None or entry.revision <= self._limiter_known[1]:
-                        continue  # the end of the current value, or not newer than what this replica knows
-                    try:
-                        stored = None if entry.operation in ("DEL", "PURGE") else _LIMITER.decode(entry.value or b"")
-                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        log.warning("limiter watch skipped an unreadable state", error=str(exc)[:300])
-                        continue
-                    # No wake: the replica that freed a slot starts its own parked scans at once; this one looks at
-                    # the next tick, by when that slot is usually taken (both chasing it costs reads and lost CAS).
-                    self._limiter_seen(stored, entry.revision)
-            except Exception as exc:  # a broken watch only costs reads: start another
-                log.warning("limiter watch restarts", error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                await _wait(stop, 1.0)
-            finally:
-                stopping.cancel()
-
     async def _run_parked(self) -> None:
         idle = time.monotonic() - self._parked_pass_at >= PARKED_IDLE_PASS_S
         if idle:  # the watch keeps the view current; a read now and then covers a watch that fell behind
-            self._limiter_seen(*await busmod.kv_read(self.limits_kv, LIMITER_KEY, LimiterState))
-        seen = (self._limiter_known[1], self.parked.generation)
+            await self._read_limiter()
+        seen = (self.limits.last(LIMITER_KEY)[1], self.parked.generation)
         if seen == self._parked_seen and not idle:
             return  # no slot freed and nothing new parked since the last pass (expiries are caught by the idle pass)
         self._parked_seen, self._parked_pass_at = seen, time.monotonic()
         limits = self.cfg.limits
         while True:
             now = utcnow()
-            current = limiter.live(self.limiter, now)
+            current = limiter.live(self.limiter_view, now)
             free = min(limits.max_active - len(current.slots), limits.max_created_per_minute - len(current.created))
             keys = self.parked.candidates(limiter.active_per_node(current, now), limits.max_active_per_node, free)
             if not keys:
@@ -681,7 +657,7 @@ class Dispatcher:
                 return
 
     def _full(self, now: datetime) -> bool:
-        current = limiter.live(self.limiter, now)
+        current = limiter.live(self.limiter_view, now)
         limits = self.cfg.limits
         return len(current.slots) >= limits.max_active or len(current.created) >= limits.max_created_per_minute
 
@@ -726,10 +702,10 @@ class Dispatcher:
         return todo
 
     def observe_active(self, _: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(len(limiter.live(self.limiter, utcnow()).slots))
+        yield Observation(len(limiter.live(self.limiter_view, utcnow()).slots))
 
     def observe_active_per_node(self, _: CallbackOptions) -> Iterable[Observation]:
-        for node, count in limiter.active_per_node(self.limiter, utcnow()).items():
+        for node, count in limiter.active_per_node(self.limiter_view, utcnow()).items():
             yield Observation(count, {"node": node})
 
 
@@ -797,7 +773,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             background = [
                 asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
                 asyncio.create_task(dispatcher.sweep(stop), name="dispatcher-sweep"),
-                asyncio.create_task(dispatcher.follow_limiter(stop), name="dispatcher-limiter-watch"),
+                asyncio.create_task(dispatcher.limits.follow(stop), name="dispatcher-limiter-watch"),
                 asyncio.create_task(dispatcher.mirror.follow(stop), name="dispatcher-scans-watch"),
             ]
             routes: dict[str, busmod.Route[Any]] = {

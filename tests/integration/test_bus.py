@@ -258,6 +258,11 @@ async def test_mirror_follows_creates_updates_deletes_and_unreadable_documents(b
         await _until(lambda: "broken" in mirror._unreadable)
         assert mirror.known("broken") is None  # cannot say: the caller reads (and sees the error itself)
         assert mirror.documents() == [("later", Counter(2))]
+        await kv.put("later", b"{not json either")
+        await _until(lambda: "later" in mirror._unreadable)
+        assert mirror.known("later") is None
+        assert mirror.last("later") == (Counter(2), revision)  # the last readable one, to start a CAS from
+        assert mirror.documents() == []
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
