@@ -556,6 +556,29 @@ async def kv_change(
     raise Conflict(f"kv: key {key!r} lost {attempts} compare-and-set races in a row; retry later")
 
 
+async def kv_documents(kv: KeyValue, typ: type[S], *, timeout_s: float = 30.0) -> tuple[list[S], list[str]]:
+    """Every key's latest document from one pass over the bucket (a watch, not a read per key), and the keys whose
+    document could not be decoded (the caller says whether that is worth a log line)."""
+    decoder = msgspec.json.Decoder(typ)
+    documents: list[S] = []
+    unreadable: list[str] = []
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for entry in watcher:
+                if entry is None:  # the end of the current values
+                    break
+                if not entry.value:
+                    continue
+                try:
+                    documents.append(decoder.decode(entry.value))
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    unreadable.append(entry.key)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return documents, unreadable
+
+
 class KvMirror(Generic[S]):
     """The latest document and revision of every key of a bucket, kept current by a watch.
 

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -16,7 +14,6 @@ import nats.js.errors
 from podsweep import bus as busmod
 from schemas.state import SCANS_BUCKET, DigestScanState
 
-_state = msgspec.json.Decoder(DigestScanState)
 SERVICES_WITH_CONSUMERS = ("dispatcher", "parser", "notifier")
 _LATEST = datetime.max.replace(tzinfo=UTC)
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
@@ -75,19 +72,7 @@ def summarize(states: list[DigestScanState], consumers: list[ConsumerLag], failu
 
 async def collect(bus: busmod.Bus) -> StatusReport:
     kv = await bus.kv(SCANS_BUCKET)
-    states: list[DigestScanState] = []
-    # One pass over the bucket's latest values (not a GET per key: `podsweep up` reads this every few seconds).
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        async with asyncio.timeout(30.0):
-            async for entry in watcher:
-                if entry is None:  # the end of the current values
-                    break
-                if entry.value:
-                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                        states.append(_state.decode(entry.value))
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+    states, _ = await busmod.kv_documents(kv, DigestScanState)  # not a GET per key: `podsweep up` asks every few s
     consumers = []
     for service in SERVICES_WITH_CONSUMERS:
         try:

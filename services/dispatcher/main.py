@@ -73,7 +73,6 @@ retries = meter.create_counter("podsweep_dispatcher_retries", description="Scans
 limit_waits = meter.create_counter(
     "podsweep_dispatcher_limit_waits", description="Claimed scans that waited for a limit, by the limit"
 )
-_WORKLOADS = msgspec.json.Decoder(DigestWorkloads)
 _NO_SLOTS = LimiterState()  # the limiter before its first write (one object: _view caches by identity)
 _WAITING = ("nodes_full", "limited")  # decisions that park a digest until a slot frees
 Launch = Literal["created", "exists", "refused", "stale", "failed", "gathered"]
@@ -527,21 +526,9 @@ class Dispatcher:
 
     async def _workloads(self) -> list[DigestWorkloads]:
         """Every digest's workloads, from one pass over the WORKLOADS bucket's latest values."""
-        found: list[DigestWorkloads] = []
-        watcher = await self.workloads.watchall(ignore_deletes=True)
-        try:
-            async with asyncio.timeout(30.0):
-                async for entry in watcher:
-                    if entry is None:
-                        break
-                    if entry.value is None:
-                        continue
-                    try:
-                        found.append(_WORKLOADS.decode(entry.value))
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        log.warning("rescan skipped an unreadable workloads document", key=entry.key)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        found, unreadable = await busmod.kv_documents(self.workloads, DigestWorkloads)
+        for key in unreadable:
+            log.warning("rescan skipped an unreadable workloads document", key=key)
         return found
 
     # -- the limiter -----------------------------------------------------------------------------------------------

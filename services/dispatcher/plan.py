@@ -186,8 +186,12 @@ def _claim(
     why: Why,
     new_cycle: bool,
     options: ImageOptions,
-) -> Decision | None:
-    """Claim a new scan of `state`'s digest, or None when no node can take it now (the caller says why)."""
+    keep: DigestScanState | None,
+    room: bool,
+) -> Decision:
+    """Claim a new scan of `state`'s digest; or wait, writing `keep`: for a slot (`room` False) or a node."""
+    if not room:
+        return Decision(keep, None, "limited")
     attempts = 1 if new_cycle else state.attempts + 1
     if why in ("rescan_due", "retry") and _sbom_usable(state, policy):
         mode: ScanMode = "sbom"
@@ -202,7 +206,7 @@ def _claim(
             tie_break=digest_hex(state.digest_ref),
         )
         if node is None:
-            return None
+            return Decision(keep, None, "nodes_full", None)
     seq = state.scan_seq + 1
     scan_id = scan_id_for(state.digest_ref, seq)
     claimed = msgspec.structs.replace(
@@ -312,30 +316,51 @@ def decide(
             return Decision(keep, None, "not_due", due)
         if not _still_covered(state, now, policy):
             return Decision(keep, None, "no_node", None)
-        if not room:
-            return Decision(keep, None, "limited")
         return _claim(
-            state, now, policy, active_per_node, limits, why="rescan_due", new_cycle=True, options=options
-        ) or Decision(keep, None, "nodes_full", None)
+            state,
+            now,
+            policy,
+            active_per_node,
+            limits,
+            why="rescan_due",
+            new_cycle=True,
+            options=options,
+            keep=keep,
+            room=room,
+        )
     if state.status == "failed":
         gave_up = state.attempts >= policy.max_attempts
         if state.next_due_at is not None and now < state.next_due_at:
             return Decision(keep, None, "gave_up" if gave_up else "backoff", state.next_due_at)
         if not _still_covered(state, now, policy):
             return Decision(keep, None, "no_node", None)
-        if not room:
-            return Decision(keep, None, "limited")
         return _claim(
-            state, now, policy, active_per_node, limits, why="retry", new_cycle=gave_up, options=options
-        ) or Decision(keep, None, "nodes_full", None)
+            state,
+            now,
+            policy,
+            active_per_node,
+            limits,
+            why="retry",
+            new_cycle=gave_up,
+            options=options,
+            keep=keep,
+            room=room,
+        )
     # not_scanned: scan as soon as a node runs the digest.
     if not state.nodes_seen:
         return Decision(keep, None, "no_node", None)
-    if not room:
-        return Decision(keep, None, "limited")
     return _claim(
-        state, now, policy, active_per_node, limits, why="first_scan", new_cycle=True, options=options
-    ) or Decision(keep, None, "nodes_full", None)
+        state,
+        now,
+        policy,
+        active_per_node,
+        limits,
+        why="first_scan",
+        new_cycle=True,
+        options=options,
+        keep=keep,
+        room=room,
+    )
 
 
 def on_seen(

@@ -73,7 +73,13 @@ def _subject(event: ImageSeen | ImageGone) -> str:
 
 
 # A pod's namespace and its controller reference (apiVersion, kind, name, uid).
-WorkloadKey = tuple[str, str, str, str, str]
+ControllerKey = tuple[str, str, str, str, str]
+
+
+def _workload_key(pod: Pod) -> ControllerKey | None:
+    """The key of the pod's controller reference in Owners.workloads; None for a pod without a controller."""
+    ref = owners.controller_of(pod.metadata.owner_references)
+    return None if ref is None else (pod.metadata.namespace, ref.api_version, ref.kind, ref.name, ref.uid)
 
 
 class Owners:
@@ -84,7 +90,7 @@ class Owners:
         self.kube = kube
         self.cache: dict[tuple[str, str, str, str], PartialObjectMetadata | None] = {}
         # None: the walk stops at the pod itself (controlled by a Node, invalid reference), whatever its name.
-        self.workloads: dict[WorkloadKey, Workload | None] = {}
+        self.workloads: dict[ControllerKey, Workload | None] = {}
         # One GET per owner even when a page's pods (500 replicas of one Deployment) miss the cache at once.
         self.in_flight: dict[tuple[str, str, str, str], asyncio.Future[PartialObjectMetadata | None]] = {}
         self.discovery: dict[str, APIResourceList] = {}
@@ -111,20 +117,17 @@ class Owners:
 
     def known(self, pod: Pod) -> Workload | None:
         """The pod's workload when no API call is needed (no controller, or its controller already walked)."""
-        meta = pod.metadata
-        ref = owners.controller_of(meta.owner_references)
-        if ref is None:
-            return Workload("Pod", meta.name)
-        key = (meta.namespace, ref.api_version, ref.kind, ref.name, ref.uid)
+        key = _workload_key(pod)
+        if key is None:
+            return Workload("Pod", pod.metadata.name)
         if key not in self.workloads:
             return None
-        return self.workloads[key] or Workload("Pod", meta.name)
+        return self.workloads[key] or Workload("Pod", pod.metadata.name)
 
     async def workload(self, pod: Pod) -> Workload:
         meta = pod.metadata
         step = owners.start(meta.namespace, meta.name, meta.owner_references)
-        ref = owners.controller_of(meta.owner_references)
-        key = None if ref is None else (meta.namespace, ref.api_version, ref.kind, ref.name, ref.uid)
+        key = _workload_key(pod)
         if isinstance(step, owners.Resolved):
             if key is not None:
                 self.workloads[key] = None
