@@ -215,6 +215,8 @@ def main() -> None:
         "--profile", default="", help="a directory: run the replicas under cProfile (CPU time), writing there"
     )
     args = parser.parse_args()
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as work:
         result = asyncio.run(run(args, Path(work)))
     print(json.dumps(msgspec.to_builtins(result)))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from aiohttp import web
 
+from podsweep.embedded import free_port
 from services.notifier import signing
 
 
@@ -178,10 +178,3 @@ def dojo_contract(path: str, arrival: Arrival, dojo_token: str) -> tuple[int, li
         if flag in one and one[flag] not in ("true", "false"):
             problems.append(f"{flag} must be true or false")
     return (400, problems) if problems else (201, [])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from podsweep.embedded import free_port
 from tests.harness.rootfs import default_cache_dir
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -83,12 +83,6 @@ def build_db(cache_dir: Path, advisories: Sequence[Path] = (BASE_ADVISORIES,)) -
     return cache_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class TrivyServer:
     """A `trivy server` on loopback over a fixture DB in a cache dir of its own."""
@@ -96,7 +90,7 @@ class TrivyServer:
     trivy: Path
     cache_dir: Path
     log_path: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -26,6 +26,7 @@ from nats.aio.client import Client as NatsClient
 
 from podsweep import bus as busmod
 from podsweep.config import ConsumerSettings, NatsSettings, Settings, load_settings
+from podsweep.embedded import free_port
 from schemas.state import LIMITS_BUCKET, NOTIFY_BUCKET, SCANS_BUCKET, WORKLOADS_BUCKET
 from tests.harness.kube import KubeControlPlane, locate_binaries
 
@@ -615,13 +616,6 @@ def _access_review(kube: KubeControlPlane, user: str, verb: str, group: str, res
 # -- the real nats-server on the rendered configuration --------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass(frozen=True)
 class NatsFromManifest:
     url: str
@@ -650,7 +644,7 @@ def nats_from_manifest(
     passwords = {service: secrets.token_urlsafe(18) for service in SERVICES}
     env = {**os.environ, "POD_NAME": "nats-0"}
     env.update({f"PODSWEEP_NATS_{s.upper()}_PASSWORD": p for s, p in passwords.items()})
-    port = _free_port()
+    port = free_port()
     binary = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[2] / ".venv")) / "bin" / "nats-server"
     log = work / "nats.log"
     with log.open("wb") as out:
@@ -664,7 +658,7 @@ def nats_from_manifest(
                 "--port",
                 str(port),
                 "--http_port",
-                str(_free_port()),
+                str(free_port()),
             ],
             env=env,
             stdout=out,

@@ -35,6 +35,7 @@ from podsweep.config import (
     TelemetrySettings,
     WatcherSettings,
 )
+from podsweep.embedded import free_port
 from podsweep.kube import Kube
 from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
@@ -44,7 +45,7 @@ from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
-from tests.harness.receiver import Receiver, free_port
+from tests.harness.receiver import Receiver
 from tests.harness.standin import KubeletStandin, Pod
 
 pytestmark = pytest.mark.kube
