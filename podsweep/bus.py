@@ -645,6 +645,9 @@ class KvMirror(Generic[S]):
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         revision = entry.revision or 0
+        current = self._entries.get(entry.key)
+        if current is not None and revision <= current[1]:
+            return  # seen already (this process's own write is recorded when made): not decoded again
         if entry.operation in ("DEL", "PURGE"):
             self.saw(entry.key, None, revision)
             return

