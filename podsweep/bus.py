@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ _encoder = msgspec.json.Encoder()
 PUBLISH_WINDOW = 512
 PUBLISH_ACK_TIMEOUT_S = 10.0
 PUBLISH_ATTEMPTS = 5
+# A KV watch's server sends a heartbeat after this long without entries; two missed ones end the watch.
+WATCH_HEARTBEAT_S = 15.0
 
 
 class Reject(Exception):
@@ -582,92 +585,183 @@ async def kv_documents(kv: KeyValue, typ: type[S], *, timeout_s: float = 30.0) -
 class KvMirror(Generic[S]):
     """The latest document and revision of every key of a bucket, kept current by a watch.
 
-    A change reaches the mirror for about 20 us of CPU, where a read costs about 0.3 ms: compare-and-set starts from
-    the mirror, and a pass over every key reads nothing. A mirrored entry is as fresh as a read made a moment ago
-    (a read is stale by the time it is used, too); writes stay compare-and-set, so a lagging mirror only costs a
-    failed write and a read.
+    A change reaches the mirror for a few microseconds of CPU, where a read costs about 0.2 ms: compare-and-set
+    starts from the mirror, and a pass over every key reads nothing. A mirrored entry is as fresh as a read made a
+    moment ago (a read is stale by the time it is used, too); writes stay compare-and-set, so a lagging mirror only
+    costs a failed write and a read. Values are decoded when first asked for, not as they arrive: most of another
+    replica's writes are never looked at here, and a key that changed twice in between is decoded once.
     """
 
     def __init__(self, kv: KeyValue, typ: type[S]) -> None:
         self.kv = kv
         self._decoder = msgspec.json.Decoder(typ)
         self._entries: dict[str, tuple[S | None, int]] = {}
+        self._raw: dict[str, tuple[bytes, int]] = {}  # arrived, not decoded yet (always newer than _entries')
         self._unreadable: set[str] = set()
         self.ready = False  # the watch has delivered every key once since it (re)started
 
     def known(self, key: str) -> tuple[S | None, int] | None:
         """(document, revision); (None, 0) for a key never written; None while the mirror cannot say (starting,
         its watch restarting, or a document it could not decode): read instead."""
-        if not self.ready or key in self._unreadable:
+        if not self.ready:
             return None
-        return self.last(key)
+        found = self.last(key)
+        return None if key in self._unreadable else found
 
     def last(self, key: str) -> tuple[S | None, int]:
         """The last readable document seen and its revision, ready or not ((None, 0): none). A starting point for
         compare-and-set that does not conclude "no change" from it."""
+        if key in self._raw:
+            self._decode(key)
         return self._entries.get(key, (None, 0))
+
+    def revision(self, key: str) -> int:
+        """The latest revision seen of `key` (0: none), readable or not, without decoding it."""
+        raw = self._raw.get(key)
+        return raw[1] if raw is not None else self._entries.get(key, (None, 0))[1]
 
     def saw(self, key: str, document: S | None, revision: int) -> None:
         """Record a document at a revision (the watch's, or this process's own write); older news is ignored."""
-        current = self._entries.get(key)
-        if current is None or revision > current[1]:
+        if revision > self.revision(key):
             self._entries[key] = (document, revision)
+            self._raw.pop(key, None)
             self._unreadable.discard(key)
 
     def documents(self) -> list[tuple[str, S]]:
         """Every key with a readable document, as last seen."""
+        for key in list(self._raw):
+            self._decode(key)
         return [
             (key, doc) for key, (doc, _) in self._entries.items() if doc is not None and key not in self._unreadable
         ]
+
+    def _decode(self, key: str) -> None:
+        data, revision = self._raw.pop(key)
+        try:
+            document = self._decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("kv watch saw an unreadable document", bucket=self.kv._name, key=key, error=_short(exc))
+            self._unreadable.add(key)  # last() keeps the last readable one
+            return
+        self._entries[key] = (document, revision)
+        self._unreadable.discard(key)
 
     async def follow(self, stop: asyncio.Event) -> None:
         """Watch the bucket until `stop`; a broken watch is started again (and the mirror is not ready meanwhile)."""
         while not stop.is_set():
             try:
-                watcher = await self.kv.watchall()
-            except (TimeoutError, nats.errors.Error, OSError) as exc:
-                log.warning("kv watch will be tried again", bucket=self.kv._name, error=_short(exc))
-                await _sleep_unless(stop, 1.0)
-                continue
-            stopping = asyncio.create_task(stop_watch_when(stop, watcher))
-            try:
-                async for entry in watcher:
-                    if entry is None:
-                        self.ready = True  # the current values are in; what follows are changes
-                    elif entry.revision is not None:
-                        self._apply(entry)
+                await self._watch(stop)
             except Exception as exc:  # a broken watch costs reads until the next one has caught up
                 log.warning("kv watch restarts", bucket=self.kv._name, error=_short(exc))
             finally:
                 self.ready = False
-                stopping.cancel()
             await _sleep_unless(stop, 1.0)
 
-    def _apply(self, entry: KeyValue.Entry) -> None:
-        revision = entry.revision or 0
-        current = self._entries.get(entry.key)
-        if current is not None and revision <= current[1]:
-            return  # seen already (this process's own write is recorded when made): not decoded again
-        if entry.operation in ("DEL", "PURGE"):
-            self.saw(entry.key, None, revision)
-            return
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """One ordered push consumer over the bucket: every key's latest value, then each change, straight into the
+        mirror, until `stop` or a lost message.
+
+        Not nats-py's KV watch, which polls for flow control four times a second per watch (most of an idle
+        replica's wake-ups) and builds metadata objects for every entry. Here a flow-control request is answered as it
+        arrives: callbacks run in order, so everything delivered before it has been applied. A gap in the consumer
+        sequence, or silence for two heartbeats, ends this watch, and `follow` starts a new one, which delivers every
+        key's latest value again.
+        """
+        kv = self.kv
+        nc = kv._js._nc  # nats-py keeps the KV's connection and subject prefix private
+        inbox = nc.new_inbox()
+        lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        last_seq = 0  # consumer sequence of the last entry applied
+        heard = time.monotonic()
+
+        def lose(reason: str) -> None:
+            if not lost.done():
+                lost.set_result(reason)
+
+        async def on_message(msg: Msg) -> None:
+            nonlocal last_seq, heard
+            heard = time.monotonic()
+            headers = msg.headers or {}
+            if not msg.data and headers.get(jsapi.Header.STATUS) == "100":
+                # Flow control asks for an empty reply; a heartbeat may carry one that was missed, and says which
+                # entry the server delivered last.
+                reply = msg.reply or headers.get(jsapi.Header.CONSUMER_STALLED)
+                if reply:
+                    await nc.publish(reply)
+                delivered = headers.get(jsapi.Header.LAST_CONSUMER)
+                if delivered is not None and int(delivered) != last_seq:
+                    lose(f"the server delivered entry {delivered}, the last one applied here is {last_seq}")
+                return
+            try:
+                stream_seq, consumer_seq, pending = _sequences(msg.reply)
+            except ValueError as exc:
+                lose(str(exc))
+                return
+            if consumer_seq != last_seq + 1:
+                lose(f"entry {consumer_seq} arrived after {last_seq}")
+                return
+            last_seq = consumer_seq
+            key = msg.subject[len(kv._pre) :]
+            if stream_seq > self.revision(key):
+                if headers.get("KV-Operation") in ("DEL", "PURGE"):
+                    self.saw(key, None, stream_seq)
+                else:
+                    self._raw[key] = (msg.data, stream_seq)
+            if pending == 0:
+                self.ready = True  # the latest values are in; what follows are changes
+
+        sub = await nc.subscribe(inbox, cb=on_message)
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            document = self._decoder.decode(entry.value or b"")
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("kv watch saw an unreadable document", bucket=self.kv._name, key=entry.key, error=_short(exc))
-            self._unreadable.add(entry.key)  # last() keeps the last readable one
-            return
-        self.saw(entry.key, document, revision)
+            info = await kv._js.add_consumer(
+                kv._stream,
+                ConsumerConfig(
+                    deliver_subject=inbox,
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                    ack_policy=AckPolicy.NONE,
+                    max_deliver=1,
+                    filter_subject=f"{kv._pre}>",
+                    flow_control=True,
+                    idle_heartbeat=WATCH_HEARTBEAT_S,
+                    mem_storage=True,
+                    num_replicas=1,
+                    inactive_threshold=WATCH_HEARTBEAT_S * 20,  # the server drops it once this process is gone
+                ),
+            )
+            if info.num_pending == 0 and last_seq == 0:
+                self.ready = True  # an empty bucket
+            while not stop.is_set():
+                await asyncio.wait((lost, stopping), timeout=WATCH_HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+                if lost.done():
+                    raise WatchLost(f"kv watch of {kv._name}: {lost.result()}")
+                if time.monotonic() - heard > 2 * WATCH_HEARTBEAT_S:
+                    raise WatchLost(f"kv watch of {kv._name}: no heartbeat for {2 * WATCH_HEARTBEAT_S:.0f}s")
+            with contextlib.suppress(Exception):  # the server removes it after inactive_threshold anyway
+                await kv._js.delete_consumer(kv._stream, info.name)
+        finally:
+            stopping.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+class WatchLost(ConnectionError):
+    """A KV watch missed an entry or stopped hearing from the server; the mirror starts a new one."""
+
+
+def _sequences(reply: str | None) -> tuple[int, int, int]:
+    """(stream sequence, consumer sequence, pending) from a JetStream delivery's reply subject:
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`, or the longer form with a domain and
+    account hash after `ACK` (and a random token at the end)."""
+    tokens = (reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[6]), int(tokens[8])
+    if len(tokens) >= 11 and tokens[:2] == ["$JS", "ACK"]:
+        return int(tokens[7]), int(tokens[8]), int(tokens[10])
+    raise ValueError(f"not a JetStream delivery: reply subject {reply!r}")
 
 
 def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
-
-
-async def stop_watch_when(stop: asyncio.Event, watcher: KeyValue.KeyWatcher) -> None:
-    """Stop a KV watch when `stop` is set (run it as a task beside the loop that reads the watch)."""
-    await stop.wait()
-    await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -64,6 +64,8 @@ TICK_S = 0.5
 # Parked digests are looked at when the limiter changed or something new was parked, and at least this often (slots
 # past their deadline and creations leaving the one-minute window free room without a write).
 PARKED_IDLE_PASS_S = 5.0
+# With nothing parked, gathering or due, the tend loop sleeps this long (or until the next timer); anything new wakes it.
+IDLE_TEND_S = 30.0
 
 log = logs.get("podsweep.dispatcher")
 tracer = trace.get_tracer("podsweep.dispatcher")
@@ -99,6 +101,7 @@ class Dispatcher:
         self.timers: dict[str, datetime] = {}  # digest hex -> when to decide again (the latest setting wins)
         self._timer_heap: list[tuple[datetime, str]] = []
         self.wake = asyncio.Event()
+        self._tend_due = 0.0  # monotonic instant the tend loop looks next, unless woken
         self._parked_seen = (-1, -1)  # (limiter revision, parking generation) at the last pass over parked digests
         self._parked_pass_at = 0.0
         self.jobs_path = f"/apis/batch/v1/namespaces/{cfg.jobs.namespace}/jobs"
@@ -245,12 +248,14 @@ class Dispatcher:
                 self.gathering.add(Gathered(key, decision.scan, claimed_until), time.monotonic())
                 if len(self.gathering) >= self.gathering.size:
                     self.wake.set()
+                self._look_within(self.gathering.window_s)
                 return "gathered"
             claimed = (decision.state, revision) if decision.state is not None and revision else None
             return await self._launch(key, decision.scan, claimed)
         if decision.why in _WAITING:
             limit_waits.add(1, {"limit": "node_full" if decision.why == "nodes_full" else "limited"})
             self.parked.park(key, None, nodes)
+            self._look_within(TICK_S)
         elif decision.why in ("backoff", "not_due", "gave_up", "recorded") and decision.recheck_at is not None:
             self._set_timer(key, decision.recheck_at)
         return None
@@ -282,6 +287,7 @@ class Dispatcher:
         if not outcome.ok:
             limit_waits.add(1, {"limit": outcome.reason})
             self.parked.park(key, scan, (scan.node,) if scan.node else ())
+            self._look_within(TICK_S)
             return "refused"
         expires = claimed[0].claim_expires_at if claimed is not None else None
         state: DigestScanState | None
@@ -590,7 +596,9 @@ class Dispatcher:
     async def tend(self, stop: asyncio.Event) -> None:
         """Start parked scans as slots free up, and decide again about digests whose timer came due."""
         while not stop.is_set():
-            await _wait(stop, TICK_S, self.wake)
+            wait = self._tend_wait()
+            self._tend_due = time.monotonic() + wait
+            await _wait(stop, wait, self.wake)
             self.wake.clear()
             try:
                 await self._run_timers()
@@ -600,9 +608,25 @@ class Dispatcher:
             except Exception as exc:  # this loop must outlive any one digest's trouble
                 log.warning("parked scans will be tried again", error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
+    def _tend_wait(self) -> float:
+        """A tick while digests are parked or a batch gathers (a slot the other replica frees is only seen by
+        looking); otherwise until the next timer. An idle replica then wakes a few times a minute, not twice a
+        second."""
+        if self.parked or len(self.gathering):
+            return TICK_S
+        if self._timer_heap:
+            return min(max((self._timer_heap[0][0] - utcnow()).total_seconds(), 0.0), IDLE_TEND_S)
+        return IDLE_TEND_S
+
+    def _look_within(self, seconds: float) -> None:
+        """Wake the tend loop if it would not look again within `seconds` (it sleeps long while nothing waits)."""
+        if time.monotonic() + seconds < self._tend_due:
+            self.wake.set()
+
     def _set_timer(self, key: str, at: datetime) -> None:
         self.timers[key] = at
         heapq.heappush(self._timer_heap, (at, key))
+        self._look_within((at - utcnow()).total_seconds())
 
     async def _run_timers(self) -> None:
         now = utcnow()
@@ -617,7 +641,7 @@ class Dispatcher:
         idle = time.monotonic() - self._parked_pass_at >= PARKED_IDLE_PASS_S
         if idle:  # the watch keeps the view current; a read now and then covers a watch that fell behind
             await self._read_limiter()
-        seen = (self.limits.last(LIMITER_KEY)[1], self.parked.generation)
+        seen = (self.limits.revision(LIMITER_KEY), self.parked.generation)
         if seen == self._parked_seen and not idle:
             return  # no slot freed and nothing new parked since the last pass (expiries are caught by the idle pass)
         self._parked_seen, self._parked_pass_at = seen, time.monotonic()

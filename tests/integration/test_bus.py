@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import pytest
@@ -204,6 +205,11 @@ class Counter(msgspec.Struct, frozen=True):
     n: int = 0
 
 
+class Padded(msgspec.Struct, frozen=True):
+    n: int
+    padding: str
+
+
 async def test_compare_and_set_never_loses_an_update_between_racing_writers(bus: busmod.Bus) -> None:
     kv = await bus.kv("race")
 
@@ -255,12 +261,13 @@ async def test_mirror_follows_creates_updates_deletes_and_unreadable_documents(b
         await _until(lambda: mirror.known("later") == (Counter(2), revision))
         await kv.delete("before")
         await _until(lambda: mirror.known("before") == (None, 3))
-        await kv.put("broken", b"{not json")
-        await _until(lambda: "broken" in mirror._unreadable)
+        broken = await kv.put("broken", b"{not json")
+        await _until(lambda: mirror.revision("broken") == broken)  # arrived; decoded when first asked for
         assert mirror.known("broken") is None  # cannot say: the caller reads (and sees the error itself)
+        assert "broken" in mirror._unreadable
         assert mirror.documents() == [("later", Counter(2))]
-        await kv.put("later", b"{not json either")
-        await _until(lambda: "later" in mirror._unreadable)
+        unreadable = await kv.put("later", b"{not json either")
+        await _until(lambda: mirror.revision("later") == unreadable)
         assert mirror.known("later") is None
         assert mirror.last("later") == (Counter(2), revision)  # the last readable one, to start a CAS from
         assert mirror.documents() == []
@@ -268,6 +275,59 @@ async def test_mirror_follows_creates_updates_deletes_and_unreadable_documents(b
         stop.set()
         await asyncio.wait_for(task, 10)
     assert not mirror.ready
+
+
+async def test_mirror_keeps_up_through_flow_control_and_sees_every_latest_value(
+    bus: busmod.Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Megabytes of changes: the server asks for flow control many times, and the watch must answer each request
+    or stall. Each key ends at its latest value and revision."""
+    kv = await bus.kv("flowcontrolled")
+    answered: list[str] = []
+    publish = bus.nc.publish
+
+    async def counting(subject: str, *args: Any, **kwargs: Any) -> None:
+        if subject.startswith("$JS.FC."):
+            answered.append(subject)
+        await publish(subject, *args, **kwargs)
+
+    monkeypatch.setattr(bus.nc, "publish", counting)
+    padding = "x" * 20_000
+    mirror = busmod.KvMirror(kv, Padded)
+    stop = asyncio.Event()
+    task = asyncio.create_task(mirror.follow(stop))
+    try:
+        await _until(lambda: mirror.ready)  # an empty bucket is ready at once
+        latest: dict[str, int] = {}
+        for round_ in range(3):
+            revisions = await asyncio.gather(
+                *(kv.put(f"k{i}", msgspec.json.encode(Padded(round_, padding))) for i in range(300))
+            )
+            latest.update({f"k{i}": revision for i, revision in enumerate(revisions)})
+        await _until(lambda: all(mirror.revision(k) == r for k, r in latest.items()), timeout_s=30)
+        assert all(mirror.known(k) == (Padded(2, padding), r) for k, r in latest.items())
+        assert len(mirror.documents()) == 300
+        assert answered  # the server did ask for flow control, and the watch answered
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("$JS.ACK.KV_b.watch1.1.42.7.1700000000000000000.3", (42, 7, 3)),
+        ("$JS.ACK.hub.ACCHASH.KV_b.watch1.1.42.7.1700000000000000000.0.rnd", (42, 7, 0)),  # with a domain
+    ],
+)
+def test_sequences_come_from_either_form_of_reply_subject(reply: str, expected: tuple[int, int, int]) -> None:
+    assert busmod._sequences(reply) == expected
+
+
+@pytest.mark.parametrize("reply", [None, "_INBOX.abc", "$JS.ACK.a.b.c.d.e.f.g.h.i.j.k"])
+def test_a_reply_subject_that_is_not_a_delivery_is_refused(reply: str | None) -> None:
+    with pytest.raises(ValueError, match=r"not a JetStream delivery|invalid literal"):
+        busmod._sequences(reply)
 
 
 async def test_compare_and_set_from_a_mirror_skips_the_read_and_survives_a_stale_entry(bus: busmod.Bus) -> None:
