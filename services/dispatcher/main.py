@@ -96,7 +96,7 @@ class Dispatcher:
         self.scans: KeyValue
         self.mirror: busmod.KvMirror[DigestScanState]
         self.limits: busmod.KvMirror[LimiterState]  # the limiter as last read, written or watched
-        self._view_of: tuple[LimiterState, dict[str, int], bool, datetime] | None = None
+        self._view_of: tuple[LimiterState, dict[str, int], int, datetime] | None = None
         self.parked = ParkingLot()
         self.timers: dict[str, datetime] = {}  # digest hex -> when to decide again (the latest setting wins)
         self._timer_heap: list[tuple[datetime, str]] = []
@@ -126,17 +126,28 @@ class Dispatcher:
 
     def _view(self, now: datetime) -> tuple[dict[str, int], bool]:
         """Live slots per node, and whether a global slot and a creation are left, as this replica last saw the
-        limiter: computed once per limiter state until its next slot or creation expires (every event asks)."""
+        limiter (every event asks)."""
+        per_node, free = self._room(now)
+        return per_node, free > 0
+
+    def _room(self, now: datetime) -> tuple[dict[str, int], int]:
+        """Live slots per node and how many Jobs may start now, as this replica last saw the limiter: computed once
+        per limiter state until its next slot or creation expires."""
         cached, seen = self._view_of, self.limiter_view
         if cached is not None and cached[0] is seen and now < cached[3]:
             return cached[1], cached[2]
         current = limiter.live(seen, now)
         per_node = limiter.active_per_node(current, now)
         limits = self.cfg.limits
-        room = len(current.slots) < limits.max_active and len(current.created) < limits.max_created_per_minute
-        expiries = [s.deadline for s in current.slots] + [t + limiter.WINDOW for t in current.created]
-        self._view_of = (seen, per_node, room, min(expiries, default=datetime.max.replace(tzinfo=UTC)))
-        return per_node, room
+        slots_left = limits.max_active - len(current.slots)
+        creations_left = limits.max_created_per_minute - len(current.created)
+        free = min(slots_left, creations_left)
+        # Valid until a slot's deadline passes, or a creation leaves the window while creations are what limits.
+        expires = min((s.deadline for s in current.slots), default=datetime.max.replace(tzinfo=UTC))
+        if creations_left <= slots_left and current.created:
+            expires = min(expires, min(current.created) + limiter.WINDOW)
+        self._view_of = (seen, per_node, free, expires)
+        return per_node, free
 
     # -- event handlers --------------------------------------------------------------------------------------------
 
@@ -647,10 +658,8 @@ class Dispatcher:
         self._parked_seen, self._parked_pass_at = seen, time.monotonic()
         limits = self.cfg.limits
         while True:
-            now = utcnow()
-            current = limiter.live(self.limiter_view, now)
-            free = min(limits.max_active - len(current.slots), limits.max_created_per_minute - len(current.created))
-            keys = self.parked.candidates(limiter.active_per_node(current, now), limits.max_active_per_node, free)
+            per_node, free = self._room(utcnow())
+            keys = self.parked.candidates(per_node, limits.max_active_per_node, free)
             if not keys:
                 return
             started = 0
@@ -671,9 +680,7 @@ class Dispatcher:
                 return
 
     def _full(self, now: datetime) -> bool:
-        current = limiter.live(self.limiter_view, now)
-        limits = self.cfg.limits
-        return len(current.slots) >= limits.max_active or len(current.created) >= limits.max_created_per_minute
+        return self._room(now)[1] <= 0
 
     async def _resume(self, key: str, scan: ScanPlan) -> Launch | None:
         # No read first: _launch checks the claim once it holds the slot (a stale claim just hands the slot back).

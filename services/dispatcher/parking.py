@@ -13,6 +13,7 @@ import msgspec
 from services.dispatcher.plan import ScanPlan
 
 ANY_NODE = ""  # the index entry of a wait that needs no particular node (an SBOM rescan)
+QUICK_LOOK = 32  # waits looked at in age order before the per-node index
 
 
 class Parked(msgspec.Struct, frozen=True):
@@ -72,6 +73,18 @@ class ParkingLot:
         """
         if free <= 0:
             return []
+        # Most passes free a slot or two while the oldest waits have room (they wait for a global slot): the first
+        # waits in age order settle it. Only when those are on full nodes does the per-node index take over.
+        quick: list[str] = []
+        taken: dict[str, int] = {}
+        for key, parked in itertools.islice(self._parked.items(), QUICK_LOOK):
+            for node in parked.nodes or (ANY_NODE,):
+                if node == ANY_NODE or active_per_node.get(node, 0) + taken.get(node, 0) < per_node_limit:
+                    taken[node] = taken.get(node, 0) + 1
+                    quick.append(key)
+                    break
+            if len(quick) == free:
+                return quick
         chosen: dict[str, int] = {}
         for node, waiting in self._by_node.items():
             room = free if node == ANY_NODE else per_node_limit - active_per_node.get(node, 0)

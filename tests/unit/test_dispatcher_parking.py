@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.dispatcher.parking import ParkingLot
+from services.dispatcher import parking
+from services.dispatcher.parking import QUICK_LOOK, ParkingLot
 from services.dispatcher.plan import ScanPlan
 
 REF = "registry.example.com/app@sha256:" + "ab" * 32
@@ -56,3 +57,28 @@ def test_unparked_digests_leave_every_node_index() -> None:
     parked.unpark("a")
     assert len(parked) == 0 and "a" not in parked
     assert parked.candidates({}, 2, 10) == []
+
+
+def test_waits_beyond_the_first_ones_on_full_nodes_are_still_found() -> None:
+    """The oldest waits are on a full node (more of them than the age-order look covers): the per-node index finds
+    the younger ones that fit, oldest first."""
+    waits = [(f"full{i}", "busy") for i in range(QUICK_LOOK + 8)] + [("young1", "n1"), ("young2", "n2")]
+    assert lot(*waits).candidates({"busy": 2}, 2, 5) == ["young1", "young2"]
+
+
+def test_both_ways_of_looking_choose_the_same_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Age order, each wait taking room on its node, until the free slots are used: the same with or without the
+    quick look."""
+    waits = [(f"k{i}", f"n{i % 7}") for i in range(3 * QUICK_LOOK)]
+    active = {f"n{i}": i % 3 for i in range(7)}
+    for free in range(1, 20):
+        room = {node: 2 - count for node, count in active.items()}
+        expected = []
+        for key, node in waits:
+            if len(expected) < free and room[node] > 0:
+                room[node] -= 1
+                expected.append(key)
+        assert lot(*waits).candidates(active, 2, free) == expected
+        with monkeypatch.context() as patched:
+            patched.setattr(parking, "QUICK_LOOK", 0)
+            assert lot(*waits).candidates(active, 2, free) == expected
