@@ -57,6 +57,9 @@ _encoder = msgspec.json.Encoder()
 PUBLISH_WINDOW = 512
 PUBLISH_ACK_TIMEOUT_S = 10.0
 PUBLISH_ATTEMPTS = 5
+# An idle consumer asks for messages this often; a request unanswered this much longer is presumed lost.
+PULL_EXPIRES_S = 10.0
+PULL_GRACE_S = 5.0
 # A KV watch's server sends a heartbeat after this long without entries; two missed ones end the watch.
 WATCH_HEARTBEAT_S = 15.0
 
@@ -382,14 +385,27 @@ async def consume(
     routes: Mapping[str, Route[Any]],
     settings: ConsumerSettings,
     stop: asyncio.Event,
-    fetch_timeout: float = 1.0,
+    pull_expires_s: float = PULL_EXPIRES_S,
 ) -> None:
-    """Run until `stop` is set, then finish the messages in flight and return (the SIGTERM drain)."""
+    """Run until `stop` is set, then finish the messages in flight and return (the SIGTERM drain).
+
+    Messages are pulled continuously rather than fetched batch by batch: a pull asks for `settings.batch` messages
+    and is topped up once half of them arrived, and each message goes straight to a callback. nats-py's fetch waits
+    for every message with a timer and a task of its own and sends two requests per round, once a second when idle;
+    here an idle consumer sends one request per `pull_expires_s`. A request the server lost (a restart) is noticed
+    when its expiry passes unanswered, and asked again.
+    """
     await ensure_consumer(bus, durable, list(routes), settings)
-    sub = await bus.js.pull_subscribe_bind(durable=durable, stream=bus.settings.stream)
+    nc = bus.nc
     by_subject = {bus.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()}
     limit = asyncio.Semaphore(settings.concurrency)
     in_flight: set[asyncio.Task[None]] = set()
+    inbox = nc.new_inbox()
+    next_subject = f"{bus.js._prefix}.CONSUMER.MSG.NEXT.{bus.settings.stream}.{durable}"
+    expires_ns = int(pull_expires_s * 1_000_000_000)
+    wanted = 0  # messages asked for and neither delivered nor expired
+    heard = time.monotonic()  # the last pull sent or answered
+    paused_until = 0.0  # after a refusal (consumer deleted, ...), the next request waits a moment
 
     async def one(msg: Msg) -> None:
         try:
@@ -397,26 +413,59 @@ async def consume(
         finally:
             limit.release()
 
+    async def pull() -> None:
+        nonlocal wanted, heard
+        if stop.is_set() or wanted > settings.batch // 2 or time.monotonic() < paused_until:
+            return
+        more = settings.batch - wanted
+        try:
+            await nc.publish(next_subject, _encoder.encode({"batch": more, "expires": expires_ns}), reply=inbox)
+        except nats.errors.Error as exc:  # closed or reconnecting: the watchdog asks again
+            log.debug("pull not sent", service=service, error=_short(exc))
+            return
+        wanted += more
+        heard = time.monotonic()
+
+    async def on_message(msg: Msg) -> None:
+        nonlocal wanted, heard, paused_until
+        heard = time.monotonic()
+        if not msg.reply:  # a status: 408 when a request expires, 409 when the server refuses or ends one
+            headers = msg.headers or {}
+            status = headers.get(jsapi.Header.STATUS, "")
+            if status == "100":  # a heartbeat (never asked for)
+                return
+            left = headers.get("Nats-Pending-Messages")
+            wanted = max(0, wanted - int(left)) if left is not None and left.isdigit() else 0
+            if status != "408":
+                log.info(
+                    "pull ended by the server", service=service, status=status, reason=headers.get("Description", "")
+                )
+                paused_until = time.monotonic() + 1.0
+            await pull()
+            return
+        wanted = max(0, wanted - 1)
+        await limit.acquire()
+        task = asyncio.create_task(one(msg))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        await pull()
+
+    sub = await nc.subscribe(inbox, cb=on_message)
     try:
+        await pull()
         while not stop.is_set():
-            try:
-                msgs = await sub.fetch(settings.batch, timeout=fetch_timeout)
-            except TimeoutError:  # nats raises asyncio.TimeoutError (the builtin) when nothing is pending
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await limit.acquire()
-                task = asyncio.create_task(one(msg))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+            await _sleep_unless(stop, pull_expires_s)
+            if time.monotonic() - heard > pull_expires_s + PULL_GRACE_S:
+                wanted = 0  # every request should have been answered by now: the server lost them
+            await pull()
     finally:
+        # No new deliveries; those already here are handed out, then the handlers finish.
+        with contextlib.suppress(Exception):
+            await sub.drain()  # type: ignore[no-untyped-call]
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
         with contextlib.suppress(Exception):  # acks are fire-and-forget: make sure they left before returning
             await bus.nc.flush(timeout=5)
-        await sub.unsubscribe()
 
 
 async def _handle(

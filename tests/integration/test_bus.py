@@ -35,7 +35,7 @@ async def bus(nats_settings: NatsSettings) -> AsyncIterator[busmod.Bus]:
 async def run_until(bus: busmod.Bus, routes: dict[str, busmod.Route[ImageGone]], done: asyncio.Event, durable: str):
     stop = asyncio.Event()
     task = asyncio.create_task(
-        busmod.consume(bus, service="test", durable=durable, routes=routes, settings=FAST, stop=stop, fetch_timeout=0.2)
+        busmod.consume(bus, service="test", durable=durable, routes=routes, settings=FAST, stop=stop)
     )
     await asyncio.wait_for(done.wait(), 15)
     stop.set()
@@ -150,7 +150,6 @@ async def test_malformed_event_is_dead_lettered_at_once_with_the_reason(
             routes={subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)},
             settings=FAST,
             stop=stop,
-            fetch_timeout=0.2,
         )
     )
     letters: list[DeadLetter] = []
@@ -179,7 +178,7 @@ async def test_stop_drains_the_event_in_flight_before_returning(bus: busmod.Bus)
     stop = asyncio.Event()
     routes = {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}
     task = asyncio.create_task(
-        busmod.consume(bus, service="test", durable="slow", routes=routes, settings=FAST, stop=stop, fetch_timeout=0.2)
+        busmod.consume(bus, service="test", durable="slow", routes=routes, settings=FAST, stop=stop)
     )
     await asyncio.wait_for(started.wait(), 10)
     stop.set()  # what SIGTERM does
