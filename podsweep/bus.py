@@ -61,7 +61,7 @@ PUBLISH_ATTEMPTS = 5
 PULL_EXPIRES_S = 10.0
 PULL_GRACE_S = 5.0
 # A KV watch's server sends a heartbeat after this long without entries; two missed ones end the watch.
-WATCH_HEARTBEAT_S = 15.0
+WATCH_HEARTBEAT_S = 5.0
 
 
 class Reject(Exception):
