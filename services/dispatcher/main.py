@@ -96,7 +96,7 @@ class Dispatcher:
         self.scans: KeyValue
         self.mirror: busmod.KvMirror[DigestScanState]
         self.limits: busmod.KvMirror[LimiterState]  # the limiter as last read, written or watched
-        self._view_of: tuple[LimiterState, dict[str, int], int, datetime] | None = None
+        self._view_of: tuple[LimiterState, frozenset[str], dict[str, int], int, datetime] | None = None
         self.parked = ParkingLot()
         self.timers: dict[str, datetime] = {}  # digest hex -> when to decide again (the latest setting wins)
         self._timer_heap: list[tuple[datetime, str]] = []
@@ -104,6 +104,9 @@ class Dispatcher:
         self._tend_due = 0.0  # monotonic instant the tend loop looks next, unless woken
         self._parked_seen = (-1, -1)  # (limiter revision, parking generation) at the last pass over parked digests
         self._parked_pass_at = 0.0
+        self._parked_lock = asyncio.Lock()  # one pass over parked digests at a time (tend loop, finished scans)
+        # Slots of finished scans not released yet: the next acquire releases them in the same write.
+        self._releasing: set[str] = set()
         self.jobs_path = f"/apis/batch/v1/namespaces/{cfg.jobs.namespace}/jobs"
         self.gathering = Gathering(cfg.sbom_batch_size, cfg.sbom_batch_window_s)
         self._gathering_blocked_at = 0.0
@@ -133,10 +136,12 @@ class Dispatcher:
     def _room(self, now: datetime) -> tuple[dict[str, int], int]:
         """Live slots per node and how many Jobs may start now, as this replica last saw the limiter: computed once
         per limiter state until its next slot or creation expires."""
-        cached, seen = self._view_of, self.limiter_view
-        if cached is not None and cached[0] is seen and now < cached[3]:
-            return cached[1], cached[2]
+        cached, seen, releasing = self._view_of, self.limiter_view, frozenset(self._releasing)
+        if cached is not None and cached[0] is seen and cached[1] == releasing and now < cached[4]:
+            return cached[2], cached[3]
         current = limiter.live(seen, now)
+        if releasing:  # as good as free: the next acquire releases them
+            current = msgspec.structs.replace(current, slots=[s for s in current.slots if s.scan_id not in releasing])
         per_node = limiter.active_per_node(current, now)
         limits = self.cfg.limits
         slots_left = limits.max_active - len(current.slots)
@@ -146,7 +151,7 @@ class Dispatcher:
         expires = min((s.deadline for s in current.slots), default=datetime.max.replace(tzinfo=UTC))
         if creations_left <= slots_left and current.created:
             expires = min(expires, min(current.created) + limiter.WINDOW)
-        self._view_of = (seen, per_node, free, expires)
+        self._view_of = (seen, releasing, per_node, free, expires)
         return per_node, free
 
     # -- event handlers --------------------------------------------------------------------------------------------
@@ -176,12 +181,9 @@ class Dispatcher:
         if done.raw_key != storage.raw_key(done.digest_ref, done.scan_id):
             raise busmod.Reject(f"raw_key is not the key of scan {done.scan_id} (expected raw/sha256/<hex>/<id>.json)")
         key = digest_hex(done.digest_ref)
-        # Two keys, so the two writes go out together. An SBOM rescan's slot is its batch Job's (named by the batch);
-        # a node scan's is its own.
-        written, _released = await asyncio.gather(
-            self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy)),
-            self._release(done.job if done.mode == "sbom" else done.scan_id),
-        )
+        written = await self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy))
+        # An SBOM rescan's slot is its batch Job's (named by the batch); a node scan's is its own.
+        await self._hand_over(done.job if done.mode == "sbom" else done.scan_id)
         await self._follow(key, *written)
 
     async def on_scan_failed(self, failed: ScanFailed, _: busmod.Delivery) -> None:
@@ -554,17 +556,27 @@ class Dispatcher:
     # -- the limiter -----------------------------------------------------------------------------------------------
 
     async def _acquire(self, scan: ScanPlan, now: datetime, deadline: datetime) -> limiter.Outcome:
+        """Take a slot for the scan, releasing in the same write the finished scans' slots waiting for one."""
         outcomes: list[limiter.Outcome] = []
+        carried: list[tuple[str, ...]] = []
         limits = self.cfg.limits
 
         def change(old: LimiterState | None) -> LimiterState | None:
+            start = base = old or LimiterState()
+            releasing = tuple(self._releasing)
+            for slot_id in releasing:
+                base = limiter.release(base, now, slot_id) or base
             new, outcome = limiter.try_acquire(
-                old or LimiterState(), now, scan_id=scan.scan_id, node=scan.node, deadline=deadline, limits=limits
+                base, now, scan_id=scan.scan_id, node=scan.node, deadline=deadline, limits=limits
             )
             outcomes.append(outcome)
+            carried.append(releasing)
+            if new is None and base is not start:
+                return base  # refused (or held already), but the releases are written all the same
             return new
 
-        await self._limiter_change(change)
+        if await self._limiter_change(change):
+            self._releasing.difference_update(carried[-1])
         return outcomes[-1]
 
     async def _acquire_slot(self, slot_id: str, now: datetime, deadline: datetime) -> limiter.Outcome:
@@ -586,9 +598,24 @@ class Dispatcher:
         def change(old: LimiterState | None) -> LimiterState | None:
             return None if old is None else limiter.release(old, utcnow(), scan_id)
 
-        if await self._limiter_change(change):
+        wrote = await self._limiter_change(change)
+        self._releasing.discard(scan_id)  # released now (or by an acquire before this write, or never held)
+        if wrote:
             self.gathering.blocked = False
             self.wake.set()
+
+    async def _hand_over(self, slot_id: str) -> None:
+        """Free a finished scan's slot. A parked scan that can start takes it in the same limiter write as its own
+        acquire (one write where a release and an acquire were two, and one change for the other replica to see);
+        with none, the slot is released on its own. Returns once the release is written: the event is acked after."""
+        self._releasing.add(slot_id)
+        try:
+            if self.parked:
+                async with self._parked_lock:
+                    await self._start_parked()
+        finally:
+            if slot_id in self._releasing:
+                await self._release(slot_id)
 
     async def _limiter_change(self, change: Callable[[LimiterState | None], LimiterState | None]) -> bool:
         """Compare-and-set on the limiter, starting from the state this replica last saw (no read when it is still
@@ -656,6 +683,11 @@ class Dispatcher:
         if seen == self._parked_seen and not idle:
             return  # no slot freed and nothing new parked since the last pass (expiries are caught by the idle pass)
         self._parked_seen, self._parked_pass_at = seen, time.monotonic()
+        async with self._parked_lock:
+            await self._start_parked()
+
+    async def _start_parked(self) -> None:
+        """Start parked scans, oldest first, while the limiter (as last seen) has room for them."""
         limits = self.cfg.limits
         while True:
             per_node, free = self._room(utcnow())

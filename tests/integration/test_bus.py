@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from podsweep import bus as busmod
+from podsweep import embedded
 from podsweep.config import ConsumerSettings, NatsSettings
 from schemas import subjects
 from schemas.events import DeadLetter, ImageGone
@@ -460,3 +462,52 @@ async def test_no_change_is_only_concluded_from_a_fresh_read(bus: busmod.Bus) ->
     await kv.put("active", msgspec.json.encode(LimiterState()))  # the slot was released meanwhile
     stored, _, wrote = await busmod.kv_change(kv, "active", LimiterState, _add("psw-x"), known=(held, revision))
     assert wrote and stored is not None and [s.scan_id for s in stored.slots] == ["psw-x"]
+
+
+async def test_consumer_and_mirror_carry_on_after_the_server_restarts(tmp_path: Path) -> None:
+    """The server restarts with its store: the pull requests and the mirror's watch it held are gone. Both are
+    noticed (a pull unanswered past its expiry, a watch without heartbeats) and asked again; nothing is lost."""
+    port = embedded.free_port()
+    server = embedded.start_nats(tmp_path, port)
+    settings = NatsSettings(url=server.url, subject_root="rs.podsweep", stream="RS", kv_prefix="rs")
+    bus = await busmod.connect(settings, "restart")
+    stop = asyncio.Event()
+    try:
+        await busmod.ensure_stream(bus)
+        kv = await bus.kv("mirrored")
+        mirror = busmod.KvMirror(kv, Counter)
+        seen: list[str] = []
+
+        async def handle(event: ImageGone, delivery: busmod.Delivery) -> None:
+            seen.append(event.node)
+
+        routes = {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}
+        tasks = [
+            asyncio.create_task(
+                busmod.consume(
+                    bus, service="test", durable="restart", routes=routes, settings=FAST, stop=stop, pull_expires_s=1
+                )
+            ),
+            asyncio.create_task(mirror.follow(stop)),
+        ]
+        await bus.publish(subjects.IMAGE_GONE, gone("before"), msg_id="before")
+        await _until(lambda: seen == ["before"] and mirror.ready)
+
+        server.stop()
+        server = embedded.start_nats(tmp_path, port)
+        await _until(lambda: bus.nc.stats["reconnects"] >= 1 and bus.nc.is_connected, timeout_s=20)
+        for _ in range(20):  # JetStream answers a moment after the server accepts connections
+            try:
+                await bus.publish(subjects.IMAGE_GONE, gone("after"), msg_id="after")
+                break
+            except Exception:
+                await asyncio.sleep(0.5)
+        revision = await kv.put("k", msgspec.json.encode(Counter(7)))
+        await _until(lambda: seen == ["before", "after"], timeout_s=20)
+        await _until(lambda: mirror.known("k") == (Counter(7), revision), timeout_s=30)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    finally:
+        stop.set()
+        await bus.close()
+        server.stop()
