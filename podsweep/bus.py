@@ -60,6 +60,7 @@ PUBLISH_ATTEMPTS = 5
 # An idle consumer asks for messages this often; a request unanswered this much longer is presumed lost.
 PULL_EXPIRES_S = 10.0
 PULL_GRACE_S = 5.0
+PULL_PAUSE_S = 1.0  # after the server refused a pull request, before the next one
 # A KV watch's server sends a heartbeat after this long without entries; two missed ones end the watch.
 WATCH_HEARTBEAT_S = 5.0
 
@@ -406,6 +407,8 @@ async def consume(
     wanted = 0  # messages asked for and neither delivered nor expired
     heard = time.monotonic()  # the last pull sent or answered
     paused_until = 0.0  # after a refusal (consumer deleted, ...), the next request waits a moment
+    retrying: set[asyncio.Future[None]] = set()
+    waiting = asyncio.Event()  # a delivered message waits for a free handler
 
     async def one(msg: Msg) -> None:
         try:
@@ -426,6 +429,13 @@ async def consume(
         wanted += more
         heard = time.monotonic()
 
+    def pull_later() -> None:  # the pause after a refusal is over
+        nonlocal paused_until
+        paused_until = 0.0
+        task = asyncio.ensure_future(pull())
+        retrying.add(task)
+        task.add_done_callback(retrying.discard)
+
     async def on_message(msg: Msg) -> None:
         nonlocal wanted, heard, paused_until
         heard = time.monotonic()
@@ -440,11 +450,16 @@ async def consume(
                 log.info(
                     "pull ended by the server", service=service, status=status, reason=headers.get("Description", "")
                 )
-                paused_until = time.monotonic() + 1.0
+                paused_until = time.monotonic() + PULL_PAUSE_S
+                asyncio.get_running_loop().call_later(PULL_PAUSE_S, pull_later)
             await pull()
             return
         wanted = max(0, wanted - 1)
+        if limit.locked():
+            waiting.set()  # every handler busy: the server is not silent, this loop is behind
         await limit.acquire()
+        waiting.clear()
+        heard = time.monotonic()  # what waited here came from a live server
         task = asyncio.create_task(one(msg))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
@@ -455,7 +470,8 @@ async def consume(
         await pull()
         while not stop.is_set():
             await _sleep_unless(stop, pull_expires_s)
-            if time.monotonic() - heard > pull_expires_s + PULL_GRACE_S:
+            behind = waiting.is_set() or sub.pending_msgs > 0
+            if not behind and time.monotonic() - heard > pull_expires_s + PULL_GRACE_S:
                 wanted = 0  # every request should have been answered by now: the server lost them
             await pull()
     finally:
