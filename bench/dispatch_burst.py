@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -78,7 +79,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
             namespace=NAMESPACE,
             nats=nats,
             s3=s3,
-            log_level="warning",
+            log_level=args.log_level,
             log_format="json",
             consumer=ConsumerSettings(max_deliver=20, backoff_s=[0.2, 0.5, 1.0], ack_wait_s=30, batch=64),
             dispatcher=section,
@@ -146,6 +147,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
         await asyncio.sleep(10)  # also: anything created late still shows up as a duplicate
         idle_ms_per_s = (sum(r.cpu_seconds() for r in started) - idle_before) * 1000 / 10
         per_digest = observer.digests_with_jobs()
+        consumer = await bus.js.consumer_info(bus.settings.stream, "dispatcher")
         await observer.stop()
         await standin.stop()
         await bus.close()
@@ -163,6 +165,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
                     "jobs_per_s": round(len(observer.jobs) / elapsed, 1),
                     "idle_cpu_ms_per_s": round(idle_ms_per_s, 1),
                     "cpu_s": round(cpu_s, 1),
+                    "deliveries": consumer.delivered.consumer_seq,
+                    "redelivered": consumer.num_redelivered,
                 }
             )
         )
@@ -180,6 +184,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
     finally:
         for replica in started:
             replica.stop()
+        if args.logs:
+            for i, replica in enumerate(started):
+                shutil.copy(replica.log, Path(args.logs) / f"dispatcher-{i}.log")
         plane.stop()
         nats_server.stop()
         s3_server.stop()
@@ -210,13 +217,16 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=500)
     parser.add_argument("--max-active", type=int, default=100)
     parser.add_argument("--max-per-node", type=int, default=2)
+    parser.add_argument("--log-level", default="warning", help="the replicas' log level")
+    parser.add_argument("--logs", default="", help="a directory: keep the replicas' logs there")
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument(
         "--profile", default="", help="a directory: run the replicas under cProfile (CPU time), writing there"
     )
     args = parser.parse_args()
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    for directory in (args.profile, args.logs):
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as work:
         result = asyncio.run(run(args, Path(work)))
     print(json.dumps(msgspec.to_builtins(result)))

@@ -103,12 +103,18 @@ class Delivery:
     headers: Mapping[str, str]
 
 
+# A handler that returns a future hands its event over: the message is acked when the future resolves and retried
+# (or dead-lettered) when it fails, as if the handler had raised; its handler slot is free at once. The dispatcher
+# writes sightings of one digest together this way, without losing any (an unsettled message is redelivered).
+Settled = asyncio.Future[None]
+
+
 @dataclass(frozen=True)
 class Route(Generic[E]):
     """How a consumer handles one subject: the event type to decode and the handler to call."""
 
     type: type[E]
-    handle: Callable[[E, Delivery], Awaitable[None]]
+    handle: Callable[[E, Delivery], Awaitable[Settled | None]]
 
 
 class Bus:
@@ -338,7 +344,7 @@ async def ensure_consumer(bus: Bus, durable: str, names: list[str], settings: Co
         ack_wait=settings.ack_wait_s,
         max_deliver=-1,  # the loop dead-letters after settings.max_deliver, so nothing expires unseen
         filter_subjects=[bus.subject(n) for n in names],
-        max_ack_pending=max(settings.batch * 4, 256),
+        max_ack_pending=max(settings.batch * 4, settings.max_ack_pending),
     )
     await bus.js.add_consumer(bus.settings.stream, config)
 
@@ -409,10 +415,11 @@ async def consume(
     paused_until = 0.0  # after a refusal (consumer deleted, ...), the next request waits a moment
     retrying: set[asyncio.Future[None]] = set()
     waiting = asyncio.Event()  # a delivered message waits for a free handler
+    handed_over: set[asyncio.Future[None]] = set()  # events a handler settles later (see Settled)
 
     async def one(msg: Msg) -> None:
         try:
-            await _handle(bus, service, msg, by_subject, settings)
+            await _handle(bus, service, msg, by_subject, settings, handed_over)
         finally:
             limit.release()
 
@@ -480,6 +487,8 @@ async def consume(
             await sub.drain()  # type: ignore[no-untyped-call]
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
+        if handed_over:  # settled by their handlers' owner as it stops; what is not by ack_wait is redelivered
+            await asyncio.wait(set(handed_over), timeout=settings.ack_wait_s)
         with contextlib.suppress(Exception):  # acks are fire-and-forget: make sure they left before returning
             await bus.nc.flush(timeout=5)
 
@@ -490,6 +499,7 @@ async def _handle(
     msg: Msg,
     by_subject: Mapping[str, tuple[str, Route[Any], msgspec.json.Decoder[Any]]],
     settings: ConsumerSettings,
+    handed_over: set[asyncio.Future[None]],
 ) -> None:
     deliveries = msg.metadata.num_delivered
     headers = dict(msg.headers or {})
@@ -521,37 +531,54 @@ async def _handle(
             subject=name, stream_seq=msg.metadata.sequence.stream, deliveries=deliveries, headers=headers
         )
         try:
-            await route.handle(event, delivery)
-        except Reject as exc:
-            span.set_status(Status(StatusCode.ERROR, str(exc)))
-            await dead_letter(bus, service, msg, deliveries, f"rejected: {exc}")
-            await msg.term()
-            processed.add(1, {"service": service, "subject": name, "outcome": "rejected"})
+            later = await route.handle(event, delivery)
         except Exception as exc:
             span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            error = f"{type(exc).__name__}: {exc}"
-            if deliveries >= settings.max_deliver:
-                await dead_letter(bus, service, msg, deliveries, f"failed {deliveries} times, last: {error}")
-                await msg.term()
-                processed.add(1, {"service": service, "subject": name, "outcome": "dead"})
-                return
-            delay = (
-                exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff_delay(settings, deliveries)
-            )
-            log.info(
-                "event will be retried",
-                service=service,
-                subject=name,
-                deliveries=deliveries,
-                delay_s=delay,
-                error=error,
-            )
-            await msg.nak(delay=delay)
-            processed.add(1, {"service": service, "subject": name, "outcome": "retry"})
-        else:
-            await msg.ack()
-            processed.add(1, {"service": service, "subject": name, "outcome": "ok"})
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__ if not isinstance(exc, Reject) else str(exc)))
+            await _settle(bus, service, msg, name, deliveries, settings, exc)
+            return
+        if later is None:
+            await _settle(bus, service, msg, name, deliveries, settings, None)
+            return
+        settling = asyncio.ensure_future(_settle_when(bus, service, msg, name, deliveries, settings, later))
+        handed_over.add(settling)
+        settling.add_done_callback(handed_over.discard)
+
+
+async def _settle_when(
+    bus: Bus, service: str, msg: Msg, name: str, deliveries: int, settings: ConsumerSettings, later: Settled
+) -> None:
+    try:
+        await later
+    except Exception as exc:
+        await _settle(bus, service, msg, name, deliveries, settings, exc)
+    else:
+        await _settle(bus, service, msg, name, deliveries, settings, None)
+
+
+async def _settle(
+    bus: Bus, service: str, msg: Msg, name: str, deliveries: int, settings: ConsumerSettings, exc: Exception | None
+) -> None:
+    """Ack a handled event; dead-letter a rejected one or one out of attempts; redeliver the rest after a backoff."""
+    if exc is None:
+        await msg.ack()
+        processed.add(1, {"service": service, "subject": name, "outcome": "ok"})
+        return
+    if isinstance(exc, Reject):
+        await dead_letter(bus, service, msg, deliveries, f"rejected: {exc}")
+        await msg.term()
+        processed.add(1, {"service": service, "subject": name, "outcome": "rejected"})
+        return
+    error = f"{type(exc).__name__}: {exc}"
+    if deliveries >= settings.max_deliver:
+        await dead_letter(bus, service, msg, deliveries, f"failed {deliveries} times, last: {error}")
+        await msg.term()
+        processed.add(1, {"service": service, "subject": name, "outcome": "dead"})
+        return
+    delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else backoff_delay(settings, deliveries)
+    log.info("event will be retried", service=service, subject=name, deliveries=deliveries, delay_s=delay, error=error)
+    await msg.nak(delay=delay)
+    processed.add(1, {"service": service, "subject": name, "outcome": "retry"})
 
 
 S = TypeVar("S", bound=msgspec.Struct)

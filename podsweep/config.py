@@ -88,8 +88,13 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     ack_wait_s: float = 60.0
     batch: int = 64
     concurrency: int = 8
+    # Delivered and not yet acked, at most: handlers that settle their events later (the dispatcher's sightings)
+    # hold many at once; the others never come near it.
+    max_ack_pending: int = 20_000
 
     def __post_init__(self) -> None:
+        if self.max_ack_pending < 1:
+            raise ValueError(f"max_ack_pending {self.max_ack_pending} must be at least 1")
         if self.max_deliver < 1:
             raise ValueError(f"max_deliver {self.max_deliver} must be at least 1")
         if not self.backoff_s or any(b < 0 for b in self.backoff_s):

@@ -88,4 +88,12 @@ async def open_service(name: str, settings: Settings, *, s3: bool = False) -> As
                 await lag
             _lag.pop(name, None)
     finally:
+        stats = bus.nc.stats
+        logs.get(f"podsweep.{name}").info(
+            "service disconnecting",
+            nats_in_msgs=stats["in_msgs"],
+            nats_out_msgs=stats["out_msgs"],
+            nats_in_bytes=stats["in_bytes"],
+            nats_out_bytes=stats["out_bytes"],
+        )
         await bus.close()

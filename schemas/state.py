@@ -19,6 +19,13 @@ class NodeFailure(msgspec.Struct, frozen=True):
     at: datetime
 
 
+class NodeLeft(msgspec.Struct, frozen=True):
+    """The digest stopped running on `node` at `at` (image.gone): a sighting observed before then is not news."""
+
+    node: NodeName
+    at: datetime
+
+
 class DigestScanState(msgspec.Struct, frozen=True, kw_only=True):
     """Per-digest scan state, keyed by the digest's hex. Updated only by compare-and-set on the KV revision."""
 
@@ -30,6 +37,9 @@ class DigestScanState(msgspec.Struct, frozen=True, kw_only=True):
     node: NodeName | None = None
     nodes_seen: list[NodeName] = []
     failures: list[NodeFailure] = []
+    # Nodes the digest left lately: sightings are written up to seconds after they were observed (several at
+    # once), and one can arrive after the node's image.gone; it must not put the node back.
+    nodes_left: list[NodeLeft] = []
     last_scan_at: datetime | None = None
     next_due_at: datetime | None = None
     last_seen_at: datetime | None = None

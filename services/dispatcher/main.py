@@ -56,6 +56,7 @@ from services.dispatcher.batching import Gathered, Gathering
 from services.dispatcher.parking import ParkingLot
 from services.dispatcher.plan import Decision, ScanPlan
 from services.dispatcher.settings import Configured, configure
+from services.dispatcher.sightings import Sightings
 
 SERVICE = "dispatcher"
 DURABLE = "dispatcher"
@@ -66,6 +67,9 @@ TICK_S = 0.5
 PARKED_IDLE_PASS_S = 5.0
 # With nothing parked, gathering or due, the tend loop sleeps this long (or until the next timer); anything new wakes it.
 IDLE_TEND_S = 30.0
+# A sighting that only adds a node to a digest already claimed, scanned or waiting is written at most this long after
+# it came, together with the digest's other sightings meanwhile (and well within the consumer's ack_wait).
+SIGHTINGS_WINDOW_S = 10.0
 
 log = logs.get("podsweep.dispatcher")
 tracer = trace.get_tracer("podsweep.dispatcher")
@@ -109,6 +113,8 @@ class Dispatcher:
         self._releasing: set[str] = set()
         self.jobs_path = f"/apis/batch/v1/namespaces/{cfg.jobs.namespace}/jobs"
         self.gathering = Gathering(cfg.sbom_batch_size, cfg.sbom_batch_window_s)
+        self.sightings = Sightings(min(SIGHTINGS_WINDOW_S, settings.consumer.ack_wait_s / 3))
+        self.holding = True  # sightings may be held (not once stopping: the last write of held ones has begun)
         self._gathering_blocked_at = 0.0
         self.workloads: KeyValue
 
@@ -156,19 +162,59 @@ class Dispatcher:
 
     # -- event handlers --------------------------------------------------------------------------------------------
 
-    async def on_image_seen(self, seen: ImageSeen, _: busmod.Delivery) -> None:
+    async def on_image_seen(self, seen: ImageSeen, _: busmod.Delivery) -> busmod.Settled | None:
         now = utcnow()
         active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
         key = digest_hex(seen.digest_ref)
+        known = self.mirror.known(key) if self.holding else None
+        if known is not None:
+            decision = plan.on_seen(known[0], seen, now, policy, active, limits, room=room)
+            if plan.holdable(known[0], decision):
+                if key not in self.sightings:
+                    self._look_within(self.sightings.window_s)
+                return self.sightings.hold(key, seen, time.monotonic())
         written = await self._update(
-            key, lambda old: plan.on_seen(old, seen, now, policy, active, limits, room=room), seen.node
+            key, lambda old: plan.on_seen(old, seen, now, policy, active, limits, room=room), (seen.node,)
         )
         await self._follow(key, *written)
+        return None
+
+    async def _write_sightings(self, key: str) -> None:
+        """Write a digest's held sightings in one compare-and-set, then settle their events (acked, or retried)."""
+        held = self.sightings.take(key)
+        if held is None:
+            return
+        now = utcnow()
+        active, room = self._view(now)
+        policy, limits = self.cfg.policy, self.cfg.limits
+        seen = held.seen
+        try:
+            written = await self._update(
+                key,
+                lambda old: plan.on_sightings(old, seen, now, policy, active, limits, room=room),
+                tuple(s.node for s in seen),
+            )
+            await self._follow(key, *written)
+        except Exception as exc:  # every held event is delivered again
+            for waiter in held.waiters:
+                waiter.set_exception(exc)
+            log.warning(
+                "sightings not written", key=key, events=len(seen), error=f"{type(exc).__name__}: {str(exc)[:300]}"
+            )
+        else:
+            for waiter in held.waiters:
+                waiter.set_result(None)
+
+    async def _run_sightings(self, everything: bool = False) -> None:
+        keys = self.sightings.keys() if everything else self.sightings.due(time.monotonic())
+        for key in keys:
+            await self._write_sightings(key)
 
     async def on_image_gone(self, gone: ImageGone, _: busmod.Delivery) -> None:
         now = utcnow()
         key = digest_hex(gone.digest_ref)
+        await self._write_sightings(key)  # what this replica holds came first
         decision = (await self._update(key, lambda old: plan.on_gone(old, gone, now, self.cfg.policy)))[0]
         if decision.state is not None and decision.state.status == "not_scanned" and not decision.state.nodes_seen:
             self.parked.unpark(key)
@@ -210,7 +256,7 @@ class Dispatcher:
     # -- deciding and carrying out ---------------------------------------------------------------------------------
 
     async def _update(
-        self, key: str, decide: Callable[[DigestScanState | None], Decision], node: str | None = None
+        self, key: str, decide: Callable[[DigestScanState | None], Decision], seen_on: tuple[str, ...] = ()
     ) -> tuple[Decision, tuple[str, ...], int]:
         """Apply a pure decision with compare-and-set; returns the decision that was written, the digest's nodes and
         the revision written (0: nothing written).
@@ -223,8 +269,7 @@ class Dispatcher:
         def change(old: DigestScanState | None) -> DigestScanState | None:
             decision = decide(old)
             nodes = tuple(old.nodes_seen) if old is not None else ()
-            if node is not None and node not in nodes:
-                nodes = (*nodes, node)
+            nodes = (*nodes, *(n for n in dict.fromkeys(seen_on) if n not in nodes))
             made.append((decision, nodes))
             return decision.state
 
@@ -639,22 +684,31 @@ class Dispatcher:
             await _wait(stop, wait, self.wake)
             self.wake.clear()
             try:
+                await self._run_sightings()
                 await self._run_timers()
                 await self._run_batches()
                 if self.parked:
                     await self._run_parked()
             except Exception as exc:  # this loop must outlive any one digest's trouble
                 log.warning("parked scans will be tried again", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        # Stopping: hold no more sightings, and write those held (their events are acked before the consumer closes).
+        self.holding = False
+        await self._run_sightings(everything=True)
 
     def _tend_wait(self) -> float:
         """A tick while digests are parked or a batch gathers (a slot the other replica frees is only seen by
         looking); otherwise until the next timer. An idle replica then wakes a few times a minute, not twice a
         second."""
         if self.parked or len(self.gathering):
-            return TICK_S
-        if self._timer_heap:
-            return min(max((self._timer_heap[0][0] - utcnow()).total_seconds(), 0.0), IDLE_TEND_S)
-        return IDLE_TEND_S
+            wait = TICK_S
+        elif self._timer_heap:
+            wait = min(max((self._timer_heap[0][0] - utcnow()).total_seconds(), 0.0), IDLE_TEND_S)
+        else:
+            wait = IDLE_TEND_S
+        held_due = self.sightings.next_due()
+        if held_due is not None:
+            wait = min(wait, max(held_due - time.monotonic(), 0.0))
+        return wait
 
     def _look_within(self, seconds: float) -> None:
         """Wake the tend loop if it would not look again within `seconds` (it sleeps long while nothing waits)."""

@@ -26,7 +26,7 @@ Claim protocol (two replicas and any restart agree on it):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -34,7 +34,7 @@ import msgspec
 
 from schemas.events import ImageGone, ImageOptions, ImageSeen, ScanCompleted, ScanFailed, ScanMode, ScanStarted
 from schemas.refs import digest_hex
-from schemas.state import DigestScanState, NodeFailure
+from schemas.state import DigestScanState, NodeFailure, NodeLeft
 from services.dispatcher.limits import Limits
 from services.dispatcher.nodes import pick_node
 
@@ -363,6 +363,39 @@ def decide(
     )
 
 
+# Decisions that a sighting adding a node (or refreshing `last_seen_at`) cannot change: such a sighting may be held
+# and written together with the digest's next ones (sightings.py). A digest waiting for a node with room
+# ("nodes_full") or for any node at all is not among them: a new node may let it start now.
+HOLDABLE: frozenset[Why] = frozenset({"claimed", "not_due", "backoff", "gave_up", "limited"})
+NODES_LEFT_KEPT = 32
+
+
+def _saw(state: DigestScanState | None, seen: ImageSeen, now: datetime, policy: Policy) -> tuple[DigestScanState, bool]:
+    """The state with `seen` recorded (its node, `last_seen_at`), and whether that changed it."""
+    if state is None:
+        state = DigestScanState(digest_ref=seen.digest_ref, status="not_scanned")
+        changed = True
+    else:
+        changed = False
+    left = next((n for n in state.nodes_left if n.node == seen.node), None)
+    if left is not None and left.at >= seen.observed_at:
+        return state, changed  # observed before the node's image.gone: it runs there no more
+    if seen.node not in state.nodes_seen:
+        nodes = [*state.nodes_seen, seen.node][-policy.max_nodes_tracked :]
+        remaining = [n for n in state.nodes_left if n.node != seen.node]
+        state = msgspec.structs.replace(
+            state, nodes_seen=nodes, nodes_left=remaining, last_seen_at=now, not_running_since=None
+        )
+        changed = True
+    elif state.last_seen_at is None or now - state.last_seen_at >= policy.seen_refresh:
+        state = msgspec.structs.replace(state, last_seen_at=now)
+        changed = True
+    if state.status == "not_scanned" and state.reason:
+        state = msgspec.structs.replace(state, reason="")
+        changed = True
+    return state, changed
+
+
 def on_seen(
     state: DigestScanState | None,
     seen: ImageSeen,
@@ -374,30 +407,60 @@ def on_seen(
     room: bool = True,
 ) -> Decision:
     """A container runs the digest on `seen.node`: remember the node, then decide (`room`: see `decide`)."""
+    return on_sightings(state, (seen,), now, policy, active_per_node, limits, room=room)
+
+
+def on_sightings(
+    state: DigestScanState | None,
+    seen: Sequence[ImageSeen],
+    now: datetime,
+    policy: Policy,
+    active_per_node: Mapping[str, int],
+    limits: Limits,
+    *,
+    room: bool = True,
+) -> Decision:
+    """Several sightings of one digest, in the order they came: remember each node, then decide once."""
+    changed = False
+    for one in seen:
+        state, saw_news = _saw(state, one, now, policy)
+        changed = changed or saw_news
     if state is None:
-        state = DigestScanState(digest_ref=seen.digest_ref, status="not_scanned")
-        changed = True
-    else:
-        changed = False
-    if seen.node not in state.nodes_seen:
-        nodes = [*state.nodes_seen, seen.node][-policy.max_nodes_tracked :]
-        state = msgspec.structs.replace(state, nodes_seen=nodes, last_seen_at=now, not_running_since=None)
-        changed = True
-    elif state.last_seen_at is None or now - state.last_seen_at >= policy.seen_refresh:
-        state = msgspec.structs.replace(state, last_seen_at=now)
-        changed = True
-    if state.status == "not_scanned" and state.reason:
-        state = msgspec.structs.replace(state, reason="")
-        changed = True
-    return decide(state, now, policy, active_per_node, limits, options=seen.options, changed=changed, room=room)
+        return Decision(None, None, "stale")  # no sightings
+    options = seen[-1].options
+    return decide(state, now, policy, active_per_node, limits, options=options, changed=changed, room=room)
+
+
+def holdable(known: DigestScanState | None, decision: Decision) -> bool:
+    """Whether a sighting whose decision on the digest's known state is `decision` may wait to be written with the
+    digest's next sightings: it only records a node or refreshes `last_seen_at` of a digest that already runs
+    somewhere, and nothing it decides starts a scan."""
+    return (
+        known is not None
+        and bool(known.nodes_seen)
+        and decision.state is not None
+        and decision.scan is None
+        and decision.why in HOLDABLE
+    )
 
 
 def on_gone(state: DigestScanState | None, gone: ImageGone, now: datetime, policy: Policy) -> Decision:
-    """No container runs the digest on `gone.node` any more: forget the node; with none left, say why not scanned."""
-    if state is None or gone.node not in state.nodes_seen:
+    """No container runs the digest on `gone.node` any more: forget the node; with none left, say why not scanned.
+
+    The node is remembered as left (the last few), so a sighting observed earlier and written later does not
+    bring it back."""
+    if state is None:
         return Decision(None, None, "stale")
+    if gone.node not in state.nodes_seen:
+        left = next((n for n in state.nodes_left if n.node == gone.node), None)
+        if left is not None and left.at >= gone.observed_at:
+            return Decision(None, None, "stale")
     nodes = [n for n in state.nodes_seen if n != gone.node]
-    state = msgspec.structs.replace(state, nodes_seen=nodes)
+    was_running = len(nodes) != len(state.nodes_seen)
+    nodes_left = [*(n for n in state.nodes_left if n.node != gone.node), NodeLeft(node=gone.node, at=gone.observed_at)]
+    state = msgspec.structs.replace(state, nodes_seen=nodes, nodes_left=nodes_left[-NODES_LEFT_KEPT:])
+    if not was_running:
+        return Decision(state, None, "recorded")
     if not nodes:
         state = msgspec.structs.replace(state, not_running_since=gone.observed_at, last_seen_at=gone.observed_at)
     if not nodes and _still_covered(state, now, policy) and state.status in ("done", "failed"):

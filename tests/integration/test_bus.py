@@ -511,3 +511,60 @@ async def test_consumer_and_mirror_carry_on_after_the_server_restarts(tmp_path: 
         stop.set()
         await bus.close()
         server.stop()
+
+
+async def test_an_event_handed_over_is_acked_when_its_future_resolves_and_redelivered_when_it_fails(
+    bus: busmod.Bus,
+) -> None:
+    for i in range(3):
+        await bus.publish(subjects.IMAGE_GONE, gone(f"node-{i}"), msg_id=f"later:{i}")
+    held: list[tuple[str, int, asyncio.Future[None]]] = []
+    arrived = asyncio.Event()
+
+    async def handle(event: ImageGone, delivery: busmod.Delivery) -> busmod.Settled:
+        later: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        held.append((event.node, delivery.deliveries, later))
+        arrived.set()
+        return later
+
+    stop = asyncio.Event()
+    routes = {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}
+    task = asyncio.create_task(
+        busmod.consume(bus, service="test", durable="later", routes=routes, settings=FAST, stop=stop)
+    )
+
+    async def pending() -> tuple[int, int]:
+        info = await bus.js.consumer_info(bus.settings.stream, "later")
+        return info.num_ack_pending, info.num_pending
+
+    for _ in range(100):  # all three are handed out although none is settled: their handler slots are free
+        if len(held) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted((node, n) for node, n, _ in held) == [("node-0", 1), ("node-1", 1), ("node-2", 1)]
+    assert await pending() == (3, 0)
+    by_node = {node: later for node, _, later in held}
+    by_node["node-0"].set_result(None)
+    by_node["node-1"].set_exception(RuntimeError("the write failed"))
+    for _ in range(100):  # node-1 comes back after the first backoff step
+        if any(node == "node-1" and n == 2 for node, n, _ in held):
+            break
+        await asyncio.sleep(0.05)
+    again = next(later for node, n, later in held if node == "node-1" and n == 2)
+    again.set_result(None)
+    for _ in range(100):
+        if await pending() == (1, 0):
+            break
+        await asyncio.sleep(0.05)
+    assert await pending() == (1, 0)  # node-2 is still held
+    stop.set()  # the consumer waits for what it handed over before returning
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    by_node["node-2"].set_result(None)
+    await asyncio.wait_for(task, 10)
+    for _ in range(20):
+        if await pending() == (0, 0):
+            break
+        await asyncio.sleep(0.05)
+    assert await pending() == (0, 0)
+    assert await dead_letters(bus, "test") == []

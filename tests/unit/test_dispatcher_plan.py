@@ -433,3 +433,78 @@ def test_a_failure_without_room_records_the_failure_and_claims_no_retry() -> Non
     d = plan.on_failed(current, failed, T0, Policy(backoff_base=timedelta(0)), {}, LIMITS, room=False)
     assert d.scan is None and d.why == "limited"
     assert d.state is not None and d.state.status == "failed" and d.state.attempts == 1
+
+
+def _at(seen_event: ImageSeen, observed_at: datetime) -> ImageSeen:
+    return msgspec.structs.replace(seen_event, observed_at=observed_at)
+
+
+def test_sightings_written_together_record_every_node_once_and_decide_once() -> None:
+    parked = state(status="not_scanned", nodes_seen=["n1"])
+    batch = [seen("n2"), seen("n3"), seen("n2"), seen("n1")]
+    d = plan.on_sightings(parked, batch, T0, POLICY, {}, LIMITS, room=False)
+    assert d.state is not None and d.state.nodes_seen == ["n1", "n2", "n3"]
+    assert (d.why, d.scan) == ("limited", None)
+    one_by_one = parked
+    for event in batch:
+        one_by_one = plan.on_seen(one_by_one, event, T0, POLICY, {}, LIMITS, room=False).state or one_by_one
+    assert one_by_one == d.state
+
+
+@pytest.mark.parametrize(
+    ("current", "room", "holdable"),
+    [
+        pytest.param(running("n1"), True, True, id="claimed-digest-on-another-node"),
+        pytest.param(
+            state(status="done", last_scan_at=T0, next_due_at=T0 + timedelta(hours=24)), True, True, id="done"
+        ),
+        pytest.param(state(status="not_scanned"), False, True, id="waiting-for-a-global-slot"),
+        pytest.param(state(status="not_scanned"), True, False, id="would-start-a-scan-now"),
+        pytest.param(state(status="not_scanned", nodes_seen=[]), False, False, id="no-node-yet"),
+        pytest.param(None, False, False, id="never-seen"),
+    ],
+)
+def test_a_sighting_is_held_only_when_it_can_change_no_decision(
+    current: DigestScanState | None, room: bool, holdable: bool
+) -> None:
+    d = plan.on_seen(current, seen("n2"), T0, POLICY, {}, LIMITS, room=room)
+    assert plan.holdable(current, d) is holdable
+
+
+def test_a_sighting_on_full_nodes_is_not_held_a_new_node_may_have_room() -> None:
+    current = state(status="not_scanned", nodes_seen=["n1"])
+    d = plan.on_seen(current, seen("n1"), T0 + timedelta(hours=1), POLICY, {"n1": 2}, LIMITS)
+    assert d.why == "nodes_full"
+    assert not plan.holdable(current, d)
+
+
+def test_a_sighting_observed_before_its_nodes_image_gone_does_not_bring_the_node_back() -> None:
+    current = running("n1", nodes_seen=["n1", "n2"])
+    gone = ImageGone(cluster="prod", digest_ref=REF, node="n2", observed_at=T0 + timedelta(seconds=5))
+    after_gone = plan.on_gone(current, gone, T0 + timedelta(seconds=6), POLICY).state
+    assert after_gone is not None and after_gone.nodes_seen == ["n1"]
+    late = plan.on_sightings(after_gone, [_at(seen("n2"), T0)], T0 + timedelta(seconds=7), POLICY, {}, LIMITS)
+    assert late.state is None  # nothing to write
+    back = plan.on_sightings(
+        after_gone, [_at(seen("n2"), T0 + timedelta(seconds=9))], T0 + timedelta(seconds=9), POLICY, {}, LIMITS
+    )
+    assert back.state is not None and back.state.nodes_seen == ["n1", "n2"] and back.state.nodes_left == []
+
+
+def test_an_image_gone_for_a_node_not_recorded_yet_is_remembered_once() -> None:
+    current = running("n1")
+    gone = ImageGone(cluster="prod", digest_ref=REF, node="n9", observed_at=T0)
+    first = plan.on_gone(current, gone, T0, POLICY)
+    assert first.state is not None and [n.node for n in first.state.nodes_left] == ["n9"]
+    assert first.state.nodes_seen == ["n1"] and first.state.status == "running"
+    assert plan.on_gone(first.state, gone, T0, POLICY).why == "stale"
+    assert plan.on_sightings(first.state, [seen("n9")], T0, POLICY, {}, LIMITS).state is None
+
+
+def test_nodes_left_are_bounded() -> None:
+    current = running("n1")
+    for i in range(plan.NODES_LEFT_KEPT + 10):
+        gone = ImageGone(cluster="prod", digest_ref=REF, node=f"x{i}", observed_at=T0)
+        current = plan.on_gone(current, gone, T0, POLICY).state or current
+    assert len(current.nodes_left) == plan.NODES_LEFT_KEPT
+    assert current.nodes_left[-1].node == f"x{plan.NODES_LEFT_KEPT + 9}"
