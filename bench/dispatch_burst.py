@@ -30,7 +30,7 @@ from podsweep.config import ConsumerSettings, DispatcherSettings, NatsSettings, 
 from podsweep.kube import Kube
 from schemas import subjects
 from schemas.refs import digest_hex
-from schemas.state import SCANS_BUCKET, DigestScanState
+from schemas.state import LIMITS_BUCKET, SCANS_BUCKET, DigestScanState
 from tests.harness import replicas
 from tests.harness.events import digest_ref, image_seen
 from tests.harness.kube import KubeControlPlane, locate_binaries
@@ -148,6 +148,11 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
         idle_ms_per_s = (sum(r.cpu_seconds() for r in started) - idle_before) * 1000 / 10
         per_digest = observer.digests_with_jobs()
         consumer = await bus.js.consumer_info(bus.settings.stream, "dispatcher")
+        # Every KV write is one message in its bucket's stream: the writes per digest, counted by the server.
+        writes = {
+            name: (await bus.js.stream_info(f"KV_{bus.kv_bucket(name)}")).state.last_seq
+            for name in (SCANS_BUCKET, LIMITS_BUCKET)
+        }
         await observer.stop()
         await standin.stop()
         await bus.close()
@@ -167,6 +172,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
                     "cpu_s": round(cpu_s, 1),
                     "deliveries": consumer.delivered.consumer_seq,
                     "redelivered": consumer.num_redelivered,
+                    "scans_writes_per_digest": round(writes[SCANS_BUCKET] / args.digests, 2),
+                    "limiter_writes_per_digest": round(writes[LIMITS_BUCKET] / args.digests, 2),
                 }
             )
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ async def open_service(name: str, settings: Settings, *, s3: bool = False) -> As
             store = ObjectStore(settings.s3)
             await store.ensure_bucket()
         logs.get(f"podsweep.{name}").info("service connected", nats=settings.nats.url, s3=bool(store))
+        _freeze_start_up()
         lag = asyncio.create_task(_follow_lag(bus, name))
         try:
             yield Service(name=name, settings=settings, bus=bus, store=store)
@@ -97,3 +99,11 @@ async def open_service(name: str, settings: Settings, *, s3: bool = False) -> As
             nats_out_bytes=stats["out_bytes"],
         )
         await bus.close()
+
+
+def _freeze_start_up() -> None:
+    """Take what start-up made (modules, API models, the S3 client's service model: over 100,000 objects) out of
+    the garbage collector's sight. They live as long as the process, yet every full collection walked them all
+    again (about 60 ms each, several times a run); frozen objects are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()

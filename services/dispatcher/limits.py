@@ -9,8 +9,9 @@ deadline passed is dropped on every update, and `release` drops a finished scan'
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timedelta
-from typing import Literal
+from collections.abc import Collection
+from datetime import UTC, datetime, timedelta
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -52,6 +53,44 @@ def live(state: LimiterState, now: datetime) -> LimiterState:
     if len(slots) == len(state.slots) and len(created) == len(state.created):
         return state
     return msgspec.structs.replace(state, slots=slots, created=created)
+
+
+class Room(NamedTuple):
+    """What the limiter allows now: live slots per node, how many Jobs may start, and until when that holds."""
+
+    per_node: dict[str, int]
+    free: int
+    valid_until: datetime
+
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+def room(state: LimiterState, now: datetime, limits: Limits, releasing: Collection[str] = ()) -> Room:
+    """The room left in `state` at `now`, counting the slots in `releasing` as free (they are being released).
+
+    One pass over the slots and the creations, building no new state: every replica works this out again after each
+    limiter change, for every event. Valid until a slot's deadline passes, or a creation leaves the window while
+    creations are what limits.
+    """
+    per_node: dict[str, int] = {}
+    active = 0
+    valid_until = _NEVER
+    for slot in state.slots:
+        if slot.deadline <= now or slot.scan_id in releasing:
+            continue
+        active += 1
+        if slot.node is not None:
+            per_node[slot.node] = per_node.get(slot.node, 0) + 1
+        if slot.deadline < valid_until:
+            valid_until = slot.deadline
+    cutoff = now - WINDOW
+    created = [t for t in state.created if t > cutoff]
+    slots_left = limits.max_active - active
+    creations_left = limits.max_created_per_minute - len(created)
+    if creations_left <= slots_left and created:
+        valid_until = min(valid_until, min(created) + WINDOW)
+    return Room(per_node, min(slots_left, creations_left), valid_until)
 
 
 def active_per_node(state: LimiterState, now: datetime) -> dict[str, int]:

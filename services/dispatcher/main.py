@@ -100,7 +100,7 @@ class Dispatcher:
         self.scans: KeyValue
         self.mirror: busmod.KvMirror[DigestScanState]
         self.limits: busmod.KvMirror[LimiterState]  # the limiter as last read, written or watched
-        self._view_of: tuple[LimiterState, frozenset[str], dict[str, int], int, datetime] | None = None
+        self._view_of: tuple[LimiterState, frozenset[str], limiter.Room] | None = None
         self.parked = ParkingLot()
         self.timers: dict[str, datetime] = {}  # digest hex -> when to decide again (the latest setting wins)
         self._timer_heap: list[tuple[datetime, str]] = []
@@ -111,6 +111,11 @@ class Dispatcher:
         self._parked_lock = asyncio.Lock()  # one pass over parked digests at a time (tend loop, finished scans)
         # Slots of finished scans not released yet: the next acquire releases them in the same write.
         self._releasing: set[str] = set()
+        # Limiter changes waiting for the write under way to finish (they go together in the next one).
+        self._limiter_queue: list[
+            tuple[Callable[[LimiterState | None], LimiterState | None], asyncio.Future[bool]]
+        ] = []
+        self._limiter_writing = False
         self.jobs_path = f"/apis/batch/v1/namespaces/{cfg.jobs.namespace}/jobs"
         self.gathering = Gathering(cfg.sbom_batch_size, cfg.sbom_batch_window_s)
         self.sightings = Sightings(min(SIGHTINGS_WINDOW_S, settings.consumer.ack_wait_s / 3))
@@ -143,22 +148,11 @@ class Dispatcher:
         """Live slots per node and how many Jobs may start now, as this replica last saw the limiter: computed once
         per limiter state until its next slot or creation expires."""
         cached, seen, releasing = self._view_of, self.limiter_view, frozenset(self._releasing)
-        if cached is not None and cached[0] is seen and cached[1] == releasing and now < cached[4]:
-            return cached[2], cached[3]
-        current = limiter.live(seen, now)
-        if releasing:  # as good as free: the next acquire releases them
-            current = msgspec.structs.replace(current, slots=[s for s in current.slots if s.scan_id not in releasing])
-        per_node = limiter.active_per_node(current, now)
-        limits = self.cfg.limits
-        slots_left = limits.max_active - len(current.slots)
-        creations_left = limits.max_created_per_minute - len(current.created)
-        free = min(slots_left, creations_left)
-        # Valid until a slot's deadline passes, or a creation leaves the window while creations are what limits.
-        expires = min((s.deadline for s in current.slots), default=datetime.max.replace(tzinfo=UTC))
-        if creations_left <= slots_left and current.created:
-            expires = min(expires, min(current.created) + limiter.WINDOW)
-        self._view_of = (seen, releasing, per_node, free, expires)
-        return per_node, free
+        if cached is not None and cached[0] is seen and cached[1] == releasing and now < cached[2].valid_until:
+            return cached[2].per_node, cached[2].free
+        current = limiter.room(seen, now, self.cfg.limits, releasing)
+        self._view_of = (seen, releasing, current)
+        return current.per_node, current.free
 
     # -- event handlers --------------------------------------------------------------------------------------------
 
@@ -664,15 +658,54 @@ class Dispatcher:
 
     async def _limiter_change(self, change: Callable[[LimiterState | None], LimiterState | None]) -> bool:
         """Compare-and-set on the limiter, starting from the state this replica last saw (no read when it is still
-        current: the other replica's writes since only cost a failed write and a read). True when it wrote.
+        current: the other replica's writes since only cost a failed write and a read). True when it wrote `change`.
+
+        Changes asked for while a write is under way are applied together, in order, in the next write: this
+        replica's handlers never race each other for the key, and a burst of acquires is one write, not one each.
 
         The limiter's mirror wakes nothing: the replica that freed a slot starts its own parked scans at once; the
         other looks at its next tick, by when that slot is usually taken (both chasing it costs lost CAS)."""
-        stored, revision, wrote = await busmod.kv_change(
-            self.limits.kv, LIMITER_KEY, LimiterState, change, known=self.limits.last(LIMITER_KEY)
-        )
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._limiter_queue.append((change, done))
+        if not self._limiter_writing:
+            self._limiter_writing = True
+            batch: list[tuple[Callable[[LimiterState | None], LimiterState | None], asyncio.Future[bool]]] = []
+            try:
+                while self._limiter_queue:
+                    batch, self._limiter_queue = self._limiter_queue, []
+                    await self._limiter_write(batch)
+            finally:
+                self._limiter_writing = False
+                for _, waiting in batch + self._limiter_queue:  # cancelled mid-write: nobody waits forever
+                    if not waiting.done():
+                        waiting.set_exception(RuntimeError("the limiter write was cancelled; try again"))
+                self._limiter_queue = []
+        return await done
+
+    async def _limiter_write(
+        self, batch: list[tuple[Callable[[LimiterState | None], LimiterState | None], asyncio.Future[bool]]]
+    ) -> None:
+        changed = [False] * len(batch)
+
+        def combined(old: LimiterState | None) -> LimiterState | None:
+            state = old
+            for i, (change, _) in enumerate(batch):
+                new = change(state)
+                changed[i] = new is not None
+                state = new if new is not None else state
+            return state if any(changed) else None
+
+        try:
+            stored, revision, wrote = await busmod.kv_change(
+                self.limits.kv, LIMITER_KEY, LimiterState, combined, known=self.limits.last(LIMITER_KEY)
+            )
+        except Exception as exc:
+            for _, done in batch:
+                done.set_exception(exc)
+            return
         self.limits.saw(LIMITER_KEY, stored, revision)
-        return wrote
+        for i, (_, done) in enumerate(batch):
+            done.set_result(wrote and changed[i])
 
     # -- background: parked claims, timers, the sweep --------------------------------------------------------------
 

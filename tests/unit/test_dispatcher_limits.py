@@ -168,3 +168,28 @@ def test_active_per_node_counts_only_live_pinned_slots() -> None:
 def test_a_zero_limit_is_refused_with_its_name(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         Limits(**{field: 0})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_room_agrees_with_the_live_state_and_says_until_when_it_holds(seed: int) -> None:
+    rng = random.Random(seed)
+    cfg = Limits(max_active=rng.choice([5, 20, 100]), max_active_per_node=2, max_created_per_minute=rng.choice([3, 50]))
+    state = LimiterState(
+        slots=[
+            _slot(f"s-{i:08x}", rng.choice(["n1", "n2", "n3", None]), T0 + timedelta(seconds=rng.randint(-30, 60)))
+            for i in range(rng.randint(0, 40))
+        ],
+        created=sorted(T0 - timedelta(seconds=rng.randint(0, 90)) for _ in range(rng.randint(0, 60))),
+    )
+    releasing = {s.scan_id for s in state.slots if rng.random() < 0.2}
+    got = limits.room(state, T0, cfg, releasing)
+    current = limits.live(state, T0)
+    kept = LimiterState(slots=[s for s in current.slots if s.scan_id not in releasing], created=current.created)
+    assert got.per_node == limits.active_per_node(kept, T0)
+    assert got.free == min(cfg.max_active - len(kept.slots), cfg.max_created_per_minute - len(kept.created))
+    # The answer holds until valid_until and changes no earlier than that: nothing expires before it.
+    just_before = got.valid_until - timedelta(microseconds=1)
+    if got.valid_until != datetime.max.replace(tzinfo=UTC):
+        assert limits.room(state, just_before, cfg, releasing) == got
+        after = limits.room(state, got.valid_until + timedelta(microseconds=1), cfg, releasing)
+        assert after.free >= got.free
