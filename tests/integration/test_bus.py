@@ -568,3 +568,13 @@ async def test_an_event_handed_over_is_acked_when_its_future_resolves_and_redeli
         await asyncio.sleep(0.05)
     assert await pending() == (0, 0)
     assert await dead_letters(bus, "test") == []
+
+
+async def test_a_consumer_made_by_an_older_release_gets_the_new_ack_pending_limit(bus: busmod.Bus) -> None:
+    """Upgrading changes max_ack_pending of a durable consumer that exists: the create is a create-or-update."""
+    names = [subjects.IMAGE_GONE]
+    await busmod.ensure_consumer(bus, "upgraded", names, msgspec.structs.replace(FAST, max_ack_pending=256))
+    before = await bus.js.consumer_info(bus.settings.stream, "upgraded")
+    await busmod.ensure_consumer(bus, "upgraded", names, msgspec.structs.replace(FAST, max_ack_pending=20_000))
+    after = await bus.js.consumer_info(bus.settings.stream, "upgraded")
+    assert (before.config.max_ack_pending, after.config.max_ack_pending) == (256, 20_000)
