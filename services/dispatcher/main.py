@@ -192,13 +192,15 @@ class Dispatcher:
             await self._follow(key, *written)
         except Exception as exc:  # every held event is delivered again
             for waiter in held.waiters:
-                waiter.set_exception(exc)
+                if not waiter.done():  # its consumer stopped waiting (cancelled): redelivered all the same
+                    waiter.set_exception(exc)
             log.warning(
                 "sightings not written", key=key, events=len(seen), error=f"{type(exc).__name__}: {str(exc)[:300]}"
             )
         else:
             for waiter in held.waiters:
-                waiter.set_result(None)
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _run_sightings(self, everything: bool = False) -> None:
         keys = self.sightings.keys() if everything else self.sightings.due(time.monotonic())
@@ -701,11 +703,13 @@ class Dispatcher:
             )
         except Exception as exc:
             for _, done in batch:
-                done.set_exception(exc)
+                if not done.done():  # a waiter cancelled meanwhile
+                    done.set_exception(exc)
             return
         self.limits.saw(LIMITER_KEY, stored, revision)
         for i, (_, done) in enumerate(batch):
-            done.set_result(wrote and changed[i])
+            if not done.done():
+                done.set_result(wrote and changed[i])
 
     # -- background: parked claims, timers, the sweep --------------------------------------------------------------
 

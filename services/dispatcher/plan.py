@@ -433,15 +433,12 @@ def on_sightings(
 
 def holdable(known: DigestScanState | None, decision: Decision) -> bool:
     """Whether a sighting whose decision on the digest's known state is `decision` may wait to be written with the
-    digest's next sightings: it only records a node or refreshes `last_seen_at` of a digest that already runs
-    somewhere, and nothing it decides starts a scan."""
-    return (
-        known is not None
-        and bool(known.nodes_seen)
-        and decision.state is not None
-        and decision.scan is None
-        and decision.why in HOLDABLE
-    )
+    digest's next sightings: nothing it decides starts a scan, and it only records a node (or refreshes
+    `last_seen_at`) of a digest that already runs somewhere, or one that waits for a global slot whatever its
+    nodes (even its first sighting: the digest is written and parked with its other sightings)."""
+    if decision.state is None or decision.scan is not None or decision.why not in HOLDABLE:
+        return False
+    return decision.why == "limited" or (known is not None and bool(known.nodes_seen))
 
 
 def on_gone(state: DigestScanState | None, gone: ImageGone, now: datetime, policy: Policy) -> Decision:

@@ -322,8 +322,14 @@ async def test_image_seen_fills_digest_workloads_and_the_namespace_index(
 
         billing = await eventually(counted)
         assert billing.workloads[0].images[0].counts == normalize.parse(SMALL).counts
-        page = (await h.store.get(storage.namespace_page_key("billing"))).decode()
-        assert "Deployment/worker" in page and f"../digests/{ref.split(':')[1]}.html" in page
+        link = f"../digests/{ref.split(':')[1]}.html"
+
+        async def page_links_the_report() -> str | None:  # the page is written just after the index
+            page = (await h.store.get(storage.namespace_page_key("billing"))).decode()
+            return page if link in page else None
+
+        page = await eventually(page_links_the_report)
+        assert "Deployment/worker" in page
 
 
 @pytest.fixture(scope="module")

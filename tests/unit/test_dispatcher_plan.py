@@ -460,8 +460,10 @@ def test_sightings_written_together_record_every_node_once_and_decide_once() -> 
         ),
         pytest.param(state(status="not_scanned"), False, True, id="waiting-for-a-global-slot"),
         pytest.param(state(status="not_scanned"), True, False, id="would-start-a-scan-now"),
-        pytest.param(state(status="not_scanned", nodes_seen=[]), False, False, id="no-node-yet"),
-        pytest.param(None, False, False, id="never-seen"),
+        pytest.param(state(status="not_scanned", nodes_seen=[]), True, False, id="no-node-yet-would-start"),
+        pytest.param(state(status="not_scanned", nodes_seen=[]), False, True, id="no-node-yet-no-global-slot"),
+        pytest.param(None, True, False, id="first-sighting-would-start"),
+        pytest.param(None, False, True, id="first-sighting-no-global-slot"),
     ],
 )
 def test_a_sighting_is_held_only_when_it_can_change_no_decision(
