@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
-from schemas.events import ImageSeen, Workload
+from schemas.events import ImageSeen
 from services.dispatcher.sightings import Sightings
+from tests.harness.events import digest_ref, image_seen
 
-REF = "registry.example.com/team/app@sha256:" + "4" * 64
+REF = digest_ref("sightings", 1)
 
 
 def seen(node: str) -> ImageSeen:
-    return ImageSeen(
-        cluster="prod",
-        digest_ref=REF,
-        image="registry.example.com/team/app:1.0",
-        node=node,
-        namespace="team",
-        pod="app-1",
-        container="app",
-        container_kind="app",
-        workload=Workload(kind="DaemonSet", name="app"),
-        observed_at=datetime(2026, 11, 23, tzinfo=UTC),
-    )
+    return image_seen(REF, node, 1)
 
 
 async def test_held_sightings_come_due_oldest_first_after_the_window() -> None:
