@@ -11,7 +11,7 @@ import functools
 import heapq
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -157,45 +157,47 @@ class Dispatcher:
     # -- event handlers --------------------------------------------------------------------------------------------
 
     async def on_image_seen(self, seen: ImageSeen, _: busmod.Delivery) -> busmod.Settled | None:
-        now = utcnow()
-        active, room = self._view(now)
-        policy, limits = self.cfg.policy, self.cfg.limits
         key = digest_hex(seen.digest_ref)
         known = self.mirror.known(key) if self.holding else None
         if known is not None:
-            decision = plan.on_seen(known[0], seen, now, policy, active, limits, room=room)
+            now = utcnow()
+            active, room = self._view(now)
+            decision = plan.on_seen(known[0], seen, now, self.cfg.policy, active, self.cfg.limits, room=room)
             if plan.holdable(known[0], decision):
                 if key not in self.sightings:
                     self._look_within(self.sightings.window_s)
                 return self.sightings.hold(key, seen, time.monotonic())
-        written = await self._update(
-            key, lambda old: plan.on_seen(old, seen, now, policy, active, limits, room=room), (seen.node,)
-        )
-        await self._follow(key, *written)
+        await self._record(key, (seen,))
         return None
 
-    async def _write_sightings(self, key: str) -> None:
-        """Write a digest's held sightings in one compare-and-set, then settle their events (acked, or retried)."""
-        held = self.sightings.take(key)
-        if held is None:
-            return
+    async def _record(self, key: str, seen: Sequence[ImageSeen]) -> None:
+        """Record sightings of one digest, in order, with one compare-and-set, and carry out what that decides."""
         now = utcnow()
         active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
-        seen = held.seen
+        written = await self._update(
+            key,
+            lambda old: plan.on_sightings(old, seen, now, policy, active, limits, room=room),
+            tuple(s.node for s in seen),
+        )
+        await self._follow(key, *written)
+
+    async def _write_sightings(self, key: str) -> None:
+        """Write a digest's held sightings together, then settle their events (acked, or retried)."""
+        held = self.sightings.take(key)
+        if held is None:
+            return
         try:
-            written = await self._update(
-                key,
-                lambda old: plan.on_sightings(old, seen, now, policy, active, limits, room=room),
-                tuple(s.node for s in seen),
-            )
-            await self._follow(key, *written)
+            await self._record(key, held.seen)
         except Exception as exc:  # every held event is delivered again
             for waiter in held.waiters:
                 if not waiter.done():  # its consumer stopped waiting (cancelled): redelivered all the same
                     waiter.set_exception(exc)
             log.warning(
-                "sightings not written", key=key, events=len(seen), error=f"{type(exc).__name__}: {str(exc)[:300]}"
+                "sightings not written",
+                key=key,
+                events=len(held.seen),
+                error=f"{type(exc).__name__}: {str(exc)[:300]}",
             )
         else:
             for waiter in held.waiters:
