@@ -639,16 +639,23 @@ async def kv_change(
             new = change(current)
             if new is None:
                 return current, revision, False
-        data = _encoder.encode(new)
-        try:
-            if revision == 0:
-                written = await kv.create(key, data)
-            else:
-                written = await kv.update(key, data, last=revision)
-        except (nats.js.errors.KeyWrongLastSequenceError, BadRequestError):
+        written = await kv_put_if(kv, key, new, revision)
+        if written is None:
             continue
         return new, written, True
     raise Conflict(f"kv: key {key!r} lost {attempts} compare-and-set races in a row; retry later")
+
+
+async def kv_put_if(kv: KeyValue, key: str, document: msgspec.Struct, revision: int) -> int | None:
+    """Write `document` only if `key` is still at `revision` (0: absent); its new revision, or None when another
+    writer came first."""
+    data = _encoder.encode(document)
+    try:
+        if revision == 0:
+            return await kv.create(key, data)
+        return await kv.update(key, data, last=revision)
+    except (nats.js.errors.KeyWrongLastSequenceError, BadRequestError):
+        return None
 
 
 async def kv_documents(kv: KeyValue, typ: type[S], *, timeout_s: float = 30.0) -> tuple[list[S], list[str]]:

@@ -152,6 +152,8 @@ class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     sweep_interval_s: float = 60.0  # every key of the scan state is looked at this often (plus jitter)
     sweep_jitter_ratio: float = 0.2
     claim_ttl_s: float = 120.0
+    # One replica leads (consumes events); a standby takes over once the leader's lease lapses for this long.
+    leader_lease_s: float = 15.0
     max_active: int = 20
     max_active_per_node: int = 2
     max_created_per_minute: int = 30
@@ -193,6 +195,8 @@ class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
         for name in ("rescan_interval_s", "sweep_interval_s", "claim_ttl_s", "backoff_base_s", "backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be more than 0 seconds")
+        if not 1 <= self.leader_lease_s <= 3600:
+            raise ValueError(f"leader_lease_s {self.leader_lease_s} must be between 1 and 3600 seconds")
         if not 1 <= self.sbom_batch_size <= 100:
             raise ValueError(f"sbom_batch_size {self.sbom_batch_size} must be between 1 and 100")
         if self.sbom_batch_window_s < 0 or self.rescan_gone_for_s < 0:

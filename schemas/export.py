@@ -30,6 +30,7 @@ DOCUMENTS: dict[str, Any] = {
     "report": report.Report,  # reports/sha256/<hex>/latest.json
     "state.digest": state.DigestScanState,
     "state.workloads": state.DigestWorkloads,
+    "state.lease": state.DispatcherLease,
     "alert.webhook": alerts.AlertPayload,  # the generic webhook body (docs/webhooks.md)
     "state.notify": alerts.NotifyFingerprint,
     "state.summary": index.DigestSummary,  # KV summaries: the latest report of a digest, compact

@@ -79,7 +79,24 @@ class LimiterState(msgspec.Struct, frozen=True, kw_only=True):
     created: list[datetime] = []
 
 
-LIMITER_KEY = "active"  # the one key of LIMITS_BUCKET
+LIMITER_KEY = "active"  # the limiter's key in LIMITS_BUCKET
+
+
+class DispatcherLease(msgspec.Struct, frozen=True, kw_only=True):
+    """Which dispatcher replica consumes events (the others stand by), under LEADER_KEY in LIMITS_BUCKET.
+
+    The holder renews it (a new revision) every `ttl_s / 3`. A standby takes it over when it is released (`holder`
+    empty), or when its revision has not changed for `ttl_s` by the standby's own clock, so clocks need not agree.
+    """
+
+    v: int = 1
+    holder: ShortText  # "<pod or host name>:<pid>"; empty once released
+    acquired_at: datetime
+    renewed_at: datetime
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+LEADER_KEY = "leader"
 
 
 class WorkloadRun(msgspec.Struct, frozen=True, kw_only=True):

@@ -53,6 +53,7 @@ from schemas.state import (
 from services.dispatcher import jobspec, plan, rescans
 from services.dispatcher import limits as limiter
 from services.dispatcher.batching import Gathered, Gathering
+from services.dispatcher.leadership import Leadership, identity
 from services.dispatcher.parking import ParkingLot
 from services.dispatcher.plan import Decision, ScanPlan
 from services.dispatcher.settings import Configured, configure
@@ -911,48 +912,80 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     kube = await Kube.connect(kubeconfig_path(settings))
     try:
         async with open_service(SERVICE, settings, s3=True) as service:
-            dispatcher = Dispatcher(
-                settings=settings, cfg=cfg, bus=service.bus, kube=kube, store=service.require_store()
-            )
-            await dispatcher.open()
-            _replicas.append(dispatcher)
-            background = [
-                asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
-                asyncio.create_task(dispatcher.sweep(stop), name="dispatcher-sweep"),
-                asyncio.create_task(dispatcher.limits.follow(stop), name="dispatcher-limiter-watch"),
-                asyncio.create_task(dispatcher.mirror.follow(stop), name="dispatcher-scans-watch"),
-            ]
-            routes: dict[str, busmod.Route[Any]] = {
-                subjects.IMAGE_SEEN: busmod.Route(ImageSeen, dispatcher.on_image_seen),
-                subjects.IMAGE_GONE: busmod.Route(ImageGone, dispatcher.on_image_gone),
-                subjects.SCAN_STARTED: busmod.Route(ScanStarted, dispatcher.on_scan_started),
-                subjects.SCAN_COMPLETED: busmod.Route(ScanCompleted, dispatcher.on_scan_completed),
-                subjects.SCAN_FAILED: busmod.Route(ScanFailed, dispatcher.on_scan_failed),
-                subjects.RESCAN_REQUESTED: busmod.Route(RescanRequested, dispatcher.on_rescan_requested),
-            }
-            HEALTH.set("dispatcher:consuming", True)
-            log.info(
-                "dispatcher consuming",
-                namespace=cfg.jobs.namespace,
-                max_active=cfg.limits.max_active,
-                max_active_per_node=cfg.limits.max_active_per_node,
-                max_created_per_minute=cfg.limits.max_created_per_minute,
-            )
+            lease = Leadership(await service.bus.kv(LIMITS_BUCKET), identity(), cfg.leader_lease_s)
+            HEALTH.set("dispatcher:running", True)  # a standby is as ready as the leader: it takes over on its own
             try:
-                await busmod.consume(
-                    service.bus,
-                    service=SERVICE,
-                    durable=DURABLE,
-                    routes=routes,
-                    settings=settings.consumer,
-                    stop=stop,
-                )
+                while await lease.acquire(stop):
+                    lost, ending = asyncio.Event(), asyncio.Event()  # ending: a shutdown or the lease lost
+                    helpers = [
+                        asyncio.create_task(lease.keep(lost), name="dispatcher-lease"),
+                        asyncio.create_task(_set_on_first(ending, stop, lost), name="dispatcher-lease-end"),
+                    ]
+                    try:
+                        await _lead(settings, cfg, service.bus, kube, service.require_store(), ending)
+                    finally:
+                        for helper in helpers:
+                            helper.cancel()
+                        await asyncio.gather(*helpers, return_exceptions=True)
+                    if not lost.is_set():
+                        await lease.release()
+                        return
             finally:
-                HEALTH.set("dispatcher:consuming", False)
-                if not stop.is_set():
-                    for task in background:
-                        task.cancel()
-                await asyncio.gather(*background, return_exceptions=True)
-                _replicas.remove(dispatcher)
+                HEALTH.set("dispatcher:running", False)
     finally:
         await kube.close()
+
+
+async def _set_on_first(target: asyncio.Event, *events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        target.set()
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+
+
+async def _lead(
+    settings: Settings, cfg: Configured, bus: busmod.Bus, kube: Kube, store: ObjectStore, stop: asyncio.Event
+) -> None:
+    """Consume and dispatch until `stop` (a shutdown, or the lease lost): a fresh replica state each time."""
+    dispatcher = Dispatcher(settings=settings, cfg=cfg, bus=bus, kube=kube, store=store)
+    await dispatcher.open()
+    _replicas.append(dispatcher)
+    background = [
+        asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
+        asyncio.create_task(dispatcher.sweep(stop), name="dispatcher-sweep"),
+        asyncio.create_task(dispatcher.limits.follow(stop), name="dispatcher-limiter-watch"),
+        asyncio.create_task(dispatcher.mirror.follow(stop), name="dispatcher-scans-watch"),
+    ]
+    routes: dict[str, busmod.Route[Any]] = {
+        subjects.IMAGE_SEEN: busmod.Route(ImageSeen, dispatcher.on_image_seen),
+        subjects.IMAGE_GONE: busmod.Route(ImageGone, dispatcher.on_image_gone),
+        subjects.SCAN_STARTED: busmod.Route(ScanStarted, dispatcher.on_scan_started),
+        subjects.SCAN_COMPLETED: busmod.Route(ScanCompleted, dispatcher.on_scan_completed),
+        subjects.SCAN_FAILED: busmod.Route(ScanFailed, dispatcher.on_scan_failed),
+        subjects.RESCAN_REQUESTED: busmod.Route(RescanRequested, dispatcher.on_rescan_requested),
+    }
+    log.info(
+        "dispatcher consuming",
+        namespace=cfg.jobs.namespace,
+        max_active=cfg.limits.max_active,
+        max_active_per_node=cfg.limits.max_active_per_node,
+        max_created_per_minute=cfg.limits.max_created_per_minute,
+    )
+    try:
+        await busmod.consume(
+            bus,
+            service=SERVICE,
+            durable=DURABLE,
+            routes=routes,
+            settings=settings.consumer,
+            stop=stop,
+        )
+    finally:
+        if not stop.is_set():
+            for task in background:
+                task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        _replicas.remove(dispatcher)

@@ -23,6 +23,7 @@ class Configured(msgspec.Struct, frozen=True, kw_only=True):
     jobs: JobOptions
     sweep_interval_s: float
     sweep_jitter_ratio: float
+    leader_lease_s: float = 15.0
     sbom_batch_size: int = 50
     sbom_batch_window_s: float = 1.0
 
@@ -105,6 +106,7 @@ def configure(settings: Settings) -> Configured:
         limits=limits,
         jobs=job_options(section, settings.namespace),
         sweep_interval_s=section.sweep_interval_s,
+        leader_lease_s=section.leader_lease_s,
         sweep_jitter_ratio=section.sweep_jitter_ratio,
         sbom_batch_size=section.sbom_batch_size,
         sbom_batch_window_s=section.sbom_batch_window_s,

@@ -52,8 +52,13 @@ class Replica:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the process has used so far (from /proc)."""
+        return sum(self.cpu_times())
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU time the process has used so far (from /proc)."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
     def wait_for_log(self, pattern: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
