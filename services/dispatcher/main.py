@@ -813,10 +813,20 @@ class Dispatcher:
         return await self._launch(key, scan)
 
     async def sweep(self, stop: asyncio.Event) -> None:
-        """Every interval (with jitter), decide again about every digest: due rescans, expired claims, parked ones."""
+        """Every interval (with jitter), decide again about every digest: due rescans, expired claims, parked ones.
+
+        The first pass comes as soon as the mirror is in: a replica that just took the lease over picks up what the
+        last leader left waiting at once, not a sweep interval later."""
+        first = True
         while not stop.is_set():
             interval = self.cfg.sweep_interval_s * (1 + self.cfg.sweep_jitter_ratio * random.random())  # noqa: S311
-            if await _wait(stop, interval):
+            if first:
+                began = time.monotonic()
+                while not self.mirror.ready and time.monotonic() - began < interval:
+                    if await _wait(stop, TICK_S):
+                        return
+                first = False
+            elif await _wait(stop, interval):
                 return
             if not self.mirror.ready:
                 log.warning("sweep skipped: the scan states are not mirrored yet (its KV watch is restarting)")

@@ -157,6 +157,7 @@ def e2e_settings(
     dispatcher = {
         "sweep_interval_s": 2.0,
         "claim_ttl_s": 10.0,
+        "leader_lease_s": 3.0,  # the killed dispatcher's restart takes its lease over after this
         "backoff_base_s": 0.5,
         "backoff_max_s": 2.0,
         "max_active": 60,
