@@ -501,7 +501,7 @@ async def _handle(
     settings: ConsumerSettings,
     handed_over: set[asyncio.Future[None]],
 ) -> None:
-    deliveries = msg.metadata.num_delivered
+    deliveries, stream_seq, _, _ = _sequences(msg.reply)
     headers = dict(msg.headers or {})
     name, route, decoder = by_subject.get(msg.subject, (msg.subject, None, None))
     parent = telemetry.extract(headers)
@@ -527,9 +527,7 @@ async def _handle(
             await msg.term()
             processed.add(1, {"service": service, "subject": name, "outcome": "invalid"})
             return
-        delivery = Delivery(
-            subject=name, stream_seq=msg.metadata.sequence.stream, deliveries=deliveries, headers=headers
-        )
+        delivery = Delivery(subject=name, stream_seq=stream_seq, deliveries=deliveries, headers=headers)
         try:
             later = await route.handle(event, delivery)
         except Exception as exc:
@@ -792,7 +790,7 @@ class KvMirror(Generic[S]):
                     lose(f"the server delivered entry {delivered}, the last one applied here is {last_seq}")
                 return
             try:
-                stream_seq, consumer_seq, pending = _sequences(msg.reply)
+                _, stream_seq, consumer_seq, pending = _sequences(msg.reply)
             except ValueError as exc:
                 lose(str(exc))
                 return
@@ -847,15 +845,16 @@ class WatchLost(ConnectionError):
     """A KV watch missed an entry or stopped hearing from the server; the mirror starts a new one."""
 
 
-def _sequences(reply: str | None) -> tuple[int, int, int]:
-    """(stream sequence, consumer sequence, pending) from a JetStream delivery's reply subject:
+def _sequences(reply: str | None) -> tuple[int, int, int, int]:
+    """(deliveries, stream sequence, consumer sequence, pending) from a JetStream delivery's reply subject:
     `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`, or the longer form with a domain and
-    account hash after `ACK` (and a random token at the end)."""
+    account hash after `ACK` (and a random token at the end). nats-py's Msg.metadata builds objects for all of it on
+    every call."""
     tokens = (reply or "").split(".")
     if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[6]), int(tokens[8])
+        return int(tokens[4]), int(tokens[5]), int(tokens[6]), int(tokens[8])
     if len(tokens) >= 11 and tokens[:2] == ["$JS", "ACK"]:
-        return int(tokens[7]), int(tokens[8]), int(tokens[10])
+        return int(tokens[6]), int(tokens[7]), int(tokens[8]), int(tokens[10])
     raise ValueError(f"not a JetStream delivery: reply subject {reply!r}")
 
 

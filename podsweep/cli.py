@@ -257,4 +257,5 @@ def _status_tables(report: StatusReport) -> Group:
         if report.oldest_pending
         else "nothing pending"
     )
-    return Group(states, lag, nodes, failures, oldest)
+    leader = f"dispatcher leader: {report.dispatcher_leader or 'none'}"
+    return Group(states, lag, nodes, failures, oldest, leader)

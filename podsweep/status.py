@@ -12,7 +12,7 @@ import msgspec
 import nats.js.errors
 
 from podsweep import bus as busmod
-from schemas.state import SCANS_BUCKET, DigestScanState
+from schemas.state import LEADER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, DispatcherLease
 
 SERVICES_WITH_CONSUMERS = ("dispatcher", "parser", "notifier")
 _LATEST = datetime.max.replace(tzinfo=UTC)
@@ -40,9 +40,15 @@ class StatusReport(msgspec.Struct, frozen=True):
     running_per_node: dict[str, int]
     consumers: list[ConsumerLag]
     recent_failures: list[Failure]
+    dispatcher_leader: str = ""  # the lease holder ("" while none holds it)
 
 
-def summarize(states: list[DigestScanState], consumers: list[ConsumerLag], failures_shown: int = 10) -> StatusReport:
+def summarize(
+    states: list[DigestScanState],
+    consumers: list[ConsumerLag],
+    failures_shown: int = 10,
+    lease: DispatcherLease | None = None,
+) -> StatusReport:
     by_state = Counter(s.status for s in states)
     pending = [s for s in states if s.status == "pending"]
     oldest = min(pending, key=lambda s: s.last_seen_at or _LATEST, default=None)
@@ -67,6 +73,7 @@ def summarize(states: list[DigestScanState], consumers: list[ConsumerLag], failu
             )
             for s in failed[:failures_shown]
         ],
+        dispatcher_leader=lease.holder if lease is not None else "",
     )
 
 
@@ -87,4 +94,5 @@ async def collect(bus: busmod.Bus) -> StatusReport:
                 redelivered=int(info.num_redelivered or 0),
             )
         )
-    return summarize(states, consumers)
+    lease, _ = await busmod.kv_read(await bus.kv(LIMITS_BUCKET), LEADER_KEY, DispatcherLease)
+    return summarize(states, consumers, lease=lease)

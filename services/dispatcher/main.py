@@ -399,7 +399,7 @@ class Dispatcher:
             span.set_attribute("podsweep.node", scan.node or "")
             _carry_trace(manifest)
             try:
-                await self.kube.request("POST", self.jobs_path, body=manifest)
+                await self.kube.request("POST", self.jobs_path, body=msgspec.json.encode(manifest))
             except KubeError as exc:
                 if exc.status == 409:
                     span.set_attribute("podsweep.job_existed", True)
@@ -524,7 +524,7 @@ class Dispatcher:
             span.set_attribute("podsweep.batch_size", len(confirmed))
             _carry_trace(manifest)
             try:
-                await self.kube.request("POST", self.jobs_path, body=manifest)
+                await self.kube.request("POST", self.jobs_path, body=msgspec.json.encode(manifest))
             except KubeError as exc:
                 if exc.status == 409:
                     return "exists"

@@ -317,11 +317,11 @@ async def test_mirror_keeps_up_through_flow_control_and_sees_every_latest_value(
 @pytest.mark.parametrize(
     ("reply", "expected"),
     [
-        ("$JS.ACK.KV_b.watch1.1.42.7.1700000000000000000.3", (42, 7, 3)),
-        ("$JS.ACK.hub.ACCHASH.KV_b.watch1.1.42.7.1700000000000000000.0.rnd", (42, 7, 0)),  # with a domain
+        ("$JS.ACK.KV_b.watch1.2.42.7.1700000000000000000.3", (2, 42, 7, 3)),
+        ("$JS.ACK.hub.ACCHASH.KV_b.watch1.1.42.7.1700000000000000000.0.rnd", (1, 42, 7, 0)),  # with a domain
     ],
 )
-def test_sequences_come_from_either_form_of_reply_subject(reply: str, expected: tuple[int, int, int]) -> None:
+def test_sequences_come_from_either_form_of_reply_subject(reply: str, expected: tuple[int, int, int, int]) -> None:
     assert busmod._sequences(reply) == expected
 
 

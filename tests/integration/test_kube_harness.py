@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from podsweep.kube import Kube
+from podsweep.kube import Kube, KubeError
 from tests.harness.kube import BINARIES, KubeControlPlane, KubeControlPlaneError
 from tests.harness.kwok import (
     ObjectMeta,
@@ -211,6 +211,26 @@ async def test_ephemeral_container_added_to_a_running_pod_gets_an_image_id(kube_
 
 
 @pytest.mark.kube
+@pytest.mark.kube
+async def test_an_encoded_body_is_sent_as_it_is_with_auth_and_errors_like_any_call(
+    kube_api: Kube, kube_namespace: str
+) -> None:
+    """The dispatcher POSTs its Jobs already encoded (msgspec): the same auth and the same KubeError as call_api."""
+    path = f"/api/v1/namespaces/{kube_namespace}/configmaps"
+    body = msgspec.json.encode(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "encoded"}, "data": {"k": "v"}}
+    )
+    created = msgspec.json.decode(await kube_api.request("POST", path, params={"fieldManager": "podsweep"}, body=body))
+    assert created["metadata"]["name"] == "encoded" and created["data"] == {"k": "v"}
+    assert created["metadata"]["managedFields"][0]["manager"] == "podsweep", "query parameters are sent"
+    with pytest.raises(KubeError) as again:
+        await kube_api.request("POST", path, body=body)
+    assert again.value.status == 409 and b"already exists" in again.value.body
+    with pytest.raises(KubeError) as invalid:
+        await kube_api.request("POST", path, body=b'{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}')
+    assert invalid.value.status in (400, 422)
+
+
 async def test_job_runs_to_complete_through_the_job_controller(kube_api: Kube, kube_namespace: str) -> None:
     node = await _ready_fake_node(kube_api, secrets.token_hex(4))
     job = {

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from podsweep import bus as busmod
 from podsweep.cli import app
 from podsweep.config import NatsSettings
-from schemas.state import SCANS_BUCKET, DigestScanState, NodeFailure
+from schemas.state import LEADER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, DispatcherLease, NodeFailure
 
 HEX = "ab" * 32
 
@@ -32,6 +32,8 @@ async def _seed(settings: NatsSettings) -> None:
     ]
     for i, doc in enumerate(docs):
         await busmod.kv_update(kv, f"k{i}", DigestScanState, lambda _, doc=doc: doc)
+    lease = DispatcherLease(holder="dispatcher-7c9f-x2:1", acquired_at=t, renewed_at=t, ttl_s=15)
+    await busmod.kv_put_if(await bus.kv(LIMITS_BUCKET), LEADER_KEY, lease, 0)
     await bus.close()
 
 
@@ -51,6 +53,8 @@ def test_status_json_counts_states_nodes_and_failures(nats_settings: NatsSetting
     assert report["running_per_node"] == {"node-1": 1}
     assert report["oldest_pending"] == f"db@sha256:{HEX}"
     assert report["recent_failures"][0]["reason"] == "ErrImageNeverPull"
+    assert report["dispatcher_leader"] == "dispatcher-7c9f-x2:1"
     tables = CliRunner().invoke(app, ["status"], env=env)
     assert tables.exit_code == 0
     assert "node-1" in tables.output and "ErrImageNeverPull" in tables.output
+    assert "dispatcher leader: dispatcher-7c9f-x2:1" in tables.output
