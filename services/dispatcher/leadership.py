@@ -110,7 +110,9 @@ class Leadership:
             now = datetime.now(UTC)
             renewed = DispatcherLease(holder=self.me, acquired_at=self.acquired_at, renewed_at=now, ttl_s=self.ttl_s)
             try:
-                written = await busmod.kv_put_if(self.kv, LEADER_KEY, renewed, self.revision)
+                # A renewal that hangs must not outlast the deadline for standing down.
+                async with asyncio.timeout(max(last + self.ttl_s * 2 / 3 - time.monotonic(), 0.1)):
+                    written = await busmod.kv_put_if(self.kv, LEADER_KEY, renewed, self.revision)
             except Exception as exc:  # retried until the deadline
                 if must_step_down(last, self.ttl_s, time.monotonic()):
                     log.warning("dispatcher lease not renewed; standing down", error=f"{type(exc).__name__}: {exc}")

@@ -55,9 +55,18 @@ class Header(msgspec.Struct, frozen=True):
     metadata: Meta
 
 
+class FieldRef(msgspec.Struct, frozen=True):
+    fieldPath: str
+
+
+class EnvSource(msgspec.Struct, frozen=True):
+    fieldRef: FieldRef | None = None
+
+
 class EnvVar(msgspec.Struct, frozen=True):
     name: str
     value: str | None = None
+    valueFrom: EnvSource | None = None
 
 
 class HttpGet(msgspec.Struct, frozen=True):
@@ -400,6 +409,11 @@ def _pod_environment(rendered: Rendered, service: str, files: Path) -> dict[str,
             (target / key).write_text(value)
     environ: dict[str, str] = {}
     for var in container.env:
+        if var.valueFrom is not None and var.valueFrom.fieldRef is not None:
+            # The downward API: only the pod's own name (the dispatcher's lease holder), never a setting.
+            assert (var.name, var.valueFrom.fieldRef.fieldPath) == ("POD_NAME", "metadata.name"), var
+            environ[var.name] = f"{service}-7c9f-x2"
+            continue
         assert var.value is not None, f"{service}: {var.name} has no literal value"
         is_path = var.name.endswith("_FILE") or var.name == "PODSWEEP_CONFIG"
         environ[var.name] = str(files / var.value.lstrip("/")) if is_path else var.value

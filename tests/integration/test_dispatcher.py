@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from schemas.state import (
     LimiterState,
 )
 from services.dispatcher import jobspec
+from services.dispatcher.leadership import identity
 from services.dispatcher.main import main
 from services.dispatcher.settings import job_options
 from tests.harness import replicas as replicas_mod
@@ -320,6 +322,54 @@ async def test_one_replica_leads_and_a_clean_stop_hands_the_lease_over_at_once(
         final = await states(bus, refs)
         assert {s.status for s in final.values() if s is not None} == {"done"}
     assert standby.proc.returncode == 0, standby.tail()
+
+
+async def test_a_leader_whose_lease_is_taken_stands_down_until_it_lapses(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubelet_standin: StartStandin,
+) -> None:
+    """Another holder wrote the lease (a standby that judged it lapsed): the leader sees it at its next renewal and
+    stops consuming; events wait while that holder renews, and are handled once its lease lapses."""
+    (node,) = await prepare_namespace(kube_api, kube_namespace, 1)
+    await kubelet_standin(namespace=kube_namespace, execute=False)
+    settings = dispatcher_settings(kube, kube_namespace, nats_settings, s3_settings, leader_lease_s=3.0)
+    async with observer(kube_api, kube_namespace, nats_settings) as (watcher, bus), in_process(main, settings=settings):
+        limits_kv = await bus.kv(LIMITS_BUCKET)
+
+        async def holder() -> str:
+            lease, _ = await busmod.kv_read(limits_kv, LEADER_KEY, DispatcherLease)
+            return lease.holder if lease is not None else ""
+
+        async def leading() -> bool:
+            return (await holder()) == identity()
+
+        await eventually(leading, 30, "the dispatcher leading")
+        await bus.publish(subjects.IMAGE_SEEN, image_seen(digest_ref(kube_namespace, 1), node, 1), msg_id="seen-1")
+        await watcher.wait(lambda: len(watcher.jobs) == 1, 60, "the first Job created")
+
+        # The intruder takes the lease and renews it every half second for 6 s.
+        _, revision = await busmod.kv_read(limits_kv, LEADER_KEY, DispatcherLease)
+        now = datetime.now(UTC)
+        intruder = DispatcherLease(holder="intruder:1", acquired_at=now, renewed_at=now, ttl_s=3.0)
+        written = await busmod.kv_put_if(limits_kv, LEADER_KEY, intruder, revision)
+        assert written is not None
+        await asyncio.sleep(2.0)  # past the leader's next renewal (every second): it has stood down
+        await bus.publish(subjects.IMAGE_SEEN, image_seen(digest_ref(kube_namespace, 2), node, 2), msg_id="seen-2")
+        for _ in range(8):
+            await asyncio.sleep(0.5)
+            renewed = msgspec.structs.replace(intruder, renewed_at=datetime.now(UTC))
+            written = await busmod.kv_put_if(limits_kv, LEADER_KEY, renewed, written)
+            assert written is not None, "the lease was taken from a holder that renews it"
+        assert len(watcher.jobs) == 1, "a replica that does not hold the lease consumed an event"
+        assert await holder() == "intruder:1"
+
+        # The intruder falls silent: 3 s later (on the dispatcher's clock) the dispatcher leads again and catches up.
+        await eventually(leading, 30, "the dispatcher leading again")
+        await watcher.wait(lambda: len(watcher.jobs) == 2, 60, "the second Job created")
 
 
 async def test_sightings_of_a_claimed_digest_on_many_nodes_are_written_together_and_all_acked(
