@@ -2,9 +2,10 @@
 
 Starts its own control plane (tests/harness/kube.py), nats-server and SeaweedFS, 500 kwok nodes, the kubelet stand-in
 in completer mode and a Job observer that plays the watcher (tests/harness/scanjobs.py); then publishes 10,000 events
-for 2,000 digests and waits until every digest is scanned. CPU is the two replicas' own (from /proc), counted from
-when both consume until the last scan is recorded, so start-up is not in it. Side by side: what a tool that creates
-one Job per event would have created. Run: .venv/bin/python bench/dispatch_burst.py [--events N --digests N --nodes N]
+for 2,000 digests and waits until every digest is scanned. CPU is the two replicas' own (from /proc: the leader's and
+the standby's), counted from when the leader consumes and both have settled until the last scan is recorded, so
+start-up is not in it. Side by side: what a tool that creates one Job per event would have created.
+Run: .venv/bin/python bench/dispatch_burst.py [--events N --digests N --nodes N --replicas N]
 The last line is one JSON object.
 """
 
