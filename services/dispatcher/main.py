@@ -915,6 +915,11 @@ meter.create_observable_gauge(
     [_observe_active_per_node],
     description="Scan Jobs holding a limiter slot, by node",
 )
+meter.create_observable_gauge(
+    "podsweep_dispatcher_leading",
+    [lambda _: [Observation(1 if _replicas else 0)]],
+    description="1 while this replica holds the dispatcher lease and consumes, 0 while it stands by",
+)
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -26,6 +28,7 @@ from podsweep.config import (
     S3Settings,
     Settings,
 )
+from podsweep.embedded import free_port
 from podsweep.kube import Kube, KubeError
 from schemas import jobs, subjects
 from schemas.events import DeadLetter, FailureReason
@@ -132,6 +135,21 @@ async def leader(bus: busmod.Bus, running: list[replicas_mod.Replica]) -> replic
     lease, _ = await busmod.kv_read(await bus.kv(LIMITS_BUCKET), LEADER_KEY, DispatcherLease)
     holder = lease.holder if lease is not None else ""
     return next((r for r in running if holder and holder.endswith(f":{r.proc.pid}")), None)
+
+
+def with_metrics(settings: Settings, port: int) -> Settings:
+    return msgspec.structs.replace(settings, telemetry=msgspec.structs.replace(settings.telemetry, metrics_port=port))
+
+
+async def leading_gauge(port: int) -> float | None:
+    """podsweep_dispatcher_leading as a replica's /metrics shows it (None: not there, or not serving yet)."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    except httpx.HTTPError:
+        return None
+    found = re.search(r"^podsweep_dispatcher_leading(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
@@ -293,8 +311,12 @@ async def test_one_replica_leads_and_a_clean_stop_hands_the_lease_over_at_once(
     # A long lease: were it not released, the standby could not take over within this test's waits.
     settings = dispatcher_settings(kube, kube_namespace, nats_settings, s3_settings, leader_lease_s=60.0)
     refs = [digest_ref(kube_namespace, n) for n in range(20)]
+    ports = [free_port(), free_port()]
     async with observer(kube_api, kube_namespace, nats_settings) as (watcher, bus):
-        running = [replicas_mod.start("dispatcher", settings, tmp_path / f"replica-{i}.log") for i in range(2)]
+        running = [
+            replicas_mod.start("dispatcher", with_metrics(settings, port), tmp_path / f"replica-{i}.log")
+            for i, port in enumerate(ports)
+        ]
         try:
             for n, ref in enumerate(refs[:10]):
                 await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, nodes[n % 4], n), msg_id=f"seen-{n}")
@@ -303,6 +325,8 @@ async def test_one_replica_leads_and_a_clean_stop_hands_the_lease_over_at_once(
             assert first is not None, "no replica holds the lease"
             (standby,) = [r for r in running if r is not first]
             assert "dispatcher consuming" not in standby.log.read_text(), "a standby consumed events"
+            leading = {r.proc.pid: await leading_gauge(ports[running.index(r)]) for r in running}
+            assert leading == {first.proc.pid: 1.0, standby.proc.pid: 0.0}
             first.stop()
             assert first.proc.returncode == 0, first.tail()
 
@@ -310,6 +334,11 @@ async def test_one_replica_leads_and_a_clean_stop_hands_the_lease_over_at_once(
                 return await leader(bus, running) is standby
 
             await eventually(standby_leads, 30, "the standby leading (the lease released, not lapsed)")
+
+            async def gauge_says_leading() -> bool:
+                return await leading_gauge(ports[running.index(standby)]) == 1.0
+
+            await eventually(gauge_says_leading, 10, "the new leader's podsweep_dispatcher_leading at 1")
             for n, ref in enumerate(refs[10:], start=10):
                 await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, nodes[n % 4], n), msg_id=f"seen-{n}")
             await watcher.wait(
