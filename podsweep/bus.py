@@ -646,13 +646,13 @@ async def kv_change(
 
 async def kv_put_if(kv: KeyValue, key: str, document: msgspec.Struct, revision: int) -> int | None:
     """Write `document` only if `key` is still at `revision` (0: absent); its new revision, or None when another
-    writer came first."""
+    writer came first. Any other refusal (a value over the bucket's size limit, ...) raises: retrying cannot help."""
     data = _encoder.encode(document)
     try:
         if revision == 0:
             return await kv.create(key, data)
         return await kv.update(key, data, last=revision)
-    except (nats.js.errors.KeyWrongLastSequenceError, BadRequestError):
+    except nats.js.errors.KeyWrongLastSequenceError:
         return None
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import pytest
+from nats.js import api as jsapi
 
 from podsweep import bus as busmod
 from podsweep import embedded
@@ -345,6 +347,30 @@ async def test_compare_and_set_from_a_mirror_skips_the_read_and_survives_a_stale
     stored, revision, wrote = await busmod.kv_change(kv, "k", Counter, bump, known=(Counter(1), first), fresh=True)
     assert (stored, wrote) == (Counter(6), True)  # the failed write led to a read, and the change was re-applied
     assert await busmod.kv_read(kv, "k", Counter) == (Counter(6), revision)
+
+
+async def test_a_conditional_write_refuses_a_stale_revision_recreates_a_deleted_key_and_raises_other_errors(
+    bus: busmod.Bus,
+) -> None:
+    kv = await bus.kv("putif")
+    first = await busmod.kv_put_if(kv, "k", Counter(1), 0)
+    assert first is not None
+    assert await busmod.kv_put_if(kv, "k", Counter(9), 0) is None  # exists: a create loses
+    second = await busmod.kv_put_if(kv, "k", Counter(2), first)
+    assert second is not None and second > first
+    assert await busmod.kv_put_if(kv, "k", Counter(3), first) is None  # stale revision: another writer came first
+    assert await busmod.kv_read(kv, "k", Counter) == (Counter(2), second)
+    await kv.delete("k")  # by hand (nats kv del): a create still works
+    assert await busmod.kv_read(kv, "k", Counter) == (None, 0)
+    assert await busmod.kv_put_if(kv, "k", Counter(4), 0) is not None
+    small = await bus.js.create_key_value(
+        jsapi.KeyValueConfig(bucket=bus.kv_bucket("putif-small"), max_value_size=100, history=1)
+    )
+    revision = await busmod.kv_put_if(small, "k", Counter(1), 0)
+    assert revision is not None
+    # Any other refusal is an error, never a lost race that kv_change would retry twenty times.
+    with pytest.raises(nats.js.errors.APIError, match="maximum"):
+        await busmod.kv_put_if(small, "k", Padded(1, "x" * 200), revision)
 
 
 async def _stored(bus: busmod.Bus, name: str) -> list[tuple[str, str | None, ImageGone]]:
