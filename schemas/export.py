@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,24 @@ DOCUMENTS: dict[str, Any] = {
 }
 
 
+def _normalized(node: Any) -> Any:
+    """Descriptions as `inspect.cleandoc` gives them: msgspec's own dedenting changed between releases (0.22 kept a
+    docstring's indentation, 0.23 removes it), and the committed files must not depend on which one is installed."""
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value) if key == "description" and isinstance(value, str) else _normalized(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_normalized(item) for item in node]
+    return node
+
+
 def render() -> dict[str, str]:
     """File name -> JSON Schema text, deterministic so a stale committed file is a visible diff."""
     out: dict[str, str] = {}
     for stem, typ in DOCUMENTS.items():
-        schema = msgspec.json.schema(typ)
+        schema = _normalized(msgspec.json.schema(typ))
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["title"] = f"podsweep {stem}"
         out[f"{stem}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -4,9 +4,17 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$(date +%s)
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev]'
+# The dev lock (requirements/dev.txt) unless PODSWEEP_TEST_LATEST=1 (scripts/test-latest.sh): then the newest
+# versions pyproject.toml allows, in a venv of their own, to see a dependency's drift before users do.
+venv="${VENV:-.venv}"
+if [[ "${PODSWEEP_TEST_LATEST:-}" == 1 ]]; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade --upgrade-strategy eager -e '.[dev]'
+  "$venv/bin/python" -m pip freeze --exclude-editable > "$venv/versions.txt"
+  echo "test.sh: newest allowed versions (see $venv/versions.txt)"
+else
+  VENV="$venv" bash scripts/install.sh dev
+fi
 echo "test.sh: python deps ready after $(( $(date +%s) - start ))s"
 # Headless Chromium opens the parser's HTML index in tests/integration/test_parser.py (Debian's package).
 if ! command -v chromium >/dev/null 2>&1; then
@@ -17,9 +25,10 @@ fi
 PODSWEEP_KUBE_BIN_DIR="$(bash tests/harness/kubebins/build.sh)"
 export PODSWEEP_KUBE_BIN_DIR
 echo "test.sh: kubernetes binaries in $PODSWEEP_KUBE_BIN_DIR after $(( $(date +%s) - start ))s"
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-.venv/bin/mypy
-.venv/bin/podsweep schemas export --check
-.venv/bin/pytest -q -p no:cacheprovider "$@"
+export VIRTUAL_ENV="$PWD/$venv" PATH="$PWD/$venv/bin:$PATH"
+ruff check .
+ruff format --check .
+mypy
+podsweep schemas export --check
+pytest -q -p no:cacheprovider "$@"
 echo "test.sh: done in $(( $(date +%s) - start ))s"

@@ -86,6 +86,27 @@ def test_committed_json_schemas_match_the_structs() -> None:
     assert stale == [], f"run `podsweep schemas export`: {stale}"
 
 
+class _Indented(msgspec.Struct):
+    """First line.
+
+    An indented second paragraph, as a docstring has it.
+    """
+
+    field: int = 0
+
+
+def test_exported_descriptions_do_not_depend_on_how_msgspec_dedents_them() -> None:
+    """msgspec 0.22 kept a docstring's indentation in descriptions, 0.23 removes it: the export is the same for both."""
+    kept = {"description": "First line.\n\n    An indented second paragraph, as a docstring has it."}
+    removed = {"description": "First line.\n\nAn indented second paragraph, as a docstring has it."}
+    assert export._normalized({"$defs": {"A": kept}}) == export._normalized({"$defs": {"A": removed}})
+    assert export._normalized({"properties": {"description": {"type": "string"}}}) == {
+        "properties": {"description": {"type": "string"}}
+    }
+    exported = export._normalized(msgspec.json.schema(_Indented))
+    assert exported["$defs"]["_Indented"]["description"] == removed["description"]
+
+
 def test_every_event_round_trips_through_its_json_schema_types() -> None:
     for stem, typ in export.DOCUMENTS.items():
         schema = msgspec.json.schema(typ)
