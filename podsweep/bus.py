@@ -38,7 +38,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from podsweep import logs, telemetry
+from podsweep import logs, natsprivate, telemetry
 from podsweep.config import ConsumerSettings, NatsSettings
 from schemas import subjects
 from schemas.events import DeadLetter
@@ -251,7 +251,7 @@ class Bus:
         except (NotFoundError, nats.js.errors.BucketNotFoundError):
             pass
         else:
-            if not kv._direct:  # nats-py keeps it private; False for a bucket an older podsweep made
+            if not natsprivate.kv_allows_direct(kv):  # False for a bucket an older podsweep made
                 log.info(
                     "kv bucket reads use the JSON API: allow direct gets on it to make them cheaper",
                     bucket=bucket,
@@ -408,7 +408,7 @@ async def consume(
     limit = asyncio.Semaphore(settings.concurrency)
     in_flight: set[asyncio.Task[None]] = set()
     inbox = nc.new_inbox()
-    next_subject = f"{bus.js._prefix}.CONSUMER.MSG.NEXT.{bus.settings.stream}.{durable}"
+    next_subject = f"{natsprivate.api_prefix(bus.js)}.CONSUMER.MSG.NEXT.{bus.settings.stream}.{durable}"
     expires_ns = int(pull_expires_s * 1_000_000_000)
     wanted = 0  # messages asked for and neither delivered nor expired
     heard = time.monotonic()  # the last pull sent or answered
@@ -501,7 +501,7 @@ async def _handle(
     settings: ConsumerSettings,
     handed_over: set[asyncio.Future[None]],
 ) -> None:
-    deliveries, stream_seq, _, _ = _sequences(msg.reply)
+    deliveries, stream_seq, _, _ = natsprivate.delivery_sequences(msg.reply)
     headers = dict(msg.headers or {})
     name, route, decoder = by_subject.get(msg.subject, (msg.subject, None, None))
     parent = telemetry.extract(headers)
@@ -737,7 +737,9 @@ class KvMirror(Generic[S]):
         try:
             document = self._decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("kv watch saw an unreadable document", bucket=self.kv._name, key=key, error=_short(exc))
+            log.warning(
+                "kv watch saw an unreadable document", bucket=natsprivate.kv_bucket(self.kv), key=key, error=_short(exc)
+            )
             self._unreadable.add(key)  # last() keeps the last readable one
             return
         self._entries[key] = (document, revision)
@@ -749,7 +751,7 @@ class KvMirror(Generic[S]):
             try:
                 await self._watch(stop)
             except Exception as exc:  # a broken watch costs reads until the next one has caught up
-                log.warning("kv watch restarts", bucket=self.kv._name, error=_short(exc))
+                log.warning("kv watch restarts", bucket=natsprivate.kv_bucket(self.kv), error=_short(exc))
             finally:
                 self.ready = False
             await _sleep_unless(stop, 1.0)
@@ -765,7 +767,8 @@ class KvMirror(Generic[S]):
         key's latest value again.
         """
         kv = self.kv
-        nc = kv._js._nc  # nats-py keeps the KV's connection and subject prefix private
+        nc = natsprivate.kv_connection(kv)
+        prefix = natsprivate.kv_key_prefix(kv)
         inbox = nc.new_inbox()
         lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         last_seq = 0  # consumer sequence of the last entry applied
@@ -790,7 +793,7 @@ class KvMirror(Generic[S]):
                     lose(f"the server delivered entry {delivered}, the last one applied here is {last_seq}")
                 return
             try:
-                _, stream_seq, consumer_seq, pending = _sequences(msg.reply)
+                _, stream_seq, consumer_seq, pending = natsprivate.delivery_sequences(msg.reply)
             except ValueError as exc:
                 lose(str(exc))
                 return
@@ -798,7 +801,7 @@ class KvMirror(Generic[S]):
                 lose(f"entry {consumer_seq} arrived after {last_seq}")
                 return
             last_seq = consumer_seq
-            key = msg.subject[len(kv._pre) :]
+            key = msg.subject[len(prefix) :]
             if stream_seq > self.revision(key):
                 if headers.get("KV-Operation") in ("DEL", "PURGE"):
                     self.saw(key, None, stream_seq)
@@ -810,14 +813,14 @@ class KvMirror(Generic[S]):
         sub = await nc.subscribe(inbox, cb=on_message)
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            info = await kv._js.add_consumer(
-                kv._stream,
+            info = await natsprivate.kv_jetstream(kv).add_consumer(
+                natsprivate.kv_stream(kv),
                 ConsumerConfig(
                     deliver_subject=inbox,
                     deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
                     ack_policy=AckPolicy.NONE,
                     max_deliver=1,
-                    filter_subject=f"{kv._pre}>",
+                    filter_subject=f"{prefix}>",
                     flow_control=True,
                     idle_heartbeat=WATCH_HEARTBEAT_S,
                     mem_storage=True,
@@ -830,11 +833,13 @@ class KvMirror(Generic[S]):
             while not stop.is_set():
                 await asyncio.wait((lost, stopping), timeout=WATCH_HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
                 if lost.done():
-                    raise WatchLost(f"kv watch of {kv._name}: {lost.result()}")
+                    raise WatchLost(f"kv watch of {natsprivate.kv_bucket(kv)}: {lost.result()}")
                 if time.monotonic() - heard > 2 * WATCH_HEARTBEAT_S:
-                    raise WatchLost(f"kv watch of {kv._name}: no heartbeat for {2 * WATCH_HEARTBEAT_S:.0f}s")
+                    raise WatchLost(
+                        f"kv watch of {natsprivate.kv_bucket(kv)}: no heartbeat for {2 * WATCH_HEARTBEAT_S:.0f}s"
+                    )
             with contextlib.suppress(Exception):  # the server removes it after inactive_threshold anyway
-                await kv._js.delete_consumer(kv._stream, info.name)
+                await natsprivate.kv_jetstream(kv).delete_consumer(natsprivate.kv_stream(kv), info.name)
         finally:
             stopping.cancel()
             with contextlib.suppress(Exception):
@@ -843,19 +848,6 @@ class KvMirror(Generic[S]):
 
 class WatchLost(ConnectionError):
     """A KV watch missed an entry or stopped hearing from the server; the mirror starts a new one."""
-
-
-def _sequences(reply: str | None) -> tuple[int, int, int, int]:
-    """(deliveries, stream sequence, consumer sequence, pending) from a JetStream delivery's reply subject:
-    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`, or the longer form with a domain and
-    account hash after `ACK` (and a random token at the end). nats-py's Msg.metadata builds objects for all of it on
-    every call."""
-    tokens = (reply or "").split(".")
-    if len(tokens) == 9:
-        return int(tokens[4]), int(tokens[5]), int(tokens[6]), int(tokens[8])
-    if len(tokens) >= 11 and tokens[:2] == ["$JS", "ACK"]:
-        return int(tokens[6]), int(tokens[7]), int(tokens[8]), int(tokens[10])
-    raise ValueError(f"not a JetStream delivery: reply subject {reply!r}")
 
 
 def _short(exc: BaseException) -> str:

@@ -316,23 +316,6 @@ async def test_mirror_keeps_up_through_flow_control_and_sees_every_latest_value(
         await asyncio.wait_for(task, 10)
 
 
-@pytest.mark.parametrize(
-    ("reply", "expected"),
-    [
-        ("$JS.ACK.KV_b.watch1.2.42.7.1700000000000000000.3", (2, 42, 7, 3)),
-        ("$JS.ACK.hub.ACCHASH.KV_b.watch1.1.42.7.1700000000000000000.0.rnd", (1, 42, 7, 0)),  # with a domain
-    ],
-)
-def test_sequences_come_from_either_form_of_reply_subject(reply: str, expected: tuple[int, int, int, int]) -> None:
-    assert busmod._sequences(reply) == expected
-
-
-@pytest.mark.parametrize("reply", [None, "_INBOX.abc", "$JS.ACK.a.b.c.d.e.f.g.h.i.j.k"])
-def test_a_reply_subject_that_is_not_a_delivery_is_refused(reply: str | None) -> None:
-    with pytest.raises(ValueError, match=r"not a JetStream delivery|invalid literal"):
-        busmod._sequences(reply)
-
-
 async def test_compare_and_set_from_a_mirror_skips_the_read_and_survives_a_stale_entry(bus: busmod.Bus) -> None:
     kv = await bus.kv("fromknown")
     first = await kv.create("k", msgspec.json.encode(Counter(1)))
