@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -143,35 +144,9 @@ def up(
     root = embedded.private_dir(Path(settings.data_dir))
     logs.configure(settings.log_level, settings.log_format, file=root / "logs" / "up.log")
     started: list[embedded.EmbeddedNats | embedded.EmbeddedS3] = []
-    nats: embedded.EmbeddedNats | None = None
-    s3: embedded.EmbeddedS3 | None = None
     try:
-        if not settings.nats.url:
-            nats = embedded.start_nats(root)
-            started.append(nats)
-            settings = msgspec.structs.replace(
-                settings,
-                nats=msgspec.structs.replace(settings.nats, url=nats.url, user=nats.user, password=nats.password),
-            )
-            err.print(f"embedded NATS (JetStream) at {nats.url}, data in {root / 'nats'}")
-        if not settings.s3.endpoint_url:
-            s3 = embedded.start_seaweedfs(root)
-            started.append(s3)
-            settings = msgspec.structs.replace(
-                settings,
-                s3=msgspec.structs.replace(
-                    settings.s3,
-                    endpoint_url=s3.endpoint_url,
-                    access_key_id=s3.identity.access_key_id,
-                    secret_access_key=s3.identity.secret_access_key,
-                ),
-            )
-            err.print(
-                f"embedded S3 (SeaweedFS) at {s3.endpoint_url}, bucket {settings.s3.bucket}, data in {root / 's3'}"
-            )
+        settings = start_embedded(settings, root, started, err.print)
         asyncio.run(_prepare(settings))
-        if started:
-            discovery.write(root, discovery.describe(settings, root, os.getpid(), nats, s3))
         names = [n for n in runtime.available() if n not in runtime.NOT_IN_UP]
         if not settings.notifier.policy_file and "notifier" in names:
             err.print(NO_POLICY_HINT, markup=False, highlight=False)
@@ -194,6 +169,43 @@ this one (thresholds, and where breaches go) as podsweep-policy.yaml, set its se
 PODSWEEP_NOTIFIER_POLICY_FILE=podsweep-policy.yaml (docs/webhooks.md says more):
 
 {EXAMPLE_POLICY}"""
+
+
+def start_embedded(
+    settings: Settings,
+    root: Path,
+    started: list[embedded.EmbeddedNats | embedded.EmbeddedS3],
+    say: Callable[[str], object],
+) -> Settings:
+    """Start NATS and S3 where none is configured (each appended to `started` at once, for the caller to stop),
+    write what a CLI beside `up` needs to find them (podsweep.discovery), and return settings pointing at them."""
+    nats: embedded.EmbeddedNats | None = None
+    s3: embedded.EmbeddedS3 | None = None
+    if not settings.nats.url:
+        nats = embedded.start_nats(root)
+        started.append(nats)
+        settings = msgspec.structs.replace(
+            settings,
+            nats=msgspec.structs.replace(settings.nats, url=nats.url, user=nats.user, password=nats.password),
+        )
+        say(f"embedded NATS (JetStream) at {nats.url}, data in {root / 'nats'}")
+    if not settings.s3.endpoint_url:
+        s3 = embedded.start_seaweedfs(root)
+        started.append(s3)
+        settings = msgspec.structs.replace(
+            settings,
+            s3=msgspec.structs.replace(
+                settings.s3,
+                endpoint_url=s3.endpoint_url,
+                access_key_id=s3.identity.access_key_id,
+                secret_access_key=s3.identity.secret_access_key,
+            ),
+        )
+        say(f"embedded S3 (SeaweedFS) at {s3.endpoint_url}, bucket {settings.s3.bucket}, data in {root / 's3'}")
+    if started:
+        found = discovery.write(root, discovery.describe(settings, root, os.getpid(), nats, s3))
+        say(f"`podsweep status` and `podsweep report` in this directory use them (from {found})")
+    return settings
 
 
 async def _prepare(settings: Settings) -> None:
