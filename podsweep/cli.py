@@ -149,7 +149,7 @@ def up(
         asyncio.run(_prepare(settings))
         names = [n for n in runtime.available() if n not in runtime.NOT_IN_UP]
         if not settings.notifier.policy_file and "notifier" in names:
-            err.print(NO_POLICY_HINT, markup=False, highlight=False)
+            err.print(NO_POLICY_HINT, markup=False, highlight=False, soft_wrap=True)
         err.print(f"running: {', '.join(names) or '(no services in this build yet)'} — Ctrl-C stops")
         runtime.serve(_run_up(settings, names))
     except embedded.EmbeddedServerError as exc:
@@ -164,9 +164,10 @@ def up(
         logs.configure(settings.log_level, settings.log_format)  # closes the log file
 
 
-NO_POLICY_HINT = f"""no policy file: findings are stored, but no alert is sent. To get alerts, save a policy such as
-this one (thresholds, and where breaches go) as podsweep-policy.yaml, set its secret, and restart with
-PODSWEEP_NOTIFIER_POLICY_FILE=podsweep-policy.yaml (docs/webhooks.md says more):
+NO_POLICY_HINT = f"""no policy file: findings are stored, but no alert is sent. To get alerts, save a policy
+like this one as podsweep-policy.yaml, export PODSWEEP_WEBHOOK_KEY (the key that signs each webhook),
+and restart with PODSWEEP_NOTIFIER_POLICY_FILE=podsweep-policy.yaml. Slack, Teams, DefectDojo, rules
+per namespace and suppressions: docs/webhooks.md.
 
 {EXAMPLE_POLICY}"""
 

@@ -193,14 +193,14 @@ EMPTY_POLICY = Policy()
 EXAMPLE_POLICY = """\
 version: 1
 defaults:
-  threshold: {max_critical: 0, max_high: 10}   # a breach: any CRITICAL, or more than 10 HIGH
-  fixable_only: true                            # count only findings that have a fix
+  threshold: {max_critical: 0, max_high: 10}  # breach: any CRITICAL or over 10 HIGH
+  fixable_only: true                           # count findings that have a fix
   destinations: [team-webhook]
 destinations:
-  - kind: webhook                               # or slack, teams, defectdojo
+  - kind: webhook                              # or slack, teams, defectdojo
     name: team-webhook
     url: https://alerts.example.com/podsweep
-    hmac_key: {env: PODSWEEP_WEBHOOK_KEY}       # the signing key, read from this variable
+    hmac_key: {env: PODSWEEP_WEBHOOK_KEY}      # signing key, from this variable
 """
 
 
