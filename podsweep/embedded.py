@@ -228,6 +228,7 @@ def _spawn(
 ) -> ManagedProcess:
     private_dir(log.parent)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # a log an older podsweep left 0644
     with os.fdopen(fd, "ab") as out:
         proc = subprocess.Popen(
             argv,
