@@ -61,7 +61,10 @@ def _ephemeral_low() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server may listen on `port` now. With SO_REUSEADDR, as nats-server and weed (Go) listen: the
+    connections a stopped server leaves in TIME_WAIT do not keep it from listening there again."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
