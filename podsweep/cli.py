@@ -205,7 +205,8 @@ def start_embedded(
         say(f"embedded S3 (SeaweedFS) at {s3.endpoint_url}, bucket {settings.s3.bucket}, data in {root / 's3'}")
     if started:
         found = discovery.write(root, discovery.describe(settings, root, os.getpid(), nats, s3))
-        say(f"`podsweep status` and `podsweep report` in this directory use them (from {found})")
+        where = "in this directory" if root == Path(".podsweep") else f"with PODSWEEP_DATA_DIR={root}"
+        say(f"`podsweep status`, `report` and `rescan` run {where} use them ({found} says where they are)")
     return settings
 
 
