@@ -75,7 +75,11 @@ def _s3(server: embedded.EmbeddedS3) -> object:
         aws_access_key_id=server.identity.access_key_id,
         aws_secret_access_key=server.identity.secret_access_key,
         region_name="us-east-1",
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 10, "mode": "standard"},  # a loaded machine: InternalError while volumes grow
+        ),
     )
 
 
@@ -128,8 +132,8 @@ def test_unauthenticated_filer_write_is_refused_and_s3_serves_the_original(
 ) -> None:
     url = f"//127.0.0.1:{s3_locked.ports['filer']}/buckets/{BUCKET}/{stored}"
     # Plain HTTP, as SeaweedFS serves it without podsweep's settings: refused (the port speaks TLS now).
-    status, _ = _request("http:" + url, method, b"tampered", None)
-    assert status == 400
+    status, body = _request("http:" + url, method, b"tampered", None)
+    assert status == 400, body
     # TLS without the client certificate: the connection fails (an HTTP answer would be returned, not raised).
     with pytest.raises(OSError):
         _request("https:" + url, method, b"tampered", _no_client_certificate())
