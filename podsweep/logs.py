@@ -56,9 +56,15 @@ class _Outputs:
 _file: IO[str] | None = None
 
 
+FILE_KEEP_BYTES = 64 * 1024 * 1024
+
+
 def _open_private(path: Path) -> IO[str]:
-    """Append to `path`, created 0600 in a 0700 directory: logs name images, namespaces and nodes."""
+    """Append to `path`, created 0600 in a 0700 directory: logs name images, namespaces and nodes. A file past
+    FILE_KEEP_BYTES is moved to `<name>.1` first (replacing the one before), so two at most are kept."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists() and path.stat().st_size > FILE_KEEP_BYTES:
+        path.replace(path.with_name(path.name + ".1"))
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8")
 
 

@@ -57,3 +57,17 @@ def test_json_on_request_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     logs.get("podsweep.test").warning("policy reload failed", error="x")
     record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert record["event"] == "policy reload failed" and record["level"] == "warning"
+
+
+@pytest.mark.usefixtures("restore_logs")
+def test_a_log_file_past_its_size_starts_over_keeping_one_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "up.log"
+    path.write_text("old line\n" * 10)
+    monkeypatch.setattr(logs, "FILE_KEEP_BYTES", 50)
+    logs.configure("info", "json", file=path)
+    logs.get("podsweep.test").info("fresh")
+    logs.configure("info", "json")
+    assert (tmp_path / "up.log.1").read_text().startswith("old line")
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["fresh"]
