@@ -377,14 +377,16 @@ def test_only_the_watcher_and_dispatcher_get_an_api_token(
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_service_mounts_its_own_nats_password_and_no_other(rendered: dict[str, Rendered], service: str) -> None:
+def test_service_mounts_its_own_nats_password_and_s3_key_and_no_other(
+    rendered: dict[str, Rendered], service: str
+) -> None:
     pod = rendered["base"].workload("Deployment", service).spec.template.spec
     nats_secrets = sorted(
         v.secret.secretName for v in pod.volumes if v.secret and v.secret.secretName.startswith("nats-")
     )
     assert nats_secrets == [f"nats-{service}"]
-    s3 = [v for v in pod.volumes if v.secret and v.secret.secretName == "podsweep-s3"]
-    assert bool(s3) is (service in S3_SERVICES)
+    s3_secrets = sorted(v.secret.secretName for v in pod.volumes if v.secret and v.secret.secretName.startswith("s3-"))
+    assert s3_secrets == ([f"s3-{service}"] if service in S3_SERVICES else [])
 
 
 def _pod_environment(rendered: Rendered, service: str, files: Path) -> dict[str, str]:
@@ -433,7 +435,7 @@ def test_service_settings_load_from_the_rendered_config_and_secrets(
     assert settings.namespace == NAMESPACE
     assert settings.telemetry.metrics_port == METRICS_PORT
     if service in S3_SERVICES:
-        s3 = rendered[overlay].secret("podsweep-s3").stringData
+        s3 = rendered[overlay].secret(f"s3-{service}").stringData
         assert settings.s3.access_key_id == s3["access-key-id"]
         assert settings.s3.secret_access_key == s3["secret-access-key"]
     if overlay == "overlays/prod":
