@@ -36,6 +36,7 @@ import asyncio
 import gzip
 import re
 import secrets
+import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,6 +56,7 @@ from schemas.alerts import AlertPayload
 from services.dispatcher.jobspec import RAW_URL_ENV, SBOM_URL_ENV
 from tests.harness import deployed
 from tests.harness.admission import make_tls
+from tests.harness.admission import review as admission_review
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 from tests.harness.receiver import Receiver
@@ -66,7 +68,7 @@ REPO = Path(__file__).resolve().parents[2]
 REPORT = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-alpine.json").read_bytes(), mtime=0)
 SBOM = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-combined.cdx.json").read_bytes(), mtime=0)
 OVERLAY = "overlays/dev"
-SERVICES = ("watcher", "dispatcher", "parser", "notifier")
+SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
 _DIGEST_IN_URL = re.compile(r"/raw/sha256/([0-9a-f]{64})/")
 
 
@@ -82,6 +84,7 @@ class DeployedWorld:
     nodes: list[str]
     apps: str
     kubeconfigs: dict[str, Path]
+    admission_ca: bytes
     processes: dict[str, deployed.Process] = field(default_factory=dict)
     ports: dict[str, dict[str, str]] = field(default_factory=dict)
     puts: Counter[str] = field(default_factory=Counter)  # digest hex -> reports PUT by scan pods
@@ -209,7 +212,7 @@ async def world(kube: KubeControlPlane, kube_api: Kube, tmp_path: Path) -> Async
     )
     await standin.start()
     world = DeployedWorld(
-        kube, kube_api, rendered, remap, tmp_path, receiver, standin, nodes, apps, kubeconfigs, puts=puts
+        kube, kube_api, rendered, remap, tmp_path, receiver, standin, nodes, apps, kubeconfigs, tls.ca_pem, puts=puts
     )
     try:
         yield world
@@ -235,6 +238,15 @@ def alerts(world: DeployedWorld) -> dict[str, list[AlertPayload]]:
     return by_key
 
 
+class AdmissionAnswer(msgspec.Struct, frozen=True):
+    allowed: bool
+    warnings: list[str] = []
+
+
+class AdmissionReviewAnswer(msgspec.Struct, frozen=True):
+    response: AdmissionAnswer
+
+
 def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
     return {
         "apiVersion": "v1",
@@ -251,10 +263,27 @@ async def test_the_rendered_dev_overlay_scans_stores_and_alerts_every_digest_onc
     for service in SERVICES:
         world.start(service)
     images = [f"registry.example.com/deployed/app-{i}:1.{i}" for i in range(4)]
-    pods = [bare_pod(f"app-{i}", image, world.nodes[i % len(world.nodes)]) for i, image in enumerate(images)]
-    # A second pod of the first image on the same node: one digest, one scan.
-    pods.append(bare_pod("app-0-again", images[0], world.nodes[0]))
-    for body in pods:
+    # The first image as a Deployment's two replicas on one node (one digest, one scan, one alert); the others bare.
+    web = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": world.nodes[0]},
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{"name": "app", "image": images[0]}],
+                },
+            },
+        },
+    }
+    await world.admin.request("POST", f"/apis/apps/v1/namespaces/{world.apps}/deployments", body=web)
+    for i, image in enumerate(images[1:], start=1):
+        body = bare_pod(f"app-{i}", image, world.nodes[i % len(world.nodes)])
         await world.admin.request("POST", f"/api/v1/namespaces/{world.apps}/pods", body=body)
     refs = {expected_image_id(image, "app") for image in images}
 
@@ -274,6 +303,22 @@ async def test_the_rendered_dev_overlay_scans_stores_and_alerts_every_digest_onc
         assert report["digest_ref"] == ref
     for alert in (a[0] for a in alerts(world).values() if a[0].digest_ref in refs):
         assert (alert.namespace, alert.counts.CRITICAL >= 1) == (world.apps, True)
+
+    # The admission gate (its own NATS user and read-only S3 key) answers from the same findings: warn by default.
+    review = admission_review(bare_pod("new-app", images[1], world.nodes[1]), world.apps)
+    context = ssl.create_default_context(cadata=world.admission_ca.decode())
+    url = f"https://127.0.0.1:{world.ports['admission']['PODSWEEP_ADMISSION_PORT']}/validate"
+    answer = AdmissionAnswer(allowed=False)
+
+    async def warned() -> bool:
+        nonlocal answer
+        async with httpx.AsyncClient(verify=context, timeout=10) as client:
+            body = (await client.post(url, json=review)).raise_for_status().content
+        answer = msgspec.json.decode(body, type=AdmissionReviewAnswer).response
+        return any("CRITICAL" in w for w in answer.warnings)
+
+    await eventually(warned, 60, "the admission gate's warning about the scanned image's findings", world)
+    assert answer.allowed is True, answer
 
 
 async def test_service_accounts_are_refused_what_rbac_does_not_grant(world: DeployedWorld) -> None:
@@ -301,3 +346,72 @@ async def test_service_accounts_are_refused_what_rbac_does_not_grant(world: Depl
             await client.request("GET", path, params={"limit": 1})
         finally:
             await client.close()
+
+
+# Timing only, for the kill -9 run: how soon a restarted service takes over (lease, claims) and retries. Credentials,
+# users, buckets, namespaces and everything else stay as rendered.
+QUICK_TAKEOVER = {
+    "PODSWEEP_CONSUMER_MAX_DELIVER": "30",
+    "PODSWEEP_CONSUMER_BACKOFF_S": "0.2,0.5,1.0",
+    "PODSWEEP_CONSUMER_ACK_WAIT_S": "5",
+    "PODSWEEP_DISPATCHER_SWEEP_INTERVAL_S": "2",
+    "PODSWEEP_DISPATCHER_CLAIM_TTL_S": "10",
+    "PODSWEEP_DISPATCHER_LEADER_LEASE_S": "3",
+    "PODSWEEP_DISPATCHER_BACKOFF_BASE_S": "0.5",
+    "PODSWEEP_DISPATCHER_BACKOFF_MAX_S": "2",
+    "PODSWEEP_DISPATCHER_MAX_ACTIVE": "60",
+    "PODSWEEP_DISPATCHER_MAX_ACTIVE_PER_NODE": "15",
+    "PODSWEEP_DISPATCHER_MAX_CREATED_PER_MINUTE": "6000",
+    "PODSWEEP_NOTIFIER_WORKLOADS_WAIT_DELIVERIES": "5",
+    "PODSWEEP_NOTIFIER_WORKLOADS_WAIT_S": "0.5",
+    "PODSWEEP_NOTIFIER_RETRY_BASE_S": "0.2",
+    "PODSWEEP_NOTIFIER_RETRY_CAP_S": "1",
+    "PODSWEEP_NOTIFIER_OUTBOX_ACK_WAIT_S": "8",
+}
+
+
+async def test_kill_9_of_each_service_under_the_deployed_credentials_loses_and_duplicates_nothing(
+    world: DeployedWorld,
+) -> None:
+    for service in SERVICES[:4]:
+        world.start(service, QUICK_TAKEOVER)
+    count = 80
+    images = [f"registry.example.com/deployed-kill/app-{i}:1.{i}" for i in range(count)]
+    refs = {expected_image_id(image, "app") for image in images}
+    mine = {ref.rsplit(":", 1)[1] for ref in refs}
+
+    async def create(i: int) -> None:
+        body = bare_pod(f"app-{i}", images[i], world.nodes[i % len(world.nodes)])
+        await world.admin.request("POST", f"/api/v1/namespaces/{world.apps}/pods", body=body)
+
+    await asyncio.gather(*(create(i) for i in range(count)))
+
+    def scanned() -> int:
+        return len(mine & set(world.puts))
+
+    def alerted() -> int:
+        return len({a[0].digest_ref for a in alerts(world).values()} & refs)
+
+    kills = (("watcher", scanned, 5), ("dispatcher", scanned, 20), ("parser", scanned, 40), ("notifier", alerted, 30))
+    for service, progress, at in kills:
+
+        async def reached(progress: Callable[[], int] = progress, at: int = at) -> bool:
+            return progress() >= at
+
+        await eventually(reached, 180, f"progress {at} before killing the {service}", world)
+        assert progress() < count, f"the run finished before the {service} could be killed in flight"
+        world.processes[service].kill()
+        world.start(service, QUICK_TAKEOVER)
+
+    async def every_digest_alerted() -> bool:
+        return alerted() == count
+
+    await eventually(every_digest_alerted, 300, f"an alert for each of the {count} digests", world)
+
+    # Nothing lost: a stored report per digest. Nothing duplicated: one scan pod per digest, one alert per digest.
+    notifier_s3 = world.s3("notifier")
+    for ref in sorted(refs):
+        assert await notifier_s3.get_if_exists(storage.latest_report_key(ref)) is not None, ref
+    assert {d: c for d, c in world.puts.items() if d in mine} == dict.fromkeys(mine, 1), world.puts.most_common(3)
+    by_digest = Counter(a[0].digest_ref for a in alerts(world).values() if a[0].digest_ref in refs)
+    assert by_digest == Counter(refs), by_digest.most_common(3)
