@@ -117,26 +117,50 @@ class Route(Generic[E]):
     handle: Callable[[E, Delivery], Awaitable[Settled | None]]
 
 
+@dataclass(frozen=True)
+class StreamRef:
+    """A stream and the subjects it holds, `<root>.>`: names given to publish and consume are relative to `root`."""
+
+    name: str
+    root: str
+
+    def subject(self, name: str) -> str:
+        return subjects.subject(self.root, name)
+
+
 class Bus:
-    """A connected JetStream context for one service, with podsweep's subject root and KV prefix."""
+    """A connected JetStream context for one service, with podsweep's subject root and KV prefix.
+
+    `events` is the PODSWEEP stream every service shares; `outbox` is the notifier's own (schemas/subjects.py).
+    """
 
     def __init__(self, nc: NatsClient, settings: NatsSettings) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
+        self.events = StreamRef(settings.stream, settings.subject_root)
+        self.outbox = StreamRef(subjects.outbox_stream(settings.stream), subjects.outbox_root(settings.subject_root))
 
     def subject(self, name: str) -> str:
-        return subjects.subject(self.settings.subject_root, name)
+        return self.events.subject(name)
 
     async def publish(
-        self, name: str, event: msgspec.Struct, *, msg_id: str, headers: Mapping[str, str] | None = None
+        self,
+        name: str,
+        event: msgspec.Struct,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+        stream: StreamRef | None = None,
     ) -> bool:
-        """Publish an event; True when stored, False when the stream already had this msg_id (a duplicate)."""
-        subject = self.subject(name)
+        """Publish an event (to `events` unless `stream` says otherwise); True when stored, False when the stream
+        already had this msg_id (a duplicate)."""
+        into = stream or self.events
+        subject = into.subject(name)
         with tracer.start_as_current_span(f"publish {name}", kind=SpanKind.PRODUCER) as span:
             span.set_attribute("messaging.message.id", msg_id)
             out = telemetry.inject({**(headers or {}), "Nats-Msg-Id": msg_id})
-            ack = await self.js.publish(subject, _encoder.encode(event), headers=out, stream=self.settings.stream)
+            ack = await self.js.publish(subject, _encoder.encode(event), headers=out, stream=into.name)
         published.add(1, {"subject": name, "duplicate": bool(ack.duplicate)})
         return not ack.duplicate
 
@@ -312,12 +336,13 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
     return Bus(nc, settings)
 
 
-async def ensure_stream(bus: Bus) -> None:
-    """Create or update the PODSWEEP stream on <root>.> (idempotent; safe from every replica)."""
+async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
+    """Create or update a stream on <root>.>, the PODSWEEP one unless told (idempotent; safe from every replica)."""
     s = bus.settings
+    stream = stream or bus.events
     config = StreamConfig(
-        name=s.stream,
-        subjects=[f"{s.subject_root}.>"],
+        name=stream.name,
+        subjects=[f"{stream.root}.>"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=s.max_age_days * 86400,
@@ -325,7 +350,7 @@ async def ensure_stream(bus: Bus) -> None:
         num_replicas=s.replicas,
     )
     try:
-        await bus.js.stream_info(s.stream)
+        await bus.js.stream_info(stream.name)
     except NotFoundError:
         try:
             await bus.js.add_stream(config)
@@ -335,18 +360,22 @@ async def ensure_stream(bus: Bus) -> None:
     await bus.js.update_stream(config)
 
 
-async def ensure_consumer(bus: Bus, durable: str, names: list[str], settings: ConsumerSettings) -> None:
-    """A durable pull consumer on the given subjects. max_deliver is enforced by the loop, which dead-letters."""
+async def ensure_consumer(
+    bus: Bus, durable: str, names: list[str], settings: ConsumerSettings, stream: StreamRef | None = None
+) -> None:
+    """A durable pull consumer on the given subjects of `stream` (PODSWEEP unless told). max_deliver is enforced by
+    the loop, which dead-letters."""
+    stream = stream or bus.events
     config = ConsumerConfig(
         durable_name=durable,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
         max_deliver=-1,  # the loop dead-letters after settings.max_deliver, so nothing expires unseen
-        filter_subjects=[bus.subject(n) for n in names],
+        filter_subjects=[stream.subject(n) for n in names],
         max_ack_pending=max(settings.batch * 4, settings.max_ack_pending),
     )
-    await bus.js.add_consumer(bus.settings.stream, config)
+    await bus.js.add_consumer(stream.name, config)
 
 
 def backoff_delay(settings: ConsumerSettings, deliveries: int) -> float:
@@ -368,7 +397,7 @@ async def dead_letter(bus: Bus, service: str, msg: Msg, deliveries: int, error: 
     await bus.publish(
         f"{subjects.DEAD}.{service}",
         letter,
-        msg_id=f"dead:{service}:{bus.settings.stream}:{meta.sequence.stream}",
+        msg_id=f"dead:{service}:{meta.stream}:{meta.sequence.stream}",  # the stream the message came from
     )
     log.warning(
         "event dead-lettered",
@@ -393,6 +422,7 @@ async def consume(
     settings: ConsumerSettings,
     stop: asyncio.Event,
     pull_expires_s: float = PULL_EXPIRES_S,
+    stream: StreamRef | None = None,
 ) -> None:
     """Run until `stop` is set, then finish the messages in flight and return (the SIGTERM drain).
 
@@ -402,13 +432,16 @@ async def consume(
     here an idle consumer sends one request per `pull_expires_s`. A request the server lost (a restart) is noticed
     when its expiry passes unanswered, and asked again.
     """
-    await ensure_consumer(bus, durable, list(routes), settings)
+    stream = stream or bus.events
+    await ensure_consumer(bus, durable, list(routes), settings, stream)
     nc = bus.nc
-    by_subject = {bus.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()}
+    by_subject = {
+        stream.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()
+    }
     limit = asyncio.Semaphore(settings.concurrency)
     in_flight: set[asyncio.Task[None]] = set()
     inbox = nc.new_inbox()
-    next_subject = f"{bus.js._prefix}.CONSUMER.MSG.NEXT.{bus.settings.stream}.{durable}"
+    next_subject = f"{bus.js._prefix}.CONSUMER.MSG.NEXT.{stream.name}.{durable}"
     expires_ns = int(pull_expires_s * 1_000_000_000)
     wanted = 0  # messages asked for and neither delivered nor expired
     heard = time.monotonic()  # the last pull sent or answered

@@ -79,7 +79,7 @@ class ReportHandler:
         queued = entries(decision, event, runs, policy, scan_date)
         # Enqueue first, remember second: a crash in between re-decides, and the outbox drops the duplicate ids.
         for entry in queued:
-            await self.bus.publish(subjects.outbox(entry.destination), entry, msg_id=msg_id(entry))
+            await self.bus.publish(entry.destination, entry, msg_id=msg_id(entry), stream=self.bus.outbox)
         for key, fp in decision.fingerprints.items():
             stamped = msgspec.structs.replace(fp, stored_at=event.stored_at)
             await busmod.kv_update(self.notify, key, NotifyFingerprint, functools.partial(advance, new=stamped))
@@ -131,7 +131,8 @@ def outbox_consumer_settings(settings: Settings) -> ConsumerSettings:
 
 
 class Outboxes:
-    """One durable consumer per destination, started as the policy names them (and never stopped before `stop`)."""
+    """One durable consumer per destination on the outbox stream, named after the destination and started as the
+    policy names them (and never stopped before `stop`)."""
 
     def __init__(
         self, bus: busmod.Bus, deliverer: Deliverer, settings: Settings, stop: asyncio.Event, group: asyncio.TaskGroup
@@ -152,10 +153,11 @@ class Outboxes:
                 busmod.consume(
                     self.bus,
                     service=SERVICE,
-                    durable=f"{SERVICE}-outbox-{dest.name}",
-                    routes={subjects.outbox(dest.name): busmod.Route(OutboxEntry, self.deliverer.handle)},
+                    durable=dest.name,
+                    routes={dest.name: busmod.Route(OutboxEntry, self.deliverer.handle)},
                     settings=self.consumer,
                     stop=self.stop,
+                    stream=self.bus.outbox,
                 )
             )
             log.info("outbox consuming", destination=dest.name)
@@ -174,6 +176,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     HEALTH.set("notifier:consuming", False)
     async with open_service(SERVICE, settings, s3=True) as service:
         bus, store = service.bus, service.require_store()
+        await busmod.ensure_stream(bus, bus.outbox)
         workloads = await bus.kv(WORKLOADS_BUCKET)
         notify = await bus.kv(NOTIFY_BUCKET)
         delivered = await bus.kv(DELIVERED_BUCKET, ttl_s=settings.notifier.delivered_ttl_h * 3600)

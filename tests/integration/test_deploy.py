@@ -739,7 +739,7 @@ async def test_services_run_the_event_pipeline_with_their_own_users(buses: dict[
     published = {
         "watcher": ["image.seen", "image.gone", "scan.started", "scan.completed", "scan.failed", "dead.watcher"],
         "parser": ["report.stored", "dead.parser"],
-        "notifier": ["alert.sent", "alert.failed", "dead.notifier", "outbox.team-a"],
+        "notifier": ["alert.sent", "alert.failed", "dead.notifier"],
         "dispatcher": ["dead.dispatcher"],
         "admission": ["admission.decided", "rescan.requested"],
     }
@@ -821,7 +821,7 @@ DENIED = [
     ("parser", "podsweep.alert.sent", "parser-cannot-forge-alerts"),
     ("notifier", "podsweep.report.stored", "notifier-cannot-forge-reports"),
     ("notifier", "podsweep.dead.parser", "notifier-cannot-dead-letter-for-others"),
-    ("parser", "podsweep.outbox.team-a", "parser-cannot-queue-alerts"),
+    ("parser", "podsweep-outbox.team-a", "parser-cannot-queue-alerts"),
     # another service's consumer or KV bucket
     ("watcher", "$JS.API.CONSUMER.MSG.NEXT.PODSWEEP.dispatcher", "watcher-cannot-pull-dispatchers-events"),
     ("parser", "$JS.ACK.PODSWEEP.notifier.1.1.1.1.1", "parser-cannot-ack-for-notifier"),
