@@ -6,6 +6,8 @@ Builds configurations and starts only the processes it is asked to, by PID; deci
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import re
 import secrets
@@ -20,6 +22,10 @@ from pathlib import Path
 
 import msgspec
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from podsweep.embedded import free_port
 from podsweep.kube import Kube
@@ -286,6 +292,60 @@ def base_environment(root: Path) -> dict[str, str]:
     }
 
 
+# -- certificates for prod's NATS TLS ---------------------------------------------------------------------------------
+
+
+def nats_tls_values() -> dict[tuple[str, str], str]:
+    """Values for prod's placeholder Secrets nats-server-tls and nats-client-tls: a throwaway CA, a server pair for
+    nats.podsweep.svc and 127.0.0.1 (where the harness's nats-server listens), a client pair for the services."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "podsweep-harness-nats-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
+
+    def pair(name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple[str, str]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+    server = pair(
+        "nats.podsweep.svc",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("nats.podsweep.svc"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    client = pair("podsweep", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    values: dict[tuple[str, str], str] = {}
+    for secret, (cert, key) in (("nats-server-tls", server), ("nats-client-tls", client)):
+        values |= {(secret, "ca.crt"): ca_pem, (secret, "tls.crt"): cert, (secret, "tls.key"): key}
+    return values
+
+
 # -- API identities ---------------------------------------------------------------------------------------------------
 
 
@@ -406,6 +466,16 @@ def start_seaweedfs(rendered: Rendered, root: Path, remap: Remap, s3_port: int) 
     process = spawn("seaweedfs", argv, {**base_environment(root), **config.env}, root / "seaweedfs.log", root)
     wait_tcp(process, s3_port)
     return process
+
+
+def s3_identities_for(dev: Rendered, rendered: Rendered, remap: Remap) -> str:
+    """The dev overlay's SeaweedFS identities (the actions each service may do) with the keys of `rendered`'s
+    s3-<service> Secrets: an S3 that stands in for prod's external one with the same rights per key."""
+    identities = msgspec.json.decode(dev.secret("seaweedfs-identities")["s3.json"])
+    for identity in identities["identities"]:
+        keys = remap.secret(rendered, f"s3-{identity['name']}")
+        identity["credentials"] = [{"accessKey": keys["access-key-id"], "secretKey": keys["secret-access-key"]}]
+    return msgspec.json.encode(identities).decode()
 
 
 def start_service(config: ProcessConfig, extra_env: Mapping[str, str], log: Path) -> Process:

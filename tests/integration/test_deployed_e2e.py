@@ -68,6 +68,7 @@ REPO = Path(__file__).resolve().parents[2]
 REPORT = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-alpine.json").read_bytes(), mtime=0)
 SBOM = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-combined.cdx.json").read_bytes(), mtime=0)
 OVERLAY = "overlays/dev"
+PROD_S3 = "https://s3.example.invalid"  # overlays/prod/services-tls.yaml: the endpoint to replace
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
 _DIGEST_IN_URL = re.compile(r"/raw/sha256/([0-9a-f]{64})/")
 
@@ -160,8 +161,12 @@ async def delete_scan_jobs(admin: Kube, timeout_s: float = 60.0) -> None:
 
 
 @pytest.fixture
-async def world(kube: KubeControlPlane, kube_api: Kube, tmp_path: Path) -> AsyncIterator[DeployedWorld]:
-    rendered = deployed.kustomize(kube.kubectl, OVERLAY)
+async def world(
+    kube: KubeControlPlane, kube_api: Kube, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[DeployedWorld]:
+    overlay: str = getattr(request, "param", OVERLAY)
+    rendered = deployed.kustomize(kube.kubectl, overlay)
+    dev = rendered if overlay == OVERLAY else deployed.kustomize(kube.kubectl, OVERLAY)
     kube.kubectl_run("apply", "-f", "-", stdin=rendered.rbac_yaml())
     await delete_scan_jobs(kube_api)  # what an earlier run in this control plane left behind
     hook_key = secrets.token_urlsafe(32)
@@ -173,17 +178,21 @@ async def world(kube: KubeControlPlane, kube_api: Kube, tmp_path: Path) -> Async
         addresses={
             "nats.podsweep.svc:4222": f"127.0.0.1:{nats_port}",
             "seaweedfs.podsweep.svc:8333": f"127.0.0.1:{s3_port}",
+            PROD_S3: f"http://127.0.0.1:{s3_port}",  # prod's external S3: the dev overlay's SeaweedFS stands in
         },
         secret_values={
             ("podsweep-webhooks", "hmac-key"): hook_key,
             ("podsweep-webhooks", "default-url"): f"{receiver.url}/hook",
             ("admission-tls", "tls.crt"): tls.cert_file.read_text(),
             ("admission-tls", "tls.key"): tls.key_file.read_text(),
+            **deployed.nats_tls_values(),
         },
     )
+    if rendered is not dev:
+        remap.secret_values[("seaweedfs-identities", "s3.json")] = deployed.s3_identities_for(dev, rendered, remap)
     servers = [
         deployed.start_nats(rendered, tmp_path / "nats", remap, nats_port),
-        deployed.start_seaweedfs(rendered, tmp_path / "seaweedfs", remap, s3_port),
+        deployed.start_seaweedfs(dev, tmp_path / "seaweedfs", remap, s3_port),
     ]
     kubeconfigs: dict[str, Path] = {}
     for account in ("watcher", "dispatcher"):
@@ -259,7 +268,8 @@ def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-async def test_the_rendered_dev_overlay_scans_stores_and_alerts_every_digest_once(world: DeployedWorld) -> None:
+@pytest.mark.parametrize("world", ["overlays/dev", "overlays/prod"], indirect=True)
+async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(world: DeployedWorld) -> None:
     for service in SERVICES:
         world.start(service)
     images = [f"registry.example.com/deployed/app-{i}:1.{i}" for i in range(4)]
