@@ -560,8 +560,8 @@ CAN_I = [
     # dispatcher: Jobs in podsweep's namespace, nothing else
     ("dispatcher", "create", "jobs.batch", OWN, True, "dispatcher-creates-scan-jobs"),
     ("dispatcher", "delete", "jobs.batch", OWN, True, "dispatcher-deletes-scan-jobs"),
-    ("dispatcher", "watch", "jobs.batch", OWN, True, "dispatcher-watches-scan-jobs"),
-    ("dispatcher", "get", "jobs.batch", OWN, True, "dispatcher-gets-scan-jobs"),
+    ("dispatcher", "watch", "jobs.batch", OWN, False, "dispatcher-never-watches-jobs"),
+    ("dispatcher", "get", "jobs.batch", OWN, False, "dispatcher-never-reads-jobs-back"),
     ("dispatcher", "update", "jobs.batch", OWN, False, "dispatcher-never-rewrites-jobs"),
     ("dispatcher", "create", "jobs.batch", OTHER, False, "dispatcher-never-creates-jobs-elsewhere"),
     ("dispatcher", "list", "jobs.batch", ALL, False, "dispatcher-never-lists-jobs-cluster-wide"),

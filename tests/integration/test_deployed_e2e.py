@@ -160,6 +160,16 @@ async def delete_scan_jobs(admin: Kube, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.2)
 
 
+async def service_kubeconfigs(kube: KubeControlPlane, admin: Kube, directory: Path) -> dict[str, Path]:
+    """A kubeconfig per ServiceAccount whose pods get a token, holding a TokenRequest token for it (not the admin's)."""
+    kubeconfigs: dict[str, Path] = {}
+    for account in ("watcher", "dispatcher"):
+        token = await deployed.service_account_token(admin, account)
+        user = f"system:serviceaccount:{deployed.NAMESPACE}:{account}"
+        kubeconfigs[account] = deployed.write_kubeconfig(directory / account, kube.server, kube.ca_file, user, token)
+    return kubeconfigs
+
+
 @pytest.fixture
 async def world(
     kube: KubeControlPlane, kube_api: Kube, tmp_path: Path, request: pytest.FixtureRequest
@@ -194,13 +204,7 @@ async def world(
         deployed.start_nats(rendered, tmp_path / "nats", remap, nats_port),
         deployed.start_seaweedfs(dev, tmp_path / "seaweedfs", remap, s3_port),
     ]
-    kubeconfigs: dict[str, Path] = {}
-    for account in ("watcher", "dispatcher"):
-        token = await deployed.service_account_token(kube_api, account)
-        user = f"system:serviceaccount:{deployed.NAMESPACE}:{account}"
-        kubeconfigs[account] = deployed.write_kubeconfig(
-            tmp_path / "kubeconfigs" / account, kube.server, kube.ca_file, user, token
-        )
+    kubeconfigs = await service_kubeconfigs(kube, kube_api, tmp_path / "kubeconfigs")
     n = secrets.token_hex(3)
     apps = f"deployed-{n}"
     await create_namespace(kube_api, apps)
@@ -331,29 +335,48 @@ async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(wo
     assert answer.allowed is True, answer
 
 
-async def test_service_accounts_are_refused_what_rbac_does_not_grant(world: DeployedWorld) -> None:
-    """The kubeconfigs the services get really are their ServiceAccounts: a call outside the rendered RBAC is a 403."""
-    for account, method, path in (
-        ("watcher", "POST", f"/apis/batch/v1/namespaces/{deployed.NAMESPACE}/jobs"),
-        ("watcher", "GET", f"/api/v1/namespaces/{deployed.NAMESPACE}/secrets"),
-        ("dispatcher", "GET", "/api/v1/pods"),
-        ("dispatcher", "GET", f"/apis/batch/v1/namespaces/{world.apps}/jobs"),
-    ):
-        client = await Kube.connect(str(world.kubeconfigs[account]))
+async def test_service_accounts_are_refused_what_the_rendered_rbac_does_not_grant(
+    kube: KubeControlPlane, kube_api: Kube, tmp_path: Path
+) -> None:
+    """The kubeconfigs the services get really are their ServiceAccounts: outside the rendered RBAC a call is a 403,
+    inside it the call is made (a Job created in a server-side dry run)."""
+    kube.kubectl_run("apply", "-f", "-", stdin=deployed.kustomize(kube.kubectl, OVERLAY).rbac_yaml())
+    kubeconfigs = await service_kubeconfigs(kube, kube_api, tmp_path)
+    jobs = f"/apis/batch/v1/namespaces/{deployed.NAMESPACE}/jobs"
+    job: dict[str, object] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"generateName": "rbac-probe-"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": "scan",
+                    "containers": [{"name": "probe", "image": "registry.example.com/probe:1"}],
+                }
+            }
+        },
+    }
+    calls: list[tuple[str, str, str, dict[str, object] | None, int | None]] = [
+        ("watcher", "POST", jobs, job, 403),
+        ("watcher", "GET", f"/api/v1/namespaces/{deployed.NAMESPACE}/secrets", None, 403),
+        ("watcher", "GET", "/api/v1/pods", None, None),
+        ("watcher", "GET", jobs, None, None),
+        ("dispatcher", "GET", "/api/v1/pods", None, 403),
+        ("dispatcher", "GET", jobs, None, 403),
+        ("dispatcher", "POST", "/apis/batch/v1/namespaces/default/jobs", job, 403),
+        ("dispatcher", "POST", jobs, job, None),
+    ]
+    for account, method, path, body, refused in calls:
+        client = await Kube.connect(str(kubeconfigs[account]))
+        params: dict[str, str | int | bool] = {"dryRun": "All"} if method == "POST" else {"limit": 1}
         try:
-            with pytest.raises(KubeError) as refused:
-                await client.request(method, path, body={} if method == "POST" else None)
-            assert refused.value.status == 403, f"{account} {method} {path}: {refused.value}"
-        finally:
-            await client.close()
-    # and the grants they do have answer (the same clients, a call inside the rules)
-    for account, path in (
-        ("watcher", "/api/v1/pods"),
-        ("dispatcher", f"/apis/batch/v1/namespaces/{deployed.NAMESPACE}/jobs"),
-    ):
-        client = await Kube.connect(str(world.kubeconfigs[account]))
-        try:
-            await client.request("GET", path, params={"limit": 1})
+            if refused is None:
+                await client.request(method, path, params=params, body=body)
+            else:
+                with pytest.raises(KubeError) as error:
+                    await client.request(method, path, params=params, body=body)
+                assert error.value.status == refused, f"{account} {method} {path}: {error.value}"
         finally:
             await client.close()
 
