@@ -228,7 +228,14 @@ class Watcher:
     async def states_of(self, pods: Sequence[Pod]) -> list[podstate.PodState]:
         """The state of each pod in scope. Workloads already known cost nothing; the rest are walked concurrently,
         one walk per distinct owner."""
-        selected = [pod for pod in pods if self.filter.selects(pod.metadata.namespace)]
+        selected = [
+            pod
+            for pod in pods
+            if self.filter.selects(pod.metadata.namespace)
+            and not podannotations.is_own_scan_pod(
+                pod.metadata.namespace, pod.metadata.annotations, self.scan_namespace
+            )
+        ]
         workloads: list[Workload | None] = []
         for pod in selected:
             known = self.index.workload_of(pod.metadata.uid)
