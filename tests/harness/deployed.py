@@ -205,7 +205,9 @@ class Remap:
         for key, value in rendered.secret(name).items():
             chosen = self.secret_values.get((name, key))
             if chosen is None and PLACEHOLDER in value:
-                chosen = self.secret_values[(name, key)] = secrets.token_urlsafe(24)
+                # A letter first: nats-server parses a `$VAR` password as a config value, and one that starts with a
+                # digit is read as a number and refused ("Expected a digit"), as `openssl rand -base64` often gives.
+                chosen = self.secret_values[(name, key)] = "k" + secrets.token_hex(24)
             values[key] = value if chosen is None else chosen
         return values
 
