@@ -310,7 +310,8 @@ async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(wo
     assert {d: c for d, c in world.puts.items() if d in mine} == dict.fromkeys(mine, 1), world.puts
     by_digest = Counter(a[0].digest_ref for a in alerts(world).values() if a[0].digest_ref in refs)
     assert by_digest == Counter(refs), [
-        (k, [(a.digest_ref[-8:], a.namespace, a.workload, a.rule, a.scan_id, a.new_count, a.reasons) for a in v]) for k, v in alerts(world).items()
+        (k, [(a.digest_ref[-8:], a.namespace, a.workload, a.rule, a.scan_id, a.new_count, a.reasons) for a in v])
+        for k, v in alerts(world).items()
     ]
     # Stored: read back with the notifier's own read-only credential.
     notifier_s3 = world.s3("notifier")
