@@ -47,12 +47,14 @@ import httpx
 import msgspec
 import pytest
 
-from podsweep.config import S3Settings
+from podsweep import bus as busmod
+from podsweep.config import S3Settings, load_settings
 from podsweep.embedded import free_port
 from podsweep.kube import Kube, KubeError
 from podsweep.objectstore import ObjectStore
-from schemas import storage
+from schemas import storage, subjects
 from schemas.alerts import AlertPayload
+from schemas.events import ReportStored
 from services.dispatcher.jobspec import RAW_URL_ENV, SBOM_URL_ENV
 from tests.harness import deployed
 from tests.harness.admission import make_tls
@@ -451,3 +453,24 @@ async def test_kill_9_of_each_service_under_the_deployed_credentials_loses_and_d
     assert {d: c for d, c in world.puts.items() if d in mine} == dict.fromkeys(mine, 1), world.puts.most_common(3)
     by_digest = Counter(a[0].digest_ref for a in alerts(world).values() if a[0].digest_ref in refs)
     assert by_digest == Counter(refs), by_digest.most_common(3)
+    stored = Counter(e.digest_ref for e in await read_stored(world) if e.digest_ref in refs)
+    assert stored == Counter(refs), "report.stored must be once per digest"
+
+
+async def read_stored(world: DeployedWorld) -> list[ReportStored]:
+    """Every report.stored on the stream, read as the admission gate reads it: its own NATS user, an ordered
+    consumer (0.5 s of silence is the end)."""
+    config = world.config("admission")
+    settings = load_settings(environ=config.env).nats
+    bus = await busmod.connect(settings, "deployed-e2e-test")
+    sub = await bus.js.subscribe(bus.subject(subjects.REPORT_STORED), stream=settings.stream, ordered_consumer=True)
+    out: list[ReportStored] = []
+    try:
+        while True:
+            out.append(msgspec.json.decode((await sub.next_msg(timeout=0.5)).data, type=ReportStored))
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+        await bus.close()
+    return out
