@@ -119,6 +119,7 @@ class PodTemplate(msgspec.Struct, frozen=True):
 
 class WorkloadSpec(msgspec.Struct, frozen=True):
     template: PodTemplate
+    replicas: int = 1
 
 
 class Workload(msgspec.Struct, frozen=True):

@@ -93,20 +93,27 @@ class DeployedWorld:
     puts: Counter[str] = field(default_factory=Counter)  # digest hex -> reports PUT by scan pods
 
     def config(self, service: str) -> deployed.ProcessConfig:
-        return deployed.pod_process(self.rendered, "Deployment", service, self.root / service, self.remap)
+        return deployed.pod_process(self.rendered, "Deployment", service, self.root / "configs" / service, self.remap)
 
-    def start(self, service: str, extra_env: dict[str, str] | None = None) -> deployed.Process:
-        """The service's Deployment as a process; only the remaps in this module's docstring are added."""
-        config = self.config(service)
+    def start(self, service: str, extra_env: dict[str, str] | None = None, replica: int = 0) -> deployed.Process:
+        """The service's Deployment as a process (`replica` > 0: another pod of it, `<service>-<replica>`); only the
+        remaps in this module's docstring are added."""
+        name = f"{service}-{replica}" if replica else service
+        config = deployed.pod_process(self.rendered, "Deployment", service, self.root / name, self.remap)
         env: dict[str, str] = {"PODSWEEP_TELEMETRY_METRICS_PORT": str(free_port())}
         if service == "admission":
             env |= {"PODSWEEP_ADMISSION_HOST": "127.0.0.1", "PODSWEEP_ADMISSION_PORT": str(free_port())}
         if config.token:
             env["KUBECONFIG"] = str(self.kubeconfigs[config.service_account])
-        self.ports[service] = env
-        process = deployed.start_service(config, env | (extra_env or {}), self.root / "logs" / f"{service}.log")
-        self.processes[service] = process
+        self.ports[name] = env
+        process = deployed.start_service(config, env | (extra_env or {}), self.root / "logs" / f"{name}.log")
+        self.processes[name] = process
         return process
+
+    def start_every_replica(self, service: str) -> None:
+        """As many processes as the rendered Deployment has replicas (prod: two dispatchers, one leading)."""
+        for replica in range(self.rendered.workload("Deployment", service).spec.replicas):
+            self.start(service, replica=replica)
 
     def s3(self, service: str) -> ObjectStore:
         """An S3 client holding that service's own rendered credential (nothing more)."""
@@ -277,7 +284,7 @@ def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
 @pytest.mark.parametrize("world", ["overlays/dev", "overlays/prod"], indirect=True)
 async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(world: DeployedWorld) -> None:
     for service in SERVICES:
-        world.start(service)
+        world.start_every_replica(service)
     images = [f"registry.example.com/deployed/app-{i}:1.{i}" for i in range(4)]
     # The first image as a Deployment's two replicas on one node (one digest, one scan, one alert); the others bare.
     web = {
