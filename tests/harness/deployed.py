@@ -206,8 +206,8 @@ class Remap:
         for key, value in rendered.secret(name).items():
             chosen = self.secret_values.get((name, key))
             if chosen is None and PLACEHOLDER in value:
-                # A letter first: nats-server parses a `$VAR` password as a config value, and one that starts with a
-                # digit is read as a number and refused ("Expected a digit"), as `openssl rand -base64` often gives.
+                # nats-server parses a `$VAR` password as a config value: one starting with '-' (token_urlsafe gives
+                # that one time in 64) or reading as a number, size, date or boolean is refused. A letter, then hex.
                 chosen = self.secret_values[(name, key)] = "k" + secrets.token_hex(24)
             values[key] = value if chosen is None else chosen
         return values

@@ -657,7 +657,8 @@ def nats_from_manifest(
             assert text.count("store_dir: /data/jetstream\n") == 1
             text = text.replace("store_dir: /data/jetstream\n", f"store_dir: {store}\n")
         (work / key).write_text(text)
-    passwords = {service: secrets.token_urlsafe(18) for service in SERVICES}
+    # A letter, then hex: nats-server refuses a `$VAR` password starting with '-' or reading as a number.
+    passwords = {service: "k" + secrets.token_hex(18) for service in SERVICES}
     env = {**os.environ, "POD_NAME": "nats-0"}
     env.update({f"PODSWEEP_NATS_{s.upper()}_PASSWORD": p for s, p in passwords.items()})
     port = free_port()
