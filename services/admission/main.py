@@ -27,6 +27,7 @@ from podsweep import bus as busmod
 from podsweep import logs
 from podsweep.config import Settings
 from podsweep.health import HEALTH
+from podsweep.natsaccess import NatsAccess
 from podsweep.objectstore import ObjectStore
 from podsweep.policy import EMPTY_POLICY, Policy, PolicyError, load_policy
 from podsweep.service import open_service
@@ -40,6 +41,12 @@ from services.admission.decide import Decision, GateRules, VerdictCache, allow, 
 from services.admission.view import FindingsWanted, View, compact
 
 SERVICE = "admission"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(subjects.ADMISSION_DECIDED, subjects.RESCAN_REQUESTED),
+    replays=(subjects.IMAGE_SEEN, subjects.REPORT_STORED),
+)
 PATH = "/validate"
 READY = "admission:view"
 MAX_INDEX_BYTES = 256 * 1024 * 1024
@@ -210,6 +217,7 @@ async def follow(
         deliver_policy=DeliverPolicy.BY_START_TIME if start is not None else DeliverPolicy.ALL,
         opt_start_time=start,
     )
+    bus.check_replay(name)
     sub = await bus.js.subscribe(bus.subject(name), ordered_consumer=True, config=config, stream=bus.settings.stream)
     try:
         while not stop.is_set():
@@ -410,7 +418,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     policy_file = a.policy_file or settings.notifier.policy_file
     gate = Gate(rules_from(settings), read_policy(policy_file), a.audit_queue, a.rescan_every_s)
     HEALTH.set(READY, False)
-    async with open_service(SERVICE, settings, s3=True) as service:
+    async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
         runner = web.AppRunner(app_for(gate), access_log=None, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, ssl_context=context, backlog=1024).start()
