@@ -144,6 +144,8 @@ class Bus:
         self.access = access
         self.events = StreamRef(settings.stream, settings.subject_root)
         self.outbox = StreamRef(subjects.outbox_stream(settings.stream), subjects.outbox_root(settings.subject_root))
+        # Holds copies of some events (their subjects unchanged), no subject of its own: see ensure_replay_stream.
+        self.replay = StreamRef(subjects.replay_stream(settings.stream), settings.subject_root)
 
     def subject(self, name: str) -> str:
         return self.events.subject(name)
@@ -414,6 +416,68 @@ async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
         )
         return
     await bus.js.update_stream(config)
+
+
+async def ensure_replay_stream(bus: Bus, names: Sequence[str]) -> StreamRef:
+    """The stream a service replays `names` from (the admission view): a copy of those events of the events stream,
+    made by the server (a source filtered to their subjects), then kept current.
+
+    Apart from the events stream so that the consumers a replaying service creates, unnamed and ephemeral, are on a
+    stream of its own: a user who may create unnamed consumers on a stream may also redefine any consumer there
+    (a create request names it in its body, which NATS permissions cannot see). Returns once the copy holds at least
+    every event of `names` the events stream held when this was called.
+    """
+    for name in names:
+        bus.check_replay(name)
+    s = bus.settings
+    wanted = sorted(bus.subject(name) for name in names)
+    config = StreamConfig(
+        name=bus.replay.name,
+        sources=[
+            jsapi.StreamSource(
+                name=bus.events.name, subject_transforms=[jsapi.SubjectTransform(src=w, dest=w) for w in wanted]
+            )
+        ],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=s.max_age_days * 86400,
+        duplicate_window=1.0,  # the source stored each event once already; a long window only costs memory
+        num_replicas=s.replicas,
+    )
+    try:
+        info = await bus.js.stream_info(bus.replay.name)
+    except NotFoundError:
+        try:
+            info = await bus.js.add_stream(config)
+        except BadRequestError:  # created concurrently
+            info = await bus.js.stream_info(bus.replay.name)
+    sources = [
+        sorted(t.src for t in (source.subject_transforms or []))
+        for source in info.config.sources or []
+        if source.name == bus.events.name
+    ]
+    if sources != [wanted]:
+        if bus.access is not None:
+            raise RuntimeError(
+                f"nats: stream {bus.replay.name} copies {sources} from {bus.events.name}, this version replays "
+                f"{wanted}: delete it (`nats stream rm {bus.replay.name}`, nothing is lost: it is a copy) and "
+                "start again, which makes it anew"
+            )
+        await bus.js.update_stream(config)
+    for subject in wanted:
+        held = await _count(bus, bus.events.name, subject)
+        next_log = time.monotonic()
+        while (copied := await _count(bus, bus.replay.name, subject)) < held:
+            if time.monotonic() >= next_log:
+                log.info("replay stream catching up", stream=bus.replay.name, subject=subject, of=held, has=copied)
+                next_log = time.monotonic() + 10
+            await asyncio.sleep(0.1)
+    return bus.replay
+
+
+async def _count(bus: Bus, stream: str, subject: str) -> int:
+    info = await bus.js.stream_info(stream, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
 
 
 def _stream_differences(have: StreamConfig, want: StreamConfig) -> list[str]:

@@ -130,10 +130,18 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
         on = ", ".join(durable.subjects)
         out.append(Section(f"its durable consumer {durable.name} on {on}", _durable(stream, durable.name)))
     if access.replays:
+        replay = subjects.replay_stream(stream)
         out.append(
             Section(
-                f"ordered consumers replaying {', '.join(access.replays)}: ephemeral, created without a name",
-                (f"{API}.CONSUMER.CREATE.{stream}", f"{API}.CONSUMER.INFO.{stream}.*", f"$JS.FC.{stream}.>"),
+                f"replaying {', '.join(access.replays)}: ordered (unnamed, ephemeral) consumers on {replay}, a copy of "
+                f"those events of {stream} that the server makes, no consumer on {stream}",
+                (
+                    f"{API}.STREAM.INFO.{replay}",
+                    f"{API}.STREAM.CREATE.{replay}",
+                    f"{API}.CONSUMER.CREATE.{replay}",
+                    f"{API}.CONSUMER.INFO.{replay}.*",
+                    f"$JS.FC.{replay}.>",
+                ),
             )
         )
     if access.outbox:

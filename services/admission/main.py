@@ -212,13 +212,15 @@ async def follow(
     caught_up: asyncio.Event,
     stop: asyncio.Event,
 ) -> None:
-    """Replay `name` from `start` (everything when None), then follow it live until `stop`."""
+    """Replay `name` from `start` (everything when None) out of the replay stream (`open_replay`), then follow it
+    live until `stop`. Times there are when the server copied an event, never earlier than it was published: a
+    replay from `start` holds every event published since."""
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_TIME if start is not None else DeliverPolicy.ALL,
         opt_start_time=start,
     )
     bus.check_replay(name)
-    sub = await bus.js.subscribe(bus.subject(name), ordered_consumer=True, config=config, stream=bus.settings.stream)
+    sub = await bus.js.subscribe(bus.subject(name), ordered_consumer=True, config=config, stream=bus.replay.name)
     try:
         while not stop.is_set():
             try:
@@ -240,6 +242,12 @@ async def follow(
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def open_replay(bus: busmod.Bus) -> busmod.StreamRef:
+    """The stream the view replays image.seen and report.stored from (bus.ensure_replay_stream), made when missing and
+    caught up with the events stream."""
+    return await busmod.ensure_replay_stream(bus, NATS.replays)
 
 
 class Loader:
@@ -267,6 +275,7 @@ class Loader:
                 start = index.generated_at - timedelta(seconds=self.settings.admission.replay_s)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("stored index unreadable, replaying the whole stream", error=str(exc)[:200])
+        await open_replay(self.bus)
         seen_done, stored_done = asyncio.Event(), asyncio.Event()
         group.create_task(follow(self.bus, subjects.IMAGE_SEEN, start, self._seen, seen_done, stop))
         group.create_task(follow(self.bus, subjects.REPORT_STORED, start, self._stored, stored_done, stop))

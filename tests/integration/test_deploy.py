@@ -906,6 +906,7 @@ async def _replay(bus: busmod.Bus, name: str, token: str) -> None:
         if token in seen:
             stop.set()
 
+    await asyncio.wait_for(admission.open_replay(bus), timeout=30)  # as the view's loader does first
     await asyncio.wait_for(admission.follow(bus, name, None, apply, caught_up, stop), timeout=30)
     assert token in seen, name
 
@@ -988,6 +989,9 @@ DENIED = [
     ("watcher", "$JS.API.CONSUMER.MSG.NEXT.PODSWEEP.dispatcher", "watcher-cannot-pull-dispatchers-events"),
     ("parser", "$JS.ACK.PODSWEEP.notifier.1.1.1.1.1", "parser-cannot-ack-for-notifier"),
     ("admission", "$JS.API.CONSUMER.DURABLE.CREATE.PODSWEEP.parser", "admission-cannot-redefine-parsers-consumer"),
+    ("admission", "$JS.API.CONSUMER.CREATE.PODSWEEP", "admission-creates-no-consumer-on-the-events-stream"),
+    ("dispatcher", "$JS.API.CONSUMER.CREATE.PODSWEEP", "no-unnamed-consumers-on-the-events-stream"),
+    ("parser", "$JS.API.CONSUMER.CREATE.PODSWEEP_REPLAY", "only-admission-reads-the-replay-stream"),
     ("dispatcher", "$JS.API.CONSUMER.MSG.NEXT.PODSWEEP_OUTBOX.team-a", "only-the-notifier-reads-its-outbox"),
     ("parser", "$JS.API.CONSUMER.DURABLE.CREATE.PODSWEEP_OUTBOX.team-a", "only-the-notifier-consumes-its-outbox"),
     ("watcher", "$JS.API.STREAM.CREATE.KV_podsweep-scans", "watcher-cannot-create-scan-state"),

@@ -117,3 +117,12 @@ def test_accounts_conf_has_one_user_per_service_with_its_password_variable_and_i
         for subject in natsaccess.permissions(access, Names()).publish:
             assert f'"{subject}"' in block
     assert ",\n            ]" not in text  # no trailing comma before a list's end
+
+
+def test_a_replaying_service_gets_consumers_on_the_replay_stream_only() -> None:
+    """An unnamed-consumer create may name any consumer in its body: allowed on the events stream, it would let the
+    replaying service redefine the other services' durables."""
+    publish = natsaccess.permissions(NatsAccess(service="a", replays=("image.seen",)), NAMES).publish
+    replay = subjects.replay_stream("S1")
+    assert f"$JS.API.CONSUMER.CREATE.{replay}" in publish
+    assert not [p for p in publish if p.startswith("$JS.API.CONSUMER.") and (p.endswith(".S1") or ".S1." in p)]
