@@ -40,6 +40,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from podsweep import logs, telemetry
 from podsweep.config import ConsumerSettings, NatsSettings
+from podsweep.natsaccess import NatsAccess, inbox_prefix, refuse
 from schemas import subjects
 from schemas.events import DeadLetter
 
@@ -132,17 +133,46 @@ class Bus:
     """A connected JetStream context for one service, with podsweep's subject root and KV prefix.
 
     `events` is the PODSWEEP stream every service shares; `outbox` is the notifier's own (schemas/subjects.py).
+    With `access` (a service's declaration, podsweep/natsaccess.py), anything the declaration does not list raises
+    `Undeclared` before it reaches the server: the deployed NATS permissions are generated from the same declaration.
     """
 
-    def __init__(self, nc: NatsClient, settings: NatsSettings) -> None:
+    def __init__(self, nc: NatsClient, settings: NatsSettings, access: NatsAccess | None = None) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
+        self.access = access
         self.events = StreamRef(settings.stream, settings.subject_root)
         self.outbox = StreamRef(subjects.outbox_stream(settings.stream), subjects.outbox_root(settings.subject_root))
+        # Holds copies of some events (their subjects unchanged), no subject of its own: see ensure_replay_stream.
+        self.replay = StreamRef(subjects.replay_stream(settings.stream), settings.subject_root)
 
     def subject(self, name: str) -> str:
         return self.events.subject(name)
+
+    def check_publish(self, name: str, stream: StreamRef | None = None) -> None:
+        if self.access is None:
+            return
+        if stream is not None and stream.name == self.outbox.name:
+            if not self.access.outbox:
+                raise refuse(self.access, f"publishes to the outbox ({stream.subject(name)})")
+        elif not self.access.may_publish(name):
+            raise refuse(self.access, f"publishes {name}")
+
+    def check_consumer(self, durable: str, names: Sequence[str], stream: StreamRef) -> None:
+        if self.access is None:
+            return
+        if stream.name == self.outbox.name:
+            if not self.access.outbox:
+                raise refuse(self.access, f"consumes the outbox ({durable})")
+            return
+        declared = self.access.durable(durable)
+        if declared is None or sorted(declared.subjects) != sorted(names):
+            raise refuse(self.access, f"consumes {', '.join(names)} through durable {durable}")
+
+    def check_replay(self, name: str) -> None:
+        if self.access is not None and name not in self.access.replays:
+            raise refuse(self.access, f"replays {name} with an ordered consumer")
 
     async def publish(
         self,
@@ -156,6 +186,7 @@ class Bus:
         """Publish an event (to `events` unless `stream` says otherwise); True when stored, False when the stream
         already had this msg_id (a duplicate)."""
         into = stream or self.events
+        self.check_publish(name, into)
         subject = into.subject(name)
         with tracer.start_as_current_span(f"publish {name}", kind=SpanKind.PRODUCER) as span:
             span.set_attribute("messaging.message.id", msg_id)
@@ -182,6 +213,8 @@ class Bus:
         if not batch:
             return 0
         names = sorted({out.name for out in batch})
+        for name in names:
+            self.check_publish(name)
         span_name = f"publish {names[0]}" if len(names) == 1 else "publish batch"
         stored: dict[str, int] = {}
         duplicates: dict[str, int] = {}
@@ -269,6 +302,8 @@ class Bus:
         the value and a few headers, instead of a JSON API answer carrying base64 and the stored headers, which
         nats-py parses with the email parser (about twice the CPU per read).
         """
+        if self.access is not None and self.access.bucket(name) is None:
+            raise refuse(self.access, f"opens KV bucket {name}")
         bucket = self.kv_bucket(name)
         try:
             kv = await self.js.key_value(bucket)
@@ -300,10 +335,15 @@ class Bus:
             await self.nc.drain()
 
 
-async def connect(settings: NatsSettings, name: str) -> Bus:
-    """Connect with credentials and TLS when configured; raise with the URL (never the credentials) on failure."""
+async def connect(settings: NatsSettings, name: str, access: NatsAccess | None = None) -> Bus:
+    """Connect with credentials and TLS when configured; raise with the URL (never the credentials) on failure.
+
+    Replies and pulled messages arrive under an inbox prefix of this connection's own (`_INBOX_<name>`), the only
+    subjects a service's NATS user may subscribe to. `access`: the service's declaration, which the Bus enforces.
+    """
     options: dict[str, Any] = {
         "name": f"podsweep-{name}",
+        "inbox_prefix": inbox_prefix(name),
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 1,
     }
@@ -333,11 +373,16 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
     except Exception as exc:
         reason = errors[-1] if errors else (str(exc) or type(exc).__name__)
         raise ConnectionError(f"nats: cannot connect to {settings.url}: {reason}") from exc
-    return Bus(nc, settings)
+    return Bus(nc, settings, access)
 
 
 async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
-    """Create or update a stream on <root>.>, the PODSWEEP one unless told (idempotent; safe from every replica)."""
+    """Create a stream on <root>.>, the PODSWEEP one unless told, or bring an existing one to the settings (idempotent;
+    safe from every replica).
+
+    A service under its NATS declaration never updates a stream (its user may not: an update can purge), so a stream
+    whose retention differs from the settings is left as it is, with a warning saying how to apply them.
+    """
     s = bus.settings
     stream = stream or bus.events
     config = StreamConfig(
@@ -349,15 +394,97 @@ async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
         duplicate_window=s.duplicate_window_s,
         num_replicas=s.replicas,
     )
+    if bus.access is not None and stream.name == bus.outbox.name and not bus.access.outbox:
+        raise refuse(bus.access, f"declares the outbox stream {stream.name}")
     try:
-        await bus.js.stream_info(stream.name)
+        info = await bus.js.stream_info(stream.name)
     except NotFoundError:
         try:
             await bus.js.add_stream(config)
             return
-        except BadRequestError:
-            pass  # created concurrently: fall through to update
+        except BadRequestError:  # created concurrently
+            info = await bus.js.stream_info(stream.name)
+    differs = _stream_differences(info.config, config)
+    if not differs:
+        return
+    if bus.access is not None:
+        log.warning(
+            "stream differs from the settings and is left as it is: apply them as a NATS administrator",
+            stream=stream.name,
+            differs=", ".join(differs),
+            how=f"nats stream edit {stream.name}",
+        )
+        return
     await bus.js.update_stream(config)
+
+
+async def ensure_replay_stream(bus: Bus, names: Sequence[str]) -> StreamRef:
+    """The stream a service replays `names` from (the admission view): a copy of those events of the events stream,
+    made by the server (a source filtered to their subjects), then kept current.
+
+    Apart from the events stream so that the consumers a replaying service creates, unnamed and ephemeral, are on a
+    stream of its own: a user who may create unnamed consumers on a stream may also redefine any consumer there
+    (a create request names it in its body, which NATS permissions cannot see). Returns once the copy holds at least
+    every event of `names` the events stream held when this was called.
+    """
+    for name in names:
+        bus.check_replay(name)
+    s = bus.settings
+    wanted = sorted(bus.subject(name) for name in names)
+    config = StreamConfig(
+        name=bus.replay.name,
+        sources=[
+            jsapi.StreamSource(
+                name=bus.events.name, subject_transforms=[jsapi.SubjectTransform(src=w, dest=w) for w in wanted]
+            )
+        ],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=s.max_age_days * 86400,
+        duplicate_window=1.0,  # the source stored each event once already; a long window only costs memory
+        num_replicas=s.replicas,
+    )
+    try:
+        info = await bus.js.stream_info(bus.replay.name)
+    except NotFoundError:
+        try:
+            info = await bus.js.add_stream(config)
+        except BadRequestError:  # created concurrently
+            info = await bus.js.stream_info(bus.replay.name)
+    sources = [
+        sorted(t.src for t in (source.subject_transforms or []))
+        for source in info.config.sources or []
+        if source.name == bus.events.name
+    ]
+    if sources != [wanted]:
+        if bus.access is not None:
+            raise RuntimeError(
+                f"nats: stream {bus.replay.name} copies {sources} from {bus.events.name}, this version replays "
+                f"{wanted}: delete it (`nats stream rm {bus.replay.name}`, nothing is lost: it is a copy) and "
+                "start again, which makes it anew"
+            )
+        await bus.js.update_stream(config)
+    for subject in wanted:
+        held = await _count(bus, bus.events.name, subject)
+        next_log = time.monotonic()
+        while (copied := await _count(bus, bus.replay.name, subject)) < held:
+            if time.monotonic() >= next_log:
+                log.info("replay stream catching up", stream=bus.replay.name, subject=subject, of=held, has=copied)
+                next_log = time.monotonic() + 10
+            await asyncio.sleep(0.1)
+    return bus.replay
+
+
+async def _count(bus: Bus, stream: str, subject: str) -> int:
+    info = await bus.js.stream_info(stream, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+def _stream_differences(have: StreamConfig, want: StreamConfig) -> list[str]:
+    fields = ("subjects", "retention", "storage", "max_age", "duplicate_window", "num_replicas")
+    return [
+        f"{f} {getattr(have, f)} (settings: {getattr(want, f)})" for f in fields if getattr(have, f) != getattr(want, f)
+    ]
 
 
 async def ensure_consumer(
@@ -366,6 +493,7 @@ async def ensure_consumer(
     """A durable pull consumer on the given subjects of `stream` (PODSWEEP unless told). max_deliver is enforced by
     the loop, which dead-letters."""
     stream = stream or bus.events
+    bus.check_consumer(durable, names, stream)
     config = ConsumerConfig(
         durable_name=durable,
         deliver_policy=DeliverPolicy.ALL,
@@ -866,8 +994,8 @@ class KvMirror(Generic[S]):
                     raise WatchLost(f"kv watch of {kv._name}: {lost.result()}")
                 if time.monotonic() - heard > 2 * WATCH_HEARTBEAT_S:
                     raise WatchLost(f"kv watch of {kv._name}: no heartbeat for {2 * WATCH_HEARTBEAT_S:.0f}s")
-            with contextlib.suppress(Exception):  # the server removes it after inactive_threshold anyway
-                await kv._js.delete_consumer(kv._stream, info.name)
+            # Not deleted: no service may delete a consumer on a shared bucket (it could delete another's), and the
+            # server removes this one inactive_threshold after the unsubscribe below.
         finally:
             stopping.cancel()
             with contextlib.suppress(Exception):

@@ -39,6 +39,12 @@ def outbox_root(root: str) -> str:
     return f"{root}-{OUTBOX}"
 
 
+def replay_stream(stream: str) -> str:
+    """The admission gate's copy of the events it replays (`PODSWEEP` -> `PODSWEEP_REPLAY`), sourced by the server
+    from the events stream: its consumers are the gate's alone, and it holds no other event."""
+    return f"{stream}_REPLAY"
+
+
 def outbox_stream(stream: str) -> str:
     """The outbox stream's name, beside the events stream's (`PODSWEEP` -> `PODSWEEP_OUTBOX`)."""
     return f"{stream}_{OUTBOX.upper()}"

@@ -21,5 +21,6 @@ echo "test.sh: kubernetes binaries in $PODSWEEP_KUBE_BIN_DIR after $(( $(date +%
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/podsweep schemas export --check
+.venv/bin/podsweep deploy nats-accounts --check
 .venv/bin/pytest -q -p no:cacheprovider "$@"
 echo "test.sh: done in $(( $(date +%s) - start ))s"

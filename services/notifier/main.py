@@ -21,6 +21,7 @@ from podsweep import bus as busmod
 from podsweep import logs
 from podsweep.config import ConsumerSettings, Settings
 from podsweep.health import HEALTH
+from podsweep.natsaccess import Bucket, Durable, NatsAccess
 from podsweep.objectstore import ObjectMissing, ObjectStore
 from podsweep.policy import Policy
 from podsweep.service import open_service
@@ -36,6 +37,14 @@ from services.notifier.outbox import OutboxEntry, advance, drop_stale, entries, 
 from services.notifier.policysource import PolicySource
 
 SERVICE = "notifier"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(subjects.ALERT_SENT, subjects.ALERT_FAILED),
+    durables=(Durable(SERVICE, (subjects.REPORT_STORED,)),),
+    buckets=(Bucket(WORKLOADS_BUCKET, writes=False), Bucket(NOTIFY_BUCKET), Bucket(DELIVERED_BUCKET)),
+    outbox=True,
+)
 log = logs.get("podsweep.notifier")
 _report_decoder = msgspec.json.Decoder(Report)
 
@@ -174,7 +183,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     policies = PolicySource(settings.notifier.policy_file)
     policies.load()  # an invalid policy stops the start, naming its line and key
     HEALTH.set("notifier:consuming", False)
-    async with open_service(SERVICE, settings, s3=True) as service:
+    async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
         bus, store = service.bus, service.require_store()
         await busmod.ensure_stream(bus, bus.outbox)
         workloads = await bus.kv(WORKLOADS_BUCKET)
