@@ -55,6 +55,7 @@ from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
 from schemas.alerts import AlertPayload
 from schemas.events import ReportStored
+from services.admission import main as admission
 from services.dispatcher.jobspec import RAW_URL_ENV, SBOM_URL_ENV
 from tests.harness import deployed
 from tests.harness.admission import make_tls
@@ -465,12 +466,13 @@ async def test_kill_9_of_each_service_under_the_deployed_credentials_loses_and_d
 
 
 async def read_stored(world: DeployedWorld) -> list[ReportStored]:
-    """Every report.stored on the stream, read as the admission gate reads it: its own NATS user, an ordered
-    consumer (0.5 s of silence is the end)."""
+    """Every report.stored, read as the admission gate reads it: its own NATS user and inbox prefix, an ordered
+    consumer on its replay stream (0.5 s of silence is the end)."""
     config = world.config("admission")
     settings = load_settings(environ=config.env).nats
-    bus = await busmod.connect(settings, "deployed-e2e-test")
-    sub = await bus.js.subscribe(bus.subject(subjects.REPORT_STORED), stream=settings.stream, ordered_consumer=True)
+    bus = await busmod.connect(settings, "admission", admission.NATS)
+    replay = await admission.open_replay(bus)
+    sub = await bus.js.subscribe(bus.subject(subjects.REPORT_STORED), ordered_consumer=True, stream=replay.name)
     out: list[ReportStored] = []
     try:
         while True:
