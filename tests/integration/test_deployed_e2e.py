@@ -48,7 +48,7 @@ import msgspec
 import pytest
 
 from podsweep import bus as busmod
-from podsweep.config import S3Settings, load_settings
+from podsweep.config import load_settings
 from podsweep.embedded import free_port
 from podsweep.kube import Kube, KubeError
 from podsweep.objectstore import ObjectStore
@@ -117,17 +117,8 @@ class DeployedWorld:
             self.start(service, replica=replica)
 
     def s3(self, service: str) -> ObjectStore:
-        """An S3 client holding that service's own rendered credential (nothing more)."""
-        keys = self.remap.secret(self.rendered, f"s3-{service}")
-        endpoint = self.remap.text("http://seaweedfs.podsweep.svc:8333", {})
-        return ObjectStore(
-            S3Settings(
-                endpoint_url=endpoint,
-                bucket="podsweep",
-                access_key_id=keys["access-key-id"],
-                secret_access_key=keys["secret-access-key"],
-            )
-        )
+        """An S3 client with that service's own settings and key, loaded as the service loads them."""
+        return ObjectStore(load_settings(environ=self.config(service).env).s3)
 
     def tails(self) -> str:
         return "\n".join(f"--- {name}\n{process.tail(2000)}" for name, process in self.processes.items())
