@@ -466,13 +466,33 @@ async def ensure_replay_stream(bus: Bus, names: Sequence[str]) -> StreamRef:
         await bus.js.update_stream(config)
     for subject in wanted:
         held = await _count(bus, bus.events.name, subject)
-        next_log = time.monotonic()
+        next_log = progress_at = time.monotonic()
+        last = -1
         while (copied := await _count(bus, bus.replay.name, subject)) < held:
-            if time.monotonic() >= next_log:
+            now = time.monotonic()
+            if copied != last:
+                last, progress_at = copied, now
+            elif now - progress_at > REPLAY_STALL_S and await _source_lag(bus) == 0:
+                break  # events that expired from the source before they were copied: nothing left to copy
+            if now >= next_log:
                 log.info("replay stream catching up", stream=bus.replay.name, subject=subject, of=held, has=copied)
-                next_log = time.monotonic() + 10
+                next_log = now + 10
             await asyncio.sleep(0.1)
     return bus.replay
+
+
+REPLAY_STALL_S = 5.0
+
+
+async def _source_lag(bus: Bus) -> int | None:
+    """How far the replay stream's copy is behind the events stream, as the server says (None: not known yet)."""
+    info = await bus.js.stream_info(bus.replay.name)
+    lags = [
+        source.lag
+        for source in info.sources or []
+        if source.name == bus.events.name and source.active is not None and source.active >= 0  # -1: never heard
+    ]
+    return lags[0] if lags else None
 
 
 async def _count(bus: Bus, stream: str, subject: str) -> int:

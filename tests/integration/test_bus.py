@@ -239,6 +239,32 @@ async def test_a_declared_service_bus_refuses_an_undeclared_bucket_before_the_se
         await declared.close()
 
 
+async def test_replay_stream_holds_a_copy_of_the_replayed_subjects_only_once_it_returns(bus: busmod.Bus) -> None:
+    for n in range(300):
+        await bus.publish(subjects.IMAGE_GONE, gone(f"node-{n}"), msg_id=f"gone-{n}")
+    await bus.publish(subjects.SCAN_FAILED, gone(), msg_id="failed")
+    replay = await busmod.ensure_replay_stream(bus, [subjects.IMAGE_GONE])
+    info = await bus.js.stream_info(replay.name, subjects_filter=f"{bus.settings.subject_root}.>")
+    assert info.state.subjects == {bus.subject(subjects.IMAGE_GONE): 300}
+    assert await busmod.ensure_replay_stream(bus, [subjects.IMAGE_GONE]) == replay  # idempotent
+
+
+async def test_a_declared_replayer_refuses_a_replay_stream_that_copies_other_subjects(
+    nats_settings: NatsSettings,
+) -> None:
+    plain = await busmod.connect(nats_settings, "up")
+    access = NatsAccess(service="gate", replays=(subjects.IMAGE_SEEN, subjects.REPORT_STORED))
+    declared = await busmod.connect(nats_settings, "gate", access)
+    try:
+        await busmod.ensure_stream(plain)
+        await busmod.ensure_replay_stream(plain, [subjects.IMAGE_SEEN])  # an older version's copy
+        with pytest.raises(RuntimeError, match=r"nats stream rm T\d+_REPLAY"):
+            await busmod.ensure_replay_stream(declared, list(access.replays))
+    finally:
+        await plain.close()
+        await declared.close()
+
+
 class Counter(msgspec.Struct, frozen=True):
     n: int = 0
 
