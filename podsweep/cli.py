@@ -14,7 +14,7 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-from podsweep import __version__, discovery, embedded, logs, progress, runtime
+from podsweep import __version__, discovery, embedded, logs, natsaccess, progress, runtime
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.policy import EXAMPLE_POLICY
 from podsweep.status import StatusReport
@@ -38,6 +38,8 @@ app = typer.Typer(
 )
 schemas_app = typer.Typer(no_args_is_help=True, help="The event and document contract (JSON Schema).")
 app.add_typer(schemas_app, name="schemas")
+deploy_app = typer.Typer(no_args_is_help=True, help="Files in deploy/ that are generated from the code.")
+app.add_typer(deploy_app, name="deploy")
 app.add_typer(report_app, name="report")
 report_app.command("admissions")(admissions_command)  # the admission gate's audit, from the stream
 app.add_typer(upload_app)  # `podsweep upload` / `podsweep download`: what the scan Job's containers run
@@ -238,6 +240,38 @@ def schemas_export(
         return
     for path in export.export():
         typer.echo(str(path))
+
+
+DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def nats_accounts(deploy: Path = DEPLOY_DIR) -> str:
+    """accounts.conf from every service's NATS declaration, for the names (subject root, stream, KV prefix) of the
+    base's podsweep.yaml."""
+    nats = load_settings(environ={}, file=deploy / "base" / "podsweep.yaml").nats
+    names = natsaccess.Names(root=nats.subject_root, stream=nats.stream, kv_prefix=nats.kv_prefix)
+    return natsaccess.accounts_conf([runtime.nats_access(name) for name in runtime.SERVICES], names)
+
+
+@deploy_app.command("nats-accounts")
+def deploy_nats_accounts(
+    check: Annotated[bool, typer.Option(help="Exit 1 when the committed file differs from the declarations.")] = False,
+    deploy: Annotated[Path, typer.Option(help="The deploy/ directory.")] = DEPLOY_DIR,
+) -> None:
+    """Write deploy/base/nats/accounts.conf (one NATS user per service) from what each service declares it does."""
+    target = deploy / "base" / "nats" / "accounts.conf"
+    try:
+        text = nats_accounts(deploy)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if check:
+        if _read(target) != text:
+            err.print(f"stale {target}: run `podsweep deploy nats-accounts`")
+            raise typer.Exit(1)
+        return
+    target.write_text(text)
+    typer.echo(str(target))
 
 
 def _read(path: Path) -> str | None:

@@ -27,6 +27,7 @@ from podsweep import logs, telemetry
 from podsweep.config import Settings
 from podsweep.health import HEALTH
 from podsweep.kube import Kube, KubeError
+from podsweep.natsaccess import Bucket, Durable, NatsAccess
 from podsweep.objectstore import ObjectStore
 from podsweep.runtime import kubeconfig_path
 from podsweep.service import open_service
@@ -61,6 +62,25 @@ from services.dispatcher.sightings import Sightings
 
 SERVICE = "dispatcher"
 DURABLE = "dispatcher"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(subjects.RESCAN_ACCEPTED,),
+    durables=(
+        Durable(
+            DURABLE,
+            (
+                subjects.IMAGE_SEEN,
+                subjects.IMAGE_GONE,
+                subjects.SCAN_STARTED,
+                subjects.SCAN_COMPLETED,
+                subjects.SCAN_FAILED,
+                subjects.RESCAN_REQUESTED,
+            ),
+        ),
+    ),
+    buckets=(Bucket(SCANS_BUCKET), Bucket(LIMITS_BUCKET), Bucket(WORKLOADS_BUCKET, writes=False)),
+)
 # How often parked claims (refused by a limit) and timers (retries after backoff, rescans coming due) are looked at.
 TICK_S = 0.5
 # Parked digests are looked at when the limiter changed or something new was parked, and at least this often (slots
@@ -926,7 +946,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     cfg = configure(settings)  # a config error stops start-up before anything connects
     kube = await Kube.connect(kubeconfig_path(settings))
     try:
-        async with open_service(SERVICE, settings, s3=True) as service:
+        async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
             lease = Leadership(await service.bus.kv(LIMITS_BUCKET), identity(), cfg.leader_lease_s)
             HEALTH.set("dispatcher:running", True)  # a standby is as ready as the leader: it takes over on its own
             try:

@@ -23,6 +23,7 @@ from podsweep import logs, runtime, telemetry
 from podsweep.config import Settings, WatcherSettings
 from podsweep.health import HEALTH
 from podsweep.kube import METADATA, METADATA_ANY, METADATA_LIST, Kube, KubeError
+from podsweep.natsaccess import NatsAccess
 from podsweep.service import Service, open_service
 from schemas import jobs, subjects
 from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted, Workload
@@ -41,6 +42,18 @@ from services.watcher.kubeobjects import (
 from services.watcher.reflector import Changed, ListDone, ListPage, ListStarted, Observation, reflect
 
 T = TypeVar("T")
+SERVICE = "watcher"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(
+        subjects.IMAGE_SEEN,
+        subjects.IMAGE_GONE,
+        subjects.SCAN_STARTED,
+        subjects.SCAN_COMPLETED,
+        subjects.SCAN_FAILED,
+    ),
+)
 log = logs.get("podsweep.watcher")
 tracer = trace.get_tracer("podsweep.watcher")
 meter = metrics.get_meter("podsweep.watcher")
@@ -228,7 +241,14 @@ class Watcher:
     async def states_of(self, pods: Sequence[Pod]) -> list[podstate.PodState]:
         """The state of each pod in scope. Workloads already known cost nothing; the rest are walked concurrently,
         one walk per distinct owner."""
-        selected = [pod for pod in pods if self.filter.selects(pod.metadata.namespace)]
+        selected = [
+            pod
+            for pod in pods
+            if self.filter.selects(pod.metadata.namespace)
+            and not podannotations.is_own_scan_pod(
+                pod.metadata.namespace, pod.metadata.annotations, self.scan_namespace
+            )
+        ]
         workloads: list[Workload | None] = []
         for pod in selected:
             known = self.index.workload_of(pod.metadata.uid)
@@ -449,7 +469,7 @@ async def _follow(
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     HEALTH.set("watcher:pods-listed", False)
-    async with open_service("watcher", settings) as service:
+    async with open_service(SERVICE, settings, access=NATS) as service:
         kube = await Kube.connect(runtime.kubeconfig_path(settings))
         watcher = Watcher(service, kube)
         ws = settings.watcher

@@ -211,8 +211,8 @@ class World:
         unacknowledged on the notifier's consumer nor on its outbox for the `hook` destination."""
 
         async def check() -> bool | None:
-            for durable in ("notifier", "notifier-outbox-hook"):
-                info = await self.bus.js.consumer_info(self.settings.nats.stream, durable)
+            for stream, durable in ((self.bus.events, "notifier"), (self.bus.outbox, "hook")):
+                info = await self.bus.js.consumer_info(stream.name, durable)
                 if info.num_pending or info.num_ack_pending:
                     return None
             return True
