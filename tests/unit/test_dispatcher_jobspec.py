@@ -5,6 +5,7 @@ Regenerate the golden files with PODSWEEP_UPDATE_GOLDEN=1 and review the diff.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,23 @@ def test_presigned_urls_are_only_in_env_never_in_command_or_args(name: str) -> N
     upload_env = {e["name"]: e["value"] for e in _containers(manifest)["upload"]["env"]}
     assert upload_env[jobspec.RAW_URL_ENV] == RAW_URL
     assert "X-Amz-Signature" not in str(manifest["metadata"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_trivy_in_the_target_image_reads_only_podsweeps_config_ignore_file_and_directory(name: str) -> None:
+    scan, options = CASES[name]
+    container = _containers(build_node_scan_job(scan, options))["scan"]
+    args = container["args"]
+    flags = dict(itertools.pairwise(args))
+    assert (flags["--config"], flags["--ignorefile"]) == ("/dev/null", "/dev/null")
+    assert container["workingDir"] == jobspec.WORK_DIR
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert len(env) == len(container["env"]), "each variable once"
+    for name_ in ("TRIVY_SKIP_FILES", "TRIVY_SKIP_DIRS", "TRIVY_SEVERITY", "TRIVY_CONFIG", "TRIVY_IGNOREFILE"):
+        assert env[name_] == ""
+    for name_ in ("TRIVY_RUN_AS_PLUGIN", "XDG_DATA_HOME", "HTTPS_PROXY", "https_proxy", "SSL_CERT_FILE"):
+        assert env[name_] == ""
+    assert (env["HOME"], env["TMPDIR"]) == (jobspec.WORK_DIR, jobspec.WORK_DIR)
 
 
 def test_the_job_is_found_by_label_and_annotations_name_digest_keys_and_node() -> None:
