@@ -20,6 +20,7 @@ import botocore.exceptions
 from botocore.config import Config
 
 from podsweep.config import S3Settings
+from schemas.storage import StorageKey, checked_key
 
 
 class ObjectTooLarge(ValueError):
@@ -69,8 +70,11 @@ class QuerySigner:
             self._day, self._key = day, key
         return self._key
 
-    def presign(self, method: str, key: str, expires_s: int, now: datetime) -> str:
-        """A URL for `method` on exactly `key`, valid `expires_s` seconds from `now` (an aware UTC instant)."""
+    def presign(self, method: str, key: StorageKey, expires_s: int, now: datetime) -> str:
+        """A URL for `method` on exactly `key`, valid `expires_s` seconds from `now` (an aware UTC instant).
+
+        The key is checked again (a NewType can be forged with a cast): an empty key would sign the bucket's root."""
+        checked_key(key)
         stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
         path = self._prefix + quote(key, safe="/~")
@@ -216,8 +220,9 @@ class ObjectStore:
             )
         return self._signer
 
-    def presign_put(self, key: str, expires_s: int, content_type: str | None = None) -> str:
+    def presign_put(self, key: StorageKey, expires_s: int, content_type: str | None = None) -> str:
         """A URL that can PUT exactly this key until it expires (SigV4; no other key, no other method)."""
+        checked_key(key)
         signer = None if content_type else self.signer()
         if signer is not None:
             return signer.presign("PUT", key, int(expires_s), datetime.now(UTC))
@@ -227,7 +232,9 @@ class ObjectStore:
         url: str = self._client.generate_presigned_url("put_object", Params=params, ExpiresIn=int(expires_s))
         return url
 
-    def presign_get(self, key: str, expires_s: int) -> str:
+    def presign_get(self, key: StorageKey, expires_s: int) -> str:
+        """A URL that can GET exactly this key until it expires; never the bucket (its GET lists the keys)."""
+        checked_key(key)
         signer = self.signer()
         if signer is not None:
             return signer.presign("GET", key, int(expires_s), datetime.now(UTC))

@@ -505,7 +505,7 @@ class Dispatcher:
             {
                 "scan_id": item.scan.scan_id,
                 "digest_ref": item.scan.digest_ref,
-                "sbom_get_url": self.store.presign_get(str(state.sbom_key), expires),
+                "sbom_get_url": self.store.presign_get(storage.checked_key(state.sbom_key or ""), expires),
                 "raw_put_url": self.store.presign_put(
                     storage.raw_key(item.scan.digest_ref, item.scan.scan_id), expires
                 ),
