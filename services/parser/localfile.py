@@ -27,4 +27,6 @@ def read_capped(path: Path, max_bytes: int) -> bytes:
 
 
 def _oversized(size: str, max_bytes: int) -> trivy.ParseError:
-    return trivy.ParseError("oversized", f"report is {size}, over the {max_bytes}-byte cap; raise the cap (--max-bytes)")
+    return trivy.ParseError(
+        "oversized", f"report is {size}, over the {max_bytes}-byte cap; raise the cap (--max-bytes)"
+    )
