@@ -246,14 +246,19 @@ HOSTILE_TRIVY_ENV: Mapping[str, str] = {
     "TRIVY_SKIP_FILES": f"/{_GO_BINARY_PATH}",  # hides golang.org/x/text
     "TRIVY_SEVERITY": "CRITICAL,HIGH,LOW,UNKNOWN",  # hides requests (the one MEDIUM)
 }
+# The trivy.yaml names a Rego ignore policy (a key podsweep passes no flag for, and no variable above sets: flags
+# beat variables, variables beat the file).
 _HOSTILE_FILES = {
-    f"{HOSTILE_WORKDIR.lstrip('/')}/trivy.yaml": f"scan:\n  skip-dirs:\n    - /{_NPM_APP}\n".encode(),  # hides lodash
+    f"{HOSTILE_WORKDIR.lstrip('/')}/trivy.yaml": f"ignore-policy: {HOSTILE_WORKDIR}/ignore.rego\n".encode(),
+    f"{HOSTILE_WORKDIR.lstrip('/')}/ignore.rego": (
+        b'package trivy\n\nimport rego.v1\n\ndefault ignore := false\n\nignore if input.PkgName == "lodash"\n'
+    ),  # hides lodash
     f"{HOSTILE_WORKDIR.lstrip('/')}/.trivyignore": b"CVE-2024-45491\n",  # hides libexpat
 }
 
 
 def hostile_trivy_settings_rootfs(cache_dir: Path | None = None) -> Path:
-    """The combined tree plus a working directory holding a trivy.yaml and a .trivyignore; run it with
+    """The combined tree plus a working directory holding a trivy.yaml (and its policy) and a .trivyignore; run it with
     `HOSTILE_TRIVY_ENV` and `HOSTILE_WORKDIR` as the image config's Env and WorkingDir. Its packages are exactly
     the combined tree's, so a scan that ignores its settings finds EXPECTED_FINDINGS[COMBINED]."""
     cache = cache_dir or default_cache_dir()

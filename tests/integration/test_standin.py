@@ -407,8 +407,9 @@ async def test_an_images_own_trivy_settings_change_nothing_in_its_scan(
     trivy_server: TrivyServer,
 ) -> None:
     """The hostile image runs with its config's Env (TRIVY_SKIP_FILES, TRIVY_SEVERITY) and WorkingDir (a trivy.yaml
-    with skip-dirs and a .trivyignore): each hid one finding before the scan container had podsweep's own config,
-    ignore file, working directory and environment. Its packages are the clean image's, so are its findings."""
+    naming an ignore policy, and a .trivyignore): each hid one finding (Go, requests, lodash, libexpat) before the
+    scan container had podsweep's own config, ignore file, working directory and environment. Its packages are the
+    clean image's, so are its findings."""
     store = ObjectStore(s3_settings)
     await store.ensure_bucket()
     node = await _ready_node(kube_api)
