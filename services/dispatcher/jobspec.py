@@ -11,6 +11,7 @@ report (Trivy 0.76 rebuilds the SBOM's components from the report's package list
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -146,6 +147,13 @@ def validated_node_scan(
         "ignore_unfixed": ignore_unfixed,
     }
     return msgspec.convert(fields, NodeScan)
+
+
+def url_lifetime_s(options: JobOptions, start_grace: timedelta) -> int:
+    """How long a Job's presigned URLs last from signing. They are signed before the Job exists, and its
+    activeDeadlineSeconds runs from its start: the deadline plus the grace the limiter gives a Job to start in, so a
+    Job that starts within the grace can use its URLs until its own deadline (docs/dispatcher.md, "Upload URLs")."""
+    return options.active_deadline_seconds + max(int(start_grace.total_seconds()), 0)
 
 
 def _helper_security(uid: int) -> Manifest:

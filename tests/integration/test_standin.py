@@ -325,8 +325,8 @@ async def _create_scan_job(
         scan_id=scan_id,
         digest_ref=digest_ref,
         node=node,
-        raw_put_url=store.presign_put(raw_key, 600),
-        sbom_put_url=store.presign_put(sbom_key, 600),
+        raw_put_url=store.presign_upload(raw_key, 600, 64 * 1024 * 1024),  # as the dispatcher signs them
+        sbom_put_url=store.presign_upload(sbom_key, 600, 64 * 1024 * 1024),
     )
     manifest = jobspec.build_node_scan_job(scan, options)
     if options.service_account is not None:  # deploy/ creates it in production

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +333,15 @@ def test_sbom_rescan_is_unpinned_non_root_and_lists_its_batch() -> None:
 def test_bad_sbom_rescan_batch_is_refused(items: list[dict[str, Any]]) -> None:
     with pytest.raises(msgspec.ValidationError):
         _batch(items)
+
+
+@pytest.mark.parametrize(
+    ("deadline_s", "grace_s", "lifetime_s"),
+    [(600, 120, 720), (60, 0, 60), (86400, 120, 86520), (600, -5, 600)],
+    ids=["defaults", "no-grace", "longest-deadline", "negative-grace-adds-nothing"],
+)
+def test_presigned_urls_last_the_jobs_deadline_from_a_start_within_the_grace(
+    deadline_s: int, grace_s: int, lifetime_s: int
+) -> None:
+    options = JobOptions(active_deadline_seconds=deadline_s)
+    assert jobspec.url_lifetime_s(options, timedelta(seconds=grace_s)) == lifetime_s
