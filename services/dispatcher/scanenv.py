@@ -60,6 +60,10 @@ OTHER = (
     "GOMEMLIMIT",
     "GOMAXPROCS",
     "GOTRACEBACK",
+    # The dynamic loader's: the trivy binary is static (CGO off), but `jobs.trivy_binary` may name another build.
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_AUDIT",
     # Directories the language analyzers read besides the scanned tree.
     "GOPATH",
     "VIRTUAL_ENV",
