@@ -165,7 +165,7 @@ class ReportStored(Event, frozen=True, kw_only=True):
 
 
 QuarantineKind = Literal[
-    "oversized",  # over the configured cap (before or after gunzip)
+    "oversized",  # over the configured cap (before or after gunzip), or JSON nested too deep to decode
     "not-json",
     "truncated",
     "wrong-type",  # JSON, but a field has the wrong type

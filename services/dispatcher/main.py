@@ -51,6 +51,7 @@ from schemas.state import (
     DigestWorkloads,
     LimiterState,
 )
+from schemas.storage import StorageKey
 from services.dispatcher import jobspec, plan, rescans
 from services.dispatcher import limits as limiter
 from services.dispatcher.batching import Gathered, Gathering
@@ -392,16 +393,21 @@ class Dispatcher:
         await self._change(key, lambda old: plan.on_created(old, scan.scan_id, utcnow(), policy), (state, revision))
         return created
 
+    def _url_lifetime_s(self) -> int:
+        return jobspec.url_lifetime_s(self.cfg.jobs, self.cfg.policy.deadline_grace)
+
+    def _upload_url(self, key: StorageKey, max_mb: float) -> str:
+        return self.store.presign_upload(key, self._url_lifetime_s(), int(max_mb * 1024 * 1024))
+
     def _manifest(self, scan: ScanPlan, state: DigestScanState) -> jobspec.Manifest:
-        """The Job for a claimed scan, with presigned PUT URLs for its keys that expire with the Job's deadline."""
+        """The Job for a claimed scan, with upload URLs for its keys, bounded in size, that last its deadline."""
         options = self.cfg.jobs
-        expires = options.active_deadline_seconds
-        raw_url = self.store.presign_put(storage.raw_key(scan.digest_ref, scan.scan_id), expires)
+        parser = self.settings.parser
+        raw_url = self._upload_url(storage.raw_key(scan.digest_ref, scan.scan_id), parser.max_report_mb)
         if scan.mode == "sbom" or scan.node is None:
             raise ValueError("a node scan was planned without a node")
-        sbom_url = (
-            self.store.presign_put(storage.sbom_key(scan.digest_ref, scan.scan_id), expires) if options.sbom else None
-        )
+        sbom_key = storage.sbom_key(scan.digest_ref, scan.scan_id)
+        sbom_url = self._upload_url(sbom_key, parser.max_sbom_mb) if options.sbom else None
         node_scan = jobspec.validated_node_scan(
             scan_id=scan.scan_id,
             digest_ref=scan.digest_ref,
@@ -520,14 +526,15 @@ class Dispatcher:
     def _batch_manifest(self, batch_id: str, confirmed: list[tuple[Gathered, DigestScanState]]) -> jobspec.Manifest:
         """The rescan Job: per digest a presigned GET of its stored SBOM and a presigned PUT for its report."""
         options = self.cfg.jobs
-        expires = options.active_deadline_seconds
+        expires = self._url_lifetime_s()
+        max_report_mb = self.settings.parser.max_report_mb
         items = [
             {
                 "scan_id": item.scan.scan_id,
                 "digest_ref": item.scan.digest_ref,
-                "sbom_get_url": self.store.presign_get(str(state.sbom_key), expires),
-                "raw_put_url": self.store.presign_put(
-                    storage.raw_key(item.scan.digest_ref, item.scan.scan_id), expires
+                "sbom_get_url": self.store.presign_get(storage.checked_key(state.sbom_key or ""), expires),
+                "raw_put_url": self._upload_url(
+                    storage.raw_key(item.scan.digest_ref, item.scan.scan_id), max_report_mb
                 ),
             }
             for item, state in confirmed

@@ -77,7 +77,7 @@ _report = msgspec.json.Decoder(Report)
 _stored = msgspec.json.Decoder(ReportStored)
 _quarantined = msgspec.json.Decoder(ReportQuarantined)
 _alert = msgspec.json.Decoder(AlertPayload)
-_SBOM_URL_KEY = re.compile(r"/sbom/sha256/([0-9a-f]{64})/")
+_SBOM_URL_KEY = re.compile(r"sbom/sha256/([0-9a-f]{64})/")  # in the upload URL's query (key=...)
 
 # How an SBOM is damaged on the node before the uploader sends it: from the scan's `out` dir, the bytes to upload.
 Damage = Callable[[Path], bytes]
