@@ -32,6 +32,7 @@ from services.watcher.kubeobjects import (
     APIResourceList,
     Codec,
     Job,
+    KubeEvent,
     PartialObjectMetadata,
     Pod,
     ScanPod,
@@ -57,11 +58,14 @@ PREFETCH = (
     ("batch", "v1", "cronjobs"),
 )
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# The Job controller's event when the API server refuses a Job's pod (admission: ServiceAccount, quota, Pod Security).
+FAILED_CREATE: dict[str, str | int | bool] = {"fieldSelector": "involvedObject.kind=Job,reason=FailedCreate"}
 
 _pod_codec: Codec[Pod] = Codec(Pod)
 _job_codec: Codec[Job] = Codec(Job)
 _scan_pod_codec: Codec[ScanPod] = Codec(ScanPod)
 _meta_codec: Codec[PartialObjectMetadata] = Codec(PartialObjectMetadata)
+_event_codec: Codec[KubeEvent] = Codec(KubeEvent)
 
 
 def _now() -> datetime:
@@ -198,7 +202,15 @@ class Watcher:
         self.job_phase: dict[str, jobstatus.Phase] = {}
         self.jobs: dict[str, Job] = {}
         self.scan_pods: dict[str, dict[str, ScanPod]] = {}  # job name -> pod name -> pod
-        self.nodes: set[str] | None = None  # None until the first node list
+        # Nodes known to exist, and nodes known to be gone (seen deleted, or missing from a complete list). A node in
+        # neither (one that joined after the last list, before its watch event came) is asked for: a scan is judged
+        # "node gone" only on evidence, never because a cache has not caught up.
+        self.nodes: set[str] = set()
+        self.gone_nodes: set[str] = set()
+        self.listing_jobs: dict[str, Job] = {}
+        # The last FailedCreate of each scan Job (by name): (the Job's uid, the API server's message).
+        self.create_failures: dict[str, tuple[str, str]] = {}
+        self.listing_failures: dict[str, tuple[str, str]] = {}
         self.relist: podstate.Relist | None = None
         # In the current relist: events published, seconds turning pods into state, seconds publishing.
         self.relist_events = 0
@@ -329,8 +341,10 @@ class Watcher:
             return
         pods = list(self.scan_pods.get(name, {}).values())
         node = scans[0].node
-        node_exists = None if self.nodes is None or node is None else node in self.nodes
-        current = jobstatus.outcome(job, pods, node_exists)
+        node_exists = None if node is None else await self.node_exists(node)
+        failure = self.create_failures.get(name)
+        create_failure = failure[1] if failure is not None and failure[0] == job.metadata.uid else None
+        current = jobstatus.outcome(job, pods, node_exists, create_failure)
         if not jobstatus.transition(self.job_phase.get(name), current):
             return
         parent = telemetry.from_traceparent(job.metadata.annotations.get(jobs.TRACEPARENT_ANNOTATION))
@@ -353,10 +367,16 @@ class Watcher:
         self.job_phase[name] = current.phase
 
     async def on_jobs(self, observation: Observation[Job]) -> None:
-        if isinstance(observation, ListPage):
+        if isinstance(observation, ListStarted):
+            self.listing_jobs = {}
+        elif isinstance(observation, ListPage):
             for job in observation.items:
-                self.jobs[job.metadata.name] = job
+                self.listing_jobs[job.metadata.name] = job
         elif isinstance(observation, ListDone):
+            # The list is the whole set: Jobs deleted while the watch was down are forgotten too.
+            self.jobs, self.listing_jobs = self.listing_jobs, {}
+            for name in [n for n in self.job_phase if n not in self.jobs]:
+                del self.job_phase[name]
             for name in list(self.jobs):
                 await self.evaluate(name)
         elif isinstance(observation, Changed):
@@ -364,6 +384,7 @@ class Watcher:
             if observation.type == "DELETED":
                 self.jobs.pop(name, None)
                 self.job_phase.pop(name, None)
+                self.create_failures.pop(name, None)
                 return
             self.jobs[name] = observation.obj
             await self.evaluate(name)
@@ -394,15 +415,68 @@ class Watcher:
         elif isinstance(observation, ListPage):
             self.listing_nodes.update(n.metadata.name for n in observation.items)
         elif isinstance(observation, ListDone):
-            self.nodes = self.listing_nodes
-        elif isinstance(observation, Changed) and self.nodes is not None:
+            # A complete list is evidence both ways: what it lacks is gone, what it holds exists.
+            vanished = self.nodes - self.listing_nodes
+            self.gone_nodes = (self.gone_nodes | vanished) - self.listing_nodes
+            self.nodes, self.listing_nodes = self.listing_nodes, set()
+            if vanished:
+                for job in list(self.jobs):
+                    await self.evaluate(job)
+        elif isinstance(observation, Changed):
             name = observation.obj.metadata.name
             if observation.type == "DELETED":
                 self.nodes.discard(name)
+                self.gone_nodes.add(name)
                 for job in list(self.jobs):  # a scan pinned there can never finish
                     await self.evaluate(job)
             else:
                 self.nodes.add(name)
+                self.gone_nodes.discard(name)
+
+    async def node_exists(self, name: str) -> bool | None:
+        """Whether the node exists: from the node watch, else asked (a node that joined a moment ago). None when
+        the API server cannot say, which fails no scan."""
+        if name in self.nodes:
+            return True
+        if name in self.gone_nodes:
+            return False
+        try:
+            decode_owner(await self.kube.get(f"/api/v1/nodes/{name}", accept=METADATA))
+        except KubeError as exc:
+            if exc.status != 404:
+                log.warning("node lookup failed", node=name, status=exc.status)
+                return None
+            self.gone_nodes.add(name)
+            return False
+        self.nodes.add(name)
+        return True
+
+    async def on_scan_events(self, observation: Observation[KubeEvent]) -> None:
+        """FailedCreate events of scan Jobs (the API server's reason a scan pod could not be created)."""
+        events: Sequence[KubeEvent] = ()
+        if isinstance(observation, ListStarted):
+            self.listing_failures = {}
+        elif isinstance(observation, ListPage):
+            for event in observation.items:
+                self._note_create_failure(self.listing_failures, event)
+        elif isinstance(observation, ListDone):
+            self.create_failures, self.listing_failures = self.listing_failures, {}
+            events = ()
+            for name in list(self.create_failures):
+                await self.evaluate(name)
+        elif isinstance(observation, Changed) and observation.type != "DELETED":
+            events = (observation.obj,)
+        for event in events:
+            if self._note_create_failure(self.create_failures, event):
+                await self.evaluate(event.involved_object.name)
+
+    @staticmethod
+    def _note_create_failure(into: dict[str, tuple[str, str]], event: KubeEvent) -> bool:
+        ref = event.involved_object
+        if event.reason != "FailedCreate" or ref.kind != "Job" or not ref.name or not event.message:
+            return False
+        into[ref.name] = (ref.uid, event.message)
+        return True
 
     # -- resync -------------------------------------------------------------------------------------------------
     async def resync_forever(self) -> None:
@@ -463,6 +537,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             _follow(kube, f"/apis/batch/v1{scans}/jobs", _job_codec, watcher.on_jobs, ws, scan_selector),
             _follow(kube, f"/api/v1{scans}/pods", _scan_pod_codec, watcher.on_scan_pods, ws, scan_selector),
             _follow(kube, "/api/v1/nodes", _meta_codec, watcher.on_nodes, ws, accept=METADATA_ANY),
+            _follow(kube, f"/api/v1{scans}/events", _event_codec, watcher.on_scan_events, ws, FAILED_CREATE),
         ]
         tasks = [asyncio.create_task(follow) for follow in follows]
         tasks.append(asyncio.create_task(watcher.resync_forever(), name="watcher-resync"))

@@ -313,7 +313,8 @@ def test_completion_marks_done_and_schedules_the_jittered_rescan() -> None:
     )
     d = plan.on_completed(current, done, POLICY)
     assert d.state is not None
-    assert (d.state.status, d.state.attempts, d.state.failures) == ("done", 0, [])
+    # attempts stay: a report found missing afterwards is a failed attempt of the same cycle
+    assert (d.state.status, d.state.attempts, d.state.failures) == ("done", 2, [])
     assert d.state.last_scan_at == T0
     assert d.state.next_due_at == due_at(REF, T0, POLICY)
 
