@@ -51,7 +51,7 @@ from schemas.state import (
     DigestWorkloads,
     LimiterState,
 )
-from services.dispatcher import jobspec, plan, rejections, rescans
+from services.dispatcher import jobspec, livejobs, plan, rejections, rescans
 from services.dispatcher import limits as limiter
 from services.dispatcher.batching import Gathered, Gathering
 from services.dispatcher.leadership import Leadership, identity
@@ -139,6 +139,43 @@ class Dispatcher:
         self.limits = busmod.KvMirror(await self.bus.kv(LIMITS_BUCKET), LimiterState)
         self.workloads = await self.bus.kv(WORKLOADS_BUCKET)
         await self._read_limiter()
+        await self._count_existing_jobs()
+
+    async def _count_existing_jobs(self) -> None:
+        """Count every unfinished scan Job against the limits, and delete those no claim wants (livejobs.py)."""
+        found: list[livejobs.ExistingJob] = []
+        token = ""
+        while True:
+            params: dict[str, str | int | bool] = {
+                "labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}",
+                "limit": 500,
+            }
+            if token:
+                params["continue"] = token
+            page, token = livejobs.decode_page(await self.kube.get(self.jobs_path, params))
+            found.extend(page)
+            if not token:
+                break
+        states: dict[str, DigestScanState | None] = {}
+        for job in found:
+            ref = livejobs.digest_of(job)
+            if ref is not None and ref not in states and not livejobs.finished(job):
+                states[ref] = (await busmod.kv_read(self.scans, digest_hex(ref), DigestScanState))[0]
+        policy = self.cfg.policy
+        now = utcnow()
+        result = livejobs.reconcile(found, states, now, policy.job_deadline + policy.deadline_grace)
+        for name in result.delete:
+            await self._delete_job(name)
+        if result.count:
+            await self._limiter_change(
+                lambda old: livejobs.adopt(limiter.live(old or LimiterState(), now), result.count)
+            )
+        log.info(
+            "existing scan Jobs counted",
+            jobs=len(found),
+            unfinished=len(result.count) + len(result.delete),
+            deleted=len(result.delete),
+        )
 
     @property
     def limiter_view(self) -> LimiterState:
