@@ -247,15 +247,20 @@ def _status_tables(report: StatusReport) -> Group:
     nodes.add_column("running", justify="right")
     for node, n in report.running_per_node.items():
         nodes.add_row(node, str(n))
+    by_reason = Table(title="failed digests by reason")
+    by_reason.add_column("reason")
+    by_reason.add_column("digests", justify="right")
+    for reason, n in report.failed_by_reason.items():
+        by_reason.add_row(reason, str(n))
     failures = Table(title="recent failures")
-    for column in ("digest", "reason", "at"):
+    for column in ("digest", "reason", "at", "detail"):
         failures.add_column(column)
     for f in report.recent_failures:
-        failures.add_row(f.digest_ref, f.reason, f.at.isoformat() if f.at else "")
+        failures.add_row(f.digest_ref, f.reason, f.at.isoformat() if f.at else "", f.detail)
     oldest = (
         f"oldest pending: {report.oldest_pending} since {report.oldest_pending_since}"
         if report.oldest_pending
         else "nothing pending"
     )
     leader = f"dispatcher leader: {report.dispatcher_leader or 'none'}"
-    return Group(states, lag, nodes, failures, oldest, leader)
+    return Group(states, lag, nodes, by_reason, failures, oldest, leader)

@@ -28,8 +28,9 @@ class ConsumerLag(msgspec.Struct, frozen=True):
 
 class Failure(msgspec.Struct, frozen=True):
     digest_ref: str
-    reason: str
+    reason: str  # the last failure's reason (PodCreateRejected, ReportMissing, NodeGone, ...) or the state
     at: datetime | None
+    detail: str = ""  # the dispatcher's own words: the reason with its message, and what happens next
 
 
 class StatusReport(msgspec.Struct, frozen=True):
@@ -41,6 +42,8 @@ class StatusReport(msgspec.Struct, frozen=True):
     consumers: list[ConsumerLag]
     recent_failures: list[Failure]
     dispatcher_leader: str = ""  # the lease holder ("" while none holds it)
+    # Digests that failed or are not scanned, by their last failure's reason.
+    failed_by_reason: dict[str, int] = {}
 
 
 def summarize(
@@ -58,6 +61,7 @@ def summarize(
         key=lambda s: s.failures[-1].at if s.failures else (s.last_seen_at or _EARLIEST),
         reverse=True,
     )
+    by_reason = Counter(_reason(s) for s in states if s.status in ("failed", "not_scanned"))
     return StatusReport(
         digests=len(states),
         by_state=dict(sorted(by_state.items())),
@@ -68,13 +72,22 @@ def summarize(
         recent_failures=[
             Failure(
                 digest_ref=s.digest_ref,
-                reason=(s.failures[-1].reason if s.failures else s.reason) or s.status,
+                reason=_reason(s),
                 at=s.failures[-1].at if s.failures else None,
+                detail=s.reason,
             )
             for s in failed[:failures_shown]
         ],
         dispatcher_leader=lease.holder if lease is not None else "",
+        failed_by_reason=dict(sorted(by_reason.items())),
     )
+
+
+def _reason(state: DigestScanState) -> str:
+    """The last failure's reason; a digest no node runs any more, or never scanned, says its state."""
+    if state.status == "failed" and state.failures:
+        return state.failures[-1].reason
+    return state.status
 
 
 async def collect(bus: busmod.Bus) -> StatusReport:
