@@ -37,6 +37,22 @@ def _when(at: datetime | None) -> str:
     return (at.astimezone(UTC) if at.tzinfo is not None else at).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _short_image(image: str) -> str:
+    """An image as its spec wrote it, with a digest shortened to 12 hex digits: 64 of them made the tables wider
+    than a screen (the whole one is on hover and on the digest's own page)."""
+    repo, at, digest = image.partition("@")
+    algorithm, colon, hex_ = digest.partition(":")
+    if at and colon and len(hex_) > 12:
+        return f"{repo}@{algorithm}:{hex_[:12]}\u2026"
+    return image
+
+
+def _image_cell(images: list[str]) -> str:
+    text = ", ".join(_short_image(i) for i in images)
+    full = ", ".join(images)
+    return f'<td title="{_e(full)}">{_e(text)}</td>' if text != full else f"<td>{_e(full)}</td>"
+
+
 def _page(title: str, body: Iterable[str], up: str | None) -> str:
     nav = f'<p><a href="{up}">&larr; all digests and namespaces</a></p>' if up else ""
     return (
@@ -92,14 +108,15 @@ def index_page(index: SummaryIndex) -> str:
     entries = sorted(index.digests.items(), key=lambda item: (_worst_first(item[1].report), item[0]))
     for hex_, entry in entries:
         report = entry.report
-        image = ", ".join(entry.images) or (report.artifact if report is not None else "") or entry.digest_ref
+        images = entry.images or [(report.artifact if report is not None else "") or entry.digest_ref]
+        image_cell = _image_cell(images)
         digest_cell = (
             f'<a href="digests/{_e(hex_)}.html"><code>{_e(hex_[:12])}</code></a>'
             if report is not None
             else f"<code>{_e(hex_[:12])}</code>"
         )
         body.append(
-            f"<tr><td>{_e(image)}</td><td>{digest_cell}</td>"
+            f"<tr>{image_cell}<td>{digest_cell}</td>"
             f"{_count_cells(report.counts if report else None, report.fixable if report else None)}"
             f"<td>{_when(report.scanned_at or report.finished_at) if report else '-'}</td>"
             f"<td>{_e(', '.join(entry.namespaces))}</td></tr>"
@@ -120,7 +137,7 @@ def namespace_page(index: NamespaceIndex) -> str:
                 else f"<code>{_e(hex_[:12])}</code>"
             )
             body.append(
-                f"<tr><td>{_e(workload.workload.kind)}/{_e(workload.workload.name)}</td><td>{_e(image.image)}</td>"
+                f"<tr><td>{_e(workload.workload.kind)}/{_e(workload.workload.name)}</td>{_image_cell([image.image])}"
                 f"<td>{digest_cell}</td>{_count_cells(image.counts, image.fixable)}<td>{_when(image.scanned_at)}</td></tr>"
             )
     body.append("</table>")

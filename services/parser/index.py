@@ -5,6 +5,7 @@ Pure: no I/O, no clock (instants are arguments). The indexer feeds it KV entries
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from datetime import datetime
 
@@ -125,9 +126,20 @@ class IndexModel:
                 )
         workloads = [
             NamespaceWorkload(workload=w.workload, images=sorted(images[key], key=lambda i: (i.image, i.digest_ref)))
-            for key, w in sorted(by_workload.items())
+            for key, w in sorted(by_workload.items(), key=lambda item: (item[0][0], natural_key(item[0][1])))
         ]
         return NamespaceIndex(namespace=namespace, generated_at=now, workloads=workloads)
+
+
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
+    """Orders names as people count: svc-2 before svc-10. Runs of digits compare as numbers, the rest as text (a
+    number before text at the same place, and the digits' text breaks ties between 01 and 1)."""
+    return tuple(
+        (0, int(part), part) if i % 2 else (1, 0, part) for i, part in enumerate(_DIGITS.split(text)) if part or not i
+    )
 
 
 def vulnerability_samples(summaries: dict[str, DigestSummary]) -> list[Sample]:
