@@ -12,7 +12,7 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-from podsweep import __version__, embedded, logs, progress, runtime
+from podsweep import __version__, embedded, logs, preflight, progress, runtime
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.status import StatusReport
 from services.admission.cli import admissions_command
@@ -146,6 +146,9 @@ def up(
     except embedded.EmbeddedServerError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
+    except preflight.NotReady as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         pass
     finally:
@@ -154,9 +157,18 @@ def up(
 
 
 async def _prepare(settings: Settings) -> None:
-    """Declare the stream and bucket once before the services start (each also does so idempotently)."""
+    """Check what scans need in the cluster (preflight.py: stops `up` with what to apply), then declare the stream
+    and bucket once before the services start (each also does so idempotently)."""
     from podsweep import bus as busmod
+    from podsweep.kube import Kube
     from podsweep.objectstore import ObjectStore
+
+    kube = await Kube.connect(runtime.kubeconfig_path(settings))
+    try:
+        for what in await preflight.prepare(kube, settings.namespace, settings.dispatcher.service_account):
+            err.print(f"created {what} (what scan Jobs need)")
+    finally:
+        await kube.close()
 
     bus = await busmod.connect(settings.nats, "up")
     try:
