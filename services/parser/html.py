@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from html import escape
 
 from schemas.events import SEVERITIES, SeverityCounts
-from schemas.index import DigestSummary, NamespaceIndex, SummaryIndex
+from schemas.index import DigestSummary, NamespaceIndex, ScanView, SummaryIndex
 from schemas.refs import digest_hex
 from schemas.report import Report
 
@@ -64,9 +64,25 @@ def _page(title: str, body: Iterable[str], up: str | None) -> str:
     )
 
 
-def _count_cells(counts: SeverityCounts | None, fixable: SeverityCounts | None = None) -> str:
+def scan_state_text(scan: ScanView | None) -> str:
+    """What a digest without a report is doing, in the words `podsweep status` counts it by, with the reason."""
+    if scan is None:
+        return "not scanned yet"
+    said = {
+        "pending": "waiting to be scanned",
+        "running": "scanning",
+        "done": "scanned, report not stored yet",
+        "failed": "scan failed",
+        "not_scanned": "not scanned",
+    }[scan.status]
+    return f"{said}: {scan.reason}" if scan.reason and scan.status in ("failed", "not_scanned") else said
+
+
+def _count_cells(
+    counts: SeverityCounts | None, fixable: SeverityCounts | None = None, scan: ScanView | None = None
+) -> str:
     if counts is None:
-        return '<td class="muted" colspan="6">not scanned yet</td>'
+        return f'<td class="muted" colspan="6">{_e(scan_state_text(scan))}</td>'
     cells = []
     for severity in SEVERITIES:
         n = getattr(counts, severity)
@@ -117,7 +133,7 @@ def index_page(index: SummaryIndex) -> str:
         )
         body.append(
             f"<tr>{image_cell}<td>{digest_cell}</td>"
-            f"{_count_cells(report.counts if report else None, report.fixable if report else None)}"
+            f"{_count_cells(report.counts if report else None, report.fixable if report else None, entry.scan)}"
             f"<td>{_when(report.scanned_at or report.finished_at) if report else '-'}</td>"
             f"<td>{_e(', '.join(entry.namespaces))}</td></tr>"
         )
@@ -138,7 +154,7 @@ def namespace_page(index: NamespaceIndex) -> str:
             )
             body.append(
                 f"<tr><td>{_e(workload.workload.kind)}/{_e(workload.workload.name)}</td>{_image_cell([image.image])}"
-                f"<td>{digest_cell}</td>{_count_cells(image.counts, image.fixable)}<td>{_when(image.scanned_at)}</td></tr>"
+                f"<td>{digest_cell}</td>{_count_cells(image.counts, image.fixable, image.scan)}<td>{_when(image.scanned_at)}</td></tr>"
             )
     body.append("</table>")
     return _page(f"namespace {index.namespace}", body, "../index.html")

@@ -9,6 +9,8 @@ import re
 from collections import defaultdict
 from datetime import datetime
 
+import msgspec
+
 from schemas.events import SEVERITIES
 from schemas.index import (
     DigestSummary,
@@ -16,11 +18,12 @@ from schemas.index import (
     IndexRevisions,
     NamespaceIndex,
     NamespaceWorkload,
+    ScanView,
     SummaryIndex,
     WorkloadImage,
 )
 from schemas.refs import split_digest_ref
-from schemas.state import DigestWorkloads
+from schemas.state import DigestScanState, DigestWorkloads
 
 # One gauge sample: its labels and value.
 Sample = tuple[dict[str, str], int]
@@ -32,6 +35,7 @@ class IndexModel:
     def __init__(self) -> None:
         self.summaries: dict[str, DigestSummary] = {}
         self.workloads: dict[str, DigestWorkloads] = {}
+        self.scans: dict[str, ScanView] = {}
         self.by_namespace: dict[str, set[str]] = defaultdict(set)
         self.dirty_namespaces: set[str] = set()
         self.summary_dirty = False
@@ -47,7 +51,7 @@ class IndexModel:
             self.summaries.pop(hex_, None)
         else:
             self.summaries[hex_] = doc
-        self.revisions = IndexRevisions(max(self.revisions.summaries, revision), self.revisions.workloads)
+        self.revisions = msgspec.structs.replace(self.revisions, summaries=max(self.revisions.summaries, revision))
         if dirty:
             self.summary_dirty = True
             self.dirty_namespaces |= self._namespaces(hex_)
@@ -65,10 +69,24 @@ class IndexModel:
                 del self.by_namespace[ns]
         for ns in after:
             self.by_namespace[ns].add(hex_)
-        self.revisions = IndexRevisions(self.revisions.summaries, max(self.revisions.workloads, revision))
+        self.revisions = msgspec.structs.replace(self.revisions, workloads=max(self.revisions.workloads, revision))
         if dirty:
             self.summary_dirty = True
             self.dirty_namespaces |= before | after
+
+    def apply_scan(self, hex_: str, doc: DigestScanState | None, revision: int, *, dirty: bool = True) -> None:
+        """A scans KV entry (the dispatcher's state of a digest). Only a change of what the index shows (the status
+        and its reason) dirties pages: most writes are claims and renewals."""
+        view = ScanView(status=doc.status, reason=doc.reason) if doc is not None else None
+        before = self.scans.get(hex_)
+        if view is None:
+            self.scans.pop(hex_, None)
+        else:
+            self.scans[hex_] = view
+        self.revisions = msgspec.structs.replace(self.revisions, scans=max(self.revisions.scans, revision))
+        if dirty and view != before:
+            self.summary_dirty = True
+            self.dirty_namespaces |= self._namespaces(hex_)
 
     def take_dirty(self) -> tuple[bool, set[str], IndexRevisions]:
         """What to write now, and the revisions it reflects; the model is clean afterwards."""
@@ -96,6 +114,7 @@ class IndexModel:
                 images=sorted({run.image for run in runs}),
                 namespaces=sorted({run.namespace for run in runs}),
                 report=summary,
+                scan=self.scans.get(hex_),
             )
         return SummaryIndex(generated_at=now, revisions=revisions, digests=digests)
 
@@ -122,6 +141,7 @@ class IndexModel:
                         counts=summary.counts if summary is not None else None,
                         fixable=summary.fixable if summary is not None else None,
                         scanned_at=(summary.scanned_at or summary.finished_at) if summary is not None else None,
+                        scan=self.scans.get(hex_),
                     )
                 )
         workloads = [
