@@ -34,22 +34,24 @@ class NotReady(Exception):
 class Missing(msgspec.Struct, frozen=True):
     """What the check found missing and could not create, and the permissions the current user lacks there."""
 
-    namespace: bool = False
+    namespace: str | None = None  # how it is missing: "does not exist" or "could not be read"
     service_account: str | None = None
+    service_account_state: str = "does not exist"
     denied: tuple[str, ...] = ()  # "create jobs.batch", ...
 
 
 def advice(namespace: str, missing: Missing) -> str | None:
     """The message that stops `up`, or None when scans can run."""
     lines: list[str] = []
-    if missing.namespace:
+    if missing.namespace is not None:
         lines.append(
-            f"the namespace {namespace!r} does not exist and this user may not create it: apply "
+            f"the namespace {namespace!r} {missing.namespace} and this user may not create it: apply "
             f"deploy/base/namespace.yaml (with namespace {namespace}), or `kubectl create namespace {namespace}`"
         )
     if missing.service_account is not None:
         lines.append(
-            f"the ServiceAccount {missing.service_account!r} scan Jobs run as does not exist in {namespace!r} and "
+            f"the ServiceAccount {missing.service_account!r} scan Jobs run as {missing.service_account_state} in "
+            f"{namespace!r} and "
             f"this user may not create it: apply deploy/base/serviceaccounts.yaml, or "
             f"`kubectl -n {namespace} create serviceaccount {missing.service_account}`"
         )
@@ -79,9 +81,11 @@ async def prepare(kube: Kube, namespace: str, service_account: str) -> list[str]
             except msgspec.ValidationError:
                 raise NotReady(f"config: {key} {value[:80]!r} is not a Kubernetes name") from None
     created: list[str] = []
-    missing_namespace = False
+    missing_namespace: str | None = None
     missing_account: str | None = None
-    if not await _exists(kube, f"/api/v1/namespaces/{namespace}"):
+    account_state = "does not exist"
+    found = await _exists(kube, f"/api/v1/namespaces/{namespace}")
+    if found is not True:
         namespace_body = {
             "apiVersion": "v1",
             "kind": "Namespace",
@@ -90,10 +94,11 @@ async def prepare(kube: Kube, namespace: str, service_account: str) -> list[str]
         if await _create(kube, "/api/v1/namespaces", namespace_body):
             created.append(f"namespace {namespace}")
         else:
-            missing_namespace = True
-    if service_account and not missing_namespace:
+            missing_namespace = "does not exist" if found is False else "could not be read"
+    if service_account and missing_namespace is None:
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts"
-        if not await _exists(kube, f"{path}/{service_account}"):
+        account = await _exists(kube, f"{path}/{service_account}")
+        if account is not True:
             body: dict[str, object] = {
                 "apiVersion": "v1",
                 "kind": "ServiceAccount",
@@ -107,8 +112,9 @@ async def prepare(kube: Kube, namespace: str, service_account: str) -> list[str]
                 created.append(f"serviceaccount {namespace}/{service_account}")
             else:
                 missing_account = service_account
+                account_state = "does not exist" if account is False else "could not be read"
     denied = await _denied(kube, namespace, JOB_VERBS)
-    message = advice(namespace, Missing(missing_namespace, missing_account, denied))
+    message = advice(namespace, Missing(missing_namespace, missing_account, account_state, denied))
     if message is not None:
         raise NotReady(message)
     for what in created:
@@ -116,14 +122,15 @@ async def prepare(kube: Kube, namespace: str, service_account: str) -> list[str]
     return created
 
 
-async def _exists(kube: Kube, path: str) -> bool:
+async def _exists(kube: Kube, path: str) -> bool | None:
+    """True, False, or None when this user may not look (the creation that follows says whether it may make it)."""
     try:
         await kube.get(path)
     except KubeError as exc:
         if exc.status == 404:
             return False
-        if exc.status == 403:  # may not look: the creation below says whether it may be made
-            return False
+        if exc.status in (401, 403):
+            return None
         raise
     return True
 

@@ -23,6 +23,7 @@ import msgspec
 import pytest
 
 from podsweep import bus as busmod
+from podsweep import preflight
 from podsweep import status as statusmod
 from podsweep.config import (
     ConsumerSettings,
@@ -42,7 +43,7 @@ from schemas.state import SCANS_BUCKET, DigestScanState
 from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane
-from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
+from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id, wait_until
 from tests.harness.standin import KubeletStandin, Pod
 
 pytestmark = pytest.mark.kube
@@ -531,3 +532,88 @@ async def test_a_scan_pod_that_completes_without_uploading_is_a_failed_scan_retr
     await cluster.eventually(scanned, 180, "the digest scanned by a later attempt")
     assert len(attempts) == 3
     assert await cluster.store.get_if_exists(storage.latest_report_key(silent), 10_000_000) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `podsweep up`'s check before its first scan
+
+
+async def _kube_as(kube: KubeControlPlane, client: Kube, namespace: str, account: str, path: Path) -> Kube:
+    """A client authenticated as a ServiceAccount (a token from the TokenRequest API)."""
+    await client.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts",
+        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account}},
+    )
+    answer = msgspec.json.decode(
+        await client.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+            body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 600}},
+        )
+    )
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": kube.server, "certificate-authority": str(kube.ca_file)}}],
+        "users": [{"name": account, "user": {"token": answer["status"]["token"]}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": account}}],
+        "current-context": "c",
+    }
+    await asyncio.to_thread(path.write_text, msgspec.json.encode(config).decode())
+    return await Kube.connect(str(path))
+
+
+async def test_up_creates_what_scans_need_when_it_may_and_otherwise_says_what_to_apply(
+    kube: KubeControlPlane, kube_api: Kube, tmp_path: Path
+) -> None:
+    n = next(_ids)
+    fresh = f"live-fresh-{n}"
+    created = await preflight.prepare(kube_api, fresh, "scan")
+    assert created == [f"namespace {fresh}", f"serviceaccount {fresh}/scan"]
+    namespace = msgspec.json.decode(await kube_api.get(f"/api/v1/namespaces/{fresh}"))
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "baseline"
+    account = msgspec.json.decode(await kube_api.get(f"/api/v1/namespaces/{fresh}/serviceaccounts/scan"))
+    assert account["automountServiceAccountToken"] is False
+    assert await preflight.prepare(kube_api, fresh, "scan") == [], "a second start finds everything there"
+
+    # A user who may only look there: `up` stops before any scan and says what to apply.
+    limited = await _kube_as(kube, kube_api, fresh, "nobody", tmp_path / "nobody.kubeconfig")
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "look"},
+        "rules": [{"apiGroups": [""], "resources": ["namespaces", "serviceaccounts"], "verbs": ["get"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "look"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "look"},
+        "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": fresh}],
+    }
+    await kube_api.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{fresh}/roles", body=role)
+    await kube_api.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{fresh}/rolebindings", body=binding)
+
+    async def may_look() -> bool | None:  # RBAC takes effect once the authorizer's cache has the binding
+        try:
+            await limited.get(f"/api/v1/namespaces/{fresh}")
+        except KubeError:
+            return None
+        return True
+
+    await wait_until(may_look, 30, "the Role taking effect")
+    try:
+        with pytest.raises(preflight.NotReady) as refused:
+            await preflight.prepare(limited, fresh, "scan-missing")
+        message = str(refused.value)
+        assert f"the ServiceAccount 'scan-missing' scan Jobs run as does not exist in '{fresh}'" in message
+        assert "deploy/base/serviceaccounts.yaml" in message
+        assert f"may not create jobs.batch, delete jobs.batch, list jobs.batch in '{fresh}'" in message
+        with pytest.raises(preflight.NotReady) as no_namespace:
+            await preflight.prepare(limited, f"{fresh}-absent", "scan")
+        assert f"the namespace '{fresh}-absent' could not be read and this user may not create it" in str(
+            no_namespace.value
+        )
+    finally:
+        await limited.close()

@@ -14,7 +14,9 @@ def test_nothing_missing_says_nothing() -> None:
 @pytest.mark.parametrize(
     ("missing", "says"),
     [
-        pytest.param(Missing(namespace=True), ["namespace 'podsweep'", "deploy/base/namespace.yaml"], id="namespace"),
+        pytest.param(
+            Missing(namespace="does not exist"), ["namespace 'podsweep'", "deploy/base/namespace.yaml"], id="namespace"
+        ),
         pytest.param(
             Missing(service_account="scan"),
             [
