@@ -290,12 +290,13 @@ class Dispatcher:
         scan_failures.add(1, {"reason": failed.reason})
         # A failed Job is given up on: deleted, so no Job the limits stopped counting stays (one refused pods keeps
         # trying to make its pod; one stuck on a gone node never ends), then its slot is freed.
-        await self._delete_job(failed.job if failed.mode == "sbom" else failed.scan_id)
+        deleted = await self._delete_job(failed.job if failed.mode == "sbom" else failed.scan_id)
         if failed.reason == "PodCreateRejected":
             self._pods_refused(failed, now)
         else:
             self.hold = rejections.failed_otherwise(self.hold, failed.scan_id) or self.hold
-        await self._release(failed.job if failed.mode == "sbom" else failed.scan_id)
+        if deleted:  # a Job that could not be deleted keeps its slot until the slot's deadline: it may still run
+            await self._release(failed.job if failed.mode == "sbom" else failed.scan_id)
         active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
         written = await self._update(
@@ -364,10 +365,11 @@ class Dispatcher:
             self.hold = None
             self.wake.set()
 
-    async def _delete_job(self, name: str) -> None:
-        """Delete a scan Job and (in the background, by the garbage collector) its pods. Gone already is fine."""
+    async def _delete_job(self, name: str) -> bool:
+        """Delete a scan Job and (in the background, by the garbage collector) its pods; True once it is gone (or
+        was). False when this dispatcher may not delete Jobs (said once per Job, with what to apply)."""
         if not name.startswith(plan.SCAN_ID_PREFIX):  # only names podsweep gives its Jobs, whatever an event says
-            return
+            return True
         try:
             await self.kube.request(
                 "DELETE",
@@ -375,11 +377,20 @@ class Dispatcher:
                 body=msgspec.json.encode({"propagationPolicy": "Background"}),
             )
         except KubeError as exc:
-            if exc.status != 404:
-                raise
-            return
+            if exc.status == 404:
+                return True
+            if exc.status in (401, 403):
+                log.warning(
+                    "scan Job not deleted: this dispatcher may not delete Jobs",
+                    job=name,
+                    namespace=self.cfg.jobs.namespace,
+                    what_to_do="grant delete on jobs.batch there (deploy/base/rbac-dispatcher.yaml)",
+                )
+                return False
+            raise
         jobs_deleted.add(1)
         log.info("scan Job deleted", job=name)
+        return True
 
     # -- deciding and carrying out ---------------------------------------------------------------------------------
 
