@@ -22,7 +22,7 @@ from podsweep import bus as busmod
 from podsweep import logs, runtime, telemetry
 from podsweep.config import Settings, WatcherSettings
 from podsweep.health import HEALTH
-from podsweep.kube import METADATA, METADATA_ANY, METADATA_LIST, Kube, KubeError
+from podsweep.kube import METADATA, METADATA_LIST, METADATA_WATCH, Kube, KubeError
 from podsweep.service import Service, open_service
 from schemas import jobs, subjects
 from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted, Workload
@@ -500,6 +500,7 @@ async def _follow(
     settings: WatcherSettings,
     params: Mapping[str, str | int | bool] | None = None,
     accept: str = "application/json",
+    watch_accept: str | None = None,
 ) -> None:
     """Feed a reflector into a handler; a failure is logged and the resource relisted, never fatal."""
     while True:
@@ -512,6 +513,7 @@ async def _follow(
                 page_size=settings.page_size,
                 watch_timeout_s=settings.watch_timeout_s,
                 accept=accept,
+                watch_accept=watch_accept,
             ):
                 await handle(observation)
         except asyncio.CancelledError:
@@ -536,7 +538,15 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             _follow(kube, "/api/v1/pods", _pod_codec, watcher.on_pods, ws, pod_params),
             _follow(kube, f"/apis/batch/v1{scans}/jobs", _job_codec, watcher.on_jobs, ws, scan_selector),
             _follow(kube, f"/api/v1{scans}/pods", _scan_pod_codec, watcher.on_scan_pods, ws, scan_selector),
-            _follow(kube, "/api/v1/nodes", _meta_codec, watcher.on_nodes, ws, accept=METADATA_ANY),
+            _follow(
+                kube,
+                "/api/v1/nodes",
+                _meta_codec,
+                watcher.on_nodes,
+                ws,
+                accept=METADATA_LIST,
+                watch_accept=METADATA_WATCH,
+            ),
             _follow(kube, f"/api/v1{scans}/events", _event_codec, watcher.on_scan_events, ws, FAILED_CREATE),
         ]
         tasks = [asyncio.create_task(follow) for follow in follows]

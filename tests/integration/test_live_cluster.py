@@ -342,6 +342,9 @@ async def test_a_node_that_joins_while_podsweep_runs_gets_its_scan_and_one_delet
         return any(f.reason == "NodeGone" for f in await cluster.scan_failures(stranded))
 
     await cluster.eventually(failed_as_gone, 120, "scan.failed NodeGone for the deleted node")
+    [gone] = await cluster.scan_failures(stranded)
+    # From the node watch's DELETED event, at once: not from the pod garbage collector, 40 s later.
+    assert gone.message == "the scan's node no longer exists", gone.message
     await cluster.eventually(lambda: _job_gone(kube_api, cluster.jobs, job), 60, "the given-up Job deleted")
     assert cluster.live_jobs.most <= MAX_ACTIVE
 
