@@ -527,14 +527,17 @@ async def test_a_scan_pod_that_completes_without_uploading_is_a_failed_scan_retr
 
     await cluster.eventually(index_says_failed, 60, "the index saying the scan failed, with its reason")
 
-    # Retried with backoff until a scan uploads: then done, with a stored report.
-    async def scanned() -> bool:
+    # Retried with backoff until a scan uploads: then a stored report, and done. (Between a scan.completed and the
+    # parser's verdict on its upload, a digest is `done` for the seconds the parser waits for a late upload.)
+    async def reported() -> bool:
         state = await cluster.state(silent)
-        return state is not None and state.status == "done"
+        stored = await cluster.store.get_if_exists(storage.latest_report_key(silent), 10_000_000)
+        return stored is not None and state is not None and state.status == "done"
 
-    await cluster.eventually(scanned, 180, "the digest scanned by a later attempt")
+    await cluster.eventually(reported, 180, "the digest scanned by a later attempt, its report stored")
     assert len(attempts) == 3
-    assert await cluster.store.get_if_exists(storage.latest_report_key(silent), 10_000_000) is not None
+    state = await cluster.state(silent)
+    assert state is not None and state.reason == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
