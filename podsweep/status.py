@@ -84,10 +84,8 @@ def summarize(
 
 
 def _reason(state: DigestScanState) -> str:
-    """The last failure's reason; a digest no node runs any more, or never scanned, says its state."""
-    if state.status == "failed" and state.failures:
-        return state.failures[-1].reason
-    return state.status
+    """The last failure's reason; without one (no node runs the digest any more), its state."""
+    return state.failures[-1].reason if state.failures else state.status
 
 
 async def collect(bus: busmod.Bus) -> StatusReport:
