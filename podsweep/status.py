@@ -52,16 +52,16 @@ def summarize(
     failures_shown: int = 10,
     lease: DispatcherLease | None = None,
 ) -> StatusReport:
-    by_state = Counter(s.status for s in states)
+    by_state = Counter(_status(s) for s in states)
     pending = [s for s in states if s.status == "pending"]
     oldest = min(pending, key=lambda s: s.last_seen_at or _LATEST, default=None)
     running = Counter(s.node for s in states if s.status == "running" and s.node)
     failed = sorted(
-        (s for s in states if s.status in ("failed", "not_scanned") or s.failures),
+        (s for s in states if _status(s) in ("failed", "not_scanned") or s.failures),
         key=lambda s: s.failures[-1].at if s.failures else (s.last_seen_at or _EARLIEST),
         reverse=True,
     )
-    by_reason = Counter(_reason(s) for s in states if s.status in ("failed", "not_scanned"))
+    by_reason = Counter(_reason(s) for s in states if _status(s) in ("failed", "not_scanned"))
     return StatusReport(
         digests=len(states),
         by_state=dict(sorted(by_state.items())),
@@ -81,6 +81,14 @@ def summarize(
         dispatcher_leader=lease.holder if lease is not None else "",
         failed_by_reason=dict(sorted(by_reason.items())),
     )
+
+
+def _status(state: DigestScanState) -> str:
+    """The state as people count it: a digest that runs somewhere and was never claimed (it waits for a slot, or for
+    scan pods to be accepted) is waiting, i.e. pending, not failed."""
+    if state.status == "not_scanned" and state.nodes_seen and not state.reason and not state.failures:
+        return "pending"
+    return state.status
 
 
 def _reason(state: DigestScanState) -> str:

@@ -75,6 +75,8 @@ def scan_state_text(scan: ScanView | None) -> str:
         "failed": "scan failed",
         "not_scanned": "not scanned",
     }[scan.status]
+    if scan.status == "not_scanned" and not scan.reason:
+        return "waiting to be scanned"  # runs somewhere, not claimed yet (as `podsweep status` counts it: pending)
     return f"{said}: {scan.reason}" if scan.reason and scan.status in ("failed", "not_scanned") else said
 
 

@@ -111,6 +111,11 @@ def test_tables_show_short_digests_and_the_digest_page_the_whole_one() -> None:
         pytest.param(DigestScanState(digest_ref=REF, status="running"), "scanning", id="running"),
         pytest.param(DigestScanState(digest_ref=REF, status="pending"), "waiting to be scanned", id="pending"),
         pytest.param(
+            DigestScanState(digest_ref=REF, status="not_scanned", nodes_seen=["n1"]),
+            "waiting to be scanned",
+            id="runs-and-waits-for-its-first-claim",
+        ),
+        pytest.param(
             DigestScanState(
                 digest_ref=REF, status="failed", reason="attempt 1 failed with ReportMissing on node n1: no object"
             ),

@@ -78,3 +78,11 @@ def test_status_counts_failed_digests_by_their_last_reason_and_keeps_the_dispatc
     summary = summarize(states, [])
     assert summary.failed_by_reason == {"PodCreateRejected": 2, "not_scanned": 1}
     assert {f.detail for f in summary.recent_failures} >= {"PodCreateRejected: x", "PodCreateRejected: y"}
+
+
+def test_a_digest_that_runs_and_waits_for_its_first_claim_is_pending_not_failed() -> None:
+    ref = "registry.example.com/app@sha256:" + "5" * 64
+    waiting = DigestScanState(digest_ref=ref, status="not_scanned", nodes_seen=["n1"])
+    summary = summarize([waiting], [])
+    assert summary.by_state == {"pending": 1}
+    assert summary.failed_by_reason == {} and summary.recent_failures == []
