@@ -23,7 +23,7 @@ import msgspec
 import pytest
 
 from podsweep import bus as busmod
-from podsweep import preflight
+from podsweep import preflight, progress
 from podsweep import status as statusmod
 from podsweep.config import (
     ConsumerSettings,
@@ -449,6 +449,14 @@ async def test_refused_scan_pods_fail_with_the_api_servers_reason_hold_new_jobs_
         assert wanted in state.reason, state.reason
     failures = [f for ref in refs for f in await cluster.scan_failures(ref) if f.reason == "PodCreateRejected"]
     assert failures and all(wanted in f.message for f in failures)
+    bus = await busmod.connect(cluster.settings.nats, "test")
+    try:
+        report = await statusmod.collect(bus)
+    finally:
+        await bus.close()
+    assert report.failed_by_reason.get("PodCreateRejected", 0) >= 1, report
+    line, _ = progress.line(report, progress.Sweep(), 1.0, "")
+    assert line is not None and "PodCreateRejected" in line, line
 
     # The refusal is the namespace's: podsweep says so once, then tries one Job at a time; none are left behind.
     dispatcher_log = cluster.running["dispatcher"]
