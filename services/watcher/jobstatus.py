@@ -29,6 +29,7 @@ from services.watcher.kubeobjects import ContainerStatus, Job, ScanPod
 Phase = Literal["pending", "started", "completed", "failed"]
 _RANK: dict[Phase, int] = {"pending": 0, "started": 1, "completed": 2, "failed": 2}
 _MAX_MESSAGE = 1024
+PODLESS = "the Job made no pod and no FailedCreate event of it was seen (may the watcher read events there?)"
 _MAX_BATCH = 1000
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -138,13 +139,23 @@ def _where(exc: msgspec.DecodeError) -> str:
 
 
 def outcome(
-    job: Job, pods: Sequence[ScanPod] = (), node_exists: bool | None = None, create_failure: str | None = None
+    job: Job,
+    pods: Sequence[ScanPod] = (),
+    node_exists: bool | None = None,
+    create_failure: str | None = None,
+    podless_since: datetime | None = None,
 ) -> Outcome:
     """Where the scan is. A failure visible in a pod (ErrImageNeverPull never fails a pod by itself) counts at once.
 
     `node_exists` is False only on evidence that the node is gone (the shell saw it deleted, or asked); `None`
     when that is not known, which never fails a scan. `create_failure` is the message of the Job's last FailedCreate
-    event: with no pod of the Job in sight, the scan fails with it."""
+    event: with no pod of the Job in sight, the scan fails with it. `podless_since`: the shell's instant before which
+    a Job that started and still has no pod (and no FailedCreate seen: events expire, or may not be readable) fails
+    the same way, without the API server's words."""
+    if create_failure is None and podless_since is not None:
+        started = job.status.start_time
+        if started is not None and started <= podless_since and not pods:
+            create_failure = PODLESS
     found = _job_outcome(job, pods, node_exists, create_failure)
     if found.phase == "failed" and job.metadata.annotations.get(jobs.MODE_ANNOTATION) == "sbom":
         return msgspec.structs.replace(found, failed_items=_failed_items(pods))

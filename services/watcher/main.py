@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import msgspec
@@ -60,6 +60,10 @@ PREFETCH = (
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 # The Job controller's event when the API server refuses a Job's pod (admission: ServiceAccount, quota, Pod Security).
 FAILED_CREATE: dict[str, str | int | bool] = {"fieldSelector": "involvedObject.kind=Job,reason=FailedCreate"}
+# A scan Job that started this long ago and has no pod fails as PodCreateRejected even without its FailedCreate event
+# (events expire after an hour, and a watcher without RBAC on events never sees one); looked at this often.
+PODLESS_AFTER = timedelta(minutes=2)
+PODLESS_CHECK_S = 30.0
 
 _pod_codec: Codec[Pod] = Codec(Pod)
 _job_codec: Codec[Job] = Codec(Job)
@@ -344,7 +348,7 @@ class Watcher:
         node_exists = None if node is None else await self.node_exists(node)
         failure = self.create_failures.get(name)
         create_failure = failure[1] if failure is not None and failure[0] == job.metadata.uid else None
-        current = jobstatus.outcome(job, pods, node_exists, create_failure)
+        current = jobstatus.outcome(job, pods, node_exists, create_failure, _now() - PODLESS_AFTER)
         if not jobstatus.transition(self.job_phase.get(name), current):
             return
         parent = telemetry.from_traceparent(job.metadata.annotations.get(jobs.TRACEPARENT_ANNOTATION))
@@ -478,6 +482,16 @@ class Watcher:
         into[ref.name] = (ref.uid, event.message)
         return True
 
+    async def podless_forever(self) -> None:
+        """Look again at scan Jobs not started yet: one that made no pod for PODLESS_AFTER fails (jobstatus.py)."""
+        while True:
+            await asyncio.sleep(PODLESS_CHECK_S)
+            try:
+                for name in [n for n in self.jobs if self.job_phase.get(n, "pending") == "pending"]:
+                    await self.evaluate(name)
+            except (busmod.Conflict, ConnectionError, TimeoutError, KubeError) as exc:  # the next look tries again
+                log.warning("pod-less Jobs not looked at", error=f"{type(exc).__name__}: {exc}"[:300])
+
     # -- resync -------------------------------------------------------------------------------------------------
     async def resync_forever(self) -> None:
         interval = self.service.settings.watcher.resync_interval_s
@@ -551,6 +565,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         ]
         tasks = [asyncio.create_task(follow) for follow in follows]
         tasks.append(asyncio.create_task(watcher.resync_forever(), name="watcher-resync"))
+        tasks.append(asyncio.create_task(watcher.podless_forever(), name="watcher-podless"))
         log.info("watcher started", cluster=settings.cluster, scan_namespace=settings.namespace)
         try:
             done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when="FIRST_COMPLETED")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -364,6 +364,29 @@ def test_a_job_whose_pod_was_refused_fails_with_the_api_servers_reason(
     the_job: kubeobjects.Job, pods: list[kubeobjects.ScanPod], create_failure: str, expected: Outcome
 ) -> None:
     assert jobstatus.outcome(the_job, pods, True, create_failure) == expected
+
+
+@pytest.mark.parametrize(
+    ("the_job", "pods", "podless_since", "expected"),
+    [
+        pytest.param(
+            job(),
+            [],
+            STARTED,
+            Outcome("failed", "PodCreateRejected", jobstatus.PODLESS),
+            id="started-long-enough-ago-and-no-pod",
+        ),
+        pytest.param(job(), [], STARTED - timedelta(seconds=1), Outcome("pending"), id="not-long-enough"),
+        pytest.param(
+            job(), [scan_pod(phase="Pending")], NOW, Outcome("started", at=STARTED), id="a-pod-exists-however-late"
+        ),
+        pytest.param(job(start_time=False), [], NOW, Outcome("pending"), id="never-started"),
+    ],
+)
+def test_a_job_without_a_pod_for_long_fails_even_without_its_event(
+    the_job: kubeobjects.Job, pods: list[kubeobjects.ScanPod], podless_since: datetime, expected: Outcome
+) -> None:
+    assert jobstatus.outcome(the_job, pods, True, None, podless_since) == expected
 
 
 def test_messages_are_bounded() -> None:
