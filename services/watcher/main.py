@@ -109,6 +109,7 @@ class Owners:
         for group, version, plural in PREFETCH:
             path = f"/apis/{group}/{version}/{plural}"
             token = ""
+            listed: set[tuple[str, str, str, str]] = set()
             try:
                 while True:
                     params: dict[str, str | int | bool] = {"limit": 500}
@@ -118,10 +119,15 @@ class Owners:
                     for item in items:
                         key = (group, plural, item.metadata.namespace, item.metadata.name)
                         self.cache[key] = item
+                        listed.add(key)
                     if not token:
                         break
             except KubeError as exc:  # forbidden or not served: the walk falls back to GETs
                 log.info("owner prefetch skipped", resource=plural, status=exc.status)
+                continue
+            # A complete list is the whole kind: owners deleted since the last one (or not found then) are dropped.
+            for key in [k for k in self.cache if k[0] == group and k[1] == plural and k not in listed]:
+                del self.cache[key]
 
     def known(self, pod: Pod) -> Workload | None:
         """The pod's workload when no API call is needed (no controller, or its controller already walked)."""
