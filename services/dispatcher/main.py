@@ -1,7 +1,8 @@
 """The dispatcher service: turns image and scan events into scan Jobs, one per digest, within the limits.
 
 A thin shell around plan.py (what to do about a digest) and limits.py (may a Job start now): every state change is a
-compare-and-set on JetStream KV, so replicas and restarts agree. Never reads the API beyond its Jobs' create calls.
+compare-and-set on JetStream KV, so replicas and restarts agree. Touches the API only for its own scan Jobs in its
+namespace: creates them, deletes those it gives up on, and lists them when it starts leading (livejobs.py).
 """
 
 from __future__ import annotations
