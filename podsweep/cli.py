@@ -14,7 +14,7 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-from podsweep import __version__, discovery, embedded, logs, natsaccess, progress, runtime
+from podsweep import __version__, discovery, embedded, logs, natsaccess, preflight, progress, runtime
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.policy import EXAMPLE_POLICY
 from podsweep.status import StatusReport
@@ -157,6 +157,9 @@ def up(
     except embedded.EmbeddedServerError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
+    except preflight.NotReady as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         pass
     finally:
@@ -213,9 +216,18 @@ def start_embedded(
 
 
 async def _prepare(settings: Settings) -> None:
-    """Declare the stream and bucket once before the services start (each also does so idempotently)."""
+    """Check what scans need in the cluster (preflight.py: stops `up` with what to apply), then declare the stream
+    and bucket once before the services start (each also does so idempotently)."""
     from podsweep import bus as busmod
+    from podsweep.kube import Kube
     from podsweep.objectstore import ObjectStore
+
+    kube = await Kube.connect(runtime.kubeconfig_path(settings))
+    try:
+        for what in await preflight.prepare(kube, settings.namespace, settings.dispatcher.service_account):
+            err.print(f"created {what} (what scan Jobs need)")
+    finally:
+        await kube.close()
 
     bus = await busmod.connect(settings.nats, "up")
     try:
@@ -347,15 +359,20 @@ def _status_tables(report: StatusReport) -> Group:
     nodes.add_column("running", justify="right")
     for node, n in report.running_per_node.items():
         nodes.add_row(node, str(n))
+    by_reason = Table(title="failed digests by reason")
+    by_reason.add_column("reason")
+    by_reason.add_column("digests", justify="right")
+    for reason, n in report.failed_by_reason.items():
+        by_reason.add_row(reason, str(n))
     failures = Table(title="recent failures")
-    for column in ("digest", "reason", "at"):
+    for column in ("digest", "reason", "at", "detail"):
         failures.add_column(column)
     for f in report.recent_failures:
-        failures.add_row(f.digest_ref, f.reason, f.at.isoformat() if f.at else "")
+        failures.add_row(f.digest_ref, f.reason, f.at.isoformat() if f.at else "", f.detail)
     oldest = (
         f"oldest pending: {report.oldest_pending} since {report.oldest_pending_since}"
         if report.oldest_pending
         else "nothing pending"
     )
     leader = f"dispatcher leader: {report.dispatcher_leader or 'none'}"
-    return Group(states, lag, nodes, failures, oldest, leader)
+    return Group(states, lag, nodes, by_reason, failures, oldest, leader)

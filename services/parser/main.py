@@ -268,7 +268,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         summaries = await bus.kv(SUMMARIES_BUCKET)
         workloads = await bus.kv(WORKLOADS_BUCKET)
         scans = await bus.kv(SCANS_BUCKET)
-        indexer = Indexer(store, summaries, workloads, settings.parser.index_flush_s)
+        indexer = Indexer(store, summaries, workloads, settings.parser.index_flush_s, scans=scans)
         await indexer.start()
         parser = Parser(bus, store, settings, summaries, workloads, scans)
         try:
