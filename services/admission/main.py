@@ -23,8 +23,8 @@ from aiohttp import web
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from opentelemetry import metrics
 
+from podsweep import aio, logs
 from podsweep import bus as busmod
-from podsweep import logs
 from podsweep.config import Settings
 from podsweep.health import HEALTH
 from podsweep.natsaccess import NatsAccess
@@ -371,8 +371,7 @@ async def watch_files(
     policy_at = _mtimes(policy_file) if policy_file else ()
     next_cert = next_policy = time.monotonic()
     while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(a.cert_reload_s, a.policy_poll_s))
+        await aio.sleep_unless(stop, min(a.cert_reload_s, a.policy_poll_s))
         now = time.monotonic()
         if now >= next_cert:
             next_cert = now + a.cert_reload_s

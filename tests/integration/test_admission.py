@@ -543,7 +543,7 @@ async def _served_with(gate: Gate, ca_pem: bytes, timeout_s: float = 10) -> bool
 
 
 async def test_report_admissions_lists_recent_decisions(gate: Gate) -> None:
-    from podsweep.cli import app
+    from podsweep_cli.app import app
 
     env = {"PODSWEEP_CONFIG": str(gate.config_file)}
     result = await asyncio.to_thread(
