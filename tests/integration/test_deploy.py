@@ -691,7 +691,9 @@ def nats_from_manifest(
             assert text.count("store_dir: /data/jetstream\n") == 1
             text = text.replace("store_dir: /data/jetstream\n", f"store_dir: {store}\n")
         (work / key).write_text(text)
-    passwords = {service: secrets.token_urlsafe(18) for service in SERVICES}
+    # nats-server parses a `$VARIABLE`'s value like a literal: one starting with '-' is read as a number and refused
+    # (token_urlsafe starts with '-' one time in 64). Base64 passwords (docs/deploy.md) never start with '-'.
+    passwords = {service: "p" + secrets.token_urlsafe(18) for service in SERVICES}
     shipped = {
         service: load_settings(environ=_pod_environment(rendered["overlays/dev"], service, work / "pods" / service))
         for service in SERVICES
