@@ -582,7 +582,11 @@ async def consume(
     """
     stream = stream or bus.events
     await ensure_consumer(bus, durable, list(routes), settings, stream)
-    await _PullConsumer(bus, service, durable, routes, settings, stop, pull_expires_s, stream).run()
+    by_subject = {
+        stream.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()
+    }
+    next_subject = f"{natsprivate.api_prefix(bus.js)}.CONSUMER.MSG.NEXT.{stream.name}.{durable}"
+    await _PullConsumer(bus, service, settings, stop, pull_expires_s, by_subject, next_subject).run()
 
 
 class _PullConsumer:
@@ -593,25 +597,19 @@ class _PullConsumer:
         self,
         bus: Bus,
         service: str,
-        durable: str,
-        routes: Mapping[str, Route[Any]],
         settings: ConsumerSettings,
         stop: asyncio.Event,
         pull_expires_s: float,
-        stream: StreamRef,
+        by_subject: Mapping[str, tuple[str, Route[Any], msgspec.json.Decoder[Any]]],
+        next_subject: str,
     ) -> None:
-        self.bus = bus
-        self.service = service
-        self.settings = settings
-        self.stop = stop
+        self.bus, self.service, self.settings, self.stop = bus, service, settings, stop
         self.pull_expires_s = pull_expires_s
-        self.by_subject = {
-            stream.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()
-        }
+        self.by_subject = by_subject
+        self.next_subject = next_subject
         self.limit = asyncio.Semaphore(settings.concurrency)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.inbox = bus.nc.new_inbox()
-        self.next_subject = f"{natsprivate.api_prefix(bus.js)}.CONSUMER.MSG.NEXT.{stream.name}.{durable}"
         self.expires_ns = int(pull_expires_s * 1_000_000_000)
         self.wanted = 0  # messages asked for and neither delivered nor expired
         self.heard = time.monotonic()  # the last pull sent or answered
