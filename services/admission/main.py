@@ -43,6 +43,8 @@ SERVICE = "admission"
 PATH = "/validate"
 READY = "admission:view"
 MAX_INDEX_BYTES = 256 * 1024 * 1024
+KEEPALIVE_S = 120.0
+LINGER_S = 1.0
 
 log = logs.get("podsweep.admission")
 meter = metrics.get_meter("podsweep.admission")
@@ -69,8 +71,18 @@ _stored_decoder = msgspec.json.Decoder(ReportStored)
 class Gate:
     """The state a request reads (view, policy, rules) and the queue it leaves audits and scan requests in."""
 
-    def __init__(self, rules: GateRules, policy: Policy, audit_queue: int, rescan_every_s: float) -> None:
+    def __init__(
+        self,
+        rules: GateRules,
+        policy: Policy,
+        audit_queue: int,
+        rescan_every_s: float,
+        max_body_bytes: int = 32 * 1024 * 1024,
+        body_timeout_s: float = 5.0,
+    ) -> None:
         self.view = View()
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.rules = rules
         self.policy = policy
         self.loaded = False
@@ -84,11 +96,21 @@ class Gate:
         started = time.perf_counter()
         if not self.loaded:
             return web.Response(status=503, text="podsweep admission: the view is still loading\n")
-        if request.content_length is not None and request.content_length > review.MAX_BODY_BYTES:
-            return self._refuse(413, f"body of {request.content_length} bytes is over {review.MAX_BODY_BYTES}")
-        body = await request.content.read(review.MAX_BODY_BYTES + 1)
-        if len(body) > review.MAX_BODY_BYTES:
-            return self._refuse(413, f"body is over {review.MAX_BODY_BYTES} bytes")
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return self._refuse(413, f"body of {request.content_length} bytes is over {self.max_body_bytes}")
+        # The whole body, however it was split on the wire (read() waits for the end, checking the app's
+        # client_max_size as it goes), within a deadline so a slow or silent client is answered and let go.
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse(413, f"body is over {self.max_body_bytes} bytes")
+        except TimeoutError:
+            response = self._refuse(
+                408, f"the body did not arrive within {self.body_timeout_s} s (admission.body_timeout_s)"
+            )
+            response.force_close()
+            return response
         try:
             admission = review.decode(body)
         except review.InvalidReview as exc:
@@ -388,7 +410,7 @@ def read_policy(path: str) -> Policy:
 
 
 def app_for(gate: Gate) -> web.Application:
-    app = web.Application(client_max_size=review.MAX_BODY_BYTES + 1)
+    app = web.Application(client_max_size=gate.max_body_bytes)
     app.router.add_post(PATH, gate.handle)
     return app
 
@@ -408,12 +430,40 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             "(PEM certificate chain and its private key, e.g. a mounted kubernetes.io/tls Secret)"
         ) from None
     policy_file = a.policy_file or settings.notifier.policy_file
-    gate = Gate(rules_from(settings), read_policy(policy_file), a.audit_queue, a.rescan_every_s)
+    gate = Gate(
+        rules_from(settings),
+        read_policy(policy_file),
+        a.audit_queue,
+        a.rescan_every_s,
+        max_body_bytes=int(a.max_body_mb * 1024 * 1024),
+        body_timeout_s=a.body_timeout_s,
+    )
     HEALTH.set(READY, False)
     async with open_service(SERVICE, settings, s3=True) as service:
-        runner = web.AppRunner(app_for(gate), access_log=None, handler_cancellation=True)
+        runner = web.AppRunner(
+            app_for(gate),
+            access_log=None,
+            handler_cancellation=True,
+            # The apiserver never compresses a review: a compressed body is a 400, not a decompression paid for.
+            auto_decompress=False,
+            # A connection without a complete request is closed this long after it opened or answered last. Above
+            # the apiserver's 90 s idle timeout for its pooled connections: closing one as it sends a review fails
+            # that review, which failurePolicy Ignore then admits unjudged.
+            keepalive_timeout=KEEPALIVE_S,
+            # After an answer sent before the body was read (408, 413), wait this long for the rest, then close:
+            # aiohttp's default keeps a silent client 10 s more.
+            lingering_time=LINGER_S,
+        )
         await runner.setup()
-        await web.TCPSite(runner, a.host, a.port, ssl_context=context, backlog=1024).start()
+        assert runner.server is not None  # set by setup()
+        server = await asyncio.get_running_loop().create_server(
+            runner.server,
+            a.host,
+            a.port,
+            ssl=context,
+            backlog=1024,
+            ssl_handshake_timeout=a.body_timeout_s,  # TCPSite cannot set it: a silent TLS client is let go too
+        )
         log.info("admission listening", host=a.host, port=a.port, path=PATH, policy=policy_file or "(none)")
         try:
             async with asyncio.TaskGroup() as group:
@@ -424,4 +474,5 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                 await stop.wait()
         finally:
             HEALTH.set(READY, False)
+            server.close()
             await runner.cleanup()
