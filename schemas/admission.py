@@ -60,12 +60,10 @@ class Requester(msgspec.Struct, frozen=True, kw_only=True):
     groups: list[ShortText] = []  # at most 32
 
 
+# In an audit, uid, namespace, kind, name, operation, user and requester are the request's own words (requester.source
+# says so); mode, verdict, allowed, reason, images and bypass are what podsweep decided.
 class AdmissionDecided(Event, frozen=True, kw_only=True):
-    """Audit of one admission decision that was not a plain allow (published off the request path).
-
-    uid, namespace, kind, name, operation, user and requester are the request's own words (requester.source says
-    so); mode, verdict, allowed, reason, images and bypass are what podsweep decided.
-    """
+    """Audit of one admission decision that was not a plain allow (published off the request path)."""
 
     cluster: ClusterName
     uid: ShortText  # the AdmissionReview request uid
