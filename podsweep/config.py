@@ -294,9 +294,9 @@ class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # failurePolicy Ignore: an object of up to 3 MiB (the apiserver's request limit), re-encoded as JSON in which
     # one byte can take six (`<` is written \u003c), and on UPDATE the stored old object beside it.
     max_body_mb: float = 32.0
-    # A request whose body has not fully arrived by then is answered 408 and its connection closed; the same bound
-    # applies to the TLS handshake. The apiserver sends a review at once and gives up after timeoutSeconds (3).
-    body_timeout_s: float = 5.0
+    # The TLS handshake, a request's headers once begun, and its body must each arrive within this: a late body is
+    # answered 408, the rest are closed. The apiserver sends a review at once and gives up after timeoutSeconds (3).
+    read_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -313,8 +313,8 @@ class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
                     raise ValueError(f"{name} {glob!r} is not a namespace glob ([a-z0-9-] and * ? [ ] !)")
         if min(self.cert_reload_s, self.policy_poll_s, self.max_bypass_days, self.rescan_every_s) <= 0:
             raise ValueError("cert_reload_s, policy_poll_s, max_bypass_days and rescan_every_s must be > 0")
-        if not 1 <= self.max_body_mb <= 1024 or self.body_timeout_s <= 0:
-            raise ValueError("max_body_mb must be between 1 and 1024, body_timeout_s > 0")
+        if not 1 <= self.max_body_mb <= 1024 or self.read_timeout_s <= 0:
+            raise ValueError("max_body_mb must be between 1 and 1024, read_timeout_s > 0")
         if self.replay_s < 0 or self.audit_queue < 1 or self.findings_concurrency < 1:
             raise ValueError("replay_s must be >= 0, audit_queue and findings_concurrency >= 1")
 

@@ -37,14 +37,13 @@ from schemas.index import SummaryIndex
 from schemas.report import Report
 from services.admission import review
 from services.admission.decide import Decision, GateRules, VerdictCache, allow, decide, rules_from
+from services.admission.listener import Listener
 from services.admission.view import FindingsWanted, View, compact
 
 SERVICE = "admission"
 PATH = "/validate"
 READY = "admission:view"
 MAX_INDEX_BYTES = 256 * 1024 * 1024
-KEEPALIVE_S = 120.0
-LINGER_S = 1.0
 
 log = logs.get("podsweep.admission")
 meter = metrics.get_meter("podsweep.admission")
@@ -78,11 +77,11 @@ class Gate:
         audit_queue: int,
         rescan_every_s: float,
         max_body_bytes: int = 32 * 1024 * 1024,
-        body_timeout_s: float = 5.0,
+        read_timeout_s: float = 5.0,
     ) -> None:
         self.view = View()
         self.max_body_bytes = max_body_bytes
-        self.body_timeout_s = body_timeout_s
+        self.read_timeout_s = read_timeout_s
         self.rules = rules
         self.policy = policy
         self.loaded = False
@@ -101,13 +100,13 @@ class Gate:
         # The whole body, however it was split on the wire (read() waits for the end, checking the app's
         # client_max_size as it goes), within a deadline so a slow or silent client is answered and let go.
         try:
-            async with asyncio.timeout(self.body_timeout_s):
+            async with asyncio.timeout(self.read_timeout_s):
                 body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._refuse(413, f"body is over {self.max_body_bytes} bytes")
         except TimeoutError:
             response = self._refuse(
-                408, f"the body did not arrive within {self.body_timeout_s} s (admission.body_timeout_s)"
+                408, f"the body did not arrive within {self.read_timeout_s} s (admission.read_timeout_s)"
             )
             response.force_close()
             return response
@@ -436,34 +435,12 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         a.audit_queue,
         a.rescan_every_s,
         max_body_bytes=int(a.max_body_mb * 1024 * 1024),
-        body_timeout_s=a.body_timeout_s,
+        read_timeout_s=a.read_timeout_s,
     )
     HEALTH.set(READY, False)
     async with open_service(SERVICE, settings, s3=True) as service:
-        runner = web.AppRunner(
-            app_for(gate),
-            access_log=None,
-            handler_cancellation=True,
-            # The apiserver never compresses a review: a compressed body is a 400, not a decompression paid for.
-            auto_decompress=False,
-            # A connection without a complete request is closed this long after it opened or answered last. Above
-            # the apiserver's 90 s idle timeout for its pooled connections: closing one as it sends a review fails
-            # that review, which failurePolicy Ignore then admits unjudged.
-            keepalive_timeout=KEEPALIVE_S,
-            # After an answer sent before the body was read (408, 413), wait this long for the rest, then close:
-            # aiohttp's default keeps a silent client 10 s more.
-            lingering_time=LINGER_S,
-        )
-        await runner.setup()
-        assert runner.server is not None  # set by setup()
-        server = await asyncio.get_running_loop().create_server(
-            runner.server,
-            a.host,
-            a.port,
-            ssl=context,
-            backlog=1024,
-            ssl_handshake_timeout=a.body_timeout_s,  # TCPSite cannot set it: a silent TLS client is let go too
-        )
+        listener = Listener(app_for(gate), a.read_timeout_s)
+        await listener.start(a.host, a.port, context)
         log.info("admission listening", host=a.host, port=a.port, path=PATH, policy=policy_file or "(none)")
         try:
             async with asyncio.TaskGroup() as group:
@@ -474,5 +451,4 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                 await stop.wait()
         finally:
             HEALTH.set(READY, False)
-            server.close()
-            await runner.cleanup()
+            await listener.close()

@@ -616,14 +616,30 @@ async def test_a_client_that_sends_headers_and_no_body_is_answered_and_closed(ga
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await writer.wait_closed()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
-    assert b"body_timeout_s" in answer
+    assert b"read_timeout_s" in answer
+
+
+@pytest.mark.timeout(120)
+async def test_a_client_that_stalls_inside_its_headers_is_closed(gate: Gate) -> None:
+    context = ssl.create_default_context(cadata=gate.tls.ca_pem.decode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.port, ssl=context)
+    try:
+        writer.write(b"POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+        await writer.drain()
+        # Closed by the header deadline (admission.read_timeout_s); aiohttp alone would wait for its keep-alive
+        # timeout, an hour by default.
+        assert await _read_until_closed(reader, 45) == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
 
 
 @pytest.mark.timeout(120)
 async def test_a_client_that_never_starts_tls_is_let_go(gate: Gate) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.port)
     try:
-        # The gate's handshake deadline is admission.body_timeout_s (5 s); the default would have been 60 s.
+        # The gate's handshake deadline is admission.read_timeout_s (5 s); the default would have been 60 s.
         assert await _read_until_closed(reader, 45) == b""
     finally:
         writer.close()
