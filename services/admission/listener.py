@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -40,8 +41,8 @@ class HeaderDeadline(asyncio.Protocol):
         self.handling = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TLS transport has a Transport's methods without deriving from it: no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
         self.listener.connections[id(transport)] = self
         self.inner.connection_made(transport)
 
