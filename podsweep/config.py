@@ -313,8 +313,10 @@ class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
                     raise ValueError(f"{name} {glob!r} is not a namespace glob ([a-z0-9-] and * ? [ ] !)")
         if min(self.cert_reload_s, self.policy_poll_s, self.max_bypass_days, self.rescan_every_s) <= 0:
             raise ValueError("cert_reload_s, policy_poll_s, max_bypass_days and rescan_every_s must be > 0")
-        if not 1 <= self.max_body_mb <= 1024 or self.read_timeout_s <= 0:
-            raise ValueError("max_body_mb must be between 1 and 1024, read_timeout_s > 0")
+        if not 1 <= self.max_body_mb <= 1024:
+            raise ValueError(f"max_body_mb {self.max_body_mb} must be between 1 and 1024 (MiB)")
+        if self.read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s {self.read_timeout_s} must be > 0 (seconds)")
         if self.replay_s < 0 or self.audit_queue < 1 or self.findings_concurrency < 1:
             raise ValueError("replay_s must be >= 0, audit_queue and findings_concurrency >= 1")
 

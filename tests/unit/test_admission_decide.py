@@ -469,8 +469,8 @@ def test_a_new_report_is_never_judged_from_the_memo_of_the_old_one() -> None:
             {"bypasses": [{"selector": {"a": "b"}, "owner": "o", "reason": "r", "expires": "2026-12-01T00:00:00"}]},
             "zone",
         ),
-        ({"max_body_mb": 0.5}, "max_body_mb must be between 1 and 1024"),
-        ({"read_timeout_s": 0}, "read_timeout_s > 0"),
+        ({"max_body_mb": 0.5}, "must be between 1 and 1024"),
+        ({"read_timeout_s": 0}, "must be > 0"),
     ],
     ids=[
         "unknown-mode",
