@@ -18,6 +18,13 @@ if [[ ${#missing[@]} -eq 0 ]]; then echo "$out"; exit 0; fi
 
 command -v go >/dev/null || { echo "build.sh: 'go' not found; install Go >= 1.26 to build the test control plane" >&2; exit 1; }
 mkdir -p "$out"
+# One build at a time: test sessions started together (or a test beside CI) wait here for the first one's build,
+# then find the binaries and build nothing.
+exec 9>"$out/.build.lock"
+flock 9
+missing=()
+for b in "${bins[@]}"; do [[ -x "$out/$b" ]] || missing+=("$b"); done
+if [[ ${#missing[@]} -eq 0 ]]; then echo "$out"; exit 0; fi
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
 ldflags="-s -w"
 start=$(date +%s)
