@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import json
 import os
 import secrets
@@ -505,6 +506,10 @@ async def test_hostile_input_gets_a_clear_answer_and_never_a_crash(gate: Gate) -
 
         chunked = await client.post(url, content=chunks())
         assert chunked.status_code == 413
+        # A compressed review is not decompressed (the apiserver never sends one): a 400, whatever it holds.
+        packed = gzip.compress(json.dumps(review(pod("gz", {"app": BAD}), gate.enforce, uid="gz-1")).encode())
+        compressed = await client.post(url, content=packed, headers={"Content-Encoding": "gzip"})
+        assert compressed.status_code == 400 and "not an AdmissionReview" in compressed.text
         configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
         unknown_kind = await client.post(url, json=review(configmap, gate.enforce, uid="u-kind"))
         assert unknown_kind.json()["response"] == {"uid": "u-kind", "allowed": True}
