@@ -251,6 +251,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def settle(pids: list[int], timeout_s: float = 60) -> None:
+    """Wait until these processes are nearly idle (under 10 % of a core over half a second): a phase must not start
+    while a gate still publishes the audits of the last one (the closed loops leave thousands queued)."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        before = sum(_cpu_s(pid) for pid in pids)
+        await asyncio.sleep(0.5)
+        if sum(_cpu_s(pid) for pid in pids) - before < 0.05:
+            return
+
+
 def _rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     return round(int(next(line.split()[1] for line in status if line.startswith("VmRSS"))) / 1024, 1)
@@ -415,12 +426,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 for process in processes:
                     os.sched_setaffinity(process.pid, {0})
                 os.sched_setaffinity(0, {1})
+            gates = [gate.pid] + ([other.process.pid] if other is not None else [])
+            await settle(gates)
             before = await server_histogram(metrics_url)
             cpu = _cpu_s(gate.pid)
             steady = await paced(url, ctx, payloads, args.rate)
             steady["server_cpu_ms_per_request"] = round((_cpu_s(gate.pid) - cpu) / len(payloads) * 1000, 3)
             steady |= bucket_quantiles(before, await server_histogram(metrics_url))
             if other is not None:
+                await settle(gates)
                 other_before, other_cpu = await server_histogram(other.metrics_url), _cpu_s(other.process.pid)
                 compared = await paced(other.url, ctx, payloads, args.rate)
                 compared["server_cpu_ms_per_request"] = round(
@@ -434,6 +448,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     f"(server side p99 <= {compared['server_p99_ms_at_most']} ms)",
                     file=sys.stderr,
                 )
+            await settle(gates)
             steady_base = await paced(base_url, ctx, payloads, args.rate)
             steady["baseline_p50_ms"], steady["baseline_p99_ms"] = steady_base["p50_ms"], steady_base["p99_ms"]
             runs[placement] = steady
