@@ -10,8 +10,9 @@ under the gate's work). The paced phase runs twice: with client and servers free
 machine has two cores or more) with the servers pinned to the first core and this client to the second, as an
 apiserver and a webhook run on different machines; the headline figures are the pinned ones. The client's own cyclic
 GC is off while it measures (its pauses are not the gate's).
-With --compare-with DIR, a second gate started from another source tree (an older commit) is paced right after this
-one in each phase, on the same servers and data: a before/after in one run.
+With --compare-with DIR, a second gate started from another source tree (an older commit) runs on the same servers
+and data, and each paced phase runs this gate, that one, that one, this one (A B B A, each once first and once last),
+each pass once the gates are idle: a before/after in one run.
 Run: .venv/bin/python bench/admission.py [--digests 10000] [--requests 3000] [--rate 500] [--compare-with DIR].
 Last line: one JSON object.
 """
@@ -421,33 +422,37 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         pin = (os.cpu_count() or 1) >= 2 and not args.no_pin
         runs: dict[str, dict[str, Any]] = {}
+        gates = [gate.pid] + ([other.process.pid] if other is not None else [])
+
+        async def measure(target: str, metrics: str, pid: int) -> dict[str, Any]:
+            await settle(gates)
+            before, cpu = await server_histogram(metrics), _cpu_s(pid)
+            phase = await paced(target, ctx, payloads, args.rate)
+            phase["server_cpu_ms_per_request"] = round((_cpu_s(pid) - cpu) / len(payloads) * 1000, 3)
+            return phase | bucket_quantiles(before, await server_histogram(metrics))
+
         for placement in ("shared", "pinned") if pin else ("shared",):
             if placement == "pinned":
                 for process in processes:
                     os.sched_setaffinity(process.pid, {0})
                 os.sched_setaffinity(0, {1})
-            gates = [gate.pid] + ([other.process.pid] if other is not None else [])
-            await settle(gates)
-            before = await server_histogram(metrics_url)
-            cpu = _cpu_s(gate.pid)
-            steady = await paced(url, ctx, payloads, args.rate)
-            steady["server_cpu_ms_per_request"] = round((_cpu_s(gate.pid) - cpu) / len(payloads) * 1000, 3)
-            steady |= bucket_quantiles(before, await server_histogram(metrics_url))
+            steady = await measure(url, metrics_url, gate.pid)
             if other is not None:
-                await settle(gates)
-                other_before, other_cpu = await server_histogram(other.metrics_url), _cpu_s(other.process.pid)
-                compared = await paced(other.url, ctx, payloads, args.rate)
-                compared["server_cpu_ms_per_request"] = round(
-                    (_cpu_s(other.process.pid) - other_cpu) / len(payloads) * 1000, 3
-                )
-                compared |= bucket_quantiles(other_before, await server_histogram(other.metrics_url))
+                # A B B A: whichever goes first or second in a phase, both gates get that place once.
+                compared = await measure(other.url, other.metrics_url, other.process.pid)
+                compared["again"] = await measure(other.url, other.metrics_url, other.process.pid)
+                steady["again"] = await measure(url, metrics_url, gate.pid)
                 steady["compared_with"] = {"tree": args.compare_with} | compared
-                print(
-                    f"paced {args.rate} rps, {placement} cores: gate from {args.compare_with} p50 "
-                    f"{compared['p50_ms']} ms p99 {compared['p99_ms']} ms "
-                    f"(server side p99 <= {compared['server_p99_ms_at_most']} ms)",
-                    file=sys.stderr,
-                )
+                for name, first, second in (
+                    ("gate", steady, steady["again"]),
+                    (args.compare_with, compared, compared["again"]),
+                ):
+                    print(
+                        f"paced {args.rate} rps, {placement} cores: {name} p99 {first['p99_ms']} / {second['p99_ms']} ms "
+                        f"(server side p99 <= {first['server_p99_ms_at_most']} / {second['server_p99_ms_at_most']} ms, "
+                        f"cpu {first['server_cpu_ms_per_request']} / {second['server_cpu_ms_per_request']} ms/req)",
+                        file=sys.stderr,
+                    )
             await settle(gates)
             steady_base = await paced(base_url, ctx, payloads, args.rate)
             steady["baseline_p50_ms"], steady["baseline_p99_ms"] = steady_base["p50_ms"], steady_base["p99_ms"]
