@@ -598,6 +598,7 @@ CAN_I = [
     # dispatcher: Jobs in podsweep's namespace, nothing else
     ("dispatcher", "create", "jobs.batch", OWN, True, "dispatcher-creates-scan-jobs"),
     ("dispatcher", "delete", "jobs.batch", OWN, True, "dispatcher-deletes-scan-jobs"),
+    ("dispatcher", "list", "jobs.batch", OWN, True, "dispatcher-lists-its-live-jobs-when-it-starts-leading"),
     ("dispatcher", "watch", "jobs.batch", OWN, False, "dispatcher-never-watches-jobs"),
     ("dispatcher", "get", "jobs.batch", OWN, False, "dispatcher-never-reads-jobs-back"),
     ("dispatcher", "update", "jobs.batch", OWN, False, "dispatcher-never-rewrites-jobs"),

@@ -63,6 +63,7 @@ from tests.harness.admission import review as admission_review
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 from tests.harness.receiver import Receiver
+from tests.harness.scanpod import send_uploads, upload_env
 from tests.harness.standin import KubeletStandin, Pod
 
 pytestmark = pytest.mark.kube
@@ -138,15 +139,11 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, wha
 
 
 async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
-    """What a scan pod's upload container does on a node: PUT the report (and the SBOM) to the presigned URLs."""
-    env = {e.name: e.value for c in pod.spec.containers for e in c.env}
-    async with httpx.AsyncClient(timeout=10) as client:
-        for variable, body in ((RAW_URL_ENV, REPORT), (SBOM_URL_ENV, SBOM)):
-            if variable in env:
-                answer = await client.put(env[variable], content=body, headers={"Content-Type": "application/gzip"})
-                answer.raise_for_status()
-    found = _DIGEST_IN_URL.search(env[RAW_URL_ENV])
-    assert found is not None, env[RAW_URL_ENV]
+    """What a scan pod's upload container does on a node: send the report (and the SBOM) to the upload URLs."""
+    await send_uploads(pod, {RAW_URL_ENV: REPORT, SBOM_URL_ENV: SBOM})
+    url = upload_env(pod)[RAW_URL_ENV]
+    found = _DIGEST_IN_URL.search(url)
+    assert found is not None, url
     puts[found.group(1)] += 1
 
 
@@ -367,7 +364,9 @@ async def test_service_accounts_are_refused_what_the_rendered_rbac_does_not_gran
         ("watcher", "GET", "/api/v1/pods", None, None),
         ("watcher", "GET", jobs, None, None),
         ("dispatcher", "GET", "/api/v1/pods", None, 403),
-        ("dispatcher", "GET", jobs, None, 403),
+        ("dispatcher", "GET", jobs, None, None),  # list: the live Jobs counted when a replica starts leading
+        ("dispatcher", "GET", f"{jobs}/any-job", None, 403),  # never a Job read back
+        ("dispatcher", "GET", "/apis/batch/v1/namespaces/default/jobs", None, 403),
         ("dispatcher", "POST", "/apis/batch/v1/namespaces/default/jobs", job, 403),
         ("dispatcher", "POST", jobs, job, None),
     ]

@@ -3,7 +3,7 @@ server refuses, and scan pods that complete without uploading.
 
 The watcher, the dispatcher and the parser run as their own processes against the harness control plane
 (apiserver, controller-manager with the job and pod GC controllers, scheduler, kwok) with real NATS and S3. The
-kubelet stand-in plays the scan pods: it PUTs a real Trivy report to the Job's presigned URL, or, where a test says
+kubelet stand-in plays the scan pods: it sends a real Trivy report to the Job's upload URL, or, where a test says
 so, completes the pod without uploading anything, or keeps it running.
 """
 
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 import pytest
 
@@ -44,6 +43,7 @@ from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id, wait_until
+from tests.harness.scanpod import send_uploads
 from tests.harness.standin import KubeletStandin, Pod
 
 pytestmark = pytest.mark.kube
@@ -182,11 +182,8 @@ class Cluster:
 
 
 async def upload(pod: Pod, puts: dict[str, int]) -> None:
-    """What the scan pod's upload container does on a real node: PUT the report to the Job's presigned URL."""
-    env = {e.name: e.value for c in pod.spec.containers if c.name == "upload" for e in c.env}
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.put(env[RAW_URL_ENV], content=REPORT, headers={"Content-Type": "application/gzip"})
-        response.raise_for_status()
+    """What the scan pod's upload container does on a real node: send the report to the Job's upload URL."""
+    await send_uploads(pod, {RAW_URL_ENV: REPORT})
     puts[pod.metadata.name] = puts.get(pod.metadata.name, 0) + 1
 
 
