@@ -31,7 +31,7 @@ NAMESPACE = "podsweep"
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
 EQUIVALENT = {"overlays/dev": "ci/dev-values.yaml", "overlays/prod": "ci/prod-values.yaml"}
 SCENARIOS = ("default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml")))
-CERT_MANAGER = "cert-manager.io/v1"
+CRD_KINDS = {"cert-manager.io/v1", "monitoring.coreos.com/v1"}
 
 # Objects one side has and the other does not, and why. Anything else missing on either side fails the comparison.
 KUSTOMIZE_ONLY = {
@@ -238,19 +238,24 @@ def test_apiserver_accepts_every_rendered_object_in_a_server_side_dry_run(
 ) -> None:
     namespace = f"ps-helm-{secrets.token_hex(3)}"
     docs = helm_template(helm, values, namespace=namespace)
-    # cert-manager's kinds are not served by a bare apiserver: set apart, and only where the values ask for them.
-    cert_manager = [key(d) for d in docs if d["apiVersion"] == CERT_MANAGER]
-    served = [d for d in docs if d["apiVersion"] != CERT_MANAGER and d["kind"] != "Namespace"]
-    expected_cert_manager = {
+    # cert-manager's and the Prometheus Operator's kinds are not served by a bare apiserver: set apart, and only
+    # where the values ask for them.
+    not_served = [key(d) for d in docs if d["apiVersion"] in CRD_KINDS]
+    served = [d for d in docs if d["apiVersion"] not in CRD_KINDS and d["kind"] != "Namespace"]
+    expected_not_served = {
         "default": [
             ("Issuer", "podsweep-selfsigned"),
             ("Certificate", "podsweep-admission-ca"),
             ("Issuer", "podsweep-admission-ca"),
             ("Certificate", "admission"),
         ],
-        "enforce-values.yaml": [("Certificate", "admission")],
+        "enforce-values.yaml": [
+            ("Certificate", "admission"),
+            ("PodMonitor", "podsweep"),
+            ("PrometheusRule", "podsweep"),
+        ],
     }
-    assert cert_manager == expected_cert_manager.get(values, [])
+    assert sorted(not_served) == sorted(expected_not_served.get(values, []))
     kubectl = [str(kube.kubectl), "--kubeconfig", str(kube.kubeconfig)]
     created = _run([*kubectl, "create", "namespace", namespace])
     assert created.returncode == 0, created.stderr
@@ -346,3 +351,16 @@ def test_wrong_value_fails_helm_template_with_a_message_naming_it(
     result = _run([*helm, "template", "podsweep", str(CHART), "--namespace", NAMESPACE, *args])
     assert result.returncode != 0, result.stdout[:2000]
     assert message in result.stderr, result.stderr
+
+
+def test_monitoring_objects_carry_the_rules_and_dashboard_of_deploy(helm: list[str]) -> None:
+    docs = helm_template(helm, "enforce-values.yaml")
+    (rule,) = [d for d in docs if key(d) == ("PrometheusRule", "podsweep")]
+    assert rule["spec"] == yaml.safe_load((DEPLOY / "prometheus" / "podsweep-rules.yaml").read_text())
+    (dashboard,) = [d for d in docs if key(d) == ("ConfigMap", "podsweep-dashboard")]
+    assert json.loads(dashboard["data"]["podsweep.json"]) == json.loads(
+        (DEPLOY / "grafana" / "podsweep.json").read_text()
+    )
+    (monitor,) = [d for d in docs if key(d) == ("PodMonitor", "podsweep")]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]

@@ -25,6 +25,7 @@ SOURCES = ("podsweep", "services")
 DASHBOARD = ROOT / "deploy" / "grafana" / "podsweep.json"
 RULES = ROOT / "deploy" / "prometheus" / "podsweep-rules.yaml"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
+CHART_DASHBOARD = ROOT / "deploy" / "helm" / "podsweep" / "files" / "grafana" / "podsweep.json"
 CHART_RULES = ROOT / "deploy" / "helm" / "podsweep" / "files" / "prometheus" / "podsweep-rules.yaml"
 METRIC = re.compile(r"\bpodsweep_[a-z0-9_]+\b")
 UNIT_SUFFIX = {"s": "seconds", "By": "bytes", "ms": "milliseconds"}
@@ -172,7 +173,8 @@ def test_dashboard_panels_have_unique_ids_and_fit_the_grid() -> None:
     assert "datasource" in variables
 
 
-def test_chart_rules_equal_the_rule_file() -> None:
-    assert CHART_RULES.read_text() == RULES.read_text(), (
-        "copy deploy/prometheus/podsweep-rules.yaml to deploy/helm/podsweep/files/prometheus/podsweep-rules.yaml"
+@pytest.mark.parametrize(("chart_copy", "source"), [(CHART_RULES, RULES), (CHART_DASHBOARD, DASHBOARD)])
+def test_chart_copy_equals_the_file_in_deploy(chart_copy: Path, source: Path) -> None:
+    assert chart_copy.read_text() == source.read_text(), (
+        f"copy {source.relative_to(ROOT)} to {chart_copy.relative_to(ROOT)} (the chart cannot read outside itself)"
     )
