@@ -288,7 +288,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     s3 = embedded.start_seaweedfs(work)
     processes: list[asyncio.subprocess.Process] = []
     try:
-        nats_settings = NatsSettings(url=nats.url)
+        nats_settings = NatsSettings(url=nats.url, user=nats.user, password=nats.password)
         s3_settings = S3Settings(
             endpoint_url=s3.endpoint_url,
             access_key_id=s3.identity.access_key_id,
@@ -308,6 +308,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         env = {
             **os.environ,
             "PODSWEEP_NATS_URL": nats.url,
+            "PODSWEEP_NATS_USER": nats.user,
+            "PODSWEEP_NATS_PASSWORD": nats.password,
             "PODSWEEP_S3_ENDPOINT_URL": s3.endpoint_url,
             "PODSWEEP_S3_ACCESS_KEY_ID": s3.identity.access_key_id,
             "PODSWEEP_S3_SECRET_ACCESS_KEY": s3.identity.secret_access_key,

@@ -202,7 +202,14 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
     notifier: subprocess.Popen[bytes] | None = None
     runner: web.AppRunner | None = None
     try:
-        nats_settings = NatsSettings(url=nats.url, subject_root="bench", stream="BENCH", kv_prefix="bench")
+        nats_settings = NatsSettings(
+            url=nats.url,
+            user=nats.user,
+            password=nats.password,
+            subject_root="bench",
+            stream="BENCH",
+            kv_prefix="bench",
+        )
         s3_settings = S3Settings(
             endpoint_url=s3.endpoint_url,
             bucket="podsweep-bench",
@@ -240,6 +247,8 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
             "PODSWEEP_LOG_FORMAT": "json",
             "PODSWEEP_CLUSTER": "bench",
             "PODSWEEP_NATS_URL": nats.url,
+            "PODSWEEP_NATS_USER": nats.user,
+            "PODSWEEP_NATS_PASSWORD": nats.password,
             "PODSWEEP_NATS_SUBJECT_ROOT": "bench",
             "PODSWEEP_NATS_STREAM": "BENCH",
             "PODSWEEP_NATS_KV_PREFIX": "bench",

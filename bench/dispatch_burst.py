@@ -59,7 +59,14 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
         nodes = [f"bench-n{i}" for i in range(args.nodes)]
         for chunk in range(0, len(nodes), 50):
             await asyncio.gather(*(create_fake_node(client, name) for name in nodes[chunk : chunk + 50]))
-        nats = NatsSettings(url=nats_server.url, subject_root="bench.podsweep", stream="BENCH", kv_prefix="bench")
+        nats = NatsSettings(
+            url=nats_server.url,
+            user=nats_server.user,
+            password=nats_server.password,
+            subject_root="bench.podsweep",
+            stream="BENCH",
+            kv_prefix="bench",
+        )
         s3 = S3Settings(
             endpoint_url=s3_server.endpoint_url,
             bucket="podsweep-bench",

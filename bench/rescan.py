@@ -248,7 +248,14 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         trivy.start()
         args.kubeconfig = plane.kubeconfig
         client = await Kube.connect(str(plane.kubeconfig))
-        nats = NatsSettings(url=nats_server.url, subject_root="bench.podsweep", stream="BENCH", kv_prefix="bench")
+        nats = NatsSettings(
+            url=nats_server.url,
+            user=nats_server.user,
+            password=nats_server.password,
+            subject_root="bench.podsweep",
+            stream="BENCH",
+            kv_prefix="bench",
+        )
         s3 = S3Settings(
             endpoint_url=s3_server.endpoint_url,
             bucket="podsweep-bench",

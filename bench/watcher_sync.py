@@ -405,7 +405,10 @@ async def time_first_sync(
     """One watcher process from spawn to the stream's timestamp of the last expected (digest, node) pair, into a
     stream of its own; with its CPU, the control plane's CPU meanwhile and the watcher's own split of the list."""
     root, stream = f"run{number}", f"RUN{number}"
-    bus = await busmod.connect(NatsSettings(url=nats_url, subject_root=root, stream=stream), "bench")
+    user, password = base_env["PODSWEEP_NATS_USER"], base_env["PODSWEEP_NATS_PASSWORD"]
+    bus = await busmod.connect(
+        NatsSettings(url=nats_url, user=user, password=password, subject_root=root, stream=stream), "bench"
+    )
     await busmod.ensure_stream(bus)
     seen: set[tuple[str, str]] = set()
     ids: set[str] = set()
@@ -565,6 +568,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             **os.environ,
             "PODSWEEP_KUBECONFIG": str(plane.kubeconfig),
             "PODSWEEP_NATS_URL": nats.url,
+            "PODSWEEP_NATS_USER": nats.user,
+            "PODSWEEP_NATS_PASSWORD": nats.password,
             "PODSWEEP_CLUSTER": "bench",
             "PODSWEEP_LOG_FORMAT": "json",
         }

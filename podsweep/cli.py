@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-from podsweep import __version__, embedded, logs, progress, runtime
+from podsweep import __version__, discovery, embedded, logs, progress, runtime
 from podsweep.config import ConfigError, Settings, load_settings
+from podsweep.policy import EXAMPLE_POLICY
 from podsweep.status import StatusReport
 from services.admission.cli import admissions_command
 from services.dispatcher.cli import upload_app
@@ -44,11 +47,30 @@ err = Console(stderr=True)
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="A TOML or YAML settings file (also PODSWEEP_CONFIG).")
 ]
+LogFormatOption = Annotated[
+    Literal["auto", "json", "console"] | None,
+    typer.Option(
+        "--log-format",
+        help="json, console, or auto: lines for people on a terminal, JSON otherwise (also PODSWEEP_LOG_FORMAT).",
+    ),
+]
 
 
 def _settings(config: Path | None, **overrides: object) -> Settings:
     try:
         settings = load_settings(file=config, overrides={k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    logs.configure(settings.log_level, settings.log_format)
+    return settings
+
+
+def _reader_settings(config: Path | None) -> Settings:
+    """Settings for a command that reads NATS or S3: beside a running `podsweep up`, its servers are used for
+    whatever is not configured (podsweep.discovery)."""
+    try:
+        settings = discovery.load_for_cli(config)
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -73,9 +95,10 @@ def show_config(config: ConfigOption = None) -> None:
 def run(
     service: Annotated[str, typer.Argument(help=f"One of: {', '.join(runtime.SERVICES)}.")],
     config: ConfigOption = None,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run one service against configured NATS and S3 (how the Deployments run it)."""
-    settings = _settings(config)
+    settings = _settings(config, log_format=log_format)
     if not settings.nats.url:
         err.print("[red]config: nats.url (PODSWEEP_NATS_URL) is required for `podsweep run`[/red]")
         raise typer.Exit(2)
@@ -104,43 +127,29 @@ def up(
     data_dir: Annotated[
         Path | None, typer.Option(help="Where embedded NATS and S3 keep their data (default .podsweep).")
     ] = None,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run every service in this process against the current kubeconfig.
 
     With no NATS or S3 configured, starts nats-server (JetStream) and SeaweedFS (S3) from their PyPI packages in
-    the data directory; a restart with the same directory continues where it stopped.
+    the data directory; a restart with the same directory continues where it stopped. `podsweep status`,
+    `report` and `rescan` run in the same directory find them. Logs also go, as JSON, to <data dir>/logs/up.log.
     """
-    settings = _settings(config, data_dir=str(data_dir) if data_dir else None)
+    settings = _settings(config, data_dir=str(data_dir) if data_dir else None, log_format=log_format)
     try:
         runtime.kubeconfig_path(settings)
     except FileNotFoundError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    root = Path(settings.data_dir)
+    root = embedded.private_dir(Path(settings.data_dir))
+    logs.configure(settings.log_level, settings.log_format, file=root / "logs" / "up.log")
     started: list[embedded.EmbeddedNats | embedded.EmbeddedS3] = []
     try:
-        if not settings.nats.url:
-            nats = embedded.start_nats(root)
-            started.append(nats)
-            settings = msgspec.structs.replace(settings, nats=msgspec.structs.replace(settings.nats, url=nats.url))
-            err.print(f"embedded NATS (JetStream) at {nats.url}, data in {root / 'nats'}")
-        if not settings.s3.endpoint_url:
-            s3 = embedded.start_seaweedfs(root)
-            started.append(s3)
-            settings = msgspec.structs.replace(
-                settings,
-                s3=msgspec.structs.replace(
-                    settings.s3,
-                    endpoint_url=s3.endpoint_url,
-                    access_key_id=s3.identity.access_key_id,
-                    secret_access_key=s3.identity.secret_access_key,
-                ),
-            )
-            err.print(
-                f"embedded S3 (SeaweedFS) at {s3.endpoint_url}, bucket {settings.s3.bucket}, data in {root / 's3'}"
-            )
+        settings = start_embedded(settings, root, started, err.print)
         asyncio.run(_prepare(settings))
         names = [n for n in runtime.available() if n not in runtime.NOT_IN_UP]
+        if not settings.notifier.policy_file and "notifier" in names:
+            err.print(NO_POLICY_HINT, markup=False, highlight=False, soft_wrap=True)
         err.print(f"running: {', '.join(names) or '(no services in this build yet)'} — Ctrl-C stops")
         runtime.serve(_run_up(settings, names))
     except embedded.EmbeddedServerError as exc:
@@ -149,8 +158,56 @@ def up(
     except KeyboardInterrupt:
         pass
     finally:
+        discovery.remove(root, os.getpid())
         for server in reversed(started):
             server.stop()
+        logs.configure(settings.log_level, settings.log_format)  # closes the log file
+
+
+NO_POLICY_HINT = f"""no policy file: findings are stored, but no alert is sent. To get alerts, save a policy
+like this one as podsweep-policy.yaml, export PODSWEEP_WEBHOOK_KEY (the key that signs each webhook),
+and restart with PODSWEEP_NOTIFIER_POLICY_FILE=podsweep-policy.yaml. Slack, Teams, DefectDojo, rules
+per namespace and suppressions: docs/webhooks.md.
+
+{EXAMPLE_POLICY}"""
+
+
+def start_embedded(
+    settings: Settings,
+    root: Path,
+    started: list[embedded.EmbeddedNats | embedded.EmbeddedS3],
+    say: Callable[[str], object],
+) -> Settings:
+    """Start NATS and S3 where none is configured (each appended to `started` at once, for the caller to stop),
+    write what a CLI beside `up` needs to find them (podsweep.discovery), and return settings pointing at them."""
+    nats: embedded.EmbeddedNats | None = None
+    s3: embedded.EmbeddedS3 | None = None
+    if not settings.nats.url:
+        nats = embedded.start_nats(root)
+        started.append(nats)
+        settings = msgspec.structs.replace(
+            settings,
+            nats=msgspec.structs.replace(settings.nats, url=nats.url, user=nats.user, password=nats.password),
+        )
+        say(f"embedded NATS (JetStream) at {nats.url}, data in {root / 'nats'}")
+    if not settings.s3.endpoint_url:
+        s3 = embedded.start_seaweedfs(root)
+        started.append(s3)
+        settings = msgspec.structs.replace(
+            settings,
+            s3=msgspec.structs.replace(
+                settings.s3,
+                endpoint_url=s3.endpoint_url,
+                access_key_id=s3.identity.access_key_id,
+                secret_access_key=s3.identity.secret_access_key,
+            ),
+        )
+        say(f"embedded S3 (SeaweedFS) at {s3.endpoint_url}, bucket {settings.s3.bucket}, data in {root / 's3'}")
+    if started:
+        found = discovery.write(root, discovery.describe(settings, root, os.getpid(), nats, s3))
+        where = "in this directory" if root == Path(".podsweep") else f"with PODSWEEP_DATA_DIR={root}"
+        say(f"`podsweep status`, `report` and `rescan` run {where} use them ({found} says where they are)")
+    return settings
 
 
 async def _prepare(settings: Settings) -> None:
@@ -200,12 +257,21 @@ def status(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     watch: Annotated[float, typer.Option("--watch", help="Refresh every N seconds (0: once).")] = 0.0,
 ) -> None:
-    """Digests by scan state, consumer lag per service, oldest pending scan, running scans per node, failures."""
-    settings = _settings(config)
+    """Digests by scan state, consumer lag per service, oldest pending scan, running scans per node, failures.
+
+    Beside a running `podsweep up` (same directory) with nothing configured, reads its embedded NATS."""
+    settings = _reader_settings(config)
     if not settings.nats.url:
-        err.print("[red]config: nats.url (PODSWEEP_NATS_URL) is required for `podsweep status`[/red]")
+        err.print(
+            "[red]config: nats.url (PODSWEEP_NATS_URL) is required for `podsweep status`, "
+            "or run it in the directory of a running `podsweep up`[/red]"
+        )
         raise typer.Exit(2)
-    asyncio.run(_status(settings, json_out, watch))
+    try:
+        asyncio.run(_status(settings, json_out, watch))
+    except ConnectionError as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(1) from None
 
 
 async def _status(settings: Settings, json_out: bool, watch: float) -> None:

@@ -189,6 +189,20 @@ class PolicyRule(msgspec.Struct, frozen=True, kw_only=True):
 BUILTIN = PolicyRule()
 EMPTY_POLICY = Policy()
 
+# What `podsweep up` shows when no policy file is configured; a unit test loads it, so it stays valid.
+EXAMPLE_POLICY = """\
+version: 1
+defaults:
+  threshold: {max_critical: 0, max_high: 10}  # breach: any CRITICAL or over 10 HIGH
+  fixable_only: true                           # count findings that have a fix
+  destinations: [team-webhook]
+destinations:
+  - kind: webhook                              # or slack, teams, defectdojo
+    name: team-webhook
+    url: https://alerts.example.com/podsweep
+    hmac_key: {env: PODSWEEP_WEBHOOK_KEY}      # signing key, from this variable
+"""
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading

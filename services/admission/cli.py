@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from podsweep import bus as busmod
-from podsweep.config import ConfigError, NatsSettings, load_settings
+from podsweep import discovery
+from podsweep.config import ConfigError, NatsSettings
 from schemas import subjects
 from schemas.admission import AdmissionDecided
 from services.admission.decide import shown
@@ -87,7 +88,7 @@ def admissions_command(
 ) -> None:
     """Recent admission decisions that were not a plain allow: who was denied or warned, and why."""
     try:
-        settings = load_settings(file=config)
+        settings = discovery.load_for_cli(config)
         window = parse_duration(since)
     except (ConfigError, ValueError) as exc:
         typer.echo(str(exc), err=True)
@@ -96,7 +97,11 @@ def admissions_command(
         typer.echo(f"--verdict {verdict[:40]!r}: choose deny, warn, unknown, suppressed or bypass", err=True)
         raise typer.Exit(BAD_INPUT)
     if not settings.nats.url:
-        typer.echo("config: nats.url (PODSWEEP_NATS_URL) is required to read admission decisions", err=True)
+        typer.echo(
+            "config: nats.url (PODSWEEP_NATS_URL) is required to read admission decisions, "
+            "or run this in the directory of a running `podsweep up`",
+            err=True,
+        )
         raise typer.Exit(BAD_INPUT)
     try:
         decided = asyncio.run(recent(settings.nats, datetime.now(UTC) - window, limit, namespace, verdict))

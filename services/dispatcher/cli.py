@@ -16,8 +16,8 @@ import msgspec
 import typer
 
 from podsweep import bus as busmod
-from podsweep import logs
-from podsweep.config import ConfigError, Settings, load_settings
+from podsweep import discovery, logs
+from podsweep.config import ConfigError, Settings
 from schemas import subjects
 from schemas.events import RescanAccepted, RescanRequested
 from services.dispatcher import rescans, upload
@@ -82,7 +82,7 @@ def rescan_command(
     within --timeout (the request stays on the stream and is handled when a dispatcher runs), 2 bad input.
     """
     try:
-        settings = load_settings(file=config)
+        settings = discovery.load_for_cli(config)
         logs.configure(settings.log_level, settings.log_format)
         request = rescans.rescan_request(
             cluster=settings.cluster,
@@ -97,6 +97,13 @@ def rescan_command(
     except (ConfigError, rescans.BadRescanRequest) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    if not settings.nats.url:
+        typer.echo(
+            "config: nats.url (PODSWEEP_NATS_URL) is required for `podsweep rescan`, "
+            "or run it in the directory of a running `podsweep up`",
+            err=True,
+        )
+        raise typer.Exit(2)
     answer = asyncio.run(request_rescan(settings, request, timeout))
     if answer is None:
         typer.echo(

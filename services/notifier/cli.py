@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from podsweep.config import ConfigError, Settings, load_settings
+from podsweep import discovery
+from podsweep.config import ConfigError, Settings
 from podsweep.objectstore import ObjectStore
 from podsweep.policy import EMPTY_POLICY, Policy, PolicyError, load_policy, rule_for
 from schemas.events import Severity
@@ -123,7 +124,7 @@ def check_command(
 
 def _settings(config: Path | None) -> Settings:
     try:
-        return load_settings(file=config)
+        return discovery.load_for_cli(config)
     except ConfigError as exc:
         raise CannotDecide(str(exc)) from None
 

@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from podsweep.config import ConfigError, Settings, load_settings
+from podsweep import discovery
+from podsweep.config import ConfigError, Settings
 from podsweep.objectstore import ObjectStore
 from schemas import storage
 from schemas.events import SEVERITIES, Severity, SeverityCounts
@@ -149,11 +150,14 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 def _store(config: Path | None) -> tuple[Settings, ObjectStore]:
     try:
-        settings = load_settings(file=config)
+        settings = discovery.load_for_cli(config)
     except ConfigError as exc:
         raise _fail(str(exc), BAD_INPUT) from None
     if not settings.s3.endpoint_url and not settings.s3.access_key_id:
-        typer.echo("note: no S3 endpoint or credentials configured; using the AWS defaults", err=True)
+        typer.echo(
+            "note: no S3 endpoint or credentials configured and no running `podsweep up` here; using the AWS defaults",
+            err=True,
+        )
     return settings, ObjectStore(settings.s3)
 
 

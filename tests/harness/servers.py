@@ -37,7 +37,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embedded.Emb
 def nats_settings(nats_server: embedded.EmbeddedNats) -> NatsSettings:
     n = next(_ids)
     return NatsSettings(
-        url=nats_server.url, subject_root=f"t{n}.podsweep", stream=f"T{n}", kv_prefix=f"t{n}", duplicate_window_s=60
+        url=nats_server.url,
+        user=nats_server.user,
+        password=nats_server.password,
+        subject_root=f"t{n}.podsweep",
+        stream=f"T{n}",
+        kv_prefix=f"t{n}",
+        duplicate_window_s=60,
     )
 
 

@@ -208,6 +208,8 @@ def _write_config(path: Path, gate_port: int, metrics_port: int, nats: NatsSetti
     document = {
         "nats": {
             "url": nats.url,
+            "user": nats.user,
+            "password": nats.password,
             "subject_root": nats.subject_root,
             "stream": nats.stream,
             "kv_prefix": nats.kv_prefix,
@@ -317,7 +319,12 @@ async def gate(
     run = secrets.token_hex(3)
     work = tmp_path_factory.mktemp("admission")
     nats = NatsSettings(
-        url=nats_server.url, subject_root=f"adm{run}.podsweep", stream=f"ADM{run}", kv_prefix=f"adm{run}"
+        url=nats_server.url,
+        user=nats_server.user,
+        password=nats_server.password,
+        subject_root=f"adm{run}.podsweep",
+        stream=f"ADM{run}",
+        kv_prefix=f"adm{run}",
     )
     s3 = S3Settings(
         endpoint_url=s3_server.endpoint_url,

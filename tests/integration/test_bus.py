@@ -478,7 +478,14 @@ async def test_consumer_and_mirror_carry_on_after_the_server_restarts(tmp_path: 
     noticed (a pull unanswered past its expiry, a watch without heartbeats) and asked again; nothing is lost."""
     port = embedded.free_port()
     server = embedded.start_nats(tmp_path, port)
-    settings = NatsSettings(url=server.url, subject_root="rs.podsweep", stream="RS", kv_prefix="rs")
+    settings = NatsSettings(
+        url=server.url,
+        user=server.user,
+        password=server.password,
+        subject_root="rs.podsweep",
+        stream="RS",
+        kv_prefix="rs",
+    )
     bus = await busmod.connect(settings, "restart")
     stop = asyncio.Event()
     try:

@@ -494,6 +494,8 @@ def _env(world: World) -> dict[str, str]:
         "PODSWEEP_CLUSTER": "c1",
         "PODSWEEP_LOG_FORMAT": "json",
         "PODSWEEP_NATS_URL": s.nats.url,
+        "PODSWEEP_NATS_USER": s.nats.user,
+        "PODSWEEP_NATS_PASSWORD": s.nats.password,
         "PODSWEEP_NATS_SUBJECT_ROOT": s.nats.subject_root,
         "PODSWEEP_NATS_STREAM": s.nats.stream,
         "PODSWEEP_NATS_KV_PREFIX": s.nats.kv_prefix,

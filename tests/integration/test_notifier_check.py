@@ -153,6 +153,8 @@ async def stored(nats_settings: NatsSettings, s3_settings: S3Settings) -> dict[s
         await bus.close()
     return {
         "PODSWEEP_NATS_URL": nats_settings.url,
+        "PODSWEEP_NATS_USER": nats_settings.user,
+        "PODSWEEP_NATS_PASSWORD": nats_settings.password,
         "PODSWEEP_NATS_SUBJECT_ROOT": nats_settings.subject_root,
         "PODSWEEP_NATS_STREAM": nats_settings.stream,
         "PODSWEEP_NATS_KV_PREFIX": nats_settings.kv_prefix,

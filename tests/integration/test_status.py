@@ -41,6 +41,8 @@ def test_status_json_counts_states_nodes_and_failures(nats_settings: NatsSetting
     asyncio.run(_seed(nats_settings))
     env = {
         "PODSWEEP_NATS_URL": nats_settings.url,
+        "PODSWEEP_NATS_USER": nats_settings.user,
+        "PODSWEEP_NATS_PASSWORD": nats_settings.password,
         "PODSWEEP_NATS_STREAM": nats_settings.stream,
         "PODSWEEP_NATS_SUBJECT_ROOT": nats_settings.subject_root,
         "PODSWEEP_NATS_KV_PREFIX": nats_settings.kv_prefix,

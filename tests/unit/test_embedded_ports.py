@@ -34,3 +34,17 @@ def test_a_taken_port_is_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setattr(embedded.random, "randrange", randrange)
         assert embedded.free_port() != port
         assert offered[:2] == [port, port]
+
+
+@pytest.mark.parametrize(
+    ("last", "free", "expected"),
+    [
+        pytest.param(None, set(), 20000, id="first-start-picks-a-new-port"),
+        pytest.param(14222, {14222}, 14222, id="last-port-free-is-reused"),
+        pytest.param(14222, set(), 20000, id="last-port-taken-picks-a-new-one"),
+        pytest.param(80, {80}, 20000, id="privileged-port-never-reused"),
+        pytest.param(70000, {70000}, 20000, id="impossible-port-never-reused"),
+    ],
+)
+def test_a_restart_reuses_the_last_port_when_it_is_free(last: int | None, free: set[int], expected: int) -> None:
+    assert embedded.choose_port(last, lambda port: port in free, lambda: 20000) == expected

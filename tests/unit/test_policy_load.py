@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from podsweep.policy import (
+    EXAMPLE_POLICY,
     DefectDojoDestination,
     PolicyError,
     SecretRef,
@@ -240,3 +241,8 @@ def test_a_document_that_is_not_a_mapping_is_refused(text: str) -> None:
 def test_the_source_name_is_the_one_the_shell_gave() -> None:
     with pytest.raises(PolicyError, match=r"^/etc/podsweep/policy\.yaml:1 version"):
         load_policy("version: 3\n", "/etc/podsweep/policy.yaml")
+
+
+def test_the_example_policy_up_shows_is_valid_and_sends_somewhere() -> None:
+    policy = load_policy(EXAMPLE_POLICY, "example")
+    assert policy.destinations and policy.defaults.destinations == [policy.destinations[0].name]
