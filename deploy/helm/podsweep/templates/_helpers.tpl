@@ -1,11 +1,9 @@
 {{/* Labels every object carries: the kustomize base's own (name and component where it has them), plus the release. */}}
 {{- define "podsweep.labels" -}}
-{{- with .name }}
-app.kubernetes.io/name: {{ . }}
-{{- end }}
-{{- with .component }}
-app.kubernetes.io/component: {{ . }}
-{{- end }}
+{{- with .name }}app.kubernetes.io/name: {{ . }}
+{{ end -}}
+{{- with .component }}app.kubernetes.io/component: {{ . }}
+{{ end -}}
 app.kubernetes.io/part-of: podsweep
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
