@@ -98,7 +98,6 @@ def key(doc: Doc) -> tuple[str, str]:
 def _metadata(meta: Doc) -> Doc:
     meta = dict(meta)
     meta.pop("annotations", None)
-    meta.pop("namespace", None)  # kustomize writes it; helm leaves it to the release (`-n`)
     if "name" in meta:
         meta["name"] = HASHED.sub(r"\1", str(meta["name"]))
     labels = {k: v for k, v in (meta.get("labels") or {}).items() if k not in IGNORED_LABELS}
@@ -290,6 +289,25 @@ def test_every_service_loads_its_rendered_settings(helm: list[str], values: str,
         assert settings.telemetry.metrics_port == 9090
 
 
+def test_every_namespaced_object_lands_in_the_release_namespace(helm: list[str]) -> None:
+    docs = helm_template(helm, "enforce-values.yaml", namespace="elsewhere")
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration"}
+    misplaced = [
+        key(d) for d in docs if d["kind"] not in cluster_scoped and d["metadata"].get("namespace") != "elsewhere"
+    ]
+    assert misplaced == []
+    (binding,) = [d for d in docs if key(d) == ("ClusterRoleBinding", "podsweep-watcher")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "watcher", "namespace": "elsewhere"}]
+    (webhook,) = [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]
+    for hook in webhook["webhooks"]:
+        assert hook["clientConfig"]["service"]["namespace"] == "elsewhere"
+        assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["elsewhere", "kube-system"]
+    (config,) = [d for d in docs if key(d) == ("ConfigMap", "podsweep-config")]
+    settings = yaml.safe_load(config["data"]["podsweep.yaml"])
+    assert settings["namespace"] == "elsewhere"
+    assert settings["nats"]["url"] == "nats://nats.elsewhere.svc:4222"
+
+
 def test_external_values_point_every_service_at_the_external_servers(helm: list[str], tmp_path: Path) -> None:
     docs = helm_template(helm, "external-values.yaml")
     kinds = {key(d) for d in docs}
@@ -371,3 +389,40 @@ def test_monitoring_objects_carry_the_rules_and_dashboard_of_deploy(helm: list[s
     (monitor,) = [d for d in docs if key(d) == ("PodMonitor", "podsweep")]
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+
+
+# -- Helm 3 ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm3(helm: list[str]) -> list[str]:
+    """Helm v3 (tests/harness/toolbins/build.sh helm3), with the same empty homes as `helm`."""
+    return [*helm[:-1], str(locate_tool("helm3"))]
+
+
+def _without_secret_values(docs: list[Doc]) -> list[Doc]:
+    """Generated passwords differ between two renderings; which keys each Secret holds must not."""
+    return [{**d, "stringData": sorted(d.get("stringData", {}))} if d["kind"] == "Secret" else d for d in docs]
+
+
+@pytest.mark.parametrize("values", SCENARIOS)
+def test_helm3_renders_what_helm4_renders(helm: list[str], helm3: list[str], values: str) -> None:
+    four = _without_secret_values(helm_template(helm, values))
+    three = _without_secret_values(helm_template(helm3, values))
+    assert [key(d) for d in three] == [key(d) for d in four]
+    for ours, theirs in zip(three, four, strict=True):
+        assert ours == theirs, key(ours)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--set", "replicas.dispatcher=two"], "replicas.dispatcher", id="wrong-type"),
+        pytest.param(["--set", "admission.mode=block"], "admission.mode", id="not-a-mode"),
+        pytest.param(["--set", "nats.bundeld=false"], "bundeld", id="misspelt-key"),
+    ],
+)
+def test_helm3_refuses_wrong_values_naming_them(helm3: list[str], args: list[str], message: str) -> None:
+    result = _run([*helm3, "template", "podsweep", str(CHART), "--namespace", NAMESPACE, *args])
+    assert result.returncode != 0, result.stdout[:2000]
+    assert message in result.stderr, result.stderr

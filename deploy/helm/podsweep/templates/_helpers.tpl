@@ -126,6 +126,7 @@ apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: {{ .name }}
+  namespace: {{ $root.Release.Namespace }}
   labels:
     {{- include "podsweep.labels" (dict "root" $root "name" "podsweep" "component" .name) | nindent 4 }}
 spec:
