@@ -40,6 +40,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from podsweep import logs, natsprivate, telemetry
 from podsweep.config import ConsumerSettings, NatsSettings
+from podsweep.natsaccess import NatsAccess, inbox_prefix, refuse
 from schemas import subjects
 from schemas.events import DeadLetter
 
@@ -117,26 +118,80 @@ class Route(Generic[E]):
     handle: Callable[[E, Delivery], Awaitable[Settled | None]]
 
 
-class Bus:
-    """A connected JetStream context for one service, with podsweep's subject root and KV prefix."""
+@dataclass(frozen=True)
+class StreamRef:
+    """A stream and the subjects it holds, `<root>.>`: names given to publish and consume are relative to `root`."""
 
-    def __init__(self, nc: NatsClient, settings: NatsSettings) -> None:
+    name: str
+    root: str
+
+    def subject(self, name: str) -> str:
+        return subjects.subject(self.root, name)
+
+
+class Bus:
+    """A connected JetStream context for one service, with podsweep's subject root and KV prefix.
+
+    `events` is the PODSWEEP stream every service shares; `outbox` is the notifier's own (schemas/subjects.py).
+    With `access` (a service's declaration, podsweep/natsaccess.py), anything the declaration does not list raises
+    `Undeclared` before it reaches the server: the deployed NATS permissions are generated from the same declaration.
+    """
+
+    def __init__(self, nc: NatsClient, settings: NatsSettings, access: NatsAccess | None = None) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
+        self.access = access
+        self.events = StreamRef(settings.stream, settings.subject_root)
+        self.outbox = StreamRef(subjects.outbox_stream(settings.stream), subjects.outbox_root(settings.subject_root))
+        # Holds copies of some events (their subjects unchanged), no subject of its own: see ensure_replay_stream.
+        self.replay = StreamRef(subjects.replay_stream(settings.stream), settings.subject_root)
 
     def subject(self, name: str) -> str:
-        return subjects.subject(self.settings.subject_root, name)
+        return self.events.subject(name)
+
+    def check_publish(self, name: str, stream: StreamRef | None = None) -> None:
+        if self.access is None:
+            return
+        if stream is not None and stream.name == self.outbox.name:
+            if not self.access.outbox:
+                raise refuse(self.access, f"publishes to the outbox ({stream.subject(name)})")
+        elif not self.access.may_publish(name):
+            raise refuse(self.access, f"publishes {name}")
+
+    def check_consumer(self, durable: str, names: Sequence[str], stream: StreamRef) -> None:
+        if self.access is None:
+            return
+        if stream.name == self.outbox.name:
+            if not self.access.outbox:
+                raise refuse(self.access, f"consumes the outbox ({durable})")
+            return
+        declared = self.access.durable(durable)
+        if declared is None or sorted(declared.subjects) != sorted(names):
+            raise refuse(self.access, f"consumes {', '.join(names)} through durable {durable}")
+
+    def check_replay(self, name: str) -> None:
+        if self.access is not None and name not in self.access.replays:
+            raise refuse(self.access, f"replays {name} with an ordered consumer")
 
     async def publish(
-        self, name: str, event: msgspec.Struct, *, msg_id: str, headers: Mapping[str, str] | None = None
+        self,
+        name: str,
+        event: msgspec.Struct,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+        stream: StreamRef | None = None,
     ) -> bool:
-        """Publish an event; True when stored, False when the stream already had this msg_id (a duplicate)."""
-        subject = self.subject(name)
+        """Publish an event (to `events` unless `stream` says otherwise); True when stored, False when the stream
+        already had this msg_id (a duplicate)."""
+        into = stream or self.events
+        self.check_publish(name, into)
+        subject = into.subject(name)
         with tracer.start_as_current_span(f"publish {name}", kind=SpanKind.PRODUCER) as span:
             span.set_attribute("messaging.message.id", msg_id)
             out = telemetry.inject({**(headers or {}), "Nats-Msg-Id": msg_id})
-            ack = await self.js.publish(subject, _encoder.encode(event), headers=out, stream=self.settings.stream)
+            ack = await self.js.publish(subject, _encoder.encode(event), headers=out, stream=into.name)
         published.add(1, {"subject": name, "duplicate": bool(ack.duplicate)})
         return not ack.duplicate
 
@@ -158,6 +213,8 @@ class Bus:
         if not batch:
             return 0
         names = sorted({out.name for out in batch})
+        for name in names:
+            self.check_publish(name)
         span_name = f"publish {names[0]}" if len(names) == 1 else "publish batch"
         stored: dict[str, int] = {}
         duplicates: dict[str, int] = {}
@@ -245,6 +302,8 @@ class Bus:
         the value and a few headers, instead of a JSON API answer carrying base64 and the stored headers, which
         nats-py parses with the email parser (about twice the CPU per read).
         """
+        if self.access is not None and self.access.bucket(name) is None:
+            raise refuse(self.access, f"opens KV bucket {name}")
         bucket = self.kv_bucket(name)
         try:
             kv = await self.js.key_value(bucket)
@@ -276,10 +335,15 @@ class Bus:
             await self.nc.drain()
 
 
-async def connect(settings: NatsSettings, name: str) -> Bus:
-    """Connect with credentials and TLS when configured; raise with the URL (never the credentials) on failure."""
+async def connect(settings: NatsSettings, name: str, access: NatsAccess | None = None) -> Bus:
+    """Connect with credentials and TLS when configured; raise with the URL (never the credentials) on failure.
+
+    Replies and pulled messages arrive under an inbox prefix of this connection's own (`_INBOX_<name>`), the only
+    subjects a service's NATS user may subscribe to. `access`: the service's declaration, which the Bus enforces.
+    """
     options: dict[str, Any] = {
         "name": f"podsweep-{name}",
+        "inbox_prefix": inbox_prefix(name),
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 1,
     }
@@ -309,44 +373,157 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
     except Exception as exc:
         reason = errors[-1] if errors else (str(exc) or type(exc).__name__)
         raise ConnectionError(f"nats: cannot connect to {settings.url}: {reason}") from exc
-    return Bus(nc, settings)
+    return Bus(nc, settings, access)
 
 
-async def ensure_stream(bus: Bus) -> None:
-    """Create or update the PODSWEEP stream on <root>.> (idempotent; safe from every replica)."""
+async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
+    """Create a stream on <root>.>, the PODSWEEP one unless told, or bring an existing one to the settings (idempotent;
+    safe from every replica).
+
+    A service under its NATS declaration never updates a stream (its user may not: an update can purge), so a stream
+    whose retention differs from the settings is left as it is, with a warning saying how to apply them.
+    """
     s = bus.settings
+    stream = stream or bus.events
     config = StreamConfig(
-        name=s.stream,
-        subjects=[f"{s.subject_root}.>"],
+        name=stream.name,
+        subjects=[f"{stream.root}.>"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=s.max_age_days * 86400,
         duplicate_window=s.duplicate_window_s,
         num_replicas=s.replicas,
     )
+    if bus.access is not None and stream.name == bus.outbox.name and not bus.access.outbox:
+        raise refuse(bus.access, f"declares the outbox stream {stream.name}")
     try:
-        await bus.js.stream_info(s.stream)
+        info = await bus.js.stream_info(stream.name)
     except NotFoundError:
         try:
             await bus.js.add_stream(config)
             return
-        except BadRequestError:
-            pass  # created concurrently: fall through to update
+        except BadRequestError:  # created concurrently
+            info = await bus.js.stream_info(stream.name)
+    differs = _stream_differences(info.config, config)
+    if not differs:
+        return
+    if bus.access is not None:
+        log.warning(
+            "stream differs from the settings and is left as it is: apply them as a NATS administrator",
+            stream=stream.name,
+            differs=", ".join(differs),
+            how=f"nats stream edit {stream.name}",
+        )
+        return
     await bus.js.update_stream(config)
 
 
-async def ensure_consumer(bus: Bus, durable: str, names: list[str], settings: ConsumerSettings) -> None:
-    """A durable pull consumer on the given subjects. max_deliver is enforced by the loop, which dead-letters."""
+async def ensure_replay_stream(bus: Bus, names: Sequence[str]) -> StreamRef:
+    """The stream a service replays `names` from (the admission view): a copy of those events of the events stream,
+    made by the server (a source filtered to their subjects), then kept current.
+
+    Apart from the events stream so that the consumers a replaying service creates, unnamed and ephemeral, are on a
+    stream of its own: a user who may create unnamed consumers on a stream may also redefine any consumer there
+    (a create request names it in its body, which NATS permissions cannot see). Returns once the copy holds at least
+    every event of `names` the events stream held when this was called.
+    """
+    for name in names:
+        bus.check_replay(name)
+    s = bus.settings
+    wanted = sorted(bus.subject(name) for name in names)
+    config = StreamConfig(
+        name=bus.replay.name,
+        sources=[
+            jsapi.StreamSource(
+                name=bus.events.name, subject_transforms=[jsapi.SubjectTransform(src=w, dest=w) for w in wanted]
+            )
+        ],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=s.max_age_days * 86400,
+        duplicate_window=1.0,  # the source stored each event once already; a long window only costs memory
+        num_replicas=s.replicas,
+    )
+    try:
+        info = await bus.js.stream_info(bus.replay.name)
+    except NotFoundError:
+        try:
+            info = await bus.js.add_stream(config)
+        except BadRequestError:  # created concurrently
+            info = await bus.js.stream_info(bus.replay.name)
+    sources = [
+        sorted(t.src for t in (source.subject_transforms or []))
+        for source in info.config.sources or []
+        if source.name == bus.events.name
+    ]
+    if sources != [wanted]:
+        if bus.access is not None:
+            raise RuntimeError(
+                f"nats: stream {bus.replay.name} copies {sources} from {bus.events.name}, this version replays "
+                f"{wanted}: delete it (`nats stream rm {bus.replay.name}`, nothing is lost: it is a copy) and "
+                "start again, which makes it anew"
+            )
+        await bus.js.update_stream(config)
+    for subject in wanted:
+        held = await _count(bus, bus.events.name, subject)
+        next_log = progress_at = time.monotonic()
+        last = -1
+        while (copied := await _count(bus, bus.replay.name, subject)) < held:
+            now = time.monotonic()
+            if copied != last:
+                last, progress_at = copied, now
+            elif now - progress_at > REPLAY_STALL_S and await _source_lag(bus) == 0:
+                break  # events that expired from the source before they were copied: nothing left to copy
+            if now >= next_log:
+                log.info("replay stream catching up", stream=bus.replay.name, subject=subject, of=held, has=copied)
+                next_log = now + 10
+            await asyncio.sleep(0.1)
+    return bus.replay
+
+
+REPLAY_STALL_S = 5.0
+
+
+async def _source_lag(bus: Bus) -> int | None:
+    """How far the replay stream's copy is behind the events stream, as the server says (None: not known yet)."""
+    info = await bus.js.stream_info(bus.replay.name)
+    lags = [
+        source.lag
+        for source in info.sources or []
+        if source.name == bus.events.name and source.active is not None and source.active >= 0  # -1: never heard
+    ]
+    return lags[0] if lags else None
+
+
+async def _count(bus: Bus, stream: str, subject: str) -> int:
+    info = await bus.js.stream_info(stream, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+def _stream_differences(have: StreamConfig, want: StreamConfig) -> list[str]:
+    fields = ("subjects", "retention", "storage", "max_age", "duplicate_window", "num_replicas")
+    return [
+        f"{f} {getattr(have, f)} (settings: {getattr(want, f)})" for f in fields if getattr(have, f) != getattr(want, f)
+    ]
+
+
+async def ensure_consumer(
+    bus: Bus, durable: str, names: list[str], settings: ConsumerSettings, stream: StreamRef | None = None
+) -> None:
+    """A durable pull consumer on the given subjects of `stream` (PODSWEEP unless told). max_deliver is enforced by
+    the loop, which dead-letters."""
+    stream = stream or bus.events
+    bus.check_consumer(durable, names, stream)
     config = ConsumerConfig(
         durable_name=durable,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
         max_deliver=-1,  # the loop dead-letters after settings.max_deliver, so nothing expires unseen
-        filter_subjects=[bus.subject(n) for n in names],
+        filter_subjects=[stream.subject(n) for n in names],
         max_ack_pending=max(settings.batch * 4, settings.max_ack_pending),
     )
-    await bus.js.add_consumer(bus.settings.stream, config)
+    await bus.js.add_consumer(stream.name, config)
 
 
 def backoff_delay(settings: ConsumerSettings, deliveries: int) -> float:
@@ -368,7 +545,7 @@ async def dead_letter(bus: Bus, service: str, msg: Msg, deliveries: int, error: 
     await bus.publish(
         f"{subjects.DEAD}.{service}",
         letter,
-        msg_id=f"dead:{service}:{bus.settings.stream}:{meta.sequence.stream}",
+        msg_id=f"dead:{service}:{meta.stream}:{meta.sequence.stream}",  # the stream the message came from
     )
     log.warning(
         "event dead-lettered",
@@ -393,6 +570,7 @@ async def consume(
     settings: ConsumerSettings,
     stop: asyncio.Event,
     pull_expires_s: float = PULL_EXPIRES_S,
+    stream: StreamRef | None = None,
 ) -> None:
     """Run until `stop` is set, then finish the messages in flight and return (the SIGTERM drain).
 
@@ -402,13 +580,16 @@ async def consume(
     here an idle consumer sends one request per `pull_expires_s`. A request the server lost (a restart) is noticed
     when its expiry passes unanswered, and asked again.
     """
-    await ensure_consumer(bus, durable, list(routes), settings)
+    stream = stream or bus.events
+    await ensure_consumer(bus, durable, list(routes), settings, stream)
     nc = bus.nc
-    by_subject = {bus.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()}
+    by_subject = {
+        stream.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()
+    }
     limit = asyncio.Semaphore(settings.concurrency)
     in_flight: set[asyncio.Task[None]] = set()
     inbox = nc.new_inbox()
-    next_subject = f"{natsprivate.api_prefix(bus.js)}.CONSUMER.MSG.NEXT.{bus.settings.stream}.{durable}"
+    next_subject = f"{natsprivate.api_prefix(bus.js)}.CONSUMER.MSG.NEXT.{stream.name}.{durable}"
     expires_ns = int(pull_expires_s * 1_000_000_000)
     wanted = 0  # messages asked for and neither delivered nor expired
     heard = time.monotonic()  # the last pull sent or answered
@@ -838,8 +1019,8 @@ class KvMirror(Generic[S]):
                     raise WatchLost(
                         f"kv watch of {natsprivate.kv_bucket(kv)}: no heartbeat for {2 * WATCH_HEARTBEAT_S:.0f}s"
                     )
-            with contextlib.suppress(Exception):  # the server removes it after inactive_threshold anyway
-                await natsprivate.kv_jetstream(kv).delete_consumer(natsprivate.kv_stream(kv), info.name)
+            # Not deleted: no service may delete a consumer on a shared bucket (it could delete another's), and the
+            # server removes this one inactive_threshold after the unsubscribe below.
         finally:
             stopping.cancel()
             with contextlib.suppress(Exception):

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
-from podsweep import __version__, discovery, embedded, logs, progress, runtime
+from podsweep import __version__, discovery, embedded, logs, natsaccess, preflight, progress, runtime
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.policy import EXAMPLE_POLICY
 from podsweep.status import StatusReport
@@ -38,6 +38,8 @@ app = typer.Typer(
 )
 schemas_app = typer.Typer(no_args_is_help=True, help="The event and document contract (JSON Schema).")
 app.add_typer(schemas_app, name="schemas")
+deploy_app = typer.Typer(no_args_is_help=True, help="Files in deploy/ that are generated from the code.")
+app.add_typer(deploy_app, name="deploy")
 app.add_typer(report_app, name="report")
 report_app.command("admissions")(admissions_command)  # the admission gate's audit, from the stream
 app.add_typer(upload_app)  # `podsweep upload` / `podsweep download`: what the scan Job's containers run
@@ -155,6 +157,9 @@ def up(
     except embedded.EmbeddedServerError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
+    except preflight.NotReady as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         pass
     finally:
@@ -211,9 +216,18 @@ def start_embedded(
 
 
 async def _prepare(settings: Settings) -> None:
-    """Declare the stream and bucket once before the services start (each also does so idempotently)."""
+    """Check what scans need in the cluster (preflight.py: stops `up` with what to apply), then declare the stream
+    and bucket once before the services start (each also does so idempotently)."""
     from podsweep import bus as busmod
+    from podsweep.kube import Kube
     from podsweep.objectstore import ObjectStore
+
+    kube = await Kube.connect(runtime.kubeconfig_path(settings))
+    try:
+        for what in await preflight.prepare(kube, settings.namespace, settings.dispatcher.service_account):
+            err.print(f"created {what} (what scan Jobs need)")
+    finally:
+        await kube.close()
 
     bus = await busmod.connect(settings.nats, "up")
     try:
@@ -238,6 +252,38 @@ def schemas_export(
         return
     for path in export.export():
         typer.echo(str(path))
+
+
+DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def nats_accounts(deploy: Path = DEPLOY_DIR) -> str:
+    """accounts.conf from every service's NATS declaration, for the names (subject root, stream, KV prefix) of the
+    base's podsweep.yaml."""
+    nats = load_settings(environ={}, file=deploy / "base" / "podsweep.yaml").nats
+    names = natsaccess.Names(root=nats.subject_root, stream=nats.stream, kv_prefix=nats.kv_prefix)
+    return natsaccess.accounts_conf([runtime.nats_access(name) for name in runtime.SERVICES], names)
+
+
+@deploy_app.command("nats-accounts")
+def deploy_nats_accounts(
+    check: Annotated[bool, typer.Option(help="Exit 1 when the committed file differs from the declarations.")] = False,
+    deploy: Annotated[Path, typer.Option(help="The deploy/ directory.")] = DEPLOY_DIR,
+) -> None:
+    """Write deploy/base/nats/accounts.conf (one NATS user per service) from what each service declares it does."""
+    target = deploy / "base" / "nats" / "accounts.conf"
+    try:
+        text = nats_accounts(deploy)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if check:
+        if _read(target) != text:
+            err.print(f"stale {target}: run `podsweep deploy nats-accounts`")
+            raise typer.Exit(1)
+        return
+    target.write_text(text)
+    typer.echo(str(target))
 
 
 def _read(path: Path) -> str | None:
@@ -313,15 +359,20 @@ def _status_tables(report: StatusReport) -> Group:
     nodes.add_column("running", justify="right")
     for node, n in report.running_per_node.items():
         nodes.add_row(node, str(n))
+    by_reason = Table(title="failed digests by reason")
+    by_reason.add_column("reason")
+    by_reason.add_column("digests", justify="right")
+    for reason, n in report.failed_by_reason.items():
+        by_reason.add_row(reason, str(n))
     failures = Table(title="recent failures")
-    for column in ("digest", "reason", "at"):
+    for column in ("digest", "reason", "at", "detail"):
         failures.add_column(column)
     for f in report.recent_failures:
-        failures.add_row(f.digest_ref, f.reason, f.at.isoformat() if f.at else "")
+        failures.add_row(f.digest_ref, f.reason, f.at.isoformat() if f.at else "", f.detail)
     oldest = (
         f"oldest pending: {report.oldest_pending} since {report.oldest_pending_since}"
         if report.oldest_pending
         else "nothing pending"
     )
     leader = f"dispatcher leader: {report.dispatcher_leader or 'none'}"
-    return Group(states, lag, nodes, failures, oldest, leader)
+    return Group(states, lag, nodes, by_reason, failures, oldest, leader)

@@ -405,13 +405,47 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: file {str(path)!r} cannot be read: {exc.strerror}") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config: {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:  # says where (line, column), never the text there
+        raise ConfigError(f"config: {path}: not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path}: expected a mapping of keys at the top level")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found and where, without the snippet of the file it quotes (that line may hold a password)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{exc.problem or exc.context or 'syntax error'}{where}"
+    return type(exc).__name__
+
+
+def _secret_values(raw: Any) -> set[str]:
+    """Every non-empty value under a secret field name, as given (a YAML number is a secret too)."""
+    found: set[str] = set()
+    if isinstance(raw, Mapping):
+        for key, value in raw.items():
+            if key in SECRET_FIELDS and value not in (None, "") and not isinstance(value, Mapping | list):
+                found.add(str(value))
+            else:
+                found |= _secret_values(value)
+    elif isinstance(raw, list):
+        for item in raw:
+            found |= _secret_values(item)
+    return found
+
+
+def _without_secrets(message: str, secrets: set[str]) -> str:
+    """The message with every secret value (and its repr form) replaced by ***, longest first."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        for form in (secret, repr(secret)[1:-1]):
+            message = message.replace(form, "***")
+    return message
 
 
 _AT_RE = re.compile(r" - at `\$\.?([^`]*)`$")
@@ -431,7 +465,8 @@ def load_settings(
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(str(exc), raw, origin, file)) from None
+        # Whatever the error, no secret's value is printed: not for its own field, not quoted by another check.
+        raise ConfigError(_without_secrets(_explain(str(exc), raw, origin, file), _secret_values(raw))) from None
 
 
 def _explain(message: str, raw: Mapping[str, Any], origin: Mapping[str, str], file: str | Path | None) -> str:
@@ -448,9 +483,8 @@ def _explain(message: str, raw: Mapping[str, Any], origin: Mapping[str, str], fi
     for part in parts:
         value = value.get(part) if isinstance(value, Mapping) else None
     source = origin.get(key) or (f"{file}" if file else env_name(tuple(parts)))
-    shown = (
-        "" if value is None or isinstance(value, Mapping) or parts[-1:] in (["secret_access_key"],) else f" = {value!r}"
-    )
+    secret = bool(parts) and parts[-1] in SECRET_FIELDS
+    shown = "" if value is None or isinstance(value, Mapping) or secret else f" = {value!r}"
     return f"config: {key or '(top level)'} ({source}){shown}: {detail}"
 
 

@@ -22,7 +22,10 @@ api_calls = meter.create_counter("podsweep_kube_api_calls", description="Kuberne
 # Metadata-only reads: the API server sends names, uids and ownerReferences, not whole objects.
 METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
-METADATA_ANY = f"{METADATA_LIST},{METADATA},application/json"  # list and watch of a metadata-only reflector
+# A metadata-only list asks for the list form, a watch for the object form. A watch that asks for
+# PartialObjectMetadataList first gets a 200 and then no event at all from kube-apiserver 1.36 (measured): the
+# watcher's node watch once did exactly that, so every node that joined later looked deleted.
+METADATA_WATCH = f"{METADATA},application/json"
 
 
 class KubeError(RuntimeError):

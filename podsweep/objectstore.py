@@ -8,12 +8,14 @@ key and one method.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
+import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from urllib.parse import quote, urlsplit
+from datetime import UTC, datetime, timedelta
+from urllib.parse import quote, urlencode, urlsplit
 
 import boto3
 import botocore.exceptions
@@ -21,6 +23,7 @@ from botocore.config import Config
 from opentelemetry import metrics
 
 from podsweep.config import S3Settings
+from schemas.storage import StorageKey, checked_key
 
 requests_counter = metrics.get_meter("podsweep.objectstore").create_counter(
     "podsweep_s3_requests", description="S3 calls (after botocore's retries), by operation and outcome"
@@ -78,6 +81,29 @@ class QuerySigner:
         self._day = ""
         self._key = b""
 
+    def presign_post(
+        self, bucket: str, key: StorageKey, expires_s: int, max_bytes: int, now: datetime
+    ) -> tuple[str, dict[str, str]]:
+        """A browser-style POST upload (SigV4 POST policy) of at most `max_bytes` to exactly `key`, until `expires_s`
+        seconds from `now`: the bucket's URL and the form fields to send before the file.
+
+        The only S3 upload that bounds an unknown size: a presigned PUT can sign an exact Content-Length only, and
+        `content-length-range` exists in POST policies alone. SeaweedFS refuses a larger body with 400 EntityTooLarge.
+        """
+        checked_key(key)
+        if max_bytes < 1:
+            raise ValueError(f"s3: an upload bound of {max_bytes} bytes allows nothing")
+        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        day = stamp[:8]
+        credential = f"{self._access_key_id}/{day}/{self._region}/s3/aws4_request"
+        expiration = (now.astimezone(UTC) + timedelta(seconds=int(expires_s))).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        fields = {"key": key, "x-amz-algorithm": _ALGORITHM, "x-amz-credential": credential, "x-amz-date": stamp}
+        conditions: list[object] = [{"bucket": bucket}, ["content-length-range", 0, max_bytes]]
+        conditions += [{name: value} for name, value in fields.items()]
+        policy = base64.b64encode(json.dumps({"expiration": expiration, "conditions": conditions}).encode()).decode()
+        signature = hmac.new(self._signing_key(day), policy.encode(), hashlib.sha256).hexdigest()
+        return f"{self._origin}{self._prefix}", {**fields, "policy": policy, "x-amz-signature": signature}
+
     def _signing_key(self, day: str) -> bytes:
         if day != self._day:
             key = hmac.digest(b"AWS4" + self._secret, day.encode(), "sha256")
@@ -86,8 +112,11 @@ class QuerySigner:
             self._day, self._key = day, key
         return self._key
 
-    def presign(self, method: str, key: str, expires_s: int, now: datetime) -> str:
-        """A URL for `method` on exactly `key`, valid `expires_s` seconds from `now` (an aware UTC instant)."""
+    def presign(self, method: str, key: StorageKey, expires_s: int, now: datetime) -> str:
+        """A URL for `method` on exactly `key`, valid `expires_s` seconds from `now` (an aware UTC instant).
+
+        The key is checked again (a NewType can be forged with a cast): an empty key would sign the bucket's root."""
+        checked_key(key)
         stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
         path = self._prefix + quote(key, safe="/~")
@@ -236,8 +265,9 @@ class ObjectStore:
             )
         return self._signer
 
-    def presign_put(self, key: str, expires_s: int, content_type: str | None = None) -> str:
+    def presign_put(self, key: StorageKey, expires_s: int, content_type: str | None = None) -> str:
         """A URL that can PUT exactly this key until it expires (SigV4; no other key, no other method)."""
+        checked_key(key)
         signer = None if content_type else self.signer()
         if signer is not None:
             return signer.presign("PUT", key, int(expires_s), datetime.now(UTC))
@@ -247,7 +277,28 @@ class ObjectStore:
         url: str = self._client.generate_presigned_url("put_object", Params=params, ExpiresIn=int(expires_s))
         return url
 
-    def presign_get(self, key: str, expires_s: int) -> str:
+    def presign_upload(self, key: StorageKey, expires_s: int, max_bytes: int) -> str:
+        """One string for a scan Job's env: a POST upload of at most `max_bytes` to exactly `key` until it expires.
+
+        It is the bucket's URL with the POST policy's form fields as its query (`podsweep upload` sends them as the
+        form, then the file), so it travels like a presigned URL and is redacted like one (the query is the
+        credential). Any holder can upload again until it expires: S3 has no create-only POST condition, so the
+        uploader's own If-None-Match guards only against an object written before it.
+        """
+        checked_key(key)
+        signer = self.signer()
+        if signer is not None:
+            url, fields = signer.presign_post(self.bucket, key, int(expires_s), max_bytes, datetime.now(UTC))
+        else:
+            post = self._client.generate_presigned_post(
+                self.bucket, key, Conditions=[["content-length-range", 0, max_bytes]], ExpiresIn=int(expires_s)
+            )
+            url, fields = str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
+        return f"{url}?{urlencode(fields, safe='/')}"  # the key reads as itself in the query
+
+    def presign_get(self, key: StorageKey, expires_s: int) -> str:
+        """A URL that can GET exactly this key until it expires; never the bucket (its GET lists the keys)."""
+        checked_key(key)
         signer = self.signer()
         if signer is not None:
             return signer.presign("GET", key, int(expires_s), datetime.now(UTC))

@@ -35,7 +35,7 @@ def line(report: StatusReport, last: Sweep, elapsed_s: float, browse: str) -> tu
     lag = sum(c.pending + c.in_flight for c in report.consumers)
     text = (
         f"{report.digests} digests: {states.get('done', 0)} scanned, {states.get('running', 0)} scanning, "
-        f"{states.get('pending', 0)} waiting, {failed} failed; {lag} events queued"
+        f"{states.get('pending', 0)} waiting, {failed} failed{_reasons(report)}; {lag} events queued"
     )
     if not last.first_done and report.digests and unfinished == 0 and lag == 0:
         return f"first sweep done in {elapsed_s:.0f}s — {text}. Browse: {browse}", Sweep(text, first_done=True)
@@ -43,6 +43,13 @@ def line(report: StatusReport, last: Sweep, elapsed_s: float, browse: str) -> tu
         return None, last
     prefix = "sweep" if last.first_done else "first sweep"
     return f"{prefix}: {text}", Sweep(text, last.first_done)
+
+
+def _reasons(report: StatusReport) -> str:
+    """ " (PodCreateRejected 3, ReportMissing 1)": why the failed digests failed, as `podsweep status` counts them."""
+    if not report.failed_by_reason:
+        return ""
+    return " (" + ", ".join(f"{reason} {n}" for reason, n in report.failed_by_reason.items()) + ")"
 
 
 async def follow(settings: Settings, stop: asyncio.Event, say: Callable[[str], object], every_s: float = 2.0) -> None:

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from podsweep import health, logs, telemetry
 from podsweep.config import Settings
+from podsweep.natsaccess import NatsAccess
 
 ServiceMain = Callable[[Settings, asyncio.Event], Awaitable[None]]
 
@@ -48,6 +49,15 @@ def load(name: str) -> ServiceMain:
         )
     module = importlib.import_module(f"services.{name}.main")
     return cast(ServiceMain, module.main)
+
+
+def nats_access(name: str) -> NatsAccess:
+    """What service `name` does on NATS: the `NATS` its main module declares and runs under."""
+    load(name)
+    access = importlib.import_module(f"services.{name}.main").NATS
+    if not isinstance(access, NatsAccess) or access.service != name:
+        raise TypeError(f"services/{name}/main.py: NATS must be a NatsAccess for service {name!r}")
+    return access
 
 
 def kubeconfig_path(settings: Settings) -> str | None:

@@ -16,6 +16,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from podsweep import bus as busmod
 from podsweep import logs
 from podsweep.config import Settings
+from podsweep.natsaccess import NatsAccess
 from podsweep.objectstore import ObjectStore
 
 LAG_POLL_S = 15.0
@@ -83,8 +84,11 @@ class Service:
 
 
 @asynccontextmanager
-async def open_service(name: str, settings: Settings, *, s3: bool = False) -> AsyncIterator[Service]:
-    bus = await busmod.connect(settings.nats, name)
+async def open_service(
+    name: str, settings: Settings, *, s3: bool = False, access: NatsAccess | None = None
+) -> AsyncIterator[Service]:
+    """Connect (under the service's NATS declaration, `access`, which the Bus enforces) and declare the stream."""
+    bus = await busmod.connect(settings.nats, name, access)
     _connections[name] = bus
     try:
         await busmod.ensure_stream(bus)
@@ -94,7 +98,9 @@ async def open_service(name: str, settings: Settings, *, s3: bool = False) -> As
             await store.ensure_bucket()
         logs.get(f"podsweep.{name}").info("service connected", nats=settings.nats.url, s3=bool(store))
         _freeze_start_up()
-        lag = asyncio.create_task(_follow_lag(bus, name))
+        # Lag for /metrics, from the consumer named after the service (a service without one reports none).
+        follows_lag = access is None or access.durable(name) is not None
+        lag = asyncio.create_task(_follow_lag(bus, name) if follows_lag else asyncio.sleep(0))
         try:
             yield Service(name=name, settings=settings, bus=bus, store=store)
         finally:

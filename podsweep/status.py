@@ -28,8 +28,9 @@ class ConsumerLag(msgspec.Struct, frozen=True):
 
 class Failure(msgspec.Struct, frozen=True):
     digest_ref: str
-    reason: str
+    reason: str  # the last failure's reason (PodCreateRejected, ReportMissing, NodeGone, ...) or the state
     at: datetime | None
+    detail: str = ""  # the dispatcher's own words: the reason with its message, and what happens next
 
 
 class StatusReport(msgspec.Struct, frozen=True):
@@ -41,6 +42,8 @@ class StatusReport(msgspec.Struct, frozen=True):
     consumers: list[ConsumerLag]
     recent_failures: list[Failure]
     dispatcher_leader: str = ""  # the lease holder ("" while none holds it)
+    # Digests that failed or are not scanned, by their last failure's reason.
+    failed_by_reason: dict[str, int] = {}
 
 
 def summarize(
@@ -49,15 +52,16 @@ def summarize(
     failures_shown: int = 10,
     lease: DispatcherLease | None = None,
 ) -> StatusReport:
-    by_state = Counter(s.status for s in states)
+    by_state = Counter(_status(s) for s in states)
     pending = [s for s in states if s.status == "pending"]
     oldest = min(pending, key=lambda s: s.last_seen_at or _LATEST, default=None)
     running = Counter(s.node for s in states if s.status == "running" and s.node)
     failed = sorted(
-        (s for s in states if s.status in ("failed", "not_scanned") or s.failures),
+        (s for s in states if _status(s) in ("failed", "not_scanned") or s.failures),
         key=lambda s: s.failures[-1].at if s.failures else (s.last_seen_at or _EARLIEST),
         reverse=True,
     )
+    by_reason = Counter(_reason(s) for s in states if _status(s) in ("failed", "not_scanned"))
     return StatusReport(
         digests=len(states),
         by_state=dict(sorted(by_state.items())),
@@ -68,13 +72,28 @@ def summarize(
         recent_failures=[
             Failure(
                 digest_ref=s.digest_ref,
-                reason=(s.failures[-1].reason if s.failures else s.reason) or s.status,
+                reason=_reason(s),
                 at=s.failures[-1].at if s.failures else None,
+                detail=s.reason,
             )
             for s in failed[:failures_shown]
         ],
         dispatcher_leader=lease.holder if lease is not None else "",
+        failed_by_reason=dict(sorted(by_reason.items())),
     )
+
+
+def _status(state: DigestScanState) -> str:
+    """The state as people count it: a digest that runs somewhere and was never claimed (it waits for a slot, or for
+    scan pods to be accepted) is waiting, i.e. pending, not failed."""
+    if state.status == "not_scanned" and state.nodes_seen and not state.reason and not state.failures:
+        return "pending"
+    return state.status
+
+
+def _reason(state: DigestScanState) -> str:
+    """The last failure's reason; without one (no node runs the digest any more), its state."""
+    return state.failures[-1].reason if state.failures else state.status
 
 
 async def collect(bus: busmod.Bus) -> StatusReport:

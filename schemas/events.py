@@ -39,6 +39,10 @@ FailureReason = Literal[
     "UploadFailed",  # the uploader could not PUT the report
     "ScanError",  # trivy exited non-zero
     "BatchAborted",  # another item of the same SBOM rescan batch failed first; this one's result was not uploaded
+    # The API server refused to create the scan pod (its FailedCreate event: a missing ServiceAccount, a
+    # ResourceQuota, a LimitRange, a Pod Security level, an admission webhook); the message is the API server's own.
+    # A property of the scan namespace, not of the node: every node fails the same way.
+    "PodCreateRejected",
     "Unknown",
 ]
 
@@ -165,7 +169,7 @@ class ReportStored(Event, frozen=True, kw_only=True):
 
 
 QuarantineKind = Literal[
-    "oversized",  # over the configured cap (before or after gunzip)
+    "oversized",  # over the configured cap (before or after gunzip), or JSON nested too deep to decode
     "not-json",
     "truncated",
     "wrong-type",  # JSON, but a field has the wrong type

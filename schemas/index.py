@@ -12,6 +12,7 @@ import msgspec
 
 from schemas.events import ScanMode, SeverityCounts, Workload
 from schemas.refs import DigestRef, ImageRef, K8sLabelName, ObjectKey, ScanId, ShortText, Text
+from schemas.state import ScanStatus
 
 
 class DigestSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,6 +44,15 @@ class IndexRevisions(msgspec.Struct, frozen=True):
 
     summaries: int = 0
     workloads: int = 0
+    scans: int = 0
+
+
+class ScanView(msgspec.Struct, frozen=True, kw_only=True):
+    """A digest's scan state as the dispatcher last wrote it (what `podsweep status` counts): the index says the same
+    of a digest without a report, and why its last scan failed."""
+
+    status: ScanStatus
+    reason: Text = ""
 
 
 class IndexedDigest(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,6 +62,7 @@ class IndexedDigest(msgspec.Struct, frozen=True, kw_only=True):
     images: list[ImageRef] = []
     namespaces: list[K8sLabelName] = []
     report: DigestSummary | None = None
+    scan: ScanView | None = None
 
 
 class SummaryIndex(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +83,7 @@ class WorkloadImage(msgspec.Struct, frozen=True, kw_only=True):
     counts: SeverityCounts | None = None
     fixable: SeverityCounts | None = None
     scanned_at: datetime | None = None
+    scan: ScanView | None = None
 
 
 class NamespaceWorkload(msgspec.Struct, frozen=True, kw_only=True):

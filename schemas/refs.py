@@ -57,8 +57,10 @@ NodeName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Z
 KindName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9]*" + END, max_length=63)]
 # Scan ids and Job names: derived by podsweep from a hash, never from user text.
 ScanId = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, min_length=8, max_length=63)]
-# Object keys podsweep writes: a fixed alphabet, no "..", no leading slash.
-ObjectKey = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*" + END, max_length=512)]
+# Object keys podsweep writes: a fixed alphabet, no "..", no leading slash, never empty.
+OBJECT_KEY_PATTERN = r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*" + END
+MAX_OBJECT_KEY = 512
+ObjectKey = Annotated[str, msgspec.Meta(pattern=OBJECT_KEY_PATTERN, max_length=MAX_OBJECT_KEY)]
 ClusterName = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, max_length=63)]
 # A notification route from the podsweep.io/notify annotation.
 RouteName = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, max_length=63)]

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.events import ImageOptions, Workload
-from schemas.refs import DigestRef, ImageRef, K8sLabelName, NodeName, ScanId, ShortText, Text
+from schemas.refs import DigestRef, ImageRef, K8sLabelName, NodeName, ObjectKey, ScanId, ShortText, Text
 
 ScanStatus = Literal["pending", "running", "done", "failed", "not_scanned"]
 
@@ -47,7 +47,7 @@ class DigestScanState(msgspec.Struct, frozen=True, kw_only=True):
     # the configured time after this instant, and reports say since when the digest has not run.
     not_running_since: datetime | None = None
     reason: Text = ""
-    sbom_key: ShortText | None = None
+    sbom_key: ObjectKey | None = None  # presigned for rescans: a key of the storage layout, never free text
     sbom_trivy_version: ShortText | None = None
     # Claims ever made for this digest (never reset): scan ids and Job names derive from it, so a rescan never
     # collides with a finished Job of an earlier scan that still exists.

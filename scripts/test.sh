@@ -33,5 +33,6 @@ ruff check .
 ruff format --check .
 mypy
 podsweep schemas export --check
+podsweep deploy nats-accounts --check
 pytest -q -p no:cacheprovider "$@"
 echo "test.sh: done in $(( $(date +%s) - start ))s"

@@ -27,6 +27,7 @@ from podsweep import bus as busmod
 from podsweep import logs
 from podsweep.config import Settings
 from podsweep.health import HEALTH
+from podsweep.natsaccess import NatsAccess
 from podsweep.objectstore import ObjectStore
 from podsweep.policy import EMPTY_POLICY, Policy, PolicyError, load_policy
 from podsweep.service import open_service
@@ -40,6 +41,12 @@ from services.admission.decide import Decision, GateRules, VerdictCache, allow, 
 from services.admission.view import FindingsWanted, View, compact
 
 SERVICE = "admission"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(subjects.ADMISSION_DECIDED, subjects.RESCAN_REQUESTED),
+    replays=(subjects.IMAGE_SEEN, subjects.REPORT_STORED),
+)
 PATH = "/validate"
 READY = "admission:view"
 MAX_INDEX_BYTES = 256 * 1024 * 1024
@@ -205,12 +212,15 @@ async def follow(
     caught_up: asyncio.Event,
     stop: asyncio.Event,
 ) -> None:
-    """Replay `name` from `start` (everything when None), then follow it live until `stop`."""
+    """Replay `name` from `start` (everything when None) out of the replay stream (`open_replay`), then follow it
+    live until `stop`. Times there are when the server copied an event, never earlier than it was published: a
+    replay from `start` holds every event published since."""
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_TIME if start is not None else DeliverPolicy.ALL,
         opt_start_time=start,
     )
-    sub = await bus.js.subscribe(bus.subject(name), ordered_consumer=True, config=config, stream=bus.settings.stream)
+    bus.check_replay(name)
+    sub = await bus.js.subscribe(bus.subject(name), ordered_consumer=True, config=config, stream=bus.replay.name)
     try:
         while not stop.is_set():
             try:
@@ -232,6 +242,12 @@ async def follow(
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def open_replay(bus: busmod.Bus) -> busmod.StreamRef:
+    """The stream the view replays image.seen and report.stored from (bus.ensure_replay_stream), made when missing and
+    caught up with the events stream."""
+    return await busmod.ensure_replay_stream(bus, NATS.replays)
 
 
 class Loader:
@@ -259,6 +275,7 @@ class Loader:
                 start = index.generated_at - timedelta(seconds=self.settings.admission.replay_s)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("stored index unreadable, replaying the whole stream", error=str(exc)[:200])
+        await open_replay(self.bus)
         seen_done, stored_done = asyncio.Event(), asyncio.Event()
         group.create_task(follow(self.bus, subjects.IMAGE_SEEN, start, self._seen, seen_done, stop))
         group.create_task(follow(self.bus, subjects.REPORT_STORED, start, self._stored, stored_done, stop))
@@ -410,7 +427,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     policy_file = a.policy_file or settings.notifier.policy_file
     gate = Gate(rules_from(settings), read_policy(policy_file), a.audit_queue, a.rescan_every_s)
     HEALTH.set(READY, False)
-    async with open_service(SERVICE, settings, s3=True) as service:
+    async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
         runner = web.AppRunner(app_for(gate), access_log=None, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, ssl_context=context, backlog=1024).start()

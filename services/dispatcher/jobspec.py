@@ -11,6 +11,7 @@ report (Trivy 0.76 rebuilds the SBOM's components from the report's package list
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -18,6 +19,7 @@ import msgspec
 from schemas import jobs, storage
 from schemas.events import Severity
 from schemas.refs import DigestRef, ImageRef, K8sLabelName, K8sName, NodeName, ScanId
+from services.dispatcher import scanenv
 
 Manifest = dict[str, Any]
 _MANIFEST = msgspec.json.Decoder(dict[str, Any])
@@ -34,6 +36,12 @@ SBOM_URL_ENV = "PODSWEEP_SBOM_URL"
 # Never scanned: podsweep's own volumes and the kernel's pseudo filesystems. Trivy makes absolute skip paths
 # relative to the scanned root, which is "/".
 SKIP_DIRS = (WORK_DIR, "/proc", "/sys", "/dev")
+# Trivy's config and ignore file. Without these flags Trivy reads ./trivy.yaml and ./.trivyignore from its working
+# directory (the scanned image's, unless the container sets one) or the files TRIVY_CONFIG/TRIVY_IGNOREFILE name.
+# /dev/null is an empty file in every container, provided by the runtime over the image's /dev: nothing the image
+# holds can take its place. An explicit path Trivy cannot open fails the scan rather than being skipped.
+TRIVY_CONFIG = "/dev/null"
+TRIVY_IGNOREFILE = "/dev/null"
 
 Quantity = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$", max_length=32)]
 AbsolutePath = Annotated[str, msgspec.Meta(pattern=r"^(/[A-Za-z0-9._-]+)+$", max_length=256)]
@@ -141,6 +149,13 @@ def validated_node_scan(
     return msgspec.convert(fields, NodeScan)
 
 
+def url_lifetime_s(options: JobOptions, start_grace: timedelta) -> int:
+    """How long a Job's presigned URLs last from signing. They are signed before the Job exists, and its
+    activeDeadlineSeconds runs from its start: the deadline plus the grace the limiter gives a Job to start in, so a
+    Job that starts within the grace can use its URLs until its own deadline (docs/dispatcher.md, "Upload URLs")."""
+    return options.active_deadline_seconds + max(int(start_grace.total_seconds()), 0)
+
+
 def _helper_security(uid: int) -> Manifest:
     return {
         "runAsUser": uid,
@@ -154,8 +169,10 @@ def _helper_security(uid: int) -> Manifest:
 
 
 def _vuln_flags(options: JobOptions, *, ignore_unfixed: bool) -> list[str]:
-    """Flags shared by node scans and SBOM rescans: where the DB is, what to report, no calls home."""
-    args = ["--scanners", "vuln", "--list-all-pkgs", "--cache-dir", CACHE_DIR]
+    """Flags shared by node scans and SBOM rescans: where the DB is, what to report, no calls home, and podsweep's
+    own (empty) config and ignore file."""
+    args = ["--config", TRIVY_CONFIG, "--ignorefile", TRIVY_IGNOREFILE]
+    args += ["--scanners", "vuln", "--list-all-pkgs", "--cache-dir", CACHE_DIR]
     args += ["--timeout", f"{max(options.active_deadline_seconds - 60, 30)}s"]
     args += ["--no-progress", "--disable-telemetry", "--skip-version-check"]
     if options.trivy_server is not None:
@@ -235,7 +252,9 @@ def build_node_scan_job(scan: NodeScan, options: JobOptions) -> Manifest:
             "imagePullPolicy": "Never",
             "command": [TRIVY],
             "args": _trivy_args(scan, options),
-            "env": [{"name": "TMPDIR", "value": WORK_DIR}, {"name": "HOME", "value": WORK_DIR}],
+            # The image's own working directory and TRIVY_* variables must not reach Trivy (scanenv says how).
+            "workingDir": WORK_DIR,
+            "env": scanenv.neutral_env(WORK_DIR),
             "volumeMounts": scan_mounts,
             "resources": options.scan_resources.manifest(),
             "securityContext": {
@@ -410,6 +429,8 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
                 "imagePullPolicy": "IfNotPresent",
                 "command": [options.trivy_binary],
                 "args": args,
+                # The trivy image is podsweep's choice, its environment too; the working directory is podsweep's.
+                "workingDir": WORK_DIR,
                 "env": [{"name": "TMPDIR", "value": WORK_DIR}, {"name": "HOME", "value": WORK_DIR}],
                 "volumeMounts": trivy_mounts,
                 "resources": options.scan_resources.manifest(),

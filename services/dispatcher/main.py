@@ -1,7 +1,8 @@
 """The dispatcher service: turns image and scan events into scan Jobs, one per digest, within the limits.
 
 A thin shell around plan.py (what to do about a digest) and limits.py (may a Job start now): every state change is a
-compare-and-set on JetStream KV, so replicas and restarts agree. Never reads the API beyond its Jobs' create calls.
+compare-and-set on JetStream KV, so replicas and restarts agree. Touches the API only for its own scan Jobs in its
+namespace: creates them, deletes those it gives up on, and lists them when it starts leading (livejobs.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from podsweep import logs, telemetry
 from podsweep.config import Settings
 from podsweep.health import HEALTH
 from podsweep.kube import Kube, KubeError
+from podsweep.natsaccess import Bucket, Durable, NatsAccess
 from podsweep.objectstore import ObjectStore
 from podsweep.runtime import kubeconfig_path
 from podsweep.service import open_service
@@ -34,6 +36,7 @@ from schemas import jobs, storage, subjects
 from schemas.events import (
     ImageGone,
     ImageSeen,
+    ReportQuarantined,
     RescanAccepted,
     RescanRequested,
     ScanCompleted,
@@ -50,7 +53,8 @@ from schemas.state import (
     DigestWorkloads,
     LimiterState,
 )
-from services.dispatcher import jobspec, plan, rescans
+from schemas.storage import StorageKey
+from services.dispatcher import jobspec, livejobs, plan, rejections, rescans
 from services.dispatcher import limits as limiter
 from services.dispatcher.batching import Gathered, Gathering
 from services.dispatcher.leadership import Leadership, identity
@@ -61,6 +65,26 @@ from services.dispatcher.sightings import Sightings
 
 SERVICE = "dispatcher"
 DURABLE = "dispatcher"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(subjects.RESCAN_ACCEPTED,),
+    durables=(
+        Durable(
+            DURABLE,
+            (
+                subjects.IMAGE_SEEN,
+                subjects.IMAGE_GONE,
+                subjects.SCAN_STARTED,
+                subjects.SCAN_COMPLETED,
+                subjects.SCAN_FAILED,
+                subjects.RESCAN_REQUESTED,
+                subjects.REPORT_QUARANTINED,
+            ),
+        ),
+    ),
+    buckets=(Bucket(SCANS_BUCKET), Bucket(LIMITS_BUCKET), Bucket(WORKLOADS_BUCKET, writes=False)),
+)
 # How often parked claims (refused by a limit) and timers (retries after backoff, rescans coming due) are looked at.
 TICK_S = 0.5
 # Parked digests are looked at when the limiter changed or something new was parked, and at least this often (slots
@@ -79,6 +103,12 @@ jobs_created = meter.create_counter("podsweep_dispatcher_jobs_created", descript
 retries = meter.create_counter("podsweep_dispatcher_retries", description="Scans claimed again after a failure")
 limit_waits = meter.create_counter(
     "podsweep_dispatcher_limit_waits", description="Claimed scans that waited for a limit, by the limit"
+)
+scan_failures = meter.create_counter(
+    "podsweep_dispatcher_scan_failures", description="Failed scans, by reason (PodCreateRejected, ReportMissing, ...)"
+)
+jobs_deleted = meter.create_counter(
+    "podsweep_dispatcher_jobs_deleted", description="Scan Jobs deleted after their scan failed or was abandoned"
 )
 _NO_SLOTS = LimiterState()  # the limiter before its first write (one object: _view caches by identity)
 _WAITING = ("nodes_full", "limited")  # decisions that park a digest until a slot frees
@@ -123,6 +153,8 @@ class Dispatcher:
         self.holding = True  # sightings may be held (not once stopping: the last write of held ones has begun)
         self._gathering_blocked_at = 0.0
         self.workloads: KeyValue
+        # While the API server refuses scan pods (PodCreateRejected): no new Jobs until a backoff passes, then a probe.
+        self.hold: rejections.Hold | None = None
 
     async def open(self) -> None:
         self.scans = await self.bus.kv(SCANS_BUCKET)
@@ -130,6 +162,43 @@ class Dispatcher:
         self.limits = busmod.KvMirror(await self.bus.kv(LIMITS_BUCKET), LimiterState)
         self.workloads = await self.bus.kv(WORKLOADS_BUCKET)
         await self._read_limiter()
+        await self._count_existing_jobs()
+
+    async def _count_existing_jobs(self) -> None:
+        """Count every unfinished scan Job against the limits, and delete those no claim wants (livejobs.py)."""
+        found: list[livejobs.ExistingJob] = []
+        token = ""
+        while True:
+            params: dict[str, str | int | bool] = {
+                "labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}",
+                "limit": 500,
+            }
+            if token:
+                params["continue"] = token
+            page, token = livejobs.decode_page(await self.kube.get(self.jobs_path, params))
+            found.extend(page)
+            if not token:
+                break
+        states: dict[str, DigestScanState | None] = {}
+        for job in found:
+            ref = livejobs.digest_of(job)
+            if ref is not None and ref not in states and not livejobs.finished(job):
+                states[ref] = (await busmod.kv_read(self.scans, digest_hex(ref), DigestScanState))[0]
+        policy = self.cfg.policy
+        now = utcnow()
+        result = livejobs.reconcile(found, states, now, policy.job_deadline + policy.deadline_grace)
+        for name in result.delete:
+            await self._delete_job(name)
+        if result.count:
+            await self._limiter_change(
+                lambda old: livejobs.adopt(limiter.live(old or LimiterState(), now), result.count)
+            )
+        log.info(
+            "existing scan Jobs counted",
+            jobs=len(found),
+            unfinished=len(result.count) + len(result.delete),
+            deleted=len(result.delete),
+        )
 
     @property
     def limiter_view(self) -> LimiterState:
@@ -146,8 +215,13 @@ class Dispatcher:
         return per_node, free > 0
 
     def _room(self, now: datetime) -> tuple[dict[str, int], int]:
-        """Live slots per node and how many Jobs may start now, as this replica last saw the limiter: computed once
-        per limiter state until its next slot or creation expires."""
+        """Live slots per node and how many Jobs may start now, as this replica last saw the limiter (computed once
+        per limiter state until its next slot or creation expires), and no more than a hold on creations allows."""
+        per_node, free = self._limiter_room(now)
+        allowed = rejections.allowance(self.hold, now)
+        return per_node, free if allowed is None else min(free, allowed)
+
+    def _limiter_room(self, now: datetime) -> tuple[dict[str, int], int]:
         cached, seen, releasing = self._view_of, self.limiter_view, frozenset(self._releasing)
         if cached is not None and cached[0] is seen and cached[1] == releasing and now < cached[2].valid_until:
             return cached[2].per_node, cached[2].free
@@ -220,12 +294,14 @@ class Dispatcher:
             log.info("digest not scanned", digest=gone.digest_ref, reason=decision.state.reason)
 
     async def on_scan_started(self, started: ScanStarted, _: busmod.Delivery) -> None:
+        self._pods_accepted()
         await self._change(digest_hex(started.digest_ref), lambda old: plan.on_started(old, started, self.cfg.policy))
 
     async def on_scan_completed(self, done: ScanCompleted, _: busmod.Delivery) -> None:
         if done.raw_key != storage.raw_key(done.digest_ref, done.scan_id):
             raise busmod.Reject(f"raw_key is not the key of scan {done.scan_id} (expected raw/sha256/<hex>/<id>.json)")
         key = digest_hex(done.digest_ref)
+        self._pods_accepted()
         written = await self._update(key, lambda old: plan.on_completed(old, done, self.cfg.policy))
         # An SBOM rescan's slot is its batch Job's (named by the batch); a node scan's is its own.
         await self._hand_over(done.job if done.mode == "sbom" else done.scan_id)
@@ -234,7 +310,16 @@ class Dispatcher:
     async def on_scan_failed(self, failed: ScanFailed, _: busmod.Delivery) -> None:
         now = utcnow()
         key = digest_hex(failed.digest_ref)
-        await self._release(failed.job if failed.mode == "sbom" else failed.scan_id)
+        scan_failures.add(1, {"reason": failed.reason})
+        # A failed Job is given up on: deleted, so no Job the limits stopped counting stays (one refused pods keeps
+        # trying to make its pod; one stuck on a gone node never ends), then its slot is freed.
+        deleted = await self._delete_job(failed.job if failed.mode == "sbom" else failed.scan_id)
+        if failed.reason == "PodCreateRejected":
+            self._pods_refused(failed, now)
+        else:
+            self.hold = rejections.failed_otherwise(self.hold, failed.scan_id) or self.hold
+        if deleted:  # a Job that could not be deleted keeps its slot until the slot's deadline: it may still run
+            await self._release(failed.job if failed.mode == "sbom" else failed.scan_id)
         active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
         written = await self._update(
@@ -251,6 +336,84 @@ class Dispatcher:
                 status=decision.state.status,
             )
         await self._follow(key, *written)
+
+    async def on_report_quarantined(self, quarantined: ReportQuarantined, _: busmod.Delivery) -> None:
+        """The parser found the scan's report missing or unreadable: the scan failed after all (retried with backoff).
+        The parser says so with this event; the scan state stays the dispatcher's alone to write."""
+        now = utcnow()
+        key = digest_hex(quarantined.digest_ref)
+        active, room = self._view(now)
+        policy, limits = self.cfg.policy, self.cfg.limits
+        written = await self._update(
+            key, lambda old: plan.on_quarantined(old, quarantined, now, policy, active, limits, room=room)
+        )
+        decision = written[0]
+        if decision.state is not None:
+            scan_failures.add(1, {"reason": "ReportMissing" if quarantined.kind == "missing" else "ReportUnreadable"})
+            log.info(
+                "scan failed: no usable report",
+                digest=quarantined.digest_ref,
+                scan_id=quarantined.scan_id,
+                kind=quarantined.kind,
+                status=decision.state.status,
+            )
+        await self._follow(key, *written)
+
+    # -- pods refused, Jobs given up -------------------------------------------------------------------------------
+
+    def _pods_refused(self, failed: ScanFailed, now: datetime) -> None:
+        policy = self.cfg.policy
+        hold = rejections.rejected(
+            self.hold, failed.scan_id, failed.message, now, policy.backoff_base, policy.backoff_max
+        )
+        if hold is None:
+            return
+        first = self.hold is None
+        self.hold = hold
+        if first:  # said once; a refused probe only moves the next one
+            log.warning(
+                "scan pods are refused by the API server: no new scan Jobs until one is accepted",
+                namespace=self.cfg.jobs.namespace,
+                message=failed.message[:500],
+                what_to_do="apply what the message names (deploy/base: the scan ServiceAccount, the namespace's "
+                "quota or Pod Security labels); podsweep tries one scan Job at a time meanwhile",
+            )
+        else:
+            log.info("scan pods still refused", rejections=hold.rejections, next_probe=hold.until.isoformat())
+
+    def _pods_accepted(self) -> None:
+        """A scan pod was created: a hold on creations ends."""
+        if self.hold is not None:
+            log.warning("scan pods are accepted again: scan Jobs resume", refused_since=self.hold.since.isoformat())
+            self.hold = None
+            self.wake.set()
+
+    async def _delete_job(self, name: str) -> bool:
+        """Delete a scan Job and (in the background, by the garbage collector) its pods; True once it is gone (or
+        was). False when this dispatcher may not delete Jobs (said once per Job, with what to apply)."""
+        if not name.startswith(plan.SCAN_ID_PREFIX):  # only names podsweep gives its Jobs, whatever an event says
+            return True
+        try:
+            await self.kube.request(
+                "DELETE",
+                f"{self.jobs_path}/{name}",
+                body=msgspec.json.encode({"propagationPolicy": "Background"}),
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return True
+            if exc.status in (401, 403):
+                log.warning(
+                    "scan Job not deleted: this dispatcher may not delete Jobs",
+                    job=name,
+                    namespace=self.cfg.jobs.namespace,
+                    what_to_do="grant delete on jobs.batch there (deploy/base/rbac-dispatcher.yaml)",
+                )
+                return False
+            raise
+        jobs_deleted.add(1)
+        log.info("scan Job deleted", job=name)
+        return True
 
     # -- deciding and carrying out ---------------------------------------------------------------------------------
 
@@ -323,12 +486,19 @@ class Dispatcher:
         active, room = self._view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
 
+        abandoned: list[str] = []
+
         def decide(old: DigestScanState | None) -> Decision:
             if old is None:
                 return Decision(None, None, "stale")
-            return plan.decide(old, now, policy, active, limits, room=room)
+            decision = plan.decide(old, now, policy, active, limits, room=room)
+            abandoned[:] = [old.scan_id] if _abandons(old, decision) and old.scan_id else []
+            return decision
 
-        return await self._follow(key, *await self._update(key, decide))
+        written = await self._update(key, decide)
+        if written[2] and abandoned:  # a claim that expired without a scan event: its Job, if any, is given up
+            await self._delete_job(abandoned[0])
+        return await self._follow(key, *written)
 
     async def _launch(self, key: str, scan: ScanPlan, claimed: tuple[DigestScanState, int] | None = None) -> Launch:
         """Take a slot, create the Job, record it running. Every step is keyed by the scan id: repeating is harmless.
@@ -372,16 +542,21 @@ class Dispatcher:
         await self._change(key, lambda old: plan.on_created(old, scan.scan_id, utcnow(), policy), (state, revision))
         return created
 
+    def _url_lifetime_s(self) -> int:
+        return jobspec.url_lifetime_s(self.cfg.jobs, self.cfg.policy.deadline_grace)
+
+    def _upload_url(self, key: StorageKey, max_mb: float) -> str:
+        return self.store.presign_upload(key, self._url_lifetime_s(), int(max_mb * 1024 * 1024))
+
     def _manifest(self, scan: ScanPlan, state: DigestScanState) -> jobspec.Manifest:
-        """The Job for a claimed scan, with presigned PUT URLs for its keys that expire with the Job's deadline."""
+        """The Job for a claimed scan, with upload URLs for its keys, bounded in size, that last its deadline."""
         options = self.cfg.jobs
-        expires = options.active_deadline_seconds
-        raw_url = self.store.presign_put(storage.raw_key(scan.digest_ref, scan.scan_id), expires)
+        parser = self.settings.parser
+        raw_url = self._upload_url(storage.raw_key(scan.digest_ref, scan.scan_id), parser.max_report_mb)
         if scan.mode == "sbom" or scan.node is None:
             raise ValueError("a node scan was planned without a node")
-        sbom_url = (
-            self.store.presign_put(storage.sbom_key(scan.digest_ref, scan.scan_id), expires) if options.sbom else None
-        )
+        sbom_key = storage.sbom_key(scan.digest_ref, scan.scan_id)
+        sbom_url = self._upload_url(sbom_key, parser.max_sbom_mb) if options.sbom else None
         node_scan = jobspec.validated_node_scan(
             scan_id=scan.scan_id,
             digest_ref=scan.digest_ref,
@@ -413,6 +588,7 @@ class Dispatcher:
                     return "failed"
                 raise
         jobs_created.add(1, {"mode": scan.mode})
+        self.hold = rejections.probing(self.hold, scan.scan_id, utcnow()) or self.hold
         log.info("scan created", digest=scan.digest_ref, scan_id=scan.scan_id, node=scan.node, attempt=scan.attempt)
         return "created"
 
@@ -500,14 +676,15 @@ class Dispatcher:
     def _batch_manifest(self, batch_id: str, confirmed: list[tuple[Gathered, DigestScanState]]) -> jobspec.Manifest:
         """The rescan Job: per digest a presigned GET of its stored SBOM and a presigned PUT for its report."""
         options = self.cfg.jobs
-        expires = options.active_deadline_seconds
+        expires = self._url_lifetime_s()
+        max_report_mb = self.settings.parser.max_report_mb
         items = [
             {
                 "scan_id": item.scan.scan_id,
                 "digest_ref": item.scan.digest_ref,
-                "sbom_get_url": self.store.presign_get(str(state.sbom_key), expires),
-                "raw_put_url": self.store.presign_put(
-                    storage.raw_key(item.scan.digest_ref, item.scan.scan_id), expires
+                "sbom_get_url": self.store.presign_get(storage.checked_key(state.sbom_key or ""), expires),
+                "raw_put_url": self._upload_url(
+                    storage.raw_key(item.scan.digest_ref, item.scan.scan_id), max_report_mb
                 ),
             }
             for item, state in confirmed
@@ -538,6 +715,7 @@ class Dispatcher:
                     log.warning("sbom rescan Job not created, will be retried", batch=batch_id, status=exc.status)
                 return "failed"
         jobs_created.add(1, {"mode": "sbom"})
+        self.hold = rejections.probing(self.hold, batch_id, utcnow()) or self.hold
         log.info("sbom rescan created", batch=batch_id, digests=len(confirmed))
         return "created"
 
@@ -866,6 +1044,17 @@ class Dispatcher:
             yield Observation(count, {"node": node})
 
 
+def _abandons(old: DigestScanState, decision: Decision) -> bool:
+    """Whether the decision gives up the node scan `old` claimed (its claim expired without a scan event)."""
+    new = decision.state
+    return (
+        old.status in ("pending", "running")
+        and old.node is not None
+        and new is not None
+        and (new.scan_id != old.scan_id or new.status not in ("pending", "running"))
+    )
+
+
 def _make_due(
     old: DigestScanState | None, *, now: datetime, policy: plan.Policy, answers: list[plan.RescanAnswer]
 ) -> DigestScanState | None:
@@ -943,7 +1132,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     cfg = configure(settings)  # a config error stops start-up before anything connects
     kube = await Kube.connect(kubeconfig_path(settings))
     try:
-        async with open_service(SERVICE, settings, s3=True) as service:
+        async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
             lease = Leadership(await service.bus.kv(LIMITS_BUCKET), identity(), cfg.leader_lease_s)
             HEALTH.set("dispatcher:running", True)  # a standby is as ready as the leader: it takes over on its own
             try:
@@ -997,6 +1186,7 @@ async def _lead(
         subjects.SCAN_STARTED: busmod.Route(ScanStarted, dispatcher.on_scan_started),
         subjects.SCAN_COMPLETED: busmod.Route(ScanCompleted, dispatcher.on_scan_completed),
         subjects.SCAN_FAILED: busmod.Route(ScanFailed, dispatcher.on_scan_failed),
+        subjects.REPORT_QUARANTINED: busmod.Route(ReportQuarantined, dispatcher.on_report_quarantined),
         subjects.RESCAN_REQUESTED: busmod.Route(RescanRequested, dispatcher.on_rescan_requested),
     }
     log.info(

@@ -32,7 +32,16 @@ from typing import Literal
 
 import msgspec
 
-from schemas.events import ImageGone, ImageOptions, ImageSeen, ScanCompleted, ScanFailed, ScanMode, ScanStarted
+from schemas.events import (
+    ImageGone,
+    ImageOptions,
+    ImageSeen,
+    ReportQuarantined,
+    ScanCompleted,
+    ScanFailed,
+    ScanMode,
+    ScanStarted,
+)
 from schemas.refs import digest_hex
 from schemas.state import DigestScanState, NodeFailure, NodeLeft
 from services.dispatcher.limits import Limits
@@ -41,6 +50,10 @@ from services.dispatcher.nodes import pick_node
 # Failures that prove the node does not hold the image any more: never retry there.
 NO_OPTIONS = ImageOptions()
 _NODE_LOST_IMAGE = frozenset({"ErrImageNeverPull", "NodeGone"})
+# Failures that are the scan namespace's, not the node's: the API server refused the scan pod (every node alike).
+# They neither steer the retry away from the node nor count towards `max_attempts`: the dispatcher holds all new Jobs
+# instead (rejections.py) until a probe's pod is created, and then the digest's scan goes ahead.
+NOT_THE_NODE = frozenset({"PodCreateRejected"})
 # SBOM rescan failures that are the item's own (its `trivy sbom` failed): the SBOM is not used again, the digest
 # falls back to a node scan. Other failures of a batch (deadline, eviction, another item failing first) keep it.
 _SBOM_AT_FAULT = frozenset({"ScanError", "OOMKilled"})
@@ -112,9 +125,12 @@ class Decision(msgspec.Struct, frozen=True):
     recheck_at: datetime | None = None
 
 
+SCAN_ID_PREFIX = "psw-"  # every scan id and every Job name podsweep makes (batches: "psw-b-")
+
+
 def scan_id_for(digest_ref: str, seq: int) -> str:
     """The scan id and Job name of the seq-th claim on a digest: DNS-1123, from a hash, never from user text."""
-    return "psw-" + hashlib.sha256(f"{digest_hex(digest_ref)}:{seq}".encode()).hexdigest()[:24]
+    return SCAN_ID_PREFIX + hashlib.sha256(f"{digest_hex(digest_ref)}:{seq}".encode()).hexdigest()[:24]
 
 
 def batch_id_for(scan_ids: list[str]) -> str:
@@ -171,7 +187,7 @@ def _version(text: str) -> tuple[int, ...]:
 def _recent_failures(state: DigestScanState, now: datetime, policy: Policy) -> dict[str, datetime]:
     recent: dict[str, datetime] = {}
     for f in state.failures:
-        if now - f.at < policy.failure_memory:
+        if now - f.at < policy.failure_memory and f.reason not in NOT_THE_NODE:
             recent[f.node] = max(f.at, recent.get(f.node, f.at))
     return recent
 
@@ -232,11 +248,13 @@ def _record_failure(
     """The state after a failed attempt: waiting for a retry with backoff, given up, or not scanned (no node left)."""
     failures = state.failures
     nodes = state.nodes_seen
+    if reason in NOT_THE_NODE:  # not an attempt of the scan itself (see NOT_THE_NODE)
+        state = msgspec.structs.replace(state, attempts=max(state.attempts - 1, 0))
     if node is not None:
         failures = [*failures, NodeFailure(node=node, reason=reason[:256], at=now)][-policy.max_attempts * 2 :]
         if reason in _NODE_LOST_IMAGE:
             nodes = [n for n in nodes if n != node]
-    where = f" on node {node}" if node else ""
+    where = f" on node {node}" if node and reason not in NOT_THE_NODE else ""
     detail = f"{reason}{where}" + (f": {message}" if message else "")
     base = msgspec.structs.replace(
         state,
@@ -260,6 +278,13 @@ def _record_failure(
             attempts=0,
             next_due_at=None,
             reason=f"no node runs this digest any more; last attempt failed with {detail}"[:4096],
+        )
+    if reason in NOT_THE_NODE:
+        return msgspec.structs.replace(
+            base,
+            status="failed",
+            next_due_at=now + policy.backoff_base,
+            reason=f"{detail}; retrying once scan pods are accepted"[:4096],
         )
     return msgspec.structs.replace(
         base,
@@ -491,10 +516,11 @@ def on_completed(state: DigestScanState | None, done: ScanCompleted, policy: Pol
     """The scan finished and uploaded: done, next due after the interval and this digest's jitter."""
     if state is None or state.scan_id != done.scan_id or state.status not in ("pending", "running"):
         return Decision(None, None, "stale")
+    # `attempts` stays: a report the parser then finds missing or unreadable is a failed attempt of this cycle
+    # (on_quarantined); the next rescan starts a new cycle from 1.
     finished = msgspec.structs.replace(
         state,
         status="done",
-        attempts=0,
         failures=[],
         claim_expires_at=None,
         last_scan_at=done.finished_at,
@@ -519,6 +545,30 @@ def on_failed(
         return Decision(None, None, "stale")
     node = failed.node if failed.node is not None else state.node
     recorded = _record_failure(state, node, failed.reason, failed.message[:200], now, policy)
+    return decide(recorded, now, policy, active_per_node, limits, changed=True, room=room)
+
+
+def on_quarantined(
+    state: DigestScanState | None,
+    quarantined: ReportQuarantined,
+    now: datetime,
+    policy: Policy,
+    active_per_node: Mapping[str, int],
+    limits: Limits,
+    *,
+    room: bool = True,
+) -> Decision:
+    """The parser found no usable report for the scan (missing, unreadable): the scan failed after all. Recorded
+    like a scan.failed (backoff, retry, the attempt limit), whether it comes before or after the scan.completed.
+
+    Only the report counts: an SBOM that could not be used leaves the scan's report standing."""
+    if quarantined.object != "report" or state is None or state.scan_id != quarantined.scan_id:
+        return Decision(None, None, "stale")
+    if state.status not in ("pending", "running", "done"):
+        return Decision(None, None, "stale")
+    reason = "ReportMissing" if quarantined.kind == "missing" else "ReportUnreadable"
+    message = quarantined.reason if quarantined.kind == "missing" else f"{quarantined.kind}: {quarantined.reason}"
+    recorded = _record_failure(state, state.node, reason, message[:200], now, policy)
     return decide(recorded, now, policy, active_per_node, limits, changed=True, room=room)
 
 

@@ -3,9 +3,10 @@
 Must never print a URL's query string (it is the credential) and never take a URL from the command line: the Job
 puts URLs in environment variables, and arguments name the variables (`FILE=ENV_VAR`).
 
-The object is the gzip of the file, stored as it is with `Content-Type: application/gzip` (no Content-Encoding):
-a presigned PUT signs only the host, so S3 accepts the plain header, and no client along the way decompresses
-the object behind the parser's back. Readers recognise gzip by its magic bytes (1f 8b).
+The object is the gzip of the file, stored as it is with `Content-Type: application/gzip` (no Content-Encoding), so
+no client along the way decompresses the object behind the parser's back. Readers recognise gzip by its magic bytes
+(1f 8b). A URL with a POST policy in its query (the dispatcher's, bounding the size) is sent as a form upload with
+If-None-Match; a plain presigned URL is PUT.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import msgspec
@@ -114,15 +115,40 @@ class PermanentStatus(Exception):
         self.status = status
 
 
+def post_form(url: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """(bucket URL, form fields) when `url` carries a POST policy (ObjectStore.presign_upload); None for a PUT URL."""
+    parts = urlsplit(url)
+    fields = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(name == "policy" for name, _ in fields):
+        return None
+    return f"{parts.scheme}://{parts.netloc}{parts.path}", fields
+
+
 def _put_once(client: httpx.Client, target: UploadTarget, body: bytes, number: int) -> None:
     where = redact(target.url)
+    form = post_form(target.url)
     try:
-        response = client.put(target.url, content=body, headers={"Content-Type": "application/gzip"})
+        if form is None:
+            response = client.put(target.url, content=body, headers={"Content-Type": "application/gzip"})
+        else:
+            # If-None-Match: an object already under this key (written with this URL by someone else first) fails
+            # the upload rather than being replaced by it.
+            bucket_url, fields = form
+            response = client.post(
+                bucket_url,
+                data=dict(fields),
+                files={"file": ("upload.gz", body, "application/gzip")},
+                headers={"If-None-Match": "*"},
+            )
     except httpx.TransportError as exc:
         log.warning("upload attempt failed", file=target.path, url=where, attempt=number, error=type(exc).__name__)
         raise
     if response.is_success:
         log.info("upload attempt ok", file=target.path, url=where, attempt=number, status=response.status_code)
+        return
+    if response.status_code == 412 and form is not None and number > 1:
+        # An earlier attempt whose answer was lost wrote it (or someone raced this retry: the parser judges it).
+        log.warning("upload already there after a retry", file=target.path, url=where, attempt=number)
         return
     log.warning("upload attempt failed", file=target.path, url=where, attempt=number, status=response.status_code)
     if response.status_code in _RETRYABLE_STATUS:

@@ -73,7 +73,7 @@ def marker_key(entry: OutboxEntry) -> str:
 
 
 class Deliverer:
-    """The handler of every `<root>.outbox.<destination>` consumer."""
+    """The handler of every outbox consumer (one per destination, on `<root>-outbox.<destination>`)."""
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from podsweep import bus as busmod
 from podsweep import logs
 from podsweep.config import ConsumerSettings, Settings
 from podsweep.health import HEALTH
+from podsweep.natsaccess import Bucket, Durable, NatsAccess
 from podsweep.objectstore import ObjectMissing, ObjectStore
 from podsweep.policy import Policy
 from podsweep.service import open_service
@@ -36,6 +37,14 @@ from services.notifier.outbox import OutboxEntry, advance, drop_stale, entries, 
 from services.notifier.policysource import PolicySource
 
 SERVICE = "notifier"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(subjects.ALERT_SENT, subjects.ALERT_FAILED),
+    durables=(Durable(SERVICE, (subjects.REPORT_STORED,)),),
+    buckets=(Bucket(WORKLOADS_BUCKET, writes=False), Bucket(NOTIFY_BUCKET), Bucket(DELIVERED_BUCKET)),
+    outbox=True,
+)
 log = logs.get("podsweep.notifier")
 _report_decoder = msgspec.json.Decoder(Report)
 
@@ -79,7 +88,7 @@ class ReportHandler:
         queued = entries(decision, event, runs, policy, scan_date)
         # Enqueue first, remember second: a crash in between re-decides, and the outbox drops the duplicate ids.
         for entry in queued:
-            await self.bus.publish(subjects.outbox(entry.destination), entry, msg_id=msg_id(entry))
+            await self.bus.publish(entry.destination, entry, msg_id=msg_id(entry), stream=self.bus.outbox)
         for key, fp in decision.fingerprints.items():
             stamped = msgspec.structs.replace(fp, stored_at=event.stored_at)
             await busmod.kv_update(self.notify, key, NotifyFingerprint, functools.partial(advance, new=stamped))
@@ -131,7 +140,8 @@ def outbox_consumer_settings(settings: Settings) -> ConsumerSettings:
 
 
 class Outboxes:
-    """One durable consumer per destination, started as the policy names them (and never stopped before `stop`)."""
+    """One durable consumer per destination on the outbox stream, named after the destination and started as the
+    policy names them (and never stopped before `stop`)."""
 
     def __init__(
         self, bus: busmod.Bus, deliverer: Deliverer, settings: Settings, stop: asyncio.Event, group: asyncio.TaskGroup
@@ -152,10 +162,11 @@ class Outboxes:
                 busmod.consume(
                     self.bus,
                     service=SERVICE,
-                    durable=f"{SERVICE}-outbox-{dest.name}",
-                    routes={subjects.outbox(dest.name): busmod.Route(OutboxEntry, self.deliverer.handle)},
+                    durable=dest.name,
+                    routes={dest.name: busmod.Route(OutboxEntry, self.deliverer.handle)},
                     settings=self.consumer,
                     stop=self.stop,
+                    stream=self.bus.outbox,
                 )
             )
             log.info("outbox consuming", destination=dest.name)
@@ -172,8 +183,9 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     policies = PolicySource(settings.notifier.policy_file)
     policies.load()  # an invalid policy stops the start, naming its line and key
     HEALTH.set("notifier:consuming", False)
-    async with open_service(SERVICE, settings, s3=True) as service:
+    async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
         bus, store = service.bus, service.require_store()
+        await busmod.ensure_stream(bus, bus.outbox)
         workloads = await bus.kv(WORKLOADS_BUCKET)
         notify = await bus.kv(NOTIFY_BUCKET)
         delivered = await bus.kv(DELIVERED_BUCKET, ttl_s=settings.notifier.delivered_ttl_h * 3600)

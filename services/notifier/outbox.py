@@ -20,7 +20,7 @@ from services.notifier.decide import Decision, ReportUpload, fingerprint_key
 
 
 class OutboxEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One message for one destination, on `<root>.outbox.<destination>`, msg id `outbox:<key>.<destination>`.
+    """One message for one destination, on `<root>-outbox.<destination>`, msg id `outbox:<key>.<destination>`.
 
     Exactly one of `alert` (webhook, Slack, Teams: rendered for the destination's kind when sent) and `upload`
     (DefectDojo) is set. `namespace`/`workload` say who it is about (for an upload: the first workload routed to

@@ -25,7 +25,7 @@ from schemas.events import SEVERITIES, Severity, SeverityCounts
 from schemas.index import IndexedDigest, NamespaceIndex, SummaryIndex
 from schemas.refs import DIGEST_REF_RE, DNS_LABEL_PATTERN
 from schemas.report import Report, SourceFormat
-from services.parser import normalize, trivy
+from services.parser import localfile, normalize, trivy
 
 NOT_A_REPORT = 2
 # The stored report has no C0 controls; C1 (U+0080-U+009F) is legal text there but some terminals act on it.
@@ -100,12 +100,16 @@ def parse_command(
 ) -> None:
     """Parse a local Trivy JSON report and print its summary. Exit 2 if it is not a Trivy report."""
     try:
-        data = file.read_bytes()
+        data = localfile.read_capped(file, max_bytes)
     except OSError as exc:
         typer.echo(f"{file}: cannot read it ({exc.strerror or exc})", err=True)
         raise typer.Exit(NOT_A_REPORT) from None
+    except trivy.ParseError as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(NOT_A_REPORT) from None
     try:
         report = normalize.parse(data, max_bytes=max_bytes)
+        del data  # the report holds what is shown; the upload's bytes need not stay alive with it
     except trivy.ParseError as exc:
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(NOT_A_REPORT) from None

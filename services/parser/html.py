@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from html import escape
 
 from schemas.events import SEVERITIES, SeverityCounts
-from schemas.index import DigestSummary, NamespaceIndex, SummaryIndex
+from schemas.index import DigestSummary, NamespaceIndex, ScanView, SummaryIndex
 from schemas.refs import digest_hex
 from schemas.report import Report
 
@@ -37,6 +37,22 @@ def _when(at: datetime | None) -> str:
     return (at.astimezone(UTC) if at.tzinfo is not None else at).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _short_image(image: str) -> str:
+    """An image as its spec wrote it, with a digest shortened to 12 hex digits: 64 of them made the tables wider
+    than a screen (the whole one is on hover and on the digest's own page)."""
+    repo, at, digest = image.partition("@")
+    algorithm, colon, hex_ = digest.partition(":")
+    if at and colon and len(hex_) > 12:
+        return f"{repo}@{algorithm}:{hex_[:12]}\u2026"
+    return image
+
+
+def _image_cell(images: list[str]) -> str:
+    text = ", ".join(_short_image(i) for i in images)
+    full = ", ".join(images)
+    return f'<td title="{_e(full)}">{_e(text)}</td>' if text != full else f"<td>{_e(full)}</td>"
+
+
 def _page(title: str, body: Iterable[str], up: str | None) -> str:
     nav = f'<p><a href="{up}">&larr; all digests and namespaces</a></p>' if up else ""
     return (
@@ -48,9 +64,27 @@ def _page(title: str, body: Iterable[str], up: str | None) -> str:
     )
 
 
-def _count_cells(counts: SeverityCounts | None, fixable: SeverityCounts | None = None) -> str:
+def scan_state_text(scan: ScanView | None) -> str:
+    """What a digest without a report is doing, in the words `podsweep status` counts it by, with the reason."""
+    if scan is None:
+        return "not scanned yet"
+    said = {
+        "pending": "waiting to be scanned",
+        "running": "scanning",
+        "done": "scanned, report not stored yet",
+        "failed": "scan failed",
+        "not_scanned": "not scanned",
+    }[scan.status]
+    if scan.status == "not_scanned" and not scan.reason:
+        return "waiting to be scanned"  # runs somewhere, not claimed yet (as `podsweep status` counts it: pending)
+    return f"{said}: {scan.reason}" if scan.reason and scan.status in ("failed", "not_scanned") else said
+
+
+def _count_cells(
+    counts: SeverityCounts | None, fixable: SeverityCounts | None = None, scan: ScanView | None = None
+) -> str:
     if counts is None:
-        return '<td class="muted" colspan="6">not scanned yet</td>'
+        return f'<td class="muted" colspan="6">{_e(scan_state_text(scan))}</td>'
     cells = []
     for severity in SEVERITIES:
         n = getattr(counts, severity)
@@ -92,15 +126,16 @@ def index_page(index: SummaryIndex) -> str:
     entries = sorted(index.digests.items(), key=lambda item: (_worst_first(item[1].report), item[0]))
     for hex_, entry in entries:
         report = entry.report
-        image = ", ".join(entry.images) or (report.artifact if report is not None else "") or entry.digest_ref
+        images = entry.images or [(report.artifact if report is not None else "") or entry.digest_ref]
+        image_cell = _image_cell(images)
         digest_cell = (
             f'<a href="digests/{_e(hex_)}.html"><code>{_e(hex_[:12])}</code></a>'
             if report is not None
             else f"<code>{_e(hex_[:12])}</code>"
         )
         body.append(
-            f"<tr><td>{_e(image)}</td><td>{digest_cell}</td>"
-            f"{_count_cells(report.counts if report else None, report.fixable if report else None)}"
+            f"<tr>{image_cell}<td>{digest_cell}</td>"
+            f"{_count_cells(report.counts if report else None, report.fixable if report else None, entry.scan)}"
             f"<td>{_when(report.scanned_at or report.finished_at) if report else '-'}</td>"
             f"<td>{_e(', '.join(entry.namespaces))}</td></tr>"
         )
@@ -120,8 +155,8 @@ def namespace_page(index: NamespaceIndex) -> str:
                 else f"<code>{_e(hex_[:12])}</code>"
             )
             body.append(
-                f"<tr><td>{_e(workload.workload.kind)}/{_e(workload.workload.name)}</td><td>{_e(image.image)}</td>"
-                f"<td>{digest_cell}</td>{_count_cells(image.counts, image.fixable)}<td>{_when(image.scanned_at)}</td></tr>"
+                f"<tr><td>{_e(workload.workload.kind)}/{_e(workload.workload.name)}</td>{_image_cell([image.image])}"
+                f"<td>{digest_cell}</td>{_count_cells(image.counts, image.fixable, image.scan)}<td>{_when(image.scanned_at)}</td></tr>"
             )
     body.append("</table>")
     return _page(f"namespace {index.namespace}", body, "../index.html")

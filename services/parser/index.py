@@ -5,8 +5,11 @@ Pure: no I/O, no clock (instants are arguments). The indexer feeds it KV entries
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from datetime import datetime
+
+import msgspec
 
 from schemas.events import SEVERITIES
 from schemas.index import (
@@ -15,11 +18,12 @@ from schemas.index import (
     IndexRevisions,
     NamespaceIndex,
     NamespaceWorkload,
+    ScanView,
     SummaryIndex,
     WorkloadImage,
 )
 from schemas.refs import split_digest_ref
-from schemas.state import DigestWorkloads
+from schemas.state import DigestScanState, DigestWorkloads
 
 # One gauge sample: its labels and value.
 Sample = tuple[dict[str, str], int]
@@ -31,6 +35,7 @@ class IndexModel:
     def __init__(self) -> None:
         self.summaries: dict[str, DigestSummary] = {}
         self.workloads: dict[str, DigestWorkloads] = {}
+        self.scans: dict[str, ScanView] = {}
         self.by_namespace: dict[str, set[str]] = defaultdict(set)
         self.dirty_namespaces: set[str] = set()
         self.summary_dirty = False
@@ -46,7 +51,7 @@ class IndexModel:
             self.summaries.pop(hex_, None)
         else:
             self.summaries[hex_] = doc
-        self.revisions = IndexRevisions(max(self.revisions.summaries, revision), self.revisions.workloads)
+        self.revisions = msgspec.structs.replace(self.revisions, summaries=max(self.revisions.summaries, revision))
         if dirty:
             self.summary_dirty = True
             self.dirty_namespaces |= self._namespaces(hex_)
@@ -64,10 +69,24 @@ class IndexModel:
                 del self.by_namespace[ns]
         for ns in after:
             self.by_namespace[ns].add(hex_)
-        self.revisions = IndexRevisions(self.revisions.summaries, max(self.revisions.workloads, revision))
+        self.revisions = msgspec.structs.replace(self.revisions, workloads=max(self.revisions.workloads, revision))
         if dirty:
             self.summary_dirty = True
             self.dirty_namespaces |= before | after
+
+    def apply_scan(self, hex_: str, doc: DigestScanState | None, revision: int, *, dirty: bool = True) -> None:
+        """A scans KV entry (the dispatcher's state of a digest). Only a change of what the index shows (the status
+        and its reason) dirties pages: most writes are claims and renewals."""
+        view = ScanView(status=doc.status, reason=doc.reason) if doc is not None else None
+        before = self.scans.get(hex_)
+        if view is None:
+            self.scans.pop(hex_, None)
+        else:
+            self.scans[hex_] = view
+        self.revisions = msgspec.structs.replace(self.revisions, scans=max(self.revisions.scans, revision))
+        if dirty and view != before:
+            self.summary_dirty = True
+            self.dirty_namespaces |= self._namespaces(hex_)
 
     def take_dirty(self) -> tuple[bool, set[str], IndexRevisions]:
         """What to write now, and the revisions it reflects; the model is clean afterwards."""
@@ -95,6 +114,7 @@ class IndexModel:
                 images=sorted({run.image for run in runs}),
                 namespaces=sorted({run.namespace for run in runs}),
                 report=summary,
+                scan=self.scans.get(hex_),
             )
         return SummaryIndex(generated_at=now, revisions=revisions, digests=digests)
 
@@ -121,13 +141,25 @@ class IndexModel:
                         counts=summary.counts if summary is not None else None,
                         fixable=summary.fixable if summary is not None else None,
                         scanned_at=(summary.scanned_at or summary.finished_at) if summary is not None else None,
+                        scan=self.scans.get(hex_),
                     )
                 )
         workloads = [
             NamespaceWorkload(workload=w.workload, images=sorted(images[key], key=lambda i: (i.image, i.digest_ref)))
-            for key, w in sorted(by_workload.items())
+            for key, w in sorted(by_workload.items(), key=lambda item: (item[0][0], natural_key(item[0][1])))
         ]
         return NamespaceIndex(namespace=namespace, generated_at=now, workloads=workloads)
+
+
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
+    """Orders names as people count: svc-2 before svc-10. Runs of digits compare as numbers, the rest as text (a
+    number before text at the same place, and the digits' text breaks ties between 01 and 1)."""
+    return tuple(
+        (0, int(part), part) if i % 2 else (1, 0, part) for i, part in enumerate(_DIGITS.split(text)) if part or not i
+    )
 
 
 def vulnerability_samples(summaries: dict[str, DigestSummary]) -> list[Sample]:

@@ -1,6 +1,7 @@
 """Keeps index/ in the bucket in step with the summaries and workloads KV buckets, writing only what changed.
 
-Watches both buckets (so every parser replica's writes are seen), marks the pages a change touches, and writes
+Watches both buckets (so every parser replica's writes are seen), and the dispatcher's scans bucket (read only) so a
+digest without a report shows the state `podsweep status` counts and why its last scan failed; marks the pages a change touches, and writes
 them at most every `index_flush_s` and once more on stop. index/summary.json is written last and records the KV
 revisions it reflects: a restarted parser re-indexes only entries newer than that, and never reads a report.
 Never decides what a report says; never writes KV.
@@ -23,7 +24,7 @@ from podsweep import logs
 from podsweep.objectstore import ObjectStore
 from schemas import storage
 from schemas.index import DigestSummary, IndexRevisions
-from schemas.state import DigestWorkloads
+from schemas.state import DigestScanState, DigestWorkloads
 from services.parser import html
 from services.parser.index import IndexModel, vulnerability_samples
 
@@ -52,6 +53,7 @@ _DELETED = frozenset({"DEL", "PURGE"})
 _encoder = msgspec.json.Encoder()
 _summary_decoder = msgspec.json.Decoder(DigestSummary)
 _workloads_decoder = msgspec.json.Decoder(DigestWorkloads)
+_scans_decoder = msgspec.json.Decoder(DigestScanState)
 HTML = "text/html; charset=utf-8"
 MAX_SUMMARY_BYTES = 256 * 1024 * 1024
 
@@ -70,9 +72,12 @@ class Indexer:
         workloads: KeyValue,
         flush_s: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        scans: KeyValue | None = None,
     ) -> None:
         self.store = store
         self.kv = {"summaries": summaries, "workloads": workloads}
+        if scans is not None:
+            self.kv["scans"] = scans
         self.flush_s = flush_s
         self.clock = clock
         self.model = IndexModel()
@@ -91,7 +96,7 @@ class Indexer:
                 checkpoint = msgspec.json.decode(data, type=_Checkpoint).revisions
             except msgspec.DecodeError as exc:
                 log.warning("stored index unreadable, rebuilding it", key=storage.SUMMARY_KEY, error=str(exc)[:200])
-        for name in ("summaries", "workloads"):
+        for name in self.kv:
             watcher = await self.kv[name].watchall()
             self._watchers.append(watcher)
             after = getattr(checkpoint, name) if checkpoint is not None else -1
@@ -115,9 +120,12 @@ class Indexer:
             if name == "summaries":
                 summary = None if deleted else _summary_decoder.decode(entry.value or b"")
                 self.model.apply_summary(entry.key, summary, revision, dirty=dirty)
-            else:
+            elif name == "workloads":
                 doc = None if deleted else _workloads_decoder.decode(entry.value or b"")
                 self.model.apply_workloads(entry.key, doc, revision, dirty=dirty)
+            else:
+                state = None if deleted else _scans_decoder.decode(entry.value or b"")
+                self.model.apply_scan(entry.key, state, revision, dirty=dirty)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("kv entry skipped by the index", bucket=name, key=entry.key[:80], error=str(exc)[:200])
 

@@ -19,6 +19,7 @@ from podsweep import bus as busmod
 from podsweep import logs
 from podsweep.config import Settings
 from podsweep.health import HEALTH
+from podsweep.natsaccess import Bucket, Durable, NatsAccess
 from podsweep.objectstore import ObjectMissing, ObjectStore, ObjectTooLarge
 from podsweep.service import open_service
 from podsweep.workloads import record_seen
@@ -32,6 +33,13 @@ from services.parser import html, normalize, sbom, stored, trivy
 from services.parser.indexer import HTML, Indexer
 
 SERVICE = "parser"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(subjects.REPORT_STORED, subjects.REPORT_QUARANTINED),
+    durables=(Durable(SERVICE, (subjects.SCAN_COMPLETED, subjects.IMAGE_SEEN)),),
+    buckets=(Bucket(SUMMARIES_BUCKET), Bucket(WORKLOADS_BUCKET), Bucket(SCANS_BUCKET)),
+)
 MB = 1024 * 1024
 # Reports above this are parsed in a worker thread so a large one does not stall the event loop.
 THREAD_PARSE_BYTES = 2 * MB
@@ -255,12 +263,12 @@ def _now() -> datetime:
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     HEALTH.set("parser:consuming", False)
-    async with open_service(SERVICE, settings, s3=True) as service:
+    async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
         bus, store = service.bus, service.require_store()
         summaries = await bus.kv(SUMMARIES_BUCKET)
         workloads = await bus.kv(WORKLOADS_BUCKET)
         scans = await bus.kv(SCANS_BUCKET)
-        indexer = Indexer(store, summaries, workloads, settings.parser.index_flush_s)
+        indexer = Indexer(store, summaries, workloads, settings.parser.index_flush_s, scans=scans)
         await indexer.start()
         parser = Parser(bus, store, settings, summaries, workloads, scans)
         try:

@@ -88,6 +88,10 @@ def check(data: bytes, *, max_bytes: int) -> SbomInfo:
         raise SbomError("not-json", "the SBOM upload is empty")
     try:
         bom = _DECODER.decode(data)
+    except RecursionError:
+        raise SbomError(
+            "oversized", f"JSON nested deeper than {trivy.MAX_DEPTH_TEXT}; not an SBOM Trivy wrote"
+        ) from None
     except msgspec.ValidationError as exc:
         raise SbomError(
             "not-cyclonedx",

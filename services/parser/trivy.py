@@ -17,6 +17,7 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 """Largest report podsweep reads, after gunzip. The biggest real image reports are a few tens of MB."""
 
 GZIP_MAGIC = b"\x1f\x8b"
+MAX_DEPTH_TEXT = "the decoder's limit (about 1,000 levels)"
 SUPPORTED_SCHEMA = 2
 LEGACY_SCHEMA = 1
 """What podsweep calls the pre-0.20 array format (Trivy never wrote a SchemaVersion for it)."""
@@ -151,17 +152,32 @@ _DECODER: msgspec.json.Decoder[TrivyReport | list[Result] | None] = msgspec.json
 
 
 def gunzip(data: bytes, *, max_bytes: int) -> bytes:
-    """Inflate gzip input, refusing to produce more than max_bytes (a small upload can inflate to gigabytes)."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(data, max_bytes + 1)
-    except zlib.error as exc:
-        raise ParseError("bad-gzip", f"gzip stream is corrupt ({exc}); re-upload the report") from None
-    if len(out) > max_bytes or inflater.unconsumed_tail:
-        raise ParseError("oversized", f"report inflates to more than {max_bytes} bytes (the cap); raise the cap")
-    if not inflater.eof:
-        raise ParseError("truncated", "gzip stream ends early; the upload was cut off")
-    return out
+    """Inflate gzip input, refusing to produce more than max_bytes (a small upload can inflate to gigabytes).
+
+    Every member is read, as `gzip -d` does: a stream is the concatenation of its members, so an empty report
+    followed by another member is that other member's content, never a clean report. Bytes after the last member
+    that are not a member themselves make the stream corrupt (`gzip` would ignore them; podsweep reads nothing it
+    cannot account for)."""
+    parts: list[bytes] = []
+    produced = 0
+    rest = data
+    while True:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(rest, max_bytes - produced + 1)
+        except zlib.error as exc:
+            raise ParseError("bad-gzip", f"gzip stream is corrupt ({exc}); re-upload the report") from None
+        produced += len(out)
+        if produced > max_bytes or inflater.unconsumed_tail:
+            raise ParseError("oversized", f"report inflates to more than {max_bytes} bytes (the cap); raise the cap")
+        if not inflater.eof:
+            raise ParseError("truncated", "gzip stream ends early; the upload was cut off")
+        parts.append(out)
+        rest = inflater.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if not rest.startswith(GZIP_MAGIC):
+            raise ParseError("bad-gzip", f"{len(rest)} bytes after the gzip stream are not gzip; re-upload the report")
 
 
 def _text_bytes(data: bytes) -> bytes:
@@ -200,6 +216,10 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> TrivyReport:
         data = _text_bytes(data)
     try:
         doc = _DECODER.decode(data)
+    except RecursionError:
+        # Skipped fields are walked too: arrays nested ~1,000 deep exhaust the interpreter's stack. Trivy nests a
+        # handful of levels; a report this deep is too big in depth, quarantined like one too big in bytes.
+        raise ParseError("oversized", f"JSON nested deeper than {MAX_DEPTH_TEXT}; not a report Trivy wrote") from None
     except msgspec.ValidationError as exc:
         raise _validation_error(exc) from None
     except UnicodeDecodeError as exc:

@@ -108,6 +108,15 @@ def _selects(namespace: str, include: tuple[str, ...], exclude: tuple[str, ...])
     return not any(fnmatchcase(namespace, pattern) for pattern in exclude)
 
 
+def is_own_scan_pod(namespace: str, annotations: Mapping[str, str], scan_namespace: str) -> bool:
+    """True for podsweep's own scan pods: in its scan namespace and carrying the scan Job's mode annotation.
+
+    A node scan runs inside the image it scans, so without this the watcher would report every scanned image as
+    also run by a scan Job (and alerts would name that Job). Only the scan namespace counts, so an annotation on a
+    pod anywhere else never hides that pod."""
+    return namespace == scan_namespace and jobs.MODE_ANNOTATION in annotations
+
+
 def filter_from(include: Sequence[str], exclude: Sequence[str]) -> NamespaceFilter:
     """A filter from configuration; raises ValueError naming a pattern that can never match a namespace."""
     for pattern in (*include, *exclude):

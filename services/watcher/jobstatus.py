@@ -4,7 +4,11 @@ A node scan Job runs one scan; an SBOM rescan Job runs a batch: one failing item
 services/dispatcher/jobspec.py), and each item gets its own event. The item whose `rescan-<n>` container failed gets
 that failure; the others get BatchAborted (their reports were never uploaded, their SBOMs are not at fault).
 
-Pure: the shell passes the Job, the pods it last saw for it and whether its node still exists. Never trusts the
+A Job whose pod the API server refused to create (its FailedCreate event: a missing ServiceAccount, a quota, a Pod
+Security level) has no pod at all and never gets one: it fails as PodCreateRejected with the API server's message.
+
+Pure: the shell passes the Job, the pods it last saw for it, whether its node still exists (None: not known) and the
+last FailedCreate message of this Job. Never trusts the
 Job's labels or annotations without validating them: a Job in podsweep's namespace could have been made by anyone.
 """
 
@@ -25,6 +29,7 @@ from services.watcher.kubeobjects import ContainerStatus, Job, ScanPod
 Phase = Literal["pending", "started", "completed", "failed"]
 _RANK: dict[Phase, int] = {"pending": 0, "started": 1, "completed": 2, "failed": 2}
 _MAX_MESSAGE = 1024
+PODLESS = "the Job made no pod and no FailedCreate event of it was seen (may the watcher read events there?)"
 _MAX_BATCH = 1000
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -133,9 +138,25 @@ def _where(exc: msgspec.DecodeError) -> str:
     return (text.rpartition(" - at ")[2] if " - at " in text else "the JSON")[:80]
 
 
-def outcome(job: Job, pods: Sequence[ScanPod] = (), node_exists: bool | None = None) -> Outcome:
-    """Where the scan is. A failure visible in a pod (ErrImageNeverPull never fails a pod by itself) counts at once."""
-    found = _job_outcome(job, pods, node_exists)
+def outcome(
+    job: Job,
+    pods: Sequence[ScanPod] = (),
+    node_exists: bool | None = None,
+    create_failure: str | None = None,
+    podless_since: datetime | None = None,
+) -> Outcome:
+    """Where the scan is. A failure visible in a pod (ErrImageNeverPull never fails a pod by itself) counts at once.
+
+    `node_exists` is False only on evidence that the node is gone (the shell saw it deleted, or asked); `None`
+    when that is not known, which never fails a scan. `create_failure` is the message of the Job's last FailedCreate
+    event: with no pod of the Job in sight, the scan fails with it. `podless_since`: the shell's instant before which
+    a Job that started and still has no pod (and no FailedCreate seen: events expire, or may not be readable) fails
+    the same way, without the API server's words."""
+    if create_failure is None and podless_since is not None:
+        started = job.status.start_time
+        if started is not None and started <= podless_since and not pods:
+            create_failure = PODLESS
+    found = _job_outcome(job, pods, node_exists, create_failure)
     if found.phase == "failed" and job.metadata.annotations.get(jobs.MODE_ANNOTATION) == "sbom":
         return msgspec.structs.replace(found, failed_items=_failed_items(pods))
     return found
@@ -156,7 +177,7 @@ def _failed_items(pods: Sequence[ScanPod]) -> tuple[int, ...]:
     return tuple(sorted(failed))
 
 
-def _job_outcome(job: Job, pods: Sequence[ScanPod], node_exists: bool | None) -> Outcome:
+def _job_outcome(job: Job, pods: Sequence[ScanPod], node_exists: bool | None, create_failure: str | None) -> Outcome:
     status = job.status
     for condition in status.conditions:
         if condition.status == "True" and condition.type in ("Complete", "SuccessCriteriaMet"):
@@ -166,6 +187,10 @@ def _job_outcome(job: Job, pods: Sequence[ScanPod], node_exists: bool | None) ->
     failed_condition = next(
         (c for c in status.conditions if c.status == "True" and c.type in ("Failed", "FailureTarget")), None
     )
+    if create_failure is not None and not pods and status.active == 0 and status.succeeded == 0:
+        # No pod was ever made: whatever else the Job says (a deadline passed meanwhile), this is why.
+        at = failed_condition.last_transition_time if failed_condition else None
+        return Outcome("failed", "PodCreateRejected", _clean(create_failure), at)
     from_pods = _failure_from_pods(pods)
     if from_pods is None and node_exists is False:
         from_pods = ("NodeGone", "the scan's node no longer exists")
@@ -181,7 +206,8 @@ def _job_outcome(job: Job, pods: Sequence[ScanPod], node_exists: bool | None) ->
         return Outcome("failed", "Unknown", _clean(f"{failed_condition.reason}: {failed_condition.message}"), failed_at)
     if any(p.status.phase == "Failed" for p in pods):
         return Outcome("failed", "Unknown", _clean(next(p.status.message for p in pods if p.status.phase == "Failed")))
-    if status.start_time is not None or status.active > 0:
+    # The Job controller sets startTime before it tries to make the pod: a scan has started once a pod exists.
+    if status.active > 0 or pods or status.succeeded > 0 or status.failed > 0:
         return Outcome("started", at=status.start_time)
     return Outcome("pending")
 

@@ -161,6 +161,21 @@ class Job(_Kube, frozen=True, gc=False):
     status: JobStatus = JobStatus()
 
 
+class ObjectReference(_Kube, frozen=True, gc=False):
+    kind: str = ""
+    name: str = ""
+    uid: str = ""
+
+
+class KubeEvent(_Kube, frozen=True, gc=False):
+    """A core/v1 Event in podsweep's namespace: a Job's FailedCreate says why its pod could not be created."""
+
+    metadata: ObjectMeta = ObjectMeta()
+    involved_object: ObjectReference = ObjectReference()
+    reason: str = ""
+    message: str = ""
+
+
 class OwnerMeta(_Kube, frozen=True, gc=False):
     name: str = ""
     namespace: str = ""

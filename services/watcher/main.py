@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import msgspec
@@ -22,7 +22,8 @@ from podsweep import bus as busmod
 from podsweep import logs, runtime, telemetry
 from podsweep.config import Settings, WatcherSettings
 from podsweep.health import HEALTH
-from podsweep.kube import METADATA, METADATA_ANY, METADATA_LIST, Kube, KubeError
+from podsweep.kube import METADATA, METADATA_LIST, METADATA_WATCH, Kube, KubeError
+from podsweep.natsaccess import NatsAccess
 from podsweep.service import Service, open_service
 from schemas import jobs, subjects
 from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted, Workload
@@ -32,6 +33,7 @@ from services.watcher.kubeobjects import (
     APIResourceList,
     Codec,
     Job,
+    KubeEvent,
     PartialObjectMetadata,
     Pod,
     ScanPod,
@@ -41,6 +43,18 @@ from services.watcher.kubeobjects import (
 from services.watcher.reflector import Changed, ListDone, ListPage, ListStarted, Observation, reflect
 
 T = TypeVar("T")
+SERVICE = "watcher"
+# What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
+NATS = NatsAccess(
+    service=SERVICE,
+    publishes=(
+        subjects.IMAGE_SEEN,
+        subjects.IMAGE_GONE,
+        subjects.SCAN_STARTED,
+        subjects.SCAN_COMPLETED,
+        subjects.SCAN_FAILED,
+    ),
+)
 log = logs.get("podsweep.watcher")
 tracer = trace.get_tracer("podsweep.watcher")
 meter = metrics.get_meter("podsweep.watcher")
@@ -57,11 +71,18 @@ PREFETCH = (
     ("batch", "v1", "cronjobs"),
 )
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# The Job controller's event when the API server refuses a Job's pod (admission: ServiceAccount, quota, Pod Security).
+FAILED_CREATE: dict[str, str | int | bool] = {"fieldSelector": "involvedObject.kind=Job,reason=FailedCreate"}
+# A scan Job that started this long ago and has no pod fails as PodCreateRejected even without its FailedCreate event
+# (events expire after an hour, and a watcher without RBAC on events never sees one); looked at this often.
+PODLESS_AFTER = timedelta(minutes=2)
+PODLESS_CHECK_S = 30.0
 
 _pod_codec: Codec[Pod] = Codec(Pod)
 _job_codec: Codec[Job] = Codec(Job)
 _scan_pod_codec: Codec[ScanPod] = Codec(ScanPod)
 _meta_codec: Codec[PartialObjectMetadata] = Codec(PartialObjectMetadata)
+_event_codec: Codec[KubeEvent] = Codec(KubeEvent)
 
 
 def _now() -> datetime:
@@ -101,6 +122,7 @@ class Owners:
         for group, version, plural in PREFETCH:
             path = f"/apis/{group}/{version}/{plural}"
             token = ""
+            listed: set[tuple[str, str, str, str]] = set()
             try:
                 while True:
                     params: dict[str, str | int | bool] = {"limit": 500}
@@ -110,10 +132,15 @@ class Owners:
                     for item in items:
                         key = (group, plural, item.metadata.namespace, item.metadata.name)
                         self.cache[key] = item
+                        listed.add(key)
                     if not token:
                         break
             except KubeError as exc:  # forbidden or not served: the walk falls back to GETs
                 log.info("owner prefetch skipped", resource=plural, status=exc.status)
+                continue
+            # A complete list is the whole kind: owners deleted since the last one (or not found then) are dropped.
+            for key in [k for k in self.cache if k[0] == group and k[1] == plural and k not in listed]:
+                del self.cache[key]
 
     def known(self, pod: Pod) -> Workload | None:
         """The pod's workload when no API call is needed (no controller, or its controller already walked)."""
@@ -198,7 +225,15 @@ class Watcher:
         self.job_phase: dict[str, jobstatus.Phase] = {}
         self.jobs: dict[str, Job] = {}
         self.scan_pods: dict[str, dict[str, ScanPod]] = {}  # job name -> pod name -> pod
-        self.nodes: set[str] | None = None  # None until the first node list
+        # Nodes known to exist, and nodes known to be gone (seen deleted, or missing from a complete list). A node in
+        # neither (one that joined after the last list, before its watch event came) is asked for: a scan is judged
+        # "node gone" only on evidence, never because a cache has not caught up.
+        self.nodes: set[str] = set()
+        self.gone_nodes: set[str] = set()
+        self.listing_jobs: dict[str, Job] = {}
+        # The last FailedCreate of each scan Job (by name): (the Job's uid, the API server's message).
+        self.create_failures: dict[str, tuple[str, str]] = {}
+        self.listing_failures: dict[str, tuple[str, str]] = {}
         self.relist: podstate.Relist | None = None
         # In the current relist: events published, seconds turning pods into state, seconds publishing.
         self.relist_events = 0
@@ -228,7 +263,14 @@ class Watcher:
     async def states_of(self, pods: Sequence[Pod]) -> list[podstate.PodState]:
         """The state of each pod in scope. Workloads already known cost nothing; the rest are walked concurrently,
         one walk per distinct owner."""
-        selected = [pod for pod in pods if self.filter.selects(pod.metadata.namespace)]
+        selected = [
+            pod
+            for pod in pods
+            if self.filter.selects(pod.metadata.namespace)
+            and not podannotations.is_own_scan_pod(
+                pod.metadata.namespace, pod.metadata.annotations, self.scan_namespace
+            )
+        ]
         workloads: list[Workload | None] = []
         for pod in selected:
             known = self.index.workload_of(pod.metadata.uid)
@@ -329,8 +371,10 @@ class Watcher:
             return
         pods = list(self.scan_pods.get(name, {}).values())
         node = scans[0].node
-        node_exists = None if self.nodes is None or node is None else node in self.nodes
-        current = jobstatus.outcome(job, pods, node_exists)
+        node_exists = None if node is None else await self.node_exists(node)
+        failure = self.create_failures.get(name)
+        create_failure = failure[1] if failure is not None and failure[0] == job.metadata.uid else None
+        current = jobstatus.outcome(job, pods, node_exists, create_failure, _now() - PODLESS_AFTER)
         if not jobstatus.transition(self.job_phase.get(name), current):
             return
         parent = telemetry.from_traceparent(job.metadata.annotations.get(jobs.TRACEPARENT_ANNOTATION))
@@ -353,10 +397,16 @@ class Watcher:
         self.job_phase[name] = current.phase
 
     async def on_jobs(self, observation: Observation[Job]) -> None:
-        if isinstance(observation, ListPage):
+        if isinstance(observation, ListStarted):
+            self.listing_jobs = {}
+        elif isinstance(observation, ListPage):
             for job in observation.items:
-                self.jobs[job.metadata.name] = job
+                self.listing_jobs[job.metadata.name] = job
         elif isinstance(observation, ListDone):
+            # The list is the whole set: Jobs deleted while the watch was down are forgotten too.
+            self.jobs, self.listing_jobs = self.listing_jobs, {}
+            for name in [n for n in self.job_phase if n not in self.jobs]:
+                del self.job_phase[name]
             for name in list(self.jobs):
                 await self.evaluate(name)
         elif isinstance(observation, Changed):
@@ -364,6 +414,7 @@ class Watcher:
             if observation.type == "DELETED":
                 self.jobs.pop(name, None)
                 self.job_phase.pop(name, None)
+                self.create_failures.pop(name, None)
                 return
             self.jobs[name] = observation.obj
             await self.evaluate(name)
@@ -394,15 +445,78 @@ class Watcher:
         elif isinstance(observation, ListPage):
             self.listing_nodes.update(n.metadata.name for n in observation.items)
         elif isinstance(observation, ListDone):
-            self.nodes = self.listing_nodes
-        elif isinstance(observation, Changed) and self.nodes is not None:
+            # A complete list is evidence both ways: what it lacks is gone, what it holds exists.
+            vanished = self.nodes - self.listing_nodes
+            self.gone_nodes = (self.gone_nodes | vanished) - self.listing_nodes
+            self.nodes, self.listing_nodes = self.listing_nodes, set()
+            if vanished:
+                for job in list(self.jobs):
+                    await self.evaluate(job)
+        elif isinstance(observation, Changed):
             name = observation.obj.metadata.name
             if observation.type == "DELETED":
                 self.nodes.discard(name)
+                self.gone_nodes.add(name)
                 for job in list(self.jobs):  # a scan pinned there can never finish
                     await self.evaluate(job)
             else:
                 self.nodes.add(name)
+                self.gone_nodes.discard(name)
+
+    async def node_exists(self, name: str) -> bool | None:
+        """Whether the node exists: from the node watch, else asked (a node that joined a moment ago). None when
+        the API server cannot say, which fails no scan."""
+        if name in self.nodes:
+            return True
+        if name in self.gone_nodes:
+            return False
+        try:
+            decode_owner(await self.kube.get(f"/api/v1/nodes/{name}", accept=METADATA))
+        except KubeError as exc:
+            if exc.status != 404:
+                log.warning("node lookup failed", node=name, status=exc.status)
+                return None
+            self.gone_nodes.add(name)
+            return False
+        self.nodes.add(name)
+        return True
+
+    async def on_scan_events(self, observation: Observation[KubeEvent]) -> None:
+        """FailedCreate events of scan Jobs (the API server's reason a scan pod could not be created)."""
+        events: Sequence[KubeEvent] = ()
+        if isinstance(observation, ListStarted):
+            self.listing_failures = {}
+        elif isinstance(observation, ListPage):
+            for event in observation.items:
+                self._note_create_failure(self.listing_failures, event)
+        elif isinstance(observation, ListDone):
+            self.create_failures, self.listing_failures = self.listing_failures, {}
+            events = ()
+            for name in list(self.create_failures):
+                await self.evaluate(name)
+        elif isinstance(observation, Changed) and observation.type != "DELETED":
+            events = (observation.obj,)
+        for event in events:
+            if self._note_create_failure(self.create_failures, event):
+                await self.evaluate(event.involved_object.name)
+
+    @staticmethod
+    def _note_create_failure(into: dict[str, tuple[str, str]], event: KubeEvent) -> bool:
+        ref = event.involved_object
+        if event.reason != "FailedCreate" or ref.kind != "Job" or not ref.name or not event.message:
+            return False
+        into[ref.name] = (ref.uid, event.message)
+        return True
+
+    async def podless_forever(self) -> None:
+        """Look again at scan Jobs not started yet: one that made no pod for PODLESS_AFTER fails (jobstatus.py)."""
+        while True:
+            await asyncio.sleep(PODLESS_CHECK_S)
+            try:
+                for name in [n for n in self.jobs if self.job_phase.get(n, "pending") == "pending"]:
+                    await self.evaluate(name)
+            except (busmod.Conflict, ConnectionError, TimeoutError, KubeError) as exc:  # the next look tries again
+                log.warning("pod-less Jobs not looked at", error=f"{type(exc).__name__}: {exc}"[:300])
 
     # -- resync -------------------------------------------------------------------------------------------------
     async def resync_forever(self) -> None:
@@ -426,6 +540,7 @@ async def _follow(
     settings: WatcherSettings,
     params: Mapping[str, str | int | bool] | None = None,
     accept: str = "application/json",
+    watch_accept: str | None = None,
 ) -> None:
     """Feed a reflector into a handler; a failure is logged and the resource relisted, never fatal."""
     while True:
@@ -438,6 +553,7 @@ async def _follow(
                 page_size=settings.page_size,
                 watch_timeout_s=settings.watch_timeout_s,
                 accept=accept,
+                watch_accept=watch_accept,
             ):
                 await handle(observation)
         except asyncio.CancelledError:
@@ -449,7 +565,7 @@ async def _follow(
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     HEALTH.set("watcher:pods-listed", False)
-    async with open_service("watcher", settings) as service:
+    async with open_service(SERVICE, settings, access=NATS) as service:
         kube = await Kube.connect(runtime.kubeconfig_path(settings))
         watcher = Watcher(service, kube)
         ws = settings.watcher
@@ -462,10 +578,20 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             _follow(kube, "/api/v1/pods", _pod_codec, watcher.on_pods, ws, pod_params),
             _follow(kube, f"/apis/batch/v1{scans}/jobs", _job_codec, watcher.on_jobs, ws, scan_selector),
             _follow(kube, f"/api/v1{scans}/pods", _scan_pod_codec, watcher.on_scan_pods, ws, scan_selector),
-            _follow(kube, "/api/v1/nodes", _meta_codec, watcher.on_nodes, ws, accept=METADATA_ANY),
+            _follow(
+                kube,
+                "/api/v1/nodes",
+                _meta_codec,
+                watcher.on_nodes,
+                ws,
+                accept=METADATA_LIST,
+                watch_accept=METADATA_WATCH,
+            ),
+            _follow(kube, f"/api/v1{scans}/events", _event_codec, watcher.on_scan_events, ws, FAILED_CREATE),
         ]
         tasks = [asyncio.create_task(follow) for follow in follows]
         tasks.append(asyncio.create_task(watcher.resync_forever(), name="watcher-resync"))
+        tasks.append(asyncio.create_task(watcher.podless_forever(), name="watcher-podless"))
         log.info("watcher started", cluster=settings.cluster, scan_namespace=settings.namespace)
         try:
             done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when="FIRST_COMPLETED")

@@ -80,8 +80,10 @@ async def reflect(
     watch_timeout_s: int = 300,
     max_backoff_s: float = 30.0,
     accept: str = "application/json",
+    watch_accept: str | None = None,
 ) -> AsyncIterator[Observation[T]]:
-    """Forever: list (paged), then watch; cancel the consuming task to stop.
+    """Forever: list (paged), then watch; cancel the consuming task to stop. `watch_accept` (default `accept`): a
+    metadata-only reflector lists PartialObjectMetadataList and watches PartialObjectMetadata.
 
     A failure in the middle of a list starts it again with a new ListStarted: consumers drop the partial set.
     """
@@ -143,7 +145,9 @@ async def reflect(
                 "allowWatchBookmarks": True,
                 "timeoutSeconds": watch_timeout_s,
             }
-            async for line in kube.watch(path, query, request_timeout_s=watch_timeout_s + 30, accept=accept):
+            async for line in kube.watch(
+                path, query, request_timeout_s=watch_timeout_s + 30, accept=watch_accept or accept
+            ):
                 kind, obj, line_rv, code = codec.decode_line(line)
                 if kind == "ERROR":
                     if code == 410:

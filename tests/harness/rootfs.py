@@ -234,12 +234,43 @@ def _content_hash(files: Mapping[str, bytes]) -> str:
 def build_rootfs(kind: FixtureKind, cache_dir: Path | None = None) -> Path:
     """Return the fixture tree for `kind`, building it under the cache dir if no tree with this content exists."""
     cache = cache_dir or default_cache_dir()
-    files = _files_for(kind, cache)
-    target = cache / "rootfs" / f"{kind.value}-{_content_hash(files)}"
+    return _tree(kind.value, _files_for(kind, cache), cache)
+
+
+# An image that carries Trivy settings of its own, each of which hid a finding of its own from podsweep's scans
+# before they ran with podsweep's config, ignore file, working directory and environment: a trivy.yaml and a
+# .trivyignore in the image's working directory (a repository copied in with its Trivy files), and TRIVY_* variables
+# in its config.
+HOSTILE_WORKDIR = "/srv/app"
+HOSTILE_TRIVY_ENV: Mapping[str, str] = {
+    "TRIVY_SKIP_FILES": f"/{_GO_BINARY_PATH}",  # hides golang.org/x/text
+    "TRIVY_SEVERITY": "CRITICAL,HIGH,LOW,UNKNOWN",  # hides requests (the one MEDIUM)
+}
+# The trivy.yaml names a Rego ignore policy (a key podsweep passes no flag for, and no variable above sets: flags
+# beat variables, variables beat the file).
+_HOSTILE_FILES = {
+    f"{HOSTILE_WORKDIR.lstrip('/')}/trivy.yaml": f"ignore-policy: {HOSTILE_WORKDIR}/ignore.rego\n".encode(),
+    f"{HOSTILE_WORKDIR.lstrip('/')}/ignore.rego": (
+        b'package trivy\n\nimport rego.v1\n\ndefault ignore := false\n\nignore if input.PkgName == "lodash"\n'
+    ),  # hides lodash
+    f"{HOSTILE_WORKDIR.lstrip('/')}/.trivyignore": b"CVE-2024-45491\n",  # hides libexpat
+}
+
+
+def hostile_trivy_settings_rootfs(cache_dir: Path | None = None) -> Path:
+    """The combined tree plus a working directory holding a trivy.yaml (and its policy) and a .trivyignore; run it with
+    `HOSTILE_TRIVY_ENV` and `HOSTILE_WORKDIR` as the image config's Env and WorkingDir. Its packages are exactly
+    the combined tree's, so a scan that ignores its settings finds EXPECTED_FINDINGS[COMBINED]."""
+    cache = cache_dir or default_cache_dir()
+    return _tree("hostile-trivy-settings", {**_files_for(FixtureKind.COMBINED, cache), **_HOSTILE_FILES}, cache)
+
+
+def _tree(name: str, files: Mapping[str, bytes], cache: Path) -> Path:
+    target = cache / "rootfs" / f"{name}-{_content_hash(files)}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{kind.value}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         for rel, content in files.items():
             path = staging / rel

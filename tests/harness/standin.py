@@ -278,11 +278,13 @@ _node_decoder = msgspec.json.Decoder(Node)
 
 
 class RootfsImage(msgspec.Struct, frozen=True, kw_only=True):
-    """A directory tree standing in for an image's filesystem, plus the image config's Env and Entrypoint."""
+    """A directory tree standing in for an image's filesystem, plus the image config's Env, Entrypoint and
+    WorkingDir (where a container without `workingDir` starts, as runc does)."""
 
     path: str
     env: dict[str, str] = {}
     entrypoint: list[str] = []
+    workdir: str = ""
 
 
 class HostImage(msgspec.Struct, frozen=True, kw_only=True):
@@ -503,7 +505,7 @@ def plan_container(
         ],
         volumes=mounts,
         readonly_root=context.read_only_root_filesystem,
-        workdir=container.working_dir or "/",
+        workdir=container.working_dir or (image.workdir if isinstance(image, RootfsImage) else "") or "/",
         uid=uid or 0,
         gid=gid or 0,
         capabilities=None if context.privileged else sorted(CAPABILITY_NUMBERS[c] for c in kept),

@@ -16,6 +16,7 @@ from nats.js import api as jsapi
 from podsweep import bus as busmod
 from podsweep import embedded
 from podsweep.config import ConsumerSettings, NatsSettings
+from podsweep.natsaccess import Bucket, NatsAccess, Undeclared
 from schemas import subjects
 from schemas.events import DeadLetter, ImageGone
 from schemas.state import LimiterState, Slot
@@ -202,6 +203,66 @@ async def test_ensure_stream_and_kv_are_idempotent(bus: busmod.Bus) -> None:
     kv2 = await bus.kv("scans")
     rev = await kv1.create("k", b"1")
     assert (await kv2.get("k")).revision == rev
+
+
+async def test_a_declared_service_leaves_a_differing_stream_as_it_is_and_an_undeclared_client_updates_it(
+    nats_settings: NatsSettings,
+) -> None:
+    """Deployed users may not update a stream (an update can purge it): a service under its declaration keeps the
+    stream's retention; `podsweep up`'s own preparation, under no declaration, applies the settings."""
+    longer = msgspec.structs.replace(nats_settings, max_age_days=nats_settings.max_age_days * 2)
+    declared = await busmod.connect(longer, "svc", NatsAccess(service="svc", publishes=(subjects.IMAGE_SEEN,)))
+    plain = await busmod.connect(longer, "up")
+    try:
+        await busmod.ensure_stream(plain)  # made or brought to `longer`
+        before = (await plain.js.stream_info(nats_settings.stream)).config.max_age
+        shorter = msgspec.structs.replace(longer, max_age_days=1.0)
+        declared = busmod.Bus(declared.nc, shorter, declared.access)
+        await busmod.ensure_stream(declared)
+        assert (await plain.js.stream_info(nats_settings.stream)).config.max_age == before
+        await busmod.ensure_stream(busmod.Bus(plain.nc, shorter))
+        assert (await plain.js.stream_info(nats_settings.stream)).config.max_age == 86400
+    finally:
+        await declared.close()
+        await plain.close()
+
+
+async def test_a_declared_service_bus_refuses_an_undeclared_bucket_before_the_server(
+    nats_settings: NatsSettings,
+) -> None:
+    declared = await busmod.connect(nats_settings, "svc", NatsAccess(service="svc", buckets=(Bucket("mine"),)))
+    try:
+        await declared.kv("mine")
+        with pytest.raises(Undeclared, match=r"opens KV bucket theirs.*services/svc/main.py"):
+            await declared.kv("theirs")
+    finally:
+        await declared.close()
+
+
+async def test_replay_stream_holds_a_copy_of_the_replayed_subjects_only_once_it_returns(bus: busmod.Bus) -> None:
+    for n in range(300):
+        await bus.publish(subjects.IMAGE_GONE, gone(f"node-{n}"), msg_id=f"gone-{n}")
+    await bus.publish(subjects.SCAN_FAILED, gone(), msg_id="failed")
+    replay = await busmod.ensure_replay_stream(bus, [subjects.IMAGE_GONE])
+    info = await bus.js.stream_info(replay.name, subjects_filter=f"{bus.settings.subject_root}.>")
+    assert info.state.subjects == {bus.subject(subjects.IMAGE_GONE): 300}
+    assert await busmod.ensure_replay_stream(bus, [subjects.IMAGE_GONE]) == replay  # idempotent
+
+
+async def test_a_declared_replayer_refuses_a_replay_stream_that_copies_other_subjects(
+    nats_settings: NatsSettings,
+) -> None:
+    plain = await busmod.connect(nats_settings, "up")
+    access = NatsAccess(service="gate", replays=(subjects.IMAGE_SEEN, subjects.REPORT_STORED))
+    declared = await busmod.connect(nats_settings, "gate", access)
+    try:
+        await busmod.ensure_stream(plain)
+        await busmod.ensure_replay_stream(plain, [subjects.IMAGE_SEEN])  # an older version's copy
+        with pytest.raises(RuntimeError, match=r"nats stream rm T\d+_REPLAY"):
+            await busmod.ensure_replay_stream(declared, list(access.replays))
+    finally:
+        await plain.close()
+        await declared.close()
 
 
 class Counter(msgspec.Struct, frozen=True):

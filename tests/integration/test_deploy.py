@@ -13,7 +13,7 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +25,13 @@ import yaml
 from nats.aio.client import Client as NatsClient
 
 from podsweep import bus as busmod
+from podsweep import cli, natsaccess, runtime
 from podsweep.config import ConsumerSettings, NatsSettings, Settings, load_settings
 from podsweep.embedded import free_port
-from schemas.state import LIMITS_BUCKET, NOTIFY_BUCKET, SCANS_BUCKET, WORKLOADS_BUCKET
+from podsweep.policy import PolicyError, SecretRef, load_policy
+from schemas import subjects
+from services.admission import main as admission
+from services.notifier.policysource import PolicySource
 from tests.harness.kube import KubeControlPlane, locate_binaries
 
 pytestmark = pytest.mark.kube
@@ -377,14 +381,16 @@ def test_only_the_watcher_and_dispatcher_get_an_api_token(
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_service_mounts_its_own_nats_password_and_no_other(rendered: dict[str, Rendered], service: str) -> None:
+def test_service_mounts_its_own_nats_password_and_s3_key_and_no_other(
+    rendered: dict[str, Rendered], service: str
+) -> None:
     pod = rendered["base"].workload("Deployment", service).spec.template.spec
     nats_secrets = sorted(
         v.secret.secretName for v in pod.volumes if v.secret and v.secret.secretName.startswith("nats-")
     )
     assert nats_secrets == [f"nats-{service}"]
-    s3 = [v for v in pod.volumes if v.secret and v.secret.secretName == "podsweep-s3"]
-    assert bool(s3) is (service in S3_SERVICES)
+    s3_secrets = sorted(v.secret.secretName for v in pod.volumes if v.secret and v.secret.secretName.startswith("s3-"))
+    assert s3_secrets == ([f"s3-{service}"] if service in S3_SERVICES else [])
 
 
 def _pod_environment(rendered: Rendered, service: str, files: Path) -> dict[str, str]:
@@ -433,7 +439,7 @@ def test_service_settings_load_from_the_rendered_config_and_secrets(
     assert settings.namespace == NAMESPACE
     assert settings.telemetry.metrics_port == METRICS_PORT
     if service in S3_SERVICES:
-        s3 = rendered[overlay].secret("podsweep-s3").stringData
+        s3 = rendered[overlay].secret(f"s3-{service}").stringData
         assert settings.s3.access_key_id == s3["access-key-id"]
         assert settings.s3.secret_access_key == s3["secret-access-key"]
     if overlay == "overlays/prod":
@@ -443,6 +449,35 @@ def test_service_settings_load_from_the_rendered_config_and_secrets(
     else:
         assert settings.nats.url.startswith("nats://")
         assert settings.s3.endpoint_url == "http://seaweedfs.podsweep.svc:8333"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shipped_policy_loads_where_the_notifier_and_the_gate_read_it(
+    rendered: dict[str, Rendered], overlay: str, tmp_path: Path
+) -> None:
+    """The rendered ConfigMap's policy.yaml, read as each service reads it at start (an invalid one stops both), and
+    every secret it references is a file the notifier's pod mounts or a variable it sets."""
+    for service in ("notifier", "admission"):
+        environ = _pod_environment(rendered[overlay], service, tmp_path / service)
+        settings = load_settings(environ=environ)
+        if service == "notifier":
+            policy = PolicySource(settings.notifier.policy_file).load()
+        else:
+            policy = admission.read_policy(settings.admission.policy_file or settings.notifier.policy_file)
+        assert policy.destinations, f"{service}: the shipped policy sends alerts nowhere"
+    for dest in policy.destinations:
+        refs = [getattr(dest, field) for field in ("url", "hmac_key", "token") if hasattr(dest, field)]
+        for ref in refs:
+            if isinstance(ref, SecretRef) and ref.file:
+                assert (tmp_path / "notifier" / ref.file.lstrip("/")).is_file(), f"{dest.name}: {ref.file}"
+            elif isinstance(ref, SecretRef):
+                assert ref.env in _pod_environment(rendered[overlay], "notifier", tmp_path / "env"), ref.env
+
+
+def test_the_old_policy_format_is_refused_by_the_loader() -> None:
+    """What deploy/ shipped before (thresholds, routes): the same check above would have failed on it."""
+    with pytest.raises(PolicyError, match="thresholds: unknown key"):
+        load_policy("thresholds:\n  default: {max_critical: 0}\nroutes: {}\n", "policy.yaml")
 
 
 # -- the real apiserver ----------------------------------------------------------------------------------------------
@@ -550,6 +585,9 @@ CAN_I = [
     ("watcher", "update", "rollouts.argoproj.io", OTHER, False, "watcher-never-changes-argo-rollouts"),
     ("watcher", "watch", "jobs.batch", OWN, True, "watcher-watches-scan-jobs"),
     ("watcher", "create", "jobs.batch", OWN, False, "watcher-never-creates-jobs"),
+    ("watcher", "watch", "events", OWN, True, "watcher-watches-scan-job-events"),
+    ("watcher", "list", "events", OTHER, False, "watcher-never-reads-events-elsewhere"),
+    ("watcher", "create", "events", OWN, False, "watcher-never-writes-events"),
     ("watcher", "delete", "pods", OTHER, False, "watcher-never-deletes-pods"),
     ("watcher", "patch", "nodes", ALL, False, "watcher-never-patches-nodes"),
     ("watcher", "get", "secrets", OTHER, False, "watcher-never-reads-secrets"),
@@ -558,8 +596,8 @@ CAN_I = [
     # dispatcher: Jobs in podsweep's namespace, nothing else
     ("dispatcher", "create", "jobs.batch", OWN, True, "dispatcher-creates-scan-jobs"),
     ("dispatcher", "delete", "jobs.batch", OWN, True, "dispatcher-deletes-scan-jobs"),
-    ("dispatcher", "watch", "jobs.batch", OWN, True, "dispatcher-watches-scan-jobs"),
-    ("dispatcher", "get", "jobs.batch", OWN, True, "dispatcher-gets-scan-jobs"),
+    ("dispatcher", "watch", "jobs.batch", OWN, False, "dispatcher-never-watches-jobs"),
+    ("dispatcher", "get", "jobs.batch", OWN, False, "dispatcher-never-reads-jobs-back"),
     ("dispatcher", "update", "jobs.batch", OWN, False, "dispatcher-never-rewrites-jobs"),
     ("dispatcher", "create", "jobs.batch", OTHER, False, "dispatcher-never-creates-jobs-elsewhere"),
     ("dispatcher", "list", "jobs.batch", ALL, False, "dispatcher-never-lists-jobs-cluster-wide"),
@@ -634,9 +672,12 @@ def _access_review(kube: KubeControlPlane, user: str, verb: str, group: str, res
 class NatsFromManifest:
     url: str
     passwords: dict[str, str]
+    shipped: dict[str, Settings]  # each service's settings as its rendered dev Deployment gives them
 
     def settings(self, service: str) -> NatsSettings:
-        return NatsSettings(url=self.url, user=service, password=self.passwords[service])
+        """The service's shipped NATS settings (user, subject root, stream, KV prefix), pointed at this server."""
+        nats_settings = self.shipped[service].nats
+        return msgspec.structs.replace(nats_settings, url=self.url, password=self.passwords[service])
 
 
 @pytest.fixture(scope="module")
@@ -655,7 +696,12 @@ def nats_from_manifest(
             assert text.count("store_dir: /data/jetstream\n") == 1
             text = text.replace("store_dir: /data/jetstream\n", f"store_dir: {store}\n")
         (work / key).write_text(text)
-    passwords = {service: secrets.token_urlsafe(18) for service in SERVICES}
+    # A letter, then hex: nats-server refuses a `$VAR` password starting with '-' or reading as a number.
+    passwords = {service: "k" + secrets.token_hex(18) for service in SERVICES}
+    shipped = {
+        service: load_settings(environ=_pod_environment(rendered["overlays/dev"], service, work / "pods" / service))
+        for service in SERVICES
+    }
     env = {**os.environ, "POD_NAME": "nats-0"}
     env.update({f"PODSWEEP_NATS_{s.upper()}_PASSWORD": p for s, p in passwords.items()})
     port = free_port()
@@ -688,7 +734,7 @@ def nats_from_manifest(
             except OSError:
                 assert time.monotonic() < deadline, f"nats-server did not listen:\n{log.read_text()}"
                 time.sleep(0.1)
-        yield NatsFromManifest(url=f"nats://127.0.0.1:{port}", passwords=passwords)
+        yield NatsFromManifest(url=f"nats://127.0.0.1:{port}", passwords=passwords, shipped=shipped)
     finally:
         proc.terminate()
         try:
@@ -699,97 +745,201 @@ def nats_from_manifest(
 
 
 class Ping(msgspec.Struct, frozen=True):
-    """Stand-in event: the permissions are about subjects, not payloads."""
+    """Stand-in event: the permissions are about subjects, not payloads. `token` tells this run's from others'."""
 
-    n: int
+    token: str
+    n: int = 0
 
 
-@pytest_asyncio.fixture
-async def buses(nats_from_manifest: NatsFromManifest) -> AsyncIterator[dict[str, busmod.Bus]]:
-    """One connection per service, logged in as that service's user through podsweep's own connect()."""
-    connected: dict[str, busmod.Bus] = {}
-    try:
-        for service in SERVICES:
-            connected[service] = await busmod.connect(nats_from_manifest.settings(service), service)
-        yield connected
-    finally:
-        for bus in connected.values():
+ACCESS = {service: runtime.nats_access(service) for service in SERVICES}
+
+
+def test_accounts_conf_is_generated_from_what_the_services_declare(rendered: dict[str, Rendered]) -> None:
+    """The shipped file is the generator's output for the shipped names, in every overlay (they share it)."""
+    for overlay in RENDERED:
+        assert rendered[overlay].config_map("nats-config").data["accounts.conf"] == cli.nats_accounts(DEPLOY)
+
+
+def test_every_subject_a_service_consumes_or_replays_has_a_producer() -> None:
+    produced = {name for access in ACCESS.values() for name in access.publishes}
+    for access in ACCESS.values():
+        wanted = [s for d in access.durables for s in d.subjects] + list(access.replays)
+        assert set(wanted) <= produced, f"{access.service} waits for events no service publishes"
+
+
+class Connections:
+    """One podsweep Bus per service, each logged in as its own user and running under its own declaration."""
+
+    def __init__(self, nats_from_manifest: NatsFromManifest) -> None:
+        self.nats = nats_from_manifest
+        self.buses: dict[str, busmod.Bus] = {}
+
+    async def bus(self, service: str) -> busmod.Bus:
+        if service not in self.buses:
+            self.buses[service] = await busmod.connect(self.nats.settings(service), service, ACCESS[service])
+            await busmod.ensure_stream(self.buses[service])  # what open_service does first
+        return self.buses[service]
+
+    async def produce(self, name: str, token: str) -> None:
+        """Publish `name` as the service that declares it (the only user allowed to)."""
+        (producer,) = [a.service for a in ACCESS.values() if name in a.publishes]
+        bus = await self.bus(producer)
+        assert await bus.publish(name, Ping(token=token), msg_id=f"{producer}-{name}-{token}"), name
+
+    async def close(self) -> None:
+        for bus in self.buses.values():
             await bus.close()
 
 
-async def test_a_wrong_password_is_refused(nats_from_manifest: NatsFromManifest) -> None:
-    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-        await nats.connect(
-            nats_from_manifest.url,
-            user="watcher",
-            password="not-the-password",
-            allow_reconnect=False,
-            max_reconnect_attempts=0,
-        )
+@pytest_asyncio.fixture
+async def connections(nats_from_manifest: NatsFromManifest) -> AsyncIterator[Connections]:
+    opened = Connections(nats_from_manifest)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
-async def test_services_run_the_event_pipeline_with_their_own_users(buses: dict[str, busmod.Bus]) -> None:
-    """What podsweep's code does, user by user: declare the stream, publish, consume and ack, use its KV buckets."""
-    for bus in buses.values():
-        await busmod.ensure_stream(bus)  # every service declares the stream idempotently
+async def _consume_until(
+    bus: busmod.Bus,
+    service: str,
+    durable: str,
+    names: Sequence[str],
+    token: str,
+    settings: ConsumerSettings,
+    stream: busmod.StreamRef | None = None,
+) -> list[str]:
+    """Run podsweep's consumer loop on `durable` until this run's event on each of `names` arrived; the first of
+    them is rejected, which dead-letters it. Returns the subjects seen (with this token)."""
+    seen: list[str] = []
+    stop = asyncio.Event()
 
-    consumer = ConsumerSettings(batch=8)
-    published = {
-        "watcher": ["image.seen", "image.gone", "scan.started", "scan.completed", "scan.failed", "dead.watcher"],
-        "parser": ["report.stored", "dead.parser"],
-        "notifier": ["alert.sent", "alert.failed", "dead.notifier", "outbox.team-a"],
-        "dispatcher": ["dead.dispatcher"],
-        "admission": ["admission.decided", "rescan.requested"],
-    }
-    for service, names in published.items():
-        for n, name in enumerate(names):
-            stored = await buses[service].publish(name, Ping(n=n), msg_id=f"{service}-{name}-{secrets.token_hex(4)}")
-            assert stored, f"{service} publishing {name}"
+    async def handle(event: Ping, delivery: busmod.Delivery) -> None:
+        if event.token != token:
+            return  # an earlier test's event: acked like any other
+        seen.append(delivery.subject)
+        if len(seen) == len(names):
+            stop.set()
+        if delivery.subject == names[0]:
+            raise busmod.Reject("the dead-letter path, on purpose")
 
-    consumed = {
-        "dispatcher": ["image.seen", "image.gone", "scan.started", "scan.completed", "scan.failed"],
-        "parser": ["scan.completed", "image.seen"],
-        "notifier": ["report.stored", "image.seen"],
-    }
-    for service, names in consumed.items():
-        seen: list[str] = []
-        stop = asyncio.Event()
-
-        async def handle(
-            event: Ping,
-            delivery: busmod.Delivery,
-            seen: list[str] = seen,
-            stop: asyncio.Event = stop,
-            want: int = len(names),
-        ) -> None:
-            seen.append(delivery.subject)
-            if len(seen) == want:
-                stop.set()
-
-        routes = {name: busmod.Route(Ping, handle) for name in names}
-        await asyncio.wait_for(
-            busmod.consume(
-                buses[service], service=service, durable=service, routes=routes, settings=consumer, stop=stop
-            ),
-            timeout=15,
-        )
-        assert sorted(seen) == sorted(names), service
-        info = await buses[service].js.consumer_info("PODSWEEP", service)
-        assert info.num_ack_pending == 0, f"{service}: acks were refused"
-
-    owned = {"dispatcher": [SCANS_BUCKET, LIMITS_BUCKET], "notifier": [NOTIFY_BUCKET, WORKLOADS_BUCKET, "delivered"]}
-    for service, buckets in owned.items():
-        for bucket in buckets:
-            kv = await buses[service].kv(bucket)
-            doc, wrote = await busmod.kv_update(kv, "k1", Ping, lambda old: Ping(n=(old.n + 1) if old else 1))
-            assert wrote and doc == Ping(n=1)
-            doc, wrote = await busmod.kv_update(kv, "k1", Ping, lambda old: Ping(n=(old.n + 1) if old else 1))
-            assert wrote and doc == Ping(n=2)
-            assert await kv.keys() == ["k1"]
+    routes = {name: busmod.Route(Ping, handle) for name in names}
+    await asyncio.wait_for(
+        busmod.consume(
+            bus, service=service, durable=durable, routes=routes, settings=settings, stop=stop, stream=stream
+        ),
+        timeout=30,
+    )
+    return seen
 
 
-async def _denied(url: str, user: str, password: str, subject: str, *, subscribe: bool = False) -> str:
-    """Try one publish (or subscription) and return the server's permission error for it, or '' when it was allowed."""
+@pytest.mark.parametrize("service", SERVICES)
+async def test_service_does_on_nats_what_its_code_does_with_its_own_user(
+    nats_from_manifest: NatsFromManifest, connections: Connections, service: str
+) -> None:
+    """Everything the service's declaration lists (and its Bus allows nothing else), done by podsweep's own code as
+    the service's user with its shipped settings: declare the stream, publish its events and dead letters, create
+    and pull its durable consumers exactly as its main does, open, watch, read and write its KV buckets, use the
+    outbox, replay through ordered consumers."""
+    access = ACCESS[service]
+    bus = await connections.bus(service)
+    consumer = nats_from_manifest.shipped[service].consumer
+    token = secrets.token_hex(6)
+
+    for name in access.publishes:
+        assert await bus.publish(name, Ping(token=token), msg_id=f"{service}-{name}-{token}"), name
+
+    for durable in access.durables:
+        for name in durable.subjects:
+            await connections.produce(name, token)
+        seen = await _consume_until(bus, service, durable.name, durable.subjects, token, consumer)
+        assert sorted(seen) == sorted(durable.subjects)
+        info = await bus.js.consumer_info(bus.events.name, durable.name)  # what /metrics' lag reads
+        assert (info.num_pending, info.num_ack_pending) == (0, 0), f"{durable.name}: acks were refused"
+    if access.consumes:
+        dead = bus.subject(natsaccess.dead_letters(service))
+        info = await bus.js.stream_info(bus.events.name, subjects_filter=dead)
+        assert info.state.subjects and info.state.subjects.get(dead), f"no dead letter on {dead}"
+
+    if access.outbox:
+        await busmod.ensure_stream(bus, bus.outbox)  # as the notifier's main does
+        destination = f"team-{token}"
+        assert await bus.publish(destination, Ping(token=token), msg_id=f"outbox-{token}", stream=bus.outbox)
+        seen = await _consume_until(bus, service, destination, [destination], token, consumer, bus.outbox)
+        assert seen == [destination]
+        info = await bus.js.consumer_info(bus.outbox.name, destination)
+        assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+    for bucket in access.buckets:
+        await _use_bucket(bus, service, bucket, token)
+
+    for name in access.replays:
+        await connections.produce(name, token)
+        await _replay(bus, name, token)
+
+
+async def _use_bucket(bus: busmod.Bus, service: str, bucket: natsaccess.Bucket, token: str) -> None:
+    """Open the bucket as the service's main does, watch it (the dispatcher's mirror), write (compare-and-set) and
+    read it when the service writes it, and list it in one pass (nats-py's watch, the dispatcher's rescans)."""
+    kv = await bus.kv(bucket.name)
+    mirror: busmod.KvMirror[Ping] = busmod.KvMirror(kv, Ping)
+    stop = asyncio.Event()
+    following = asyncio.create_task(mirror.follow(stop))
+    try:
+        if bucket.writes:
+            key = f"{service}-{token}"
+            doc, wrote = await busmod.kv_update(kv, key, Ping, lambda old: Ping(token=token, n=1))
+            assert wrote and doc == Ping(token=token, n=1)
+            read, revision = await busmod.kv_read(kv, key, Ping)
+            assert read == doc and revision > 0
+            await _wait_for(lambda: mirror.known(key) == (doc, revision), f"{bucket.name}: the watch")
+        else:
+            await _wait_for(lambda: mirror.ready, f"{bucket.name}: the watch")
+        documents, _ = await busmod.kv_documents(kv, Ping)
+        assert all(isinstance(d, Ping) for d in documents)
+    finally:
+        stop.set()
+        await following
+
+
+async def _replay(bus: busmod.Bus, name: str, token: str) -> None:
+    """The admission view's own replay of `name` (services/admission/main.py), until this run's event arrived."""
+    seen: list[str] = []
+    caught_up, stop = asyncio.Event(), asyncio.Event()
+
+    def apply(data: bytes) -> None:
+        seen.append(msgspec.json.decode(data, type=Ping).token)
+        if token in seen:
+            stop.set()
+
+    await asyncio.wait_for(admission.open_replay(bus), timeout=30)  # as the view's loader does first
+    await asyncio.wait_for(admission.follow(bus, name, None, apply, caught_up, stop), timeout=30)
+    assert token in seen, name
+
+
+async def _wait_for(ready: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, f"{what} did not get there in {timeout_s}s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_a_service_bus_refuses_what_its_declaration_does_not_list(connections: Connections, service: str) -> None:
+    """The Bus stops undeclared use before the server does, naming the declaration to change."""
+    bus = await connections.bus(service)
+    foreign = next(n for a in ACCESS.values() for n in a.publishes if n not in ACCESS[service].publishes)
+    with pytest.raises(natsaccess.Undeclared, match=f"services/{service}/main.py"):
+        await bus.publish(foreign, Ping(token="x"), msg_id="never")
+    with pytest.raises(natsaccess.Undeclared):
+        await bus.kv("not-a-bucket-of-anyone")
+    with pytest.raises(natsaccess.Undeclared):
+        await busmod.ensure_consumer(bus, "someone-else", [subjects.IMAGE_SEEN], ConsumerSettings())
+
+
+async def _violations(url: str, user: str, password: str, publish: Sequence[str], subscribe: Sequence[str] = ()) -> str:
+    """Try each publish and subscription, and return the server's permission errors (all of them, or what arrived
+    once the first flush's PONG and a grace period passed)."""
     errors: list[str] = []
 
     async def on_error(error: Exception) -> None:
@@ -797,13 +947,13 @@ async def _denied(url: str, user: str, password: str, subject: str, *, subscribe
 
     nc: NatsClient = await nats.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
     try:
-        if subscribe:
+        for subject in subscribe:
             await nc.subscribe(subject)
-        else:
+        for subject in publish:
             await nc.publish(subject, b"{}")
         await nc.flush(timeout=2)
-        for _ in range(20):  # the -ERR arrives asynchronously, right after the flush's PONG at the latest
-            if errors:
+        for _ in range(40):  # the -ERRs arrive asynchronously, right after the flush's PONG at the latest
+            if len(errors) >= len(publish) + len(subscribe):
                 break
             await asyncio.sleep(0.05)
     finally:
@@ -811,27 +961,62 @@ async def _denied(url: str, user: str, password: str, subject: str, *, subscribe
     return " ".join(e for e in errors if "permissions violation" in e.lower())
 
 
+async def _denied(url: str, user: str, password: str, subject: str, *, subscribe: bool = False) -> str:
+    """The server's permission error for one publish (or subscription), or '' when it was allowed."""
+    if subscribe:
+        return await _violations(url, user, password, [], [subject])
+    return await _violations(url, user, password, [subject])
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_service_may_not_publish_events_it_does_not_declare(
+    nats_from_manifest: NatsFromManifest, service: str
+) -> None:
+    """Derived from the declarations: every other service's events and dead letters are refused."""
+    root = nats_from_manifest.settings(service).subject_root
+    mine = ACCESS[service]
+    others = sorted(
+        {n for a in ACCESS.values() for n in a.publishes if not mine.may_publish(n)}
+        | {natsaccess.dead_letters(a.service) for a in ACCESS.values() if a.service != service}
+    )
+    forbidden = [subjects.subject(root, n) for n in others]
+    errors = await _violations(nats_from_manifest.url, service, nats_from_manifest.passwords[service], forbidden)
+    for subject in forbidden:
+        assert f'publish to "{subject}"'.lower() in errors.lower(), subject
+
+
 DENIED = [
-    # events a service does not produce
+    # events a service does not produce (and the declarations' own check above, for every pair)
     ("watcher", "podsweep.report.stored", "watcher-cannot-forge-reports"),
-    ("dispatcher", "podsweep.image.seen", "dispatcher-cannot-forge-image-seen"),
     ("parser", "podsweep.scan.completed", "parser-cannot-forge-scan-results"),
-    ("parser", "podsweep.alert.sent", "parser-cannot-forge-alerts"),
-    ("notifier", "podsweep.report.stored", "notifier-cannot-forge-reports"),
     ("notifier", "podsweep.dead.parser", "notifier-cannot-dead-letter-for-others"),
-    ("parser", "podsweep.outbox.team-a", "parser-cannot-queue-alerts"),
-    # another service's consumer or KV bucket
+    ("parser", "podsweep-outbox.team-a", "parser-cannot-queue-alerts"),
+    # another service's consumer, outbox or KV bucket
     ("watcher", "$JS.API.CONSUMER.MSG.NEXT.PODSWEEP.dispatcher", "watcher-cannot-pull-dispatchers-events"),
     ("parser", "$JS.ACK.PODSWEEP.notifier.1.1.1.1.1", "parser-cannot-ack-for-notifier"),
+    ("admission", "$JS.API.CONSUMER.DURABLE.CREATE.PODSWEEP.parser", "admission-cannot-redefine-parsers-consumer"),
+    ("admission", "$JS.API.CONSUMER.CREATE.PODSWEEP", "admission-creates-no-consumer-on-the-events-stream"),
+    ("dispatcher", "$JS.API.CONSUMER.CREATE.PODSWEEP", "no-unnamed-consumers-on-the-events-stream"),
+    ("parser", "$JS.API.CONSUMER.CREATE.PODSWEEP_REPLAY", "only-admission-reads-the-replay-stream"),
+    ("dispatcher", "$JS.API.CONSUMER.MSG.NEXT.PODSWEEP_OUTBOX.team-a", "only-the-notifier-reads-its-outbox"),
+    ("parser", "$JS.API.CONSUMER.DURABLE.CREATE.PODSWEEP_OUTBOX.team-a", "only-the-notifier-consumes-its-outbox"),
     ("watcher", "$JS.API.STREAM.CREATE.KV_podsweep-scans", "watcher-cannot-create-scan-state"),
-    ("parser", "$KV.podsweep-scans.abc", "parser-cannot-write-scan-state"),
+    ("notifier", "$KV.podsweep-workloads.abc", "notifier-only-reads-workloads"),
+    ("dispatcher", "$KV.podsweep-workloads.abc", "dispatcher-only-reads-workloads"),
     ("notifier", "$KV.podsweep-limits.active", "notifier-cannot-touch-the-limiter"),
     ("dispatcher", "$KV.podsweep-notify.x", "dispatcher-cannot-touch-notifier-state"),
     ("watcher", "$JS.API.DIRECT.GET.KV_podsweep-notify.$KV.podsweep-notify.x", "watcher-cannot-read-notifier-state"),
+    ("admission", "$JS.API.DIRECT.GET.KV_podsweep-scans.$KV.podsweep-scans.x", "admission-reads-no-bucket"),
     # destructive JetStream API calls
     ("dispatcher", "$JS.API.STREAM.DELETE.PODSWEEP", "no-service-deletes-the-stream"),
     ("notifier", "$JS.API.STREAM.PURGE.PODSWEEP", "no-service-purges-the-stream"),
+    ("parser", "$JS.API.STREAM.UPDATE.PODSWEEP", "no-service-updates-the-stream"),
+    ("notifier", "$JS.API.STREAM.DELETE.PODSWEEP_OUTBOX", "not-even-the-notifier-deletes-its-outbox"),
+    ("notifier", "$JS.API.STREAM.UPDATE.PODSWEEP_OUTBOX", "not-even-the-notifier-updates-its-outbox"),
+    ("dispatcher", "$JS.API.STREAM.PURGE.KV_podsweep-scans", "no-service-purges-a-bucket"),
     ("parser", "$JS.API.CONSUMER.DELETE.PODSWEEP.dispatcher", "no-service-deletes-a-consumer"),
+    ("dispatcher", "$JS.API.CONSUMER.DELETE.PODSWEEP.dispatcher", "no-service-deletes-even-its-own-consumer"),
+    ("parser", "$JS.API.CONSUMER.DELETE.KV_podsweep-scans.x", "no-service-deletes-a-bucket-watch"),
     ("watcher", "$JS.API.STREAM.MSG.DELETE.PODSWEEP", "no-service-deletes-events"),
 ]
 
@@ -849,6 +1034,8 @@ async def test_service_user_may_not_publish_outside_its_part(
     [
         pytest.param("notifier", "podsweep.>", id="no-service-taps-the-event-subjects-directly"),
         pytest.param("parser", "$KV.podsweep-scans.>", id="no-service-taps-kv-updates-directly"),
+        pytest.param("notifier", "_INBOX.>", id="no-service-reads-the-shared-inbox"),
+        pytest.param("notifier", "_INBOX_parser.>", id="no-service-reads-anothers-replies"),
     ],
 )
 async def test_service_user_may_only_subscribe_to_its_inbox(

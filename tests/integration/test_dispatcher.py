@@ -489,7 +489,8 @@ async def test_a_failed_scan_is_retried_on_another_node(
     first, second = watcher.jobs_for(ref)
     assert watcher.finished[first.name] == "ScanError"
     assert {first.node, second.node} == set(nodes)
-    assert state is not None and state.status == "done" and state.attempts == 0
+    # The cycle's attempts stay until the next rescan: a report found missing afterwards counts as a third.
+    assert state is not None and state.status == "done" and state.attempts == 2
 
 
 async def test_a_digest_whose_nodes_all_vanished_ends_not_scanned_with_the_reason(
@@ -594,3 +595,77 @@ async def test_unusable_events_are_dead_lettered_with_the_reason_and_create_noth
     assert any(e.startswith("invalid image.seen event") and "digest_ref" in e for e in errors), errors
     assert any(e.startswith("rejected: raw_key is not the key of scan") for e in errors), errors
     assert msgspec.json.decode(listing)["items"] == []
+
+
+async def _live_jobs(kube_api: Kube, namespace: str) -> set[str]:
+    """The scan Jobs in the namespace that have not finished."""
+    listing = msgspec.json.decode(
+        await kube_api.get(
+            f"/apis/batch/v1/namespaces/{namespace}/jobs",
+            {"labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}"},
+        )
+    )
+    return {
+        job["metadata"]["name"]
+        for job in listing["items"]
+        if not any(
+            c["status"] == "True" and c["type"] in ("Complete", "Failed")
+            for c in job.get("status", {}).get("conditions") or []
+        )
+    }
+
+
+async def test_after_a_restart_that_lost_the_limiter_the_jobs_still_there_count_and_orphans_are_deleted(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+) -> None:
+    """No stand-in: the scan pods never finish, so every Job created stays live until the dispatcher deletes it."""
+    nodes = await prepare_namespace(kube_api, kube_namespace, 3)
+    settings = dispatcher_settings(
+        kube, kube_namespace, nats_settings, s3_settings, max_active=2, max_active_per_node=2
+    )
+    refs = [digest_ref(kube_namespace, n) for n in range(3)]
+    bus = await busmod.connect(nats_settings, "test")
+    try:
+        await busmod.ensure_stream(bus)
+        async with in_process(main, settings=settings):
+            for n, ref in enumerate(refs[:2]):
+                await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, nodes[n], n), msg_id=f"seen-{n}")
+
+            async def two_live() -> bool:
+                return len(await _live_jobs(kube_api, kube_namespace)) == 2
+
+            await eventually(two_live, 60, "two live scan Jobs")
+        before = await states(bus, refs[:2])
+        orphan = before[refs[0]]
+        kept = before[refs[1]]
+        assert orphan is not None and kept is not None and orphan.scan_id and kept.scan_id
+        # What a lost store looks like: no limiter, and the first digest's state no longer claims its Job.
+        limits_kv = await bus.kv(LIMITS_BUCKET)
+        await limits_kv.delete(LIMITER_KEY)
+        scans = await bus.kv(SCANS_BUCKET)
+        await busmod.kv_update(
+            scans,
+            digest_hex(refs[0]),
+            DigestScanState,
+            lambda old: msgspec.structs.replace(old, status="done", claim_expires_at=None) if old else None,
+        )
+        async with in_process(main, settings=settings):
+            await bus.publish(subjects.IMAGE_SEEN, image_seen(refs[2], nodes[2], 2), msg_id="seen-2")
+
+            async def third_claimed() -> bool:
+                third = (await states(bus, [refs[2]]))[refs[2]]
+                return third is not None and third.status == "running"
+
+            await eventually(third_claimed, 60, "the third digest's Job, once the orphan is gone")
+            live = await _live_jobs(kube_api, kube_namespace)
+            third = (await states(bus, [refs[2]]))[refs[2]]
+            assert third is not None
+            assert live == {kept.scan_id, third.scan_id}, "the orphan deleted, the kept Job counted, never 3 at once"
+            limiter, _ = await busmod.kv_read(limits_kv, LIMITER_KEY, LimiterState)
+            assert limiter is not None and {s.scan_id for s in limiter.slots} == {kept.scan_id, third.scan_id}
+    finally:
+        await bus.close()

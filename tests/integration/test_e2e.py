@@ -41,6 +41,7 @@ from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
 from schemas.alerts import AlertPayload
 from schemas.events import ReportStored
+from services.dispatcher import upload
 from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane
@@ -143,11 +144,16 @@ class World:
 
 
 async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
-    """What the scan pod's upload container does on a real node: PUT the report to the Job's presigned URL."""
+    """What the scan pod's upload container does on a real node: send the report to the Job's upload URL, the way
+    `podsweep upload` does (a POST with the URL's policy fields)."""
     env = {e.name: e.value for c in pod.spec.containers if c.name == "upload" for e in c.env}
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.put(env[RAW_URL_ENV], content=REPORT, headers={"Content-Type": "application/gzip"})
-        response.raise_for_status()
+
+    def send() -> bool:
+        with httpx.Client(timeout=10) as client:
+            target = upload.UploadTarget(path="report", url=env[RAW_URL_ENV])
+            return upload.put(client, target, REPORT, upload.RetryPolicy(attempts=1))
+
+    assert await asyncio.to_thread(send), "the upload URL refused the report"
     puts[pod.metadata.name] += 1
 
 

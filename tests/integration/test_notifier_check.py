@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -66,6 +68,77 @@ def test_check_exit_code_on_a_local_report(fixture: str, fail_on: str, code: int
     assert exit_code == code, out + err
     if code == 2:
         assert "cannot decide" in err
+
+
+def test_a_report_nested_1000_deep_cannot_be_decided_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_bytes(b'{"SchemaVersion": 2, "X": ' + b"[" * 1_000 + b"]" * 1_000 + b"}")
+    exit_code, _, err = invoke("--fail-on", "LOW", "--report", str(path))
+    assert exit_code == 2
+    assert "cannot decide" in err and "nested deeper" in err
+
+
+# Runs a podsweep command in a child interpreter and reports its peak RSS on the last line of stderr. VmHWM, not
+# getrusage: ru_maxrss also counts the parent's pages the child had before exec (all of pytest's).
+_MEASURED = (
+    "import re, sys\n"
+    "from podsweep.cli import app\n"
+    "sys.argv[0] = 'podsweep'\n"
+    "try:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
+    "with open('/proc/self/status') as status:\n"
+    "    print(re.search(r'VmHWM:\\s+(\\d+) kB', status.read()).group(1), file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def _measured(*args: str) -> tuple[int, str, int]:
+    """(exit code, stdout, peak RSS in MiB) of `podsweep ARGS...`."""
+    done = subprocess.run([sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True, timeout=600)
+    return done.returncode, done.stdout, int(done.stderr.strip().splitlines()[-1]) // 1024
+
+
+def test_a_file_far_over_the_cap_is_refused_without_being_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.json"
+    with path.open("wb") as file:
+        file.truncate(300 * 1024 * 1024)  # sparse: 300 MiB that take no disk
+    for command in (["check", "--fail-on", "LOW", "--report", str(path)], ["report", "parse", str(path)]):
+        code, _, peak_mib = _measured(*command)
+        assert code == 2
+        assert peak_mib < 150, f"{command[0]}: {peak_mib} MiB; reading the file whole takes over 300"
+
+
+def test_check_on_163000_findings_lists_every_one_in_bounded_memory(tmp_path: Path) -> None:
+    severities = ["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
+    vulnerabilities = [
+        {
+            "VulnerabilityID": f"CVE-2099-{n:06d}",
+            "PkgName": f"pkg{n % 5000}",
+            "InstalledVersion": "1.0.0-r0",
+            "FixedVersion": "1.0.1-r0",
+            "Status": "fixed",
+            "Severity": severities[n % 5],
+            "Title": f"title {n}",
+            "CVSS": {"nvd": {"V3Score": 7.5, "V3Vector": "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:N/A:N"}},
+        }
+        for n in range(163_000)
+    ]
+    report = {
+        "SchemaVersion": 2,
+        "ArtifactName": "big",
+        "Results": [{"Target": "t", "Vulnerabilities": vulnerabilities}],
+    }
+    path = tmp_path / "big.json"
+    path.write_bytes(msgspec.json.encode(report))
+    del vulnerabilities, report
+
+    code, out, peak_mib = _measured("check", "--fail-on", "UNKNOWN", "--report", str(path))
+
+    assert code == 1
+    lines = out.splitlines()
+    assert sum(line.startswith("CVE-", line.find("\t") + 1) for line in lines) == 163_000
+    assert lines[-1].startswith("163000 findings at or above UNKNOWN")
+    # Measured: 982 MiB when every row went into one table, 365 MiB printing a line per row.
+    assert peak_mib < 600, f"{peak_mib} MiB"
 
 
 def test_check_lists_what_remains_at_or_above() -> None:

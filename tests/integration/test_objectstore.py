@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import os
+from pathlib import Path
 
 import httpx
 import pytest
 
 from podsweep.config import S3Settings
 from podsweep.objectstore import ObjectMissing, ObjectStore, ObjectTooLarge
+from schemas.storage import StorageKey
+from services.dispatcher import upload
 
 
 @pytest.fixture
@@ -58,3 +63,53 @@ async def test_presigned_put_is_refused_after_it_expires(store: ObjectStore) -> 
     async with httpx.AsyncClient() as http:
         late = await http.put(url, content=b"{}")
     assert late.status_code == 403
+
+
+def _upload(url: str, path: Path) -> int:
+    """`podsweep upload` of one file to `url`, as the scan Job runs it; its exit code."""
+    return upload.run([f"{path}=UPLOAD_URL"], env={"UPLOAD_URL": url}, policy=upload.RetryPolicy(attempts=1))
+
+
+async def test_an_upload_url_takes_its_key_only_and_at_most_its_size(store: ObjectStore, tmp_path: Path) -> None:
+    key = StorageKey("raw/sha256/dd/scan-0006.json")
+    url = store.presign_upload(key, expires_s=60, max_bytes=1000)
+    form = upload.post_form(url)
+    assert form is not None
+    bucket_url, fields = form
+    async with httpx.AsyncClient() as http:
+        too_big = await http.post(bucket_url, data=dict(fields), files={"file": ("f", b"x" * 1001)})
+        assert too_big.status_code == 400 and "EntityTooLarge" in too_big.text
+        assert await store.get_if_exists(key) is None
+        other_key = dict(fields) | {"key": "raw/sha256/dd/scan-0007.json"}
+        elsewhere = await http.post(bucket_url, data=other_key, files={"file": ("f", b"x")})
+        assert elsewhere.status_code == 403
+        assert await store.get_if_exists("raw/sha256/dd/scan-0007.json") is None
+        at_the_bound = await http.post(bucket_url, data=dict(fields), files={"file": ("f", b"x" * 1000)})
+        assert at_the_bound.is_success, at_the_bound.text
+    assert await store.get(key) == b"x" * 1000
+
+
+async def test_the_uploader_sends_through_an_upload_url_and_never_replaces_what_is_there(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    key = StorageKey("raw/sha256/ee/scan-0008.json")
+    url = store.presign_upload(key, expires_s=60, max_bytes=100_000)
+    report, other = tmp_path / "report.json", tmp_path / "other.json"
+    report.write_bytes(b'{"SchemaVersion": 2}')
+    other.write_bytes(b'{"SchemaVersion": 2, "Results": []}')
+
+    assert await asyncio.to_thread(_upload, url, report) == upload.EXIT_OK
+    assert gzip.decompress(await store.get(key)) == report.read_bytes()
+
+    assert await asyncio.to_thread(_upload, url, other) == upload.EXIT_UPLOAD_FAILED, "412: it is there already"
+    assert gzip.decompress(await store.get(key)) == report.read_bytes()
+
+
+async def test_the_uploader_refuses_a_file_over_the_urls_bound(store: ObjectStore, tmp_path: Path) -> None:
+    key = StorageKey("raw/sha256/ff/scan-0009.json")
+    url = store.presign_upload(key, expires_s=60, max_bytes=64)
+    report = tmp_path / "report.json"
+    report.write_bytes(os.urandom(4096))  # gzip cannot make random bytes smaller
+
+    assert await asyncio.to_thread(_upload, url, report) == upload.EXIT_UPLOAD_FAILED
+    assert await store.get_if_exists(key) is None

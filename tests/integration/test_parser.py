@@ -221,6 +221,8 @@ BAD_UPLOADS = [
     pytest.param(b'{"SchemaVersion": 2, "Results": "nope"}', "wrong-type", True, id="wrong-type"),
     pytest.param(b'{"bomFormat": "CycloneDX"}', "not-trivy", True, id="not-trivy"),
     pytest.param(LARGE, "oversized", True, id="oversized"),
+    pytest.param(b'{"SchemaVersion": 2, "X": ' + b"[" * 5000 + b"]" * 5000 + b"}", "oversized", True, id="too-deep"),
+    pytest.param(gzip.compress(b'{"SchemaVersion": 2}') + gzip.compress(SMALL), "not-json", True, id="two-members"),
     pytest.param(None, "missing", False, id="missing-upload"),
 ]
 
@@ -388,6 +390,9 @@ async def test_sbom_is_stored_and_recorded_in_the_digest_scan_state(
         pytest.param(b'{"bomFormat": "SPDX", "specVersion": "1.6", "components": []}', "not-cyclonedx", id="spdx"),
         pytest.param(b'{"bomFormat": "CycloneDX", "specVersion": "1.6", "compo', "truncated", id="truncated"),
         pytest.param(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\xff" * 20, "bad-gzip", id="bad-gzip"),
+        pytest.param(
+            b'{"bomFormat": "CycloneDX", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "oversized", id="too-deep"
+        ),
     ],
 )
 async def test_bad_sbom_is_quarantined_and_the_report_is_still_stored(

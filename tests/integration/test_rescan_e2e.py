@@ -77,7 +77,7 @@ _report = msgspec.json.Decoder(Report)
 _stored = msgspec.json.Decoder(ReportStored)
 _quarantined = msgspec.json.Decoder(ReportQuarantined)
 _alert = msgspec.json.Decoder(AlertPayload)
-_SBOM_URL_KEY = re.compile(r"/sbom/sha256/([0-9a-f]{64})/")
+_SBOM_URL_KEY = re.compile(r"sbom/sha256/([0-9a-f]{64})/")  # in the upload URL's query (key=...)
 
 # How an SBOM is damaged on the node before the uploader sends it: from the scan's `out` dir, the bytes to upload.
 Damage = Callable[[Path], bytes]
@@ -211,8 +211,8 @@ class World:
         unacknowledged on the notifier's consumer nor on its outbox for the `hook` destination."""
 
         async def check() -> bool | None:
-            for durable in ("notifier", "notifier-outbox-hook"):
-                info = await self.bus.js.consumer_info(self.settings.nats.stream, durable)
+            for stream, durable in ((self.bus.events, "notifier"), (self.bus.outbox, "hook")):
+                info = await self.bus.js.consumer_info(stream.name, durable)
                 if info.num_pending or info.num_ack_pending:
                     return None
             return True

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import re
 import secrets
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,16 @@ from podsweep.config import S3Settings
 from podsweep.kube import Kube, KubeError
 from podsweep.objectstore import ObjectStore
 from schemas import jobs, storage
-from services.dispatcher import jobspec
+from services.dispatcher import jobspec, scanenv
 from tests.harness.kwok import create_fake_node, get_node, get_pod, list_pods, wait_until
-from tests.harness.rootfs import EXPECTED_FINDINGS, FixtureKind, build_rootfs
+from tests.harness.rootfs import (
+    EXPECTED_FINDINGS,
+    HOSTILE_TRIVY_ENV,
+    HOSTILE_WORKDIR,
+    FixtureKind,
+    build_rootfs,
+    hostile_trivy_settings_rootfs,
+)
 from tests.harness.standin import (
     DEFAULT_CAPABILITIES,
     Bind,
@@ -237,8 +246,15 @@ class Vulnerability(msgspec.Struct, frozen=True, rename="pascal"):
     vulnerability_id: str = msgspec.field(name="VulnerabilityID")
 
 
+class Package(msgspec.Struct, frozen=True, rename="pascal"):
+    name: str
+    version: str = ""
+
+
 class Result(msgspec.Struct, frozen=True, rename="pascal"):
+    target: str = ""
     vulnerabilities: list[Vulnerability] = []
+    packages: list[Package] = []
 
 
 class TrivyReport(msgspec.Struct, frozen=True, rename="pascal"):
@@ -299,17 +315,18 @@ async def _create_scan_job(
     node: str,
     options: jobspec.JobOptions,
     edit: Callable[[dict[str, Any], str], None] | None = None,
+    digest_ref: str = DIGEST_REF,
 ) -> tuple[str, str, str]:
     """Create a node scan Job built by the dispatcher's own builder; returns (job name, raw key, sbom key)."""
     scan_id = f"scan-{secrets.token_hex(6)}"
-    raw_key = storage.raw_key(DIGEST_REF, scan_id)
-    sbom_key = storage.sbom_key(DIGEST_REF, scan_id)
+    raw_key = storage.raw_key(digest_ref, scan_id)
+    sbom_key = storage.sbom_key(digest_ref, scan_id)
     scan = jobspec.validated_node_scan(
         scan_id=scan_id,
-        digest_ref=DIGEST_REF,
+        digest_ref=digest_ref,
         node=node,
-        raw_put_url=store.presign_put(raw_key, 600),
-        sbom_put_url=store.presign_put(sbom_key, 600),
+        raw_put_url=store.presign_upload(raw_key, 600, 64 * 1024 * 1024),  # as the dispatcher signs them
+        sbom_put_url=store.presign_upload(sbom_key, 600, 64 * 1024 * 1024),
     )
     manifest = jobspec.build_node_scan_job(scan, options)
     if options.service_account is not None:  # deploy/ creates it in production
@@ -370,6 +387,66 @@ async def test_scan_job_runs_for_real_and_uploads_the_fixture_cves_and_an_sbom(
         ("sbom", 0),
         ("upload", 0),
     ]
+
+
+HOSTILE_REF = "registry.example.com/team/hostile@sha256:" + "4b" * 32
+
+
+def _packages_and_findings(report: TrivyReport) -> tuple[set[tuple[str, str, str]], set[tuple[str, str]]]:
+    packages = {(r.target, p.name, p.version) for r in report.results for p in r.packages}
+    return packages, {(v.pkg_name, v.vulnerability_id) for r in report.results for v in r.vulnerabilities}
+
+
+@pytest.mark.kube
+async def test_an_images_own_trivy_settings_change_nothing_in_its_scan(
+    kube_api: Kube,
+    kube_namespace: str,
+    kubelet_standin: StartStandin,
+    s3_settings: S3Settings,
+    trivy_bin: Path,
+    trivy_server: TrivyServer,
+) -> None:
+    """The hostile image runs with its config's Env (TRIVY_SKIP_FILES, TRIVY_SEVERITY) and WorkingDir (a trivy.yaml
+    naming an ignore policy, and a .trivyignore): each hid one finding (Go, requests, lodash, libexpat) before the
+    scan container had podsweep's own config, ignore file, working directory and environment. Its packages are the
+    clean image's, so are its findings."""
+    store = ObjectStore(s3_settings)
+    await store.ensure_bucket()
+    node = await _ready_node(kube_api)
+    options = jobspec.JobOptions(namespace=kube_namespace, trivy_server=trivy_server.url)
+    images = _images(trivy_bin, build_rootfs(FixtureKind.COMBINED))
+    images[HOSTILE_REF] = RootfsImage(
+        path=str(hostile_trivy_settings_rootfs()), env=dict(HOSTILE_TRIVY_ENV), workdir=HOSTILE_WORKDIR
+    )
+    standin = await kubelet_standin(images, namespace=kube_namespace)
+
+    reports = {}
+    for ref in (DIGEST_REF, HOSTILE_REF):
+        job, raw_key, _ = await _create_scan_job(kube_api, store, kube_namespace, node, options, digest_ref=ref)
+        assert await _job_finished(kube_api, kube_namespace, job, standin) == "Complete", standin.describe()
+        reports[ref] = _report_decoder.decode(gzip.decompress(await store.get(raw_key)))
+
+    clean_packages, clean_findings = _packages_and_findings(reports[DIGEST_REF])
+    packages, findings = _packages_and_findings(reports[HOSTILE_REF])
+    assert clean_findings == {(f.package, f.vulnerability_id) for f in EXPECTED_FINDINGS[FixtureKind.COMBINED]}
+    assert findings == clean_findings
+    assert packages == clean_packages
+    assert len(packages) > 5
+
+
+def test_every_flag_of_the_real_trivy_is_neutral_in_a_scanned_images_environment(trivy_bin: Path) -> None:
+    """Trivy binds TRIVY_<FLAG> for each flag of a command and the global ones: a flag added by a newer Trivy and
+    missing from scanenv.TRIVY_FLAGS would let an image set it."""
+    listed = set()
+    for command in (["rootfs", "--help"], ["sbom", "--help"], ["convert", "--help"], ["--help"]):
+        usage = subprocess.run([str(trivy_bin), *command], capture_output=True, text=True, check=True).stdout
+        listed |= set(re.findall(r"^\s+(?:-[a-zA-Z], )?--([a-z0-9-]+)", usage, re.MULTILINE))
+    listed.discard("help")
+    assert len(listed) > 60, "the help output changed shape"
+    assert listed <= set(scanenv.TRIVY_FLAGS), sorted(listed - set(scanenv.TRIVY_FLAGS))
+    env = {e["name"]: e["value"] for e in scanenv.neutral_env("/podsweep")}
+    assert all(env[scanenv.trivy_env_name(flag)] == "" for flag in listed)
+    assert env["TRIVY_RUN_AS_PLUGIN"] == env["XDG_DATA_HOME"] == "", "the image's plugin never runs instead"
 
 
 def _set_scan_args(extra: list[str]) -> Callable[[dict[str, Any], str], None]:

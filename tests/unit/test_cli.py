@@ -52,3 +52,22 @@ def test_run_unknown_service_is_refused() -> None:
 
 def test_schemas_export_check_passes_on_committed_files() -> None:
     assert runner.invoke(app, ["schemas", "export", "--check"]).exit_code == 0
+
+
+def test_deploy_nats_accounts_check_passes_on_the_committed_file() -> None:
+    assert runner.invoke(app, ["deploy", "nats-accounts", "--check"]).exit_code == 0
+
+
+def test_deploy_nats_accounts_check_fails_on_a_stale_file_and_writing_fixes_it(tmp_path: Path) -> None:
+    from podsweep.cli import DEPLOY_DIR
+
+    deploy = tmp_path / "deploy"
+    (deploy / "base" / "nats").mkdir(parents=True)
+    (deploy / "base" / "podsweep.yaml").write_text((DEPLOY_DIR / "base" / "podsweep.yaml").read_text())
+    accounts = deploy / "base" / "nats" / "accounts.conf"
+    committed = (DEPLOY_DIR / "base" / "nats" / "accounts.conf").read_text()
+    accounts.write_text(committed.replace('"podsweep.report.quarantined",\n', ""))
+    result = runner.invoke(app, ["deploy", "nats-accounts", "--check", "--deploy", str(deploy)])
+    assert result.exit_code == 1 and "stale" in result.output
+    assert runner.invoke(app, ["deploy", "nats-accounts", "--deploy", str(deploy)]).exit_code == 0
+    assert accounts.read_text() == committed

@@ -72,3 +72,26 @@ def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
 def test_unreadable_secret_file_is_named() -> None:
     with pytest.raises(ConfigError, match="PODSWEEP_S3_SECRET_ACCESS_KEY_FILE"):
         load_settings({"PODSWEEP_S3_SECRET_ACCESS_KEY_FILE": "/nonexistent/secret"})
+
+
+SECRET = "123456789"
+
+
+@pytest.mark.parametrize(
+    ("file_text", "env"),
+    [
+        pytest.param(f"nats:\n  password: {SECRET}\n", {}, id="password-of-the-wrong-type-in-the-file"),
+        pytest.param(f"nats:\n  user: ''\n  password: '{SECRET}'\n", {}, id="password-without-user"),
+        pytest.param("", {"PODSWEEP_NATS_PASSWORD": SECRET}, id="password-without-user-from-env"),
+        pytest.param(f"s3:\n  secret_access_key: [{SECRET}]\n", {}, id="secret-key-as-a-list"),
+        pytest.param(f"nats:\n  password: '{SECRET}\n  user: x\n", {}, id="yaml-syntax-error-on-the-secret-line"),
+        pytest.param(f"nats:\n  token: {SECRET}\n  url: 'x'\n", {}, id="another-fields-error-next-to-a-token"),
+    ],
+)
+def test_a_config_error_never_prints_a_secret_value(tmp_path: Path, file_text: str, env: dict[str, str]) -> None:
+    path = tmp_path / "podsweep.yaml"
+    path.write_text(file_text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(env, file=path)
+    assert SECRET not in str(info.value)
+    assert str(info.value).startswith("config: ")

@@ -5,8 +5,10 @@ Regenerate the golden files with PODSWEEP_UPDATE_GOLDEN=1 and review the diff.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,23 @@ def test_presigned_urls_are_only_in_env_never_in_command_or_args(name: str) -> N
     upload_env = {e["name"]: e["value"] for e in _containers(manifest)["upload"]["env"]}
     assert upload_env[jobspec.RAW_URL_ENV] == RAW_URL
     assert "X-Amz-Signature" not in str(manifest["metadata"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_trivy_in_the_target_image_reads_only_podsweeps_config_ignore_file_and_directory(name: str) -> None:
+    scan, options = CASES[name]
+    container = _containers(build_node_scan_job(scan, options))["scan"]
+    args = container["args"]
+    flags = dict(itertools.pairwise(args))
+    assert (flags["--config"], flags["--ignorefile"]) == ("/dev/null", "/dev/null")
+    assert container["workingDir"] == jobspec.WORK_DIR
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert len(env) == len(container["env"]), "each variable once"
+    for name_ in ("TRIVY_SKIP_FILES", "TRIVY_SKIP_DIRS", "TRIVY_SEVERITY", "TRIVY_CONFIG", "TRIVY_IGNOREFILE"):
+        assert env[name_] == ""
+    for name_ in ("TRIVY_RUN_AS_PLUGIN", "XDG_DATA_HOME", "HTTPS_PROXY", "https_proxy", "SSL_CERT_FILE"):
+        assert env[name_] == ""
+    assert (env["HOME"], env["TMPDIR"]) == (jobspec.WORK_DIR, jobspec.WORK_DIR)
 
 
 def test_the_job_is_found_by_label_and_annotations_name_digest_keys_and_node() -> None:
@@ -314,3 +333,15 @@ def test_sbom_rescan_is_unpinned_non_root_and_lists_its_batch() -> None:
 def test_bad_sbom_rescan_batch_is_refused(items: list[dict[str, Any]]) -> None:
     with pytest.raises(msgspec.ValidationError):
         _batch(items)
+
+
+@pytest.mark.parametrize(
+    ("deadline_s", "grace_s", "lifetime_s"),
+    [(600, 120, 720), (60, 0, 60), (86400, 120, 86520), (600, -5, 600)],
+    ids=["defaults", "no-grace", "longest-deadline", "negative-grace-adds-nothing"],
+)
+def test_presigned_urls_last_the_jobs_deadline_from_a_start_within_the_grace(
+    deadline_s: int, grace_s: int, lifetime_s: int
+) -> None:
+    options = JobOptions(active_deadline_seconds=deadline_s)
+    assert jobspec.url_lifetime_s(options, timedelta(seconds=grace_s)) == lifetime_s

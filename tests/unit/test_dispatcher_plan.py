@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
-from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, ScanStarted, Workload
+from schemas.events import ImageGone, ImageSeen, ReportQuarantined, ScanCompleted, ScanFailed, ScanStarted, Workload
 from schemas.state import DigestScanState, NodeFailure
 from services.dispatcher import plan
 from services.dispatcher.limits import Limits
@@ -313,7 +313,8 @@ def test_completion_marks_done_and_schedules_the_jittered_rescan() -> None:
     )
     d = plan.on_completed(current, done, POLICY)
     assert d.state is not None
-    assert (d.state.status, d.state.attempts, d.state.failures) == ("done", 0, [])
+    # attempts stay: a report found missing afterwards is a failed attempt of the same cycle
+    assert (d.state.status, d.state.attempts, d.state.failures) == ("done", 2, [])
     assert d.state.last_scan_at == T0
     assert d.state.next_due_at == due_at(REF, T0, POLICY)
 
@@ -510,3 +511,109 @@ def test_nodes_left_are_bounded() -> None:
         current = plan.on_gone(current, gone, T0, POLICY).state or current
     assert len(current.nodes_left) == plan.NODES_LEFT_KEPT
     assert current.nodes_left[-1].node == f"x{plan.NODES_LEFT_KEPT + 9}"
+
+
+# -- scan pods refused by the API server, reports that never arrived --------------------------------------------------
+
+REFUSED = (
+    'Error creating: pods "x" is forbidden: error looking up service account ps/scan: serviceaccount "scan" not found'
+)
+
+
+def test_a_refused_scan_pod_is_not_the_nodes_fault_and_not_an_attempt() -> None:
+    current = running(node="n1", attempts=3, nodes_seen=["n1", "n2"])  # the last attempt max_attempts allows
+    failed = msgspec.structs.replace(failed_event(current, reason="PodCreateRejected"), message=REFUSED)
+    d = plan.on_failed(current, failed, T0, POLICY, {}, LIMITS)
+    assert d.state is not None
+    assert d.state.status == "failed", "not given up: the attempt limit is for the scan's own failures"
+    assert d.state.attempts == 2
+    assert d.state.nodes_seen == ["n1", "n2"], "the node keeps the image"
+    assert d.state.next_due_at == T0 + POLICY.backoff_base
+    assert d.state.reason.startswith("PodCreateRejected: " + REFUSED)
+    assert "on node" not in d.state.reason
+    # After the backoff, the retry does not avoid n1 for it (n1 is the less loaded node).
+    later = plan.decide(d.state, T0 + POLICY.backoff_base, POLICY, {"n2": 1}, LIMITS)
+    assert later.scan is not None and later.scan.node == "n1"
+
+
+def _quarantined(st: DigestScanState, kind: str = "missing", what: str = "report") -> ReportQuarantined:
+    sid = st.scan_id or ""
+    return ReportQuarantined(
+        cluster="prod",
+        scan_id=sid,
+        digest_ref=REF,
+        object=what,  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]
+        reason=f"no object at raw/sha256/{HEX}/{sid}.json" if kind == "missing" else "line 1: not JSON",
+        source_key=f"raw/sha256/{HEX}/{sid}.json",
+        error_key=f"quarantine/{sid}.error.txt",
+        quarantined_at=T0,
+    )
+
+
+def _completed(st: DigestScanState) -> DigestScanState:
+    sid = st.scan_id or ""
+    done = ScanCompleted(
+        cluster="prod", scan_id=sid, digest_ref=REF, job=sid, raw_key=f"raw/sha256/{HEX}/{sid}.json", finished_at=T0
+    )
+    d = plan.on_completed(st, done, POLICY)
+    assert d.state is not None
+    return d.state
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        pytest.param("missing", "ReportMissing", id="nothing-uploaded"),
+        pytest.param("not-json", "ReportUnreadable", id="unreadable"),
+    ],
+)
+def test_a_completed_scan_without_a_usable_report_is_a_failed_attempt_retried_with_backoff(
+    kind: str, reason: str
+) -> None:
+    done = _completed(running(node="n1", attempts=1))
+    d = plan.on_quarantined(done, _quarantined(done, kind), T0, POLICY, {}, LIMITS)
+    assert d.scan is None and d.why == "backoff"
+    assert d.state is not None and d.state.status == "failed"
+    assert d.state.reason.startswith(f"attempt 1 failed with {reason} on node n1: ")
+    assert d.state.next_due_at == T0 + plan.backoff(1, POLICY)
+
+
+def test_reports_missing_every_time_give_up_after_max_attempts() -> None:
+    current: DigestScanState = running(node="n1", attempts=1)
+    at = T0
+    for _ in range(POLICY.max_attempts):
+        done = _completed(current)
+        d = plan.on_quarantined(done, _quarantined(done), at, POLICY, {}, LIMITS)
+        assert d.state is not None
+        if d.state.attempts >= POLICY.max_attempts:
+            break
+        at = d.state.next_due_at or at
+        retry = plan.decide(d.state, at, POLICY, {}, LIMITS)
+        assert retry.scan is not None and retry.state is not None
+        current = msgspec.structs.replace(retry.state, status="running")
+    assert d.state.reason.startswith(f"gave up after {POLICY.max_attempts} attempts; last: ReportMissing")
+
+
+@pytest.mark.parametrize(
+    ("st", "quarantined", "why"),
+    [
+        pytest.param(running(), _quarantined(running(), what="sbom"), "stale", id="an-sbom-leaves-the-report-standing"),
+        pytest.param(running(seq=2), _quarantined(running(seq=1)), "stale", id="another-scan"),
+        pytest.param(None, _quarantined(running()), "stale", id="unknown-digest"),
+    ],
+)
+def test_quarantines_that_change_nothing(st: DigestScanState | None, quarantined: ReportQuarantined, why: str) -> None:
+    d = plan.on_quarantined(st, quarantined, T0, POLICY, {}, LIMITS)
+    assert (d.state, d.scan, d.why) == (None, None, why)
+
+
+def test_a_quarantine_before_the_completion_fails_the_scan_and_the_late_completion_is_stale() -> None:
+    current = running(node="n1", attempts=1)
+    d = plan.on_quarantined(current, _quarantined(current), T0, POLICY, {}, LIMITS)
+    assert d.state is not None and d.state.status == "failed"
+    sid = current.scan_id or ""
+    late = ScanCompleted(
+        cluster="prod", scan_id=sid, digest_ref=REF, job=sid, raw_key=f"raw/sha256/{HEX}/{sid}.json", finished_at=T0
+    )
+    assert plan.on_completed(d.state, late, POLICY).why == "stale"

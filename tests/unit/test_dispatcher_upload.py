@@ -37,6 +37,9 @@ class Receiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+            def do_POST(self) -> None:
+                self.do_PUT()
+
             def do_GET(self) -> None:
                 receiver.received.append((self.path, dict(self.headers.items()), b""))
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
@@ -100,6 +103,34 @@ def test_upload_statuses(receiver: Receiver, report: Path, statuses: list[int], 
     assert headers["Content-Type"] == "application/gzip"
     assert "Content-Encoding" not in headers
     assert gzip.decompress(body) == report.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("statuses", "exit_code", "requests"),
+    [
+        pytest.param([], 0, 1, id="first-try-succeeds"),
+        pytest.param([412], 1, 1, id="an-object-already-there-is-never-replaced"),
+        pytest.param([503, 412], 0, 2, id="412-after-a-retry-is-the-earlier-attempts-write"),
+        pytest.param([400], 1, 1, id="400-entity-too-large-is-not-retried"),
+    ],
+)
+def test_an_upload_url_with_a_post_policy_is_sent_as_a_form_that_replaces_nothing(
+    receiver: Receiver, report: Path, statuses: list[int], exit_code: int, requests: int
+) -> None:
+    receiver.statuses = list(statuses)
+    base = f"http://127.0.0.1:{receiver.server.server_port}/bucket/"
+    url = base + "?key=raw/r.json&x-amz-algorithm=AWS4-HMAC-SHA256&policy=eyJ9&x-amz-signature=deadbeefsecret"
+    code = upload.run([f"{report}=RAW_URL"], env={"RAW_URL": url}, policy=FAST)
+    assert code == exit_code
+    assert len(receiver.received) == requests
+    path, headers, body = receiver.received[-1]
+    assert path == "/bucket/", "the fields travel in the form, not the URL"
+    assert headers["If-None-Match"] == "*"
+    assert headers["Content-Type"].startswith("multipart/form-data")
+    fields = body.split(b"\r\n\r\n")
+    assert b'name="key"' in body and fields[1].startswith(b"raw/r.json\r\n")
+    assert body.index(b'name="policy"') < body.index(b'name="file"'), "S3 reads the fields before the file"
+    assert gzip.compress(report.read_bytes(), compresslevel=6, mtime=0) in body
 
 
 def test_every_file_goes_to_its_own_url(receiver: Receiver, report: Path, tmp_path: Path) -> None:

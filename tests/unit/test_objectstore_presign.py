@@ -5,15 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import pytest
 
 from podsweep.config import S3Settings
 from podsweep.objectstore import ObjectStore, QuerySigner
+from schemas.state import DigestScanState
+from schemas.storage import StorageKey
 
 KEYS = {
-    "storage_key": "raw/sha256/" + "ab" * 32 + "/psw-0123456789abcdef01234567.json",
-    "space_and_plus": "sbom/x y+z.cdx.json",
-    "tilde_and_unicode": "quarantine/~ü/ok.json",
+    "storage_key": StorageKey("raw/sha256/" + "ab" * 32 + "/psw-0123456789abcdef01234567.json"),
+    "dots_dashes_underscores": StorageKey("sbom/x_y-z.cdx.json"),
+    "one_segment": StorageKey("a"),
 }
 ENDPOINTS = {
     "ip_path_style": ("http://127.0.0.1:8333", True),
@@ -35,7 +38,7 @@ def _store(endpoint: str, path_style: bool) -> ObjectStore:
     )
 
 
-def _botocore(store: ObjectStore, method: str, key: str, expires_s: int) -> str:
+def _botocore(store: ObjectStore, method: str, key: StorageKey, expires_s: int) -> str:
     operation = "put_object" if method == "PUT" else "get_object"
     url: str = store._client.generate_presigned_url(
         operation, Params={"Bucket": store.bucket, "Key": key}, ExpiresIn=expires_s
@@ -46,7 +49,7 @@ def _botocore(store: ObjectStore, method: str, key: str, expires_s: int) -> str:
 @pytest.mark.parametrize("method", ["PUT", "GET"])
 @pytest.mark.parametrize("key", list(KEYS.values()), ids=list(KEYS))
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS.values()), ids=list(ENDPOINTS))
-def test_presigned_url_is_the_one_botocore_makes(method: str, key: str, endpoint: tuple[str, bool]) -> None:
+def test_presigned_url_is_the_one_botocore_makes(method: str, key: StorageKey, endpoint: tuple[str, bool]) -> None:
     store = _store(*endpoint)
     signer = store.signer()
     assert signer is not None
@@ -58,11 +61,11 @@ def test_presigned_url_is_the_one_botocore_makes(method: str, key: str, endpoint
 
 def test_signing_key_follows_the_utc_day() -> None:
     signer = QuerySigner("http://127.0.0.1:8333/podsweep/", "us-east-1", "AK", "SK")
-    before = signer.presign("PUT", "a.json", 60, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC))
-    after = signer.presign("PUT", "a.json", 60, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC))
+    before = signer.presign("PUT", StorageKey("a.json"), 60, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC))
+    after = signer.presign("PUT", StorageKey("a.json"), 60, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC))
     assert "20260101%2Fus-east-1" in before
     assert "20260102%2Fus-east-1" in after
-    again = signer.presign("PUT", "a.json", 60, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC))
+    again = signer.presign("PUT", StorageKey("a.json"), 60, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC))
     assert again == before
 
 
@@ -74,10 +77,10 @@ def test_signing_key_follows_the_utc_day() -> None:
 def test_signature_covers_key_method_and_expiry(change: str, differs: bool) -> None:
     signer = QuerySigner("http://127.0.0.1:8333/podsweep/", "us-east-1", "AK", "SK")
     at = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-    base = signer.presign("PUT", "raw/a.json", 600, at)
+    base = signer.presign("PUT", StorageKey("raw/a.json"), 600, at)
     other = signer.presign(
         "GET" if change == "method" else "PUT",
-        "raw/b.json" if change == "key" else "raw/a.json",
+        StorageKey("raw/b.json") if change == "key" else StorageKey("raw/a.json"),
         601 if change == "expiry" else 600,
         at,
     )
@@ -99,3 +102,42 @@ def test_without_static_keys_botocore_presigns() -> None:
 def test_a_root_that_is_not_a_url_prefix_is_refused(base: str) -> None:
     with pytest.raises(ValueError, match="cannot presign under"):
         QuerySigner(base, "us-east-1", "AK", "SK")
+
+
+NOT_KEYS = {
+    "empty_signs_the_bucket_which_lists_it": "",
+    "leading_slash": "/raw/a.json",
+    "dot_dot": "raw/../index/summary.json",
+    "trailing_slash_a_prefix": "raw/",
+    "space": "sbom/x y.json",
+    "upper_case": "Raw/a.json",
+    "non_ascii": "quarantine/ü.json",
+    "query": "raw/a.json?list-type=2",
+    "newline_at_end": "raw/a.json\n",
+    "too_long": "a" * 513,
+}
+
+
+@pytest.mark.parametrize("key", list(NOT_KEYS.values()), ids=list(NOT_KEYS))
+@pytest.mark.parametrize("static_keys", [True, False], ids=["own_signer", "botocore"])
+def test_only_storage_keys_are_ever_presigned(key: str, static_keys: bool) -> None:
+    store = (
+        _store("http://127.0.0.1:8333", True)
+        if static_keys
+        else ObjectStore(S3Settings(endpoint_url="http://127.0.0.1:8333", bucket="podsweep"))
+    )
+    forged = StorageKey(key)  # what a cast, or a key stored as text, would hand over
+    with pytest.raises(ValueError, match="is not a podsweep key"):
+        store.presign_put(forged, 60)
+    with pytest.raises(ValueError, match="is not a podsweep key"):
+        store.presign_get(forged, 60)
+    signer = QuerySigner("http://127.0.0.1:8333/podsweep/", "us-east-1", "AK", "SK")
+    with pytest.raises(ValueError, match="is not a podsweep key"):
+        signer.presign("GET", forged, 60, datetime(2026, 11, 23, tzinfo=UTC))
+
+
+@pytest.mark.parametrize("key", list(NOT_KEYS.values()), ids=list(NOT_KEYS))
+def test_a_scan_state_never_holds_a_key_that_could_not_be_presigned(key: str) -> None:
+    state = {"digest_ref": "r.example/a@sha256:" + "ab" * 32, "sbom_key": key}
+    with pytest.raises(msgspec.ValidationError, match="sbom_key"):
+        msgspec.convert(state, DigestScanState)

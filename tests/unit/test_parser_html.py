@@ -7,10 +7,12 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas import storage
-from schemas.events import SeverityCounts
+from schemas.events import SeverityCounts, Workload
 from schemas.index import DigestSummary
 from schemas.report import Finding, Report
+from schemas.state import DigestScanState, DigestWorkloads, WorkloadRun
 from services.parser import html
+from services.parser.index import IndexModel
 
 REF = "registry.example.com/app@sha256:" + "b" * 64
 T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
@@ -67,3 +69,77 @@ def test_digest_page_of_a_running_digest_says_nothing_about_running() -> None:
     page = _page(None)
     assert "not running" not in page
     assert "<th>running</th>" not in page
+
+
+def _workloads_index(names: list[str]) -> IndexModel:
+    model = IndexModel()
+    runs = [
+        WorkloadRun(
+            namespace="shop", workload=Workload("Deployment", name), image=f"registry.example.com/app@{HEX_REF}"
+        )
+        for name in names
+    ]
+    model.apply_workloads("b" * 64, DigestWorkloads(digest_ref=REF, runs=runs), 1)
+    return model
+
+
+HEX_REF = "sha256:" + "b" * 64
+
+
+def test_namespace_page_sorts_workloads_as_people_count() -> None:
+    model = _workloads_index(["svc-10", "svc-2", "svc-1", "svc-11", "api"])
+    doc = model.namespace_index("shop", T0)
+    assert doc is not None
+    assert [w.workload.name for w in doc.workloads] == ["api", "svc-1", "svc-2", "svc-10", "svc-11"]
+    page = html.namespace_page(doc)
+    assert page.index("Deployment/svc-2<") < page.index("Deployment/svc-10<")
+
+
+def test_tables_show_short_digests_and_the_digest_page_the_whole_one() -> None:
+    doc = _workloads_index(["svc-1"]).namespace_index("shop", T0)
+    assert doc is not None
+    page = html.namespace_page(doc)
+    assert "b" * 13 not in page.replace(f'title="registry.example.com/app@{HEX_REF}"', ""), "only the hover has it"
+    assert "registry.example.com/app@sha256:bbbbbbbbbbbb\u2026" in page
+    assert REF in _page(None), "the digest page shows the whole digest"
+
+
+@pytest.mark.parametrize(
+    ("scan", "shown"),
+    [
+        pytest.param(None, "not scanned yet", id="never-claimed"),
+        pytest.param(DigestScanState(digest_ref=REF, status="running"), "scanning", id="running"),
+        pytest.param(DigestScanState(digest_ref=REF, status="pending"), "waiting to be scanned", id="pending"),
+        pytest.param(
+            DigestScanState(digest_ref=REF, status="not_scanned", nodes_seen=["n1"]),
+            "waiting to be scanned",
+            id="runs-and-waits-for-its-first-claim",
+        ),
+        pytest.param(
+            DigestScanState(
+                digest_ref=REF, status="failed", reason="attempt 1 failed with ReportMissing on node n1: no object"
+            ),
+            "scan failed: attempt 1 failed with ReportMissing on node n1: no object",
+            id="failed-with-its-reason",
+        ),
+    ],
+)
+def test_a_digest_without_a_report_shows_the_scan_state_status_counts(scan: DigestScanState | None, shown: str) -> None:
+    model = _workloads_index(["svc-1"])
+    model.take_dirty()
+    model.apply_scan("b" * 64, scan, 7)
+    summary_dirty, namespaces, revisions = model.take_dirty()
+    assert (summary_dirty, namespaces) == (scan is not None, {"shop"} if scan is not None else set())
+    assert revisions.scans == 7
+    doc = model.namespace_index("shop", T0)
+    assert doc is not None
+    assert f'<td class="muted" colspan="6">{shown}</td>' in html.namespace_page(doc)
+    assert f'<td class="muted" colspan="6">{shown}</td>' in html.index_page(model.summary_index(T0, revisions))
+
+
+def test_scan_writes_that_change_nothing_shown_dirty_nothing() -> None:
+    model = _workloads_index(["svc-1"])
+    model.apply_scan("b" * 64, DigestScanState(digest_ref=REF, status="running", attempts=1), 1)
+    model.take_dirty()
+    model.apply_scan("b" * 64, DigestScanState(digest_ref=REF, status="running", attempts=1, scan_seq=9), 2)
+    assert model.take_dirty()[:2] == (False, set())

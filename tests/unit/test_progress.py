@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+import msgspec
+
 from podsweep.progress import Sweep, line
-from podsweep.status import ConsumerLag, StatusReport
+from podsweep.status import ConsumerLag, StatusReport, summarize
+from schemas.state import DigestScanState, NodeFailure
 
 BROWSE = "podsweep report ls"
 
@@ -47,3 +52,37 @@ def test_an_empty_cluster_never_claims_a_first_sweep() -> None:
 def test_not_scanned_counts_as_failed() -> None:
     text, _ = line(report(3, done=1, failed=1, not_scanned=1, running=0), Sweep(first_done=True), 1.0, BROWSE)
     assert text == "sweep: 3 digests: 1 scanned, 0 scanning, 0 waiting, 2 failed; 0 events queued"
+
+
+def test_the_line_says_why_digests_failed_as_status_counts_them() -> None:
+    reading = msgspec.structs.replace(
+        report(5, done=1, failed=4), failed_by_reason={"PodCreateRejected": 3, "ReportMissing": 1}
+    )
+    text, _ = line(reading, Sweep(first_done=True), 1.0, BROWSE)
+    assert text == (
+        "sweep: 5 digests: 1 scanned, 0 scanning, 0 waiting, 4 failed (PodCreateRejected 3, ReportMissing 1); "
+        "0 events queued"
+    )
+
+
+def test_status_counts_failed_digests_by_their_last_reason_and_keeps_the_dispatchers_words() -> None:
+    at = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+    ref = "registry.example.com/app@sha256:"
+    failure = NodeFailure(node="n1", reason="PodCreateRejected", at=at)
+    states = [
+        DigestScanState(digest_ref=ref + "1" * 64, status="failed", failures=[failure], reason="PodCreateRejected: x"),
+        DigestScanState(digest_ref=ref + "2" * 64, status="failed", failures=[failure], reason="PodCreateRejected: y"),
+        DigestScanState(digest_ref=ref + "3" * 64, status="not_scanned", reason="no node runs this digest any more"),
+        DigestScanState(digest_ref=ref + "4" * 64, status="done"),
+    ]
+    summary = summarize(states, [])
+    assert summary.failed_by_reason == {"PodCreateRejected": 2, "not_scanned": 1}
+    assert {f.detail for f in summary.recent_failures} >= {"PodCreateRejected: x", "PodCreateRejected: y"}
+
+
+def test_a_digest_that_runs_and_waits_for_its_first_claim_is_pending_not_failed() -> None:
+    ref = "registry.example.com/app@sha256:" + "5" * 64
+    waiting = DigestScanState(digest_ref=ref, status="not_scanned", nodes_seen=["n1"])
+    summary = summarize([waiting], [])
+    assert summary.by_state == {"pending": 1}
+    assert summary.failed_by_reason == {} and summary.recent_failures == []

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
+from services.parser import localfile, trivy
 from services.parser.cli import NOT_A_REPORT, report_app
 from tests.unit.test_trivy_parse import FIXTURES, LARGE, NOT_REPORTS, REPORT_FILES, walk
 
@@ -60,8 +64,10 @@ def test_gzipped_report_is_read(tmp_path: Path) -> None:
         (b'{"SchemaVersion": 2, "Results": [{"Target": "x", "Vulnerabilities": [', "cut off"),
         (b'{"bomFormat": "CycloneDX"}', "not a Trivy report"),
         (b'{"SchemaVersion": 2, "Results": "oops"}', "$.Results"),
+        (b'{"SchemaVersion": 2, "X": ' + b"[" * 1_000 + b"]" * 1_000 + b"}", "nested deeper"),
+        (gzip.compress(b'{"SchemaVersion": 2}') + gzip.compress(b'{"SchemaVersion": 2}'), "trailing"),
     ],
-    ids=["empty-file", "not-json", "truncated", "cyclonedx-sbom", "wrong-type"],
+    ids=["empty-file", "not-json", "truncated", "cyclonedx-sbom", "wrong-type", "nested-1000-deep", "two-members"],
 )
 def test_a_file_that_is_not_a_trivy_report_exits_2_with_one_line(tmp_path: Path, content: bytes, says: str) -> None:
     path = tmp_path / "upload.json"
@@ -92,6 +98,28 @@ def test_a_report_over_the_cap_exits_2() -> None:
     result = runner.invoke(app, ["report", "parse", str(LARGE), "--max-bytes", "1000"])
     assert result.exit_code == 2
     assert "oversized" in result.stderr
+
+
+def test_a_report_streamed_through_a_pipe_stops_being_read_one_byte_past_the_cap(tmp_path: Path) -> None:
+    fifo = tmp_path / "report.pipe"
+    os.mkfifo(fifo)
+    written = 0
+    chunk = b" " * 65536
+
+    def feed() -> None:
+        nonlocal written
+        with contextlib.suppress(BrokenPipeError), fifo.open("wb") as pipe:
+            for _ in range(1_000):  # 64 MiB on offer, far past the cap
+                pipe.write(chunk)
+                written += len(chunk)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    with pytest.raises(trivy.ParseError) as caught:
+        localfile.read_capped(fifo, 1_000_000)
+    writer.join()
+    assert caught.value.kind == "oversized"
+    assert written < 4_000_000, "the reader stopped at the cap and closed the pipe"
 
 
 def test_human_output_shows_counts_and_the_worst_findings() -> None:

@@ -437,6 +437,57 @@ def test_a_report_exactly_at_the_cap_is_read() -> None:
     assert normalize.parse(gzip.compress(data), max_bytes=len(data)) == normalize.parse(data)
 
 
+def _members(*parts: bytes) -> bytes:
+    """One gzip stream of several members, as `cat a.gz b.gz` or pigz writes it."""
+    return b"".join(gzip.compress(part, mtime=0) for part in parts)
+
+
+def test_every_gzip_member_is_read() -> None:
+    data = LARGE.read_bytes()
+    half = len(data) // 2
+    assert normalize.parse(_members(data[:half], data[half:])) == normalize.parse(data)
+    assert normalize.parse(_members(b"", data, b"")) == normalize.parse(data)
+
+
+def test_a_clean_member_followed_by_a_critical_one_is_never_read_as_clean() -> None:
+    critical = (FIXTURES / "trivy-0.76-alpine.json").read_bytes()
+    assert normalize.parse(critical).counts.CRITICAL > 0
+    with pytest.raises(trivy.ParseError) as caught:
+        normalize.parse(_members(b'{"SchemaVersion": 2}', critical))
+    assert caught.value.kind == "not-json"
+
+
+def test_bytes_after_the_last_gzip_member_make_the_stream_corrupt() -> None:
+    with pytest.raises(trivy.ParseError) as caught:
+        normalize.parse(gzip.compress(b'{"SchemaVersion": 2}') + b"\x00" * 16)
+    assert (caught.value.kind, "after the gzip stream" in str(caught.value)) == ("bad-gzip", True)
+
+
+def test_the_inflation_cap_counts_every_member() -> None:
+    with pytest.raises(trivy.ParseError) as caught:
+        normalize.parse(_members(b" " * 600, b" " * 600 + b"null"), max_bytes=1000)
+    assert caught.value.kind == "oversized"
+
+
+@pytest.mark.parametrize("depth", [1_000, 5_000, 200_000])
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param('{{"SchemaVersion": 2, "Extra": {}}}', id="skipped-field"),
+        pytest.param('{{"SchemaVersion": 2, "Results": [{{"Target": "t", "Packages": {}}}]}}', id="skipped-in-result"),
+    ],
+)
+@pytest.mark.parametrize(("opener", "closer"), [("[", "]"), ('{"a": ', "}")], ids=["arrays", "objects"])
+def test_a_report_nested_too_deep_is_refused_as_oversized_with_a_reason(
+    depth: int, where: str, opener: str, closer: str
+) -> None:
+    data = where.format(opener * depth + "1" + closer * depth).encode()
+    with pytest.raises(trivy.ParseError) as caught:
+        normalize.parse(data)
+    assert caught.value.kind == "oversized"
+    assert "nested deeper" in caught.value.reason
+
+
 # --- diff ------------------------------------------------------------------------------------------------------------
 
 

@@ -77,3 +77,11 @@ def test_node_scan_and_sbom_rescan_differ_by_exactly_the_new_advisory() -> None:
     assert rescan.counts.total() == node.counts.total() + 1
     assert (node.trivy_version, rescan.trivy_version) == ("0.76.0", "0.76.0")
     assert (node.artifact_type, rescan.artifact_type) == ("filesystem", "cyclonedx")
+
+
+def test_an_sbom_nested_too_deep_is_refused_as_oversized() -> None:
+    data = b'{"bomFormat": "CycloneDX", "specVersion": "1.6", "x": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    with pytest.raises(sbom.SbomError) as caught:
+        sbom.check(data, max_bytes=1_000_000)
+    assert caught.value.kind == "oversized"
+    assert "nested deeper" in str(caught.value)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from schemas import jobs
 from schemas.events import ImageOptions
-from services.watcher.annotations import DEFAULT_OPTIONS, NamespaceFilter, filter_from, options_from
+from services.watcher.annotations import DEFAULT_OPTIONS, NamespaceFilter, filter_from, is_own_scan_pod, options_from
 
 
 @pytest.mark.parametrize(
@@ -129,3 +130,17 @@ def test_huge_hostile_values_are_never_kept_in_the_options_cache() -> None:
     for i in range(3):
         options_from({"podsweep.io/notify": f"{i}" * 200_000})
     assert _options.cache_info().currsize == before
+
+
+@pytest.mark.parametrize(
+    ("namespace", "annotations", "own"),
+    [
+        pytest.param("podsweep", {jobs.MODE_ANNOTATION: "node"}, True, id="node-scan-pod"),
+        pytest.param("podsweep", {jobs.MODE_ANNOTATION: "sbom"}, True, id="sbom-rescan-pod"),
+        pytest.param("podsweep", {}, False, id="podsweep-own-service-pod-is-still-watched"),
+        pytest.param("team-a", {jobs.MODE_ANNOTATION: "node"}, False, id="the-annotation-elsewhere-hides-nothing"),
+        pytest.param("podsweep-x", {jobs.MODE_ANNOTATION: "node"}, False, id="only-the-scan-namespace-itself"),
+    ],
+)
+def test_only_podsweeps_own_scan_pods_are_left_out(namespace: str, annotations: dict[str, str], own: bool) -> None:
+    assert is_own_scan_pod(namespace, annotations, "podsweep") is own

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -192,6 +192,12 @@ def test_jobs_with_missing_or_hostile_metadata_are_ignored(
     [
         pytest.param(job(start_time=False), [], None, Outcome("pending"), id="not-started"),
         pytest.param(job(active=1), [], None, Outcome("started", at=STARTED), id="active"),
+        pytest.param(job(), [], None, Outcome("pending"), id="start-time-without-a-pod-is-not-started"),
+        pytest.param(job(), [scan_pod(phase="Pending")], None, Outcome("started", at=STARTED), id="a-pod-exists"),
+        pytest.param(
+            job(), [], False, Outcome("failed", "NodeGone", "the scan's node no longer exists"), id="node-gone"
+        ),
+        pytest.param(job(), [], None, Outcome("pending"), id="node-not-known-is-not-gone"),
         pytest.param(
             job(conditions=[cond("Complete")]),
             [],
@@ -313,6 +319,74 @@ def test_job_outcome(
     the_job: kubeobjects.Job, pods: list[kubeobjects.ScanPod], node_exists: bool | None, expected: Outcome
 ) -> None:
     assert jobstatus.outcome(the_job, pods, node_exists) == expected
+
+
+SA_MISSING = (
+    'Error creating: pods "psw-0-abcde" is forbidden: error looking up service account podsweep/scan: '
+    'serviceaccount "scan" not found'
+)
+
+
+@pytest.mark.parametrize(
+    ("the_job", "pods", "create_failure", "expected"),
+    [
+        pytest.param(
+            job(), [], SA_MISSING, Outcome("failed", "PodCreateRejected", SA_MISSING), id="no-pod-and-failed-create"
+        ),
+        pytest.param(
+            job(conditions=[cond("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]),
+            [],
+            SA_MISSING,
+            Outcome("failed", "PodCreateRejected", SA_MISSING, FINISHED),
+            id="deadline-of-a-job-that-never-had-a-pod-says-why",
+        ),
+        pytest.param(
+            job(active=1), [], SA_MISSING, Outcome("started", at=STARTED), id="a-later-pod-was-created-after-all"
+        ),
+        pytest.param(job(), [scan_pod(phase="Pending")], SA_MISSING, Outcome("started", at=STARTED), id="a-pod-exists"),
+        pytest.param(
+            job(conditions=[cond("Complete")]),
+            [],
+            SA_MISSING,
+            Outcome("completed", at=FINISHED, started_at=STARTED),
+            id="completed-wins",
+        ),
+        pytest.param(
+            job(),
+            [],
+            "quota \x1b[31m" + "q" * 5000,
+            Outcome("failed", "PodCreateRejected", ("quota  [31m" + "q" * 5000)[:1024]),
+            id="message-cleaned-and-bounded",
+        ),
+    ],
+)
+def test_a_job_whose_pod_was_refused_fails_with_the_api_servers_reason(
+    the_job: kubeobjects.Job, pods: list[kubeobjects.ScanPod], create_failure: str, expected: Outcome
+) -> None:
+    assert jobstatus.outcome(the_job, pods, True, create_failure) == expected
+
+
+@pytest.mark.parametrize(
+    ("the_job", "pods", "podless_since", "expected"),
+    [
+        pytest.param(
+            job(),
+            [],
+            STARTED,
+            Outcome("failed", "PodCreateRejected", jobstatus.PODLESS),
+            id="started-long-enough-ago-and-no-pod",
+        ),
+        pytest.param(job(), [], STARTED - timedelta(seconds=1), Outcome("pending"), id="not-long-enough"),
+        pytest.param(
+            job(), [scan_pod(phase="Pending")], NOW, Outcome("started", at=STARTED), id="a-pod-exists-however-late"
+        ),
+        pytest.param(job(start_time=False), [], NOW, Outcome("pending"), id="never-started"),
+    ],
+)
+def test_a_job_without_a_pod_for_long_fails_even_without_its_event(
+    the_job: kubeobjects.Job, pods: list[kubeobjects.ScanPod], podless_since: datetime, expected: Outcome
+) -> None:
+    assert jobstatus.outcome(the_job, pods, True, None, podless_since) == expected
 
 
 def test_messages_are_bounded() -> None:

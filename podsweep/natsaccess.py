@@ -1,0 +1,236 @@
+"""What a service does on NATS, declared once, and the NATS permissions that follow from it.
+
+Each service declares its `NATS = NatsAccess(...)` in `services/<name>/main.py` from the names in schemas/ (subjects,
+buckets); its Bus refuses anything the declaration does not list, and `podsweep deploy nats-accounts` writes
+deploy/base/nats/accounts.conf from the same declarations, so the code and the allow-lists cannot drift apart.
+Pure: builds names and text, never connects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import msgspec
+
+from schemas import subjects
+
+
+class Durable(msgspec.Struct, frozen=True):
+    """A durable pull consumer on the events stream: its name and the subjects it reads (relative to the root)."""
+
+    name: str
+    subjects: tuple[str, ...]
+
+
+class Bucket(msgspec.Struct, frozen=True):
+    """A KV bucket (relative to the KV prefix: schemas/state.py) the service opens; `writes` False: it only reads."""
+
+    name: str
+    writes: bool = True
+
+
+class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything one service does on NATS.
+
+    `publishes`: event subjects relative to the root (dead letters, `dead.<service>`, come with any consumer);
+    `durables`: its durable pull consumers on the events stream; `buckets`: the KV buckets it opens;
+    `replays`: subjects it follows with ordered consumers of its own (ephemeral, unacknowledged: the admission view);
+    `outbox`: it owns the outbox stream (schemas/subjects.py, outbox_stream) and every consumer on it.
+    """
+
+    service: str
+    publishes: tuple[str, ...] = ()
+    durables: tuple[Durable, ...] = ()
+    buckets: tuple[Bucket, ...] = ()
+    replays: tuple[str, ...] = ()
+    outbox: bool = False
+
+    @property
+    def consumes(self) -> bool:
+        return bool(self.durables) or self.outbox
+
+    def may_publish(self, name: str) -> bool:
+        """Whether this service may publish the event subject `name` (relative to the root)."""
+        return name in self.publishes or (self.consumes and name == dead_letters(self.service))
+
+    def durable(self, name: str) -> Durable | None:
+        return next((d for d in self.durables if d.name == name), None)
+
+    def bucket(self, name: str) -> Bucket | None:
+        return next((b for b in self.buckets if b.name == name), None)
+
+
+class Undeclared(PermissionError):
+    """The code did something on NATS its service's declaration does not list (a bug: the deployed NATS refuses it)."""
+
+
+def refuse(access: NatsAccess, what: str) -> Undeclared:
+    return Undeclared(
+        f"nats: {access.service} {what}, which its NATS declaration (NATS in services/{access.service}/main.py) "
+        "does not list: add it there, then run `podsweep deploy nats-accounts` so deploy/base/nats/accounts.conf "
+        "allows it"
+    )
+
+
+def dead_letters(service: str) -> str:
+    return f"{subjects.DEAD}.{service}"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def inbox_prefix(name: str) -> str:
+    """The inbox prefix of a connection named `name`: replies and pulled messages arrive under it, and each service's
+    NATS user may subscribe to its own prefix only (no service reads another's replies)."""
+    return f"_INBOX_{_UNSAFE.sub('_', name)}"
+
+
+class Names(msgspec.Struct, frozen=True, kw_only=True):
+    """The installation's names (NatsSettings: subject root, stream, KV prefix) the permissions are written for."""
+
+    root: str = subjects.DEFAULT_ROOT
+    stream: str = "PODSWEEP"
+    kv_prefix: str = "podsweep"
+
+
+class Permissions(msgspec.Struct, frozen=True):
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+class Section(msgspec.Struct, frozen=True):
+    """Some of a user's publish permissions, with what they are for (a comment in the generated file)."""
+
+    why: str
+    subjects: tuple[str, ...]
+
+
+API = "$JS.API"
+
+
+def sections(access: NatsAccess, names: Names) -> list[Section]:
+    """The subjects `access` may publish to, grouped by what they are for, and nothing else.
+
+    Every JetStream API call is a request on a subject naming its stream (and consumer): what is not listed is
+    denied, including deleting, purging or updating a stream and any consumer but the service's own.
+    """
+    stream = names.stream
+    events = [subjects.subject(names.root, n) for n in access.publishes]
+    if access.consumes:
+        events.append(subjects.subject(names.root, dead_letters(access.service)))
+    out = [
+        Section("the events it publishes", tuple(events)),
+        Section(
+            f"the {stream} stream: read it, create it when missing (never update it)",
+            (f"{API}.STREAM.INFO.{stream}", f"{API}.STREAM.CREATE.{stream}"),
+        ),
+    ]
+    for durable in access.durables:
+        on = ", ".join(durable.subjects)
+        out.append(Section(f"its durable consumer {durable.name} on {on}", _durable(stream, durable.name)))
+    if access.replays:
+        replay = subjects.replay_stream(stream)
+        out.append(
+            Section(
+                f"replaying {', '.join(access.replays)}: ordered (unnamed, ephemeral) consumers on {replay}, a copy of "
+                f"those events of {stream} that the server makes, no consumer on {stream}",
+                (
+                    f"{API}.STREAM.INFO.{replay}",
+                    f"{API}.STREAM.CREATE.{replay}",
+                    f"{API}.CONSUMER.CREATE.{replay}",
+                    f"{API}.CONSUMER.INFO.{replay}.*",
+                    f"$JS.FC.{replay}.>",
+                ),
+            )
+        )
+    if access.outbox:
+        outbox = subjects.outbox_stream(stream)
+        out.append(
+            Section(
+                f"its outbox, a stream of its own ({outbox}): a durable consumer per destination, named after it",
+                (
+                    f"{subjects.outbox_root(names.root)}.*",
+                    f"{API}.STREAM.INFO.{outbox}",
+                    f"{API}.STREAM.CREATE.{outbox}",
+                    *_durable(outbox, "*"),
+                ),
+            )
+        )
+    for bucket in access.buckets:
+        kv = f"{names.kv_prefix}-{bucket.name}"
+        reads = (
+            f"{API}.STREAM.INFO.KV_{kv}",
+            f"{API}.STREAM.CREATE.KV_{kv}",
+            f"{API}.DIRECT.GET.KV_{kv}.>",
+            f"{API}.STREAM.MSG.GET.KV_{kv}",  # a bucket made without direct gets
+            f"{API}.CONSUMER.CREATE.KV_{kv}",  # watches: ordered consumers,
+            f"{API}.CONSUMER.INFO.KV_{kv}.*",  # which nats-py's watch asks how much is pending
+            f"$JS.FC.KV_{kv}.>",  # their flow control
+        )
+        if bucket.writes:
+            out.append(Section(f"KV bucket {kv}: read and write", (*reads, f"$KV.{kv}.>")))
+        else:
+            out.append(Section(f"KV bucket {kv}: read only", reads))
+    return [section for section in out if section.subjects]
+
+
+def permissions(access: NatsAccess, names: Names) -> Permissions:
+    """Everything `access` may publish to and subscribe to: its sections, and its own inbox prefix."""
+    publish = tuple(subject for section in sections(access, names) for subject in section.subjects)
+    return Permissions(publish=publish, subscribe=(f"{inbox_prefix(access.service)}.>",))
+
+
+def _durable(stream: str, name: str) -> tuple[str, ...]:
+    return (
+        f"{API}.CONSUMER.DURABLE.CREATE.{stream}.{name}",
+        f"{API}.CONSUMER.INFO.{stream}.{name}",
+        f"{API}.CONSUMER.MSG.NEXT.{stream}.{name}",
+        f"$JS.ACK.{stream}.{name}.>",
+    )
+
+
+def password_variable(service: str) -> str:
+    """The nats-server's environment variable with this service's password (deploy/base/nats.yaml)."""
+    return f"PODSWEEP_NATS_{service.upper()}_PASSWORD"
+
+
+HEADER = """\
+# GENERATED by `podsweep deploy nats-accounts` from the NATS declarations of the services (NATS in
+# services/<name>/main.py, podsweep/natsaccess.py): do not edit; change the declaration and run it again.
+# `podsweep deploy nats-accounts --check` (in scripts/test.sh) fails when this file is stale.
+#
+# One user per podsweep service, all in the PODSWEEP account (they share the events stream and the KV buckets).
+# Passwords come from the environment (the nats-<service> Secrets). Anything not listed is denied: no user may
+# delete, purge or update a stream, or touch a consumer but its own. A user subscribes to its own inbox prefix only.
+"""
+
+
+def accounts_conf(declarations: Sequence[NatsAccess], names: Names) -> str:
+    """accounts.conf for these services, one user each, in the given order."""
+    lines = [HEADER, "accounts {", "  PODSWEEP {", "    jetstream: enabled", "    users: ["]
+    for access in declarations:
+        allowed = permissions(access, names)
+        publish: list[str] = []
+        for section in sections(access, names):
+            publish.append(f"              # {section.why}")
+            publish += [f'              "{subject}",' for subject in section.subjects]
+        publish[-1] = publish[-1].rstrip(",")
+        lines += [
+            "      {",
+            f"        user: {access.service}",
+            f"        password: ${password_variable(access.service)}",
+            "        permissions: {",
+            "          publish: {",
+            "            allow: [",
+            *publish,
+            "            ]",
+            "          }",
+            "          subscribe: {",
+            f"            allow: [{', '.join(f'{chr(34)}{s}{chr(34)}' for s in allowed.subscribe)}]",
+            "          }",
+            "        }",
+            "      }",
+        ]
+    lines += ["    ]", "  }", "}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,476 @@
+"""End to end as deployed: every process configured from `kubectl kustomize deploy/overlays/dev`, nothing from code.
+
+What runs, and where it comes from (tests/harness/deployed.py):
+- nats-server: the nats StatefulSet's command on the rendered nats.conf and accounts.conf, its passwords from the
+  rendered Secrets through the StatefulSet's secretKeyRef env;
+- SeaweedFS: the dev seaweedfs StatefulSet's command with the rendered identities file, verbatim (one identity per
+  service, limited to the actions and key prefixes that service needs);
+- watcher, dispatcher, parser, notifier, admission: each its own `podsweep run <name>` process with exactly its
+  Deployment's args and env, its mounted ConfigMap and Secrets written to files;
+- the API identities: the rendered Namespace, ServiceAccounts, Roles, ClusterRoles and bindings applied to the
+  harness apiserver; the watcher and dispatcher get a token for their own ServiceAccount from the TokenRequest API
+  (never the admin's), the other services (automountServiceAccountToken: false) get none.
+
+What is remapped, because a container's view cannot exist here, and nothing else:
+- every mounted container path (/etc/podsweep, /var/run/secrets/podsweep/..., /etc/nats, /data, /tmp) becomes a
+  directory of the test's own, in the env, the args and inside the mounted config files (policy.yaml's `file:`
+  references, nats.conf's store_dir);
+- the in-cluster Service addresses nats.podsweep.svc:4222 and seaweedfs.podsweep.svc:8333 become loopback ports;
+- the in-cluster token mount (/var/run/secrets/kubernetes.io/serviceaccount) becomes KUBECONFIG pointing at a file
+  that holds the TokenRequest token and the apiserver's CA;
+- container ports every pod has to itself here share one host: the metrics port (9090) and the admission port
+  (8443) become free ports (PODSWEEP_TELEMETRY_METRICS_PORT, PODSWEEP_ADMISSION_PORT, ADMISSION_HOST on loopback);
+  nats-server's listen address and SeaweedFS's ports are command-line flags;
+- Secret values that are placeholders (`REPLACE-ME-...`) get fresh values, the same in every pod that mounts them:
+  the webhook URL points at the test's receiver and the admission TLS pair is a throwaway CA's; the dev overlay's
+  published S3 keys are used as they are;
+- POD_NAME (the downward API) is a made-up pod name.
+
+The kubelet stand-in plays the scan pods (PUTs a real Trivy 0.76 report, and an SBOM, to the Job's presigned URLs,
+which were signed with the dispatcher's own S3 key) and the webhook receiver checks every signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import re
+import secrets
+import ssl
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from podsweep import bus as busmod
+from podsweep.config import load_settings
+from podsweep.embedded import free_port
+from podsweep.kube import Kube, KubeError
+from podsweep.objectstore import ObjectStore
+from schemas import storage, subjects
+from schemas.alerts import AlertPayload
+from schemas.events import ReportStored
+from services.admission import main as admission
+from services.dispatcher.jobspec import RAW_URL_ENV, SBOM_URL_ENV
+from tests.harness import deployed
+from tests.harness.admission import make_tls
+from tests.harness.admission import review as admission_review
+from tests.harness.kube import KubeControlPlane
+from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
+from tests.harness.receiver import Receiver
+from tests.harness.standin import KubeletStandin, Pod
+
+pytestmark = pytest.mark.kube
+
+REPO = Path(__file__).resolve().parents[2]
+REPORT = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-alpine.json").read_bytes(), mtime=0)
+SBOM = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-combined.cdx.json").read_bytes(), mtime=0)
+OVERLAY = "overlays/dev"
+PROD_S3 = "https://s3.example.invalid"  # overlays/prod/services-tls.yaml: the endpoint to replace
+SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
+_DIGEST_IN_URL = re.compile(r"/raw/sha256/([0-9a-f]{64})/")
+
+
+@dataclass
+class DeployedWorld:
+    kube: KubeControlPlane
+    admin: Kube
+    rendered: deployed.Rendered
+    remap: deployed.Remap
+    root: Path
+    receiver: Receiver
+    standin: KubeletStandin
+    nodes: list[str]
+    apps: str
+    kubeconfigs: dict[str, Path]
+    admission_ca: bytes
+    processes: dict[str, deployed.Process] = field(default_factory=dict)
+    ports: dict[str, dict[str, str]] = field(default_factory=dict)
+    puts: Counter[str] = field(default_factory=Counter)  # digest hex -> reports PUT by scan pods
+
+    def config(self, service: str) -> deployed.ProcessConfig:
+        return deployed.pod_process(self.rendered, "Deployment", service, self.root / "configs" / service, self.remap)
+
+    def start(self, service: str, extra_env: dict[str, str] | None = None, replica: int = 0) -> deployed.Process:
+        """The service's Deployment as a process (`replica` > 0: another pod of it, `<service>-<replica>`); only the
+        remaps in this module's docstring are added."""
+        name = f"{service}-{replica}" if replica else service
+        config = deployed.pod_process(self.rendered, "Deployment", service, self.root / name, self.remap)
+        env: dict[str, str] = {"PODSWEEP_TELEMETRY_METRICS_PORT": str(free_port())}
+        if service == "admission":
+            env |= {"PODSWEEP_ADMISSION_HOST": "127.0.0.1", "PODSWEEP_ADMISSION_PORT": str(free_port())}
+        if config.token:
+            env["KUBECONFIG"] = str(self.kubeconfigs[config.service_account])
+        self.ports[name] = env
+        process = deployed.start_service(config, env | (extra_env or {}), self.root / "logs" / f"{name}.log")
+        self.processes[name] = process
+        return process
+
+    def start_every_replica(self, service: str) -> None:
+        """As many processes as the rendered Deployment has replicas (prod: two dispatchers, one leading)."""
+        for replica in range(self.rendered.workload("Deployment", service).spec.replicas):
+            self.start(service, replica=replica)
+
+    def s3(self, service: str) -> ObjectStore:
+        """An S3 client with that service's own settings and key, loaded as the service loads them."""
+        return ObjectStore(load_settings(environ=self.config(service).env).s3)
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {name}\n{process.tail(2000)}" for name, process in self.processes.items())
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, world: DeployedWorld) -> None:
+    """Wait for `check`; a service that exits on its own (refused by NATS, S3 or the API at start) fails at once."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        for name, process in world.processes.items():
+            code = process.proc.poll()
+            if code is not None and code != -9:
+                raise AssertionError(f"{name} exited with {code}:\n{process.tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{world.tails()}")
+        await asyncio.sleep(0.25)
+
+
+async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
+    """What a scan pod's upload container does on a node: PUT the report (and the SBOM) to the presigned URLs."""
+    env = {e.name: e.value for c in pod.spec.containers for e in c.env}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for variable, body in ((RAW_URL_ENV, REPORT), (SBOM_URL_ENV, SBOM)):
+            if variable in env:
+                answer = await client.put(env[variable], content=body, headers={"Content-Type": "application/gzip"})
+                answer.raise_for_status()
+    found = _DIGEST_IN_URL.search(env[RAW_URL_ENV])
+    assert found is not None, env[RAW_URL_ENV]
+    puts[found.group(1)] += 1
+
+
+async def delete_scan_jobs(admin: Kube, timeout_s: float = 60.0) -> None:
+    """Remove this test's scan Jobs from the podsweep namespace and wait until none is listed."""
+    selector = {"labelSelector": "app.kubernetes.io/managed-by=podsweep"}
+    path = f"/apis/batch/v1/namespaces/{deployed.NAMESPACE}/jobs"
+    await admin.request("DELETE", path, params={**selector, "propagationPolicy": "Background"})
+    deadline = time.monotonic() + timeout_s
+    while msgspec.json.decode(await admin.request("GET", path, params=selector))["items"]:
+        assert time.monotonic() < deadline, "scan Jobs were still listed after their deletion"
+        await asyncio.sleep(0.2)
+
+
+async def service_kubeconfigs(kube: KubeControlPlane, admin: Kube, directory: Path) -> dict[str, Path]:
+    """A kubeconfig per ServiceAccount whose pods get a token, holding a TokenRequest token for it (not the admin's)."""
+    kubeconfigs: dict[str, Path] = {}
+    for account in ("watcher", "dispatcher"):
+        token = await deployed.service_account_token(admin, account)
+        user = f"system:serviceaccount:{deployed.NAMESPACE}:{account}"
+        kubeconfigs[account] = deployed.write_kubeconfig(directory / account, kube.server, kube.ca_file, user, token)
+    return kubeconfigs
+
+
+@pytest.fixture
+async def world(
+    kube: KubeControlPlane, kube_api: Kube, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[DeployedWorld]:
+    overlay: str = getattr(request, "param", OVERLAY)
+    rendered = deployed.kustomize(kube.kubectl, overlay)
+    dev = rendered if overlay == OVERLAY else deployed.kustomize(kube.kubectl, OVERLAY)
+    kube.kubectl_run("apply", "-f", "-", stdin=rendered.rbac_yaml())
+    await delete_scan_jobs(kube_api)  # what an earlier run in this control plane left behind
+    hook_key = secrets.token_urlsafe(32)
+    receiver = Receiver(hmac_key=hook_key)
+    await receiver.start()
+    tls = make_tls(tmp_path / "admission-ca")
+    nats_port, s3_port = free_port(), free_port()
+    remap = deployed.Remap(
+        addresses={
+            "nats.podsweep.svc:4222": f"127.0.0.1:{nats_port}",
+            "seaweedfs.podsweep.svc:8333": f"127.0.0.1:{s3_port}",
+            PROD_S3: f"http://127.0.0.1:{s3_port}",  # prod's external S3: the dev overlay's SeaweedFS stands in
+        },
+        secret_values={
+            ("podsweep-webhooks", "hmac-key"): hook_key,
+            ("podsweep-webhooks", "default-url"): f"{receiver.url}/hook",
+            ("admission-tls", "tls.crt"): tls.cert_file.read_text(),
+            ("admission-tls", "tls.key"): tls.key_file.read_text(),
+            **deployed.nats_tls_values(),
+        },
+    )
+    if rendered is not dev:
+        remap.secret_values[("seaweedfs-identities", "s3.json")] = deployed.s3_identities_for(dev, rendered, remap)
+    servers = [
+        deployed.start_nats(rendered, tmp_path / "nats", remap, nats_port),
+        deployed.start_seaweedfs(dev, tmp_path / "seaweedfs", remap, s3_port),
+    ]
+    kubeconfigs = await service_kubeconfigs(kube, kube_api, tmp_path / "kubeconfigs")
+    n = secrets.token_hex(3)
+    apps = f"deployed-{n}"
+    await create_namespace(kube_api, apps)
+    nodes = [f"deployed-{n}-node-{i}" for i in range(4)]
+    await asyncio.gather(*(create_fake_node(kube_api, name) for name in nodes))
+    puts: Counter[str] = Counter()
+
+    async def complete(pod: Pod) -> None:
+        await play_scan_pod(pod, puts)
+
+    standin = KubeletStandin(
+        kube_api,
+        tmp_path / "standin",
+        namespace=deployed.NAMESPACE,
+        execute=False,
+        parallel_pods=16,
+        on_complete=complete,
+    )
+    await standin.start()
+    world = DeployedWorld(
+        kube, kube_api, rendered, remap, tmp_path, receiver, standin, nodes, apps, kubeconfigs, tls.ca_pem, puts=puts
+    )
+    try:
+        yield world
+    finally:
+        for process in world.processes.values():
+            process.stop()
+        await standin.stop()
+        await receiver.stop()
+        for server in servers:
+            server.stop(grace_s=2.0)
+        try:
+            await delete_scan_jobs(kube_api)
+        finally:
+            await kube_api.request("DELETE", f"/api/v1/namespaces/{apps}")
+
+
+def alerts(world: DeployedWorld) -> dict[str, list[AlertPayload]]:
+    """Accepted alerts by idempotency key, each checked against the webhook Secret's signing key."""
+    by_key: dict[str, list[AlertPayload]] = {}
+    for arrival in world.receiver.accepted("/hook"):
+        assert arrival.verified, "a webhook arrived without a valid signature"
+        by_key.setdefault(arrival.key, []).append(msgspec.json.decode(arrival.body, type=AlertPayload))
+    return by_key
+
+
+class AdmissionAnswer(msgspec.Struct, frozen=True):
+    allowed: bool
+    warnings: list[str] = []
+
+
+class AdmissionReviewAnswer(msgspec.Struct, frozen=True):
+    response: AdmissionAnswer
+
+
+def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": image}]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", ["overlays/dev", "overlays/prod"], indirect=True)
+async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(world: DeployedWorld) -> None:
+    for service in SERVICES:
+        world.start_every_replica(service)
+    images = [f"registry.example.com/deployed/app-{i}:1.{i}" for i in range(4)]
+    # The first image as a Deployment's two replicas on one node (one digest, one scan, one alert); the others bare.
+    web = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": world.nodes[0]},
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{"name": "app", "image": images[0]}],
+                },
+            },
+        },
+    }
+    await world.admin.request("POST", f"/apis/apps/v1/namespaces/{world.apps}/deployments", body=web)
+    for i, image in enumerate(images[1:], start=1):
+        body = bare_pod(f"app-{i}", image, world.nodes[i % len(world.nodes)])
+        await world.admin.request("POST", f"/api/v1/namespaces/{world.apps}/pods", body=body)
+    refs = {expected_image_id(image, "app") for image in images}
+
+    async def every_digest_alerted() -> bool:
+        return {a[0].digest_ref for a in alerts(world).values()} >= refs
+
+    await eventually(every_digest_alerted, 120, f"a signed alert for each of the {len(refs)} digests", world)
+
+    mine = {ref.rsplit(":", 1)[1] for ref in refs}
+    assert {d: c for d, c in world.puts.items() if d in mine} == dict.fromkeys(mine, 1), world.puts
+    by_digest = Counter(a[0].digest_ref for a in alerts(world).values() if a[0].digest_ref in refs)
+    assert by_digest == Counter(refs), [
+        (k, [(a.digest_ref[-8:], a.namespace, a.workload, a.rule, a.scan_id, a.new_count, a.reasons) for a in v])
+        for k, v in alerts(world).items()
+    ]
+    # Stored: read back with the notifier's own read-only credential.
+    notifier_s3 = world.s3("notifier")
+    for ref in sorted(refs):
+        report = msgspec.json.decode(await notifier_s3.get(storage.latest_report_key(ref)))
+        assert report["digest_ref"] == ref
+    for alert in (a[0] for a in alerts(world).values() if a[0].digest_ref in refs):
+        assert (alert.namespace, alert.counts.CRITICAL >= 1) == (world.apps, True)
+
+    # The admission gate (its own NATS user and read-only S3 key) answers from the same findings: warn by default.
+    review = admission_review(bare_pod("new-app", images[1], world.nodes[1]), world.apps)
+    context = ssl.create_default_context(cadata=world.admission_ca.decode())
+    url = f"https://127.0.0.1:{world.ports['admission']['PODSWEEP_ADMISSION_PORT']}/validate"
+    answer = AdmissionAnswer(allowed=False)
+
+    async def warned() -> bool:
+        nonlocal answer
+        async with httpx.AsyncClient(verify=context, timeout=10) as client:
+            body = (await client.post(url, json=review)).raise_for_status().content
+        answer = msgspec.json.decode(body, type=AdmissionReviewAnswer).response
+        return any("CRITICAL" in w for w in answer.warnings)
+
+    await eventually(warned, 60, "the admission gate's warning about the scanned image's findings", world)
+    assert answer.allowed is True, answer
+
+
+async def test_service_accounts_are_refused_what_the_rendered_rbac_does_not_grant(
+    kube: KubeControlPlane, kube_api: Kube, tmp_path: Path
+) -> None:
+    """The kubeconfigs the services get really are their ServiceAccounts: outside the rendered RBAC a call is a 403,
+    inside it the call is made (a Job created in a server-side dry run)."""
+    kube.kubectl_run("apply", "-f", "-", stdin=deployed.kustomize(kube.kubectl, OVERLAY).rbac_yaml())
+    kubeconfigs = await service_kubeconfigs(kube, kube_api, tmp_path)
+    jobs = f"/apis/batch/v1/namespaces/{deployed.NAMESPACE}/jobs"
+    job: dict[str, object] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"generateName": "rbac-probe-"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": "scan",
+                    "containers": [{"name": "probe", "image": "registry.example.com/probe:1"}],
+                }
+            }
+        },
+    }
+    calls: list[tuple[str, str, str, dict[str, object] | None, int | None]] = [
+        ("watcher", "POST", jobs, job, 403),
+        ("watcher", "GET", f"/api/v1/namespaces/{deployed.NAMESPACE}/secrets", None, 403),
+        ("watcher", "GET", "/api/v1/pods", None, None),
+        ("watcher", "GET", jobs, None, None),
+        ("dispatcher", "GET", "/api/v1/pods", None, 403),
+        ("dispatcher", "GET", jobs, None, 403),
+        ("dispatcher", "POST", "/apis/batch/v1/namespaces/default/jobs", job, 403),
+        ("dispatcher", "POST", jobs, job, None),
+    ]
+    for account, method, path, body, refused in calls:
+        client = await Kube.connect(str(kubeconfigs[account]))
+        params: dict[str, str | int | bool] = {"dryRun": "All"} if method == "POST" else {"limit": 1}
+        try:
+            if refused is None:
+                await client.request(method, path, params=params, body=body)
+            else:
+                with pytest.raises(KubeError) as error:
+                    await client.request(method, path, params=params, body=body)
+                assert error.value.status == refused, f"{account} {method} {path}: {error.value}"
+        finally:
+            await client.close()
+
+
+# Timing only, for the kill -9 run: how soon a restarted service takes over (lease, claims) and retries. Credentials,
+# users, buckets, namespaces and everything else stay as rendered.
+QUICK_TAKEOVER = {
+    "PODSWEEP_CONSUMER_MAX_DELIVER": "30",
+    "PODSWEEP_CONSUMER_BACKOFF_S": "0.2,0.5,1.0",
+    "PODSWEEP_CONSUMER_ACK_WAIT_S": "5",
+    "PODSWEEP_DISPATCHER_SWEEP_INTERVAL_S": "2",
+    "PODSWEEP_DISPATCHER_CLAIM_TTL_S": "10",
+    "PODSWEEP_DISPATCHER_LEADER_LEASE_S": "3",
+    "PODSWEEP_DISPATCHER_BACKOFF_BASE_S": "0.5",
+    "PODSWEEP_DISPATCHER_BACKOFF_MAX_S": "2",
+    "PODSWEEP_DISPATCHER_MAX_ACTIVE": "60",
+    "PODSWEEP_DISPATCHER_MAX_ACTIVE_PER_NODE": "15",
+    "PODSWEEP_DISPATCHER_MAX_CREATED_PER_MINUTE": "6000",
+    "PODSWEEP_NOTIFIER_WORKLOADS_WAIT_DELIVERIES": "5",
+    "PODSWEEP_NOTIFIER_WORKLOADS_WAIT_S": "0.5",
+    "PODSWEEP_NOTIFIER_RETRY_BASE_S": "0.2",
+    "PODSWEEP_NOTIFIER_RETRY_CAP_S": "1",
+    "PODSWEEP_NOTIFIER_OUTBOX_ACK_WAIT_S": "8",
+}
+
+
+async def test_kill_9_of_each_service_under_the_deployed_credentials_loses_and_duplicates_nothing(
+    world: DeployedWorld,
+) -> None:
+    for service in SERVICES[:4]:
+        world.start(service, QUICK_TAKEOVER)
+    count = 80
+    images = [f"registry.example.com/deployed-kill/app-{i}:1.{i}" for i in range(count)]
+    refs = {expected_image_id(image, "app") for image in images}
+    mine = {ref.rsplit(":", 1)[1] for ref in refs}
+
+    async def create(i: int) -> None:
+        body = bare_pod(f"app-{i}", images[i], world.nodes[i % len(world.nodes)])
+        await world.admin.request("POST", f"/api/v1/namespaces/{world.apps}/pods", body=body)
+
+    await asyncio.gather(*(create(i) for i in range(count)))
+
+    def scanned() -> int:
+        return len(mine & set(world.puts))
+
+    def alerted() -> int:
+        return len({a[0].digest_ref for a in alerts(world).values()} & refs)
+
+    kills = (("watcher", scanned, 5), ("dispatcher", scanned, 20), ("parser", scanned, 40), ("notifier", alerted, 30))
+    for service, progress, at in kills:
+
+        async def reached(progress: Callable[[], int] = progress, at: int = at) -> bool:
+            return progress() >= at
+
+        await eventually(reached, 180, f"progress {at} before killing the {service}", world)
+        assert progress() < count, f"the run finished before the {service} could be killed in flight"
+        world.processes[service].kill()
+        world.start(service, QUICK_TAKEOVER)
+
+    async def every_digest_alerted() -> bool:
+        return alerted() == count
+
+    await eventually(every_digest_alerted, 300, f"an alert for each of the {count} digests", world)
+
+    # Nothing lost: a stored report per digest. Nothing duplicated: one scan pod per digest, one alert per digest.
+    notifier_s3 = world.s3("notifier")
+    for ref in sorted(refs):
+        assert await notifier_s3.get_if_exists(storage.latest_report_key(ref)) is not None, ref
+    assert {d: c for d, c in world.puts.items() if d in mine} == dict.fromkeys(mine, 1), world.puts.most_common(3)
+    by_digest = Counter(a[0].digest_ref for a in alerts(world).values() if a[0].digest_ref in refs)
+    assert by_digest == Counter(refs), by_digest.most_common(3)
+    stored = Counter(e.digest_ref for e in await read_stored(world) if e.digest_ref in refs)
+    assert stored == Counter(refs), "report.stored must be once per digest"
+
+
+async def read_stored(world: DeployedWorld) -> list[ReportStored]:
+    """Every report.stored, read as the admission gate reads it: its own NATS user and inbox prefix, an ordered
+    consumer on its replay stream (0.5 s of silence is the end)."""
+    config = world.config("admission")
+    settings = load_settings(environ=config.env).nats
+    bus = await busmod.connect(settings, "admission", admission.NATS)
+    replay = await admission.open_replay(bus)
+    sub = await bus.js.subscribe(bus.subject(subjects.REPORT_STORED), ordered_consumer=True, stream=replay.name)
+    out: list[ReportStored] = []
+    try:
+        while True:
+            out.append(msgspec.json.decode((await sub.next_msg(timeout=0.5)).data, type=ReportStored))
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+        await bus.close()
+    return out

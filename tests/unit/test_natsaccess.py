@@ -1,0 +1,128 @@
+"""NATS permissions from the services' declarations (podsweep/natsaccess.py): pure, no server."""
+
+from __future__ import annotations
+
+import pytest
+
+from podsweep import natsaccess, runtime
+from podsweep.natsaccess import Bucket, Durable, Names, NatsAccess
+from schemas import subjects
+
+NAMES = Names(root="t.root", stream="S1", kv_prefix="k")
+SERVICES = runtime.SERVICES
+
+
+def test_a_durable_consumer_gets_its_own_consumer_calls_and_dead_letters() -> None:
+    access = NatsAccess(service="svc", publishes=("a.b",), durables=(Durable("svc", ("x.y", "x.z")),))
+    assert natsaccess.permissions(access, NAMES).publish == (
+        "t.root.a.b",
+        "t.root.dead.svc",
+        "$JS.API.STREAM.INFO.S1",
+        "$JS.API.STREAM.CREATE.S1",
+        "$JS.API.CONSUMER.DURABLE.CREATE.S1.svc",
+        "$JS.API.CONSUMER.INFO.S1.svc",
+        "$JS.API.CONSUMER.MSG.NEXT.S1.svc",
+        "$JS.ACK.S1.svc.>",
+    )
+
+
+def test_a_publisher_alone_gets_its_subjects_and_the_stream_declaration() -> None:
+    access = NatsAccess(service="pub", publishes=("a.b",))
+    assert natsaccess.permissions(access, NAMES) == natsaccess.Permissions(
+        publish=("t.root.a.b", "$JS.API.STREAM.INFO.S1", "$JS.API.STREAM.CREATE.S1"),
+        subscribe=("_INBOX_pub.>",),
+    )
+
+
+@pytest.mark.parametrize(
+    ("bucket", "writes_allowed"),
+    [pytest.param(Bucket("b"), True, id="read-write"), pytest.param(Bucket("b", writes=False), False, id="read-only")],
+)
+def test_a_bucket_is_read_and_watched_and_written_only_when_declared_so(bucket: Bucket, writes_allowed: bool) -> None:
+    publish = natsaccess.permissions(NatsAccess(service="s", buckets=(bucket,)), NAMES).publish
+    assert "$JS.API.DIRECT.GET.KV_k-b.>" in publish
+    assert "$JS.API.CONSUMER.CREATE.KV_k-b" in publish
+    assert "$JS.FC.KV_k-b.>" in publish
+    assert ("$KV.k-b.>" in publish) is writes_allowed
+
+
+def test_the_outbox_owner_may_use_any_consumer_of_the_outbox_stream_and_no_other() -> None:
+    publish = natsaccess.permissions(NatsAccess(service="n", outbox=True), NAMES).publish
+    outbox = subjects.outbox_stream("S1")
+    assert f"{subjects.outbox_root('t.root')}.*" in publish
+    assert f"$JS.API.CONSUMER.MSG.NEXT.{outbox}.*" in publish
+    assert not [p for p in publish if p.startswith("$JS.API.CONSUMER.") and ".S1." in p]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_no_declared_service_may_delete_purge_or_update_or_read_every_inbox(service: str) -> None:
+    allowed = natsaccess.permissions(runtime.nats_access(service), Names())
+    for subject in allowed.publish:
+        for verb in ("DELETE", "PURGE", "UPDATE", "$JS.API.>", "$JS.API.INFO", "SNAPSHOT", "RESTORE"):
+            assert verb not in subject, subject
+        assert subject.count(">") <= 1 and not subject.startswith(">"), subject
+    assert allowed.subscribe == (f"_INBOX_{service}.>",)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_declared_consumer_reads_only_events_of_the_stream(service: str) -> None:
+    access = runtime.nats_access(service)
+    events = {
+        value
+        for name, value in vars(subjects).items()
+        if name.isupper() and isinstance(value, str) and "." in value and name != "DEFAULT_ROOT"
+    }
+    for durable in access.durables:
+        assert set(durable.subjects) <= events, durable
+    assert set(access.replays) <= events
+    assert set(access.publishes) <= events
+
+
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [
+        pytest.param("report.stored", True, id="declared"),
+        pytest.param("dead.parser", True, id="own-dead-letters-with-a-consumer"),
+        pytest.param("dead.notifier", False, id="anothers-dead-letters"),
+        pytest.param("scan.completed", False, id="undeclared"),
+    ],
+)
+def test_may_publish(name: str, allowed: bool) -> None:
+    parser = NatsAccess(service="parser", publishes=("report.stored",), durables=(Durable("parser", ("x.y",)),))
+    assert parser.may_publish(name) is allowed
+
+
+def test_a_service_without_a_consumer_has_no_dead_letters() -> None:
+    assert not NatsAccess(service="watcher", publishes=("image.seen",)).may_publish("dead.watcher")
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [("watcher", "_INBOX_watcher"), ("a.b c>*", "_INBOX_a_b_c__"), ("notifier-2", "_INBOX_notifier-2")],
+)
+def test_inbox_prefix_is_one_token_of_safe_characters(name: str, prefix: str) -> None:
+    assert natsaccess.inbox_prefix(name) == prefix
+
+
+def test_accounts_conf_has_one_user_per_service_with_its_password_variable_and_its_subjects() -> None:
+    declarations = [runtime.nats_access(s) for s in SERVICES]
+    text = natsaccess.accounts_conf(declarations, Names())
+    assert text.count("        user: ") == len(SERVICES)
+    for access in declarations:
+        assert (
+            f"        user: {access.service}\n        password: $PODSWEEP_NATS_{access.service.upper()}_PASSWORD"
+            in text
+        )
+        block = text.split(f"        user: {access.service}\n", 1)[1].split("        user: ", 1)[0]
+        for subject in natsaccess.permissions(access, Names()).publish:
+            assert f'"{subject}"' in block
+    assert ",\n            ]" not in text  # no trailing comma before a list's end
+
+
+def test_a_replaying_service_gets_consumers_on_the_replay_stream_only() -> None:
+    """An unnamed-consumer create may name any consumer in its body: allowed on the events stream, it would let the
+    replaying service redefine the other services' durables."""
+    publish = natsaccess.permissions(NatsAccess(service="a", replays=("image.seen",)), NAMES).publish
+    replay = subjects.replay_stream("S1")
+    assert f"$JS.API.CONSUMER.CREATE.{replay}" in publish
+    assert not [p for p in publish if p.startswith("$JS.API.CONSUMER.") and (p.endswith(".S1") or ".S1." in p)]
