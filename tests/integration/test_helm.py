@@ -16,10 +16,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
 from podsweep.config import Settings, load_settings
+from podsweep.policy import SecretRef, load_policy
 from tests.harness.kube import KubeControlPlane, locate_binaries
 from tests.harness.toolbins import locate_tool
 
@@ -29,6 +31,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CHART = DEPLOY / "helm" / "podsweep"
 NAMESPACE = "podsweep"
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
+S3_SERVICES = ("dispatcher", "parser", "notifier", "admission")
 EQUIVALENT = {"overlays/dev": "dev-values.yaml", "overlays/prod": "prod-values.yaml"}
 SCENARIOS = ("default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml")))
 CRD_KINDS = {"cert-manager.io/v1", "monitoring.coreos.com/v1"}
@@ -287,6 +290,14 @@ def test_every_service_loads_its_rendered_settings(helm: list[str], values: str,
         settings = _settings(docs, service, tmp_path)  # raises ConfigError naming any key the chart got wrong
         assert settings.namespace == NAMESPACE
         assert settings.telemetry.metrics_port == 9090
+    (config,) = [d for d in docs if key(d) == ("ConfigMap", "podsweep-config")]
+    policy = load_policy(config["data"]["policy.yaml"])  # raises naming what the notifier and gate would refuse
+    webhooks = [d for d in docs if key(d) == ("Secret", "podsweep-webhooks")]
+    files = {f"/var/run/secrets/podsweep/webhooks/{k}" for w in webhooks for k in w["stringData"]}
+    for destination in policy.destinations:
+        for secret in msgspec.structs.asdict(destination).values():
+            if webhooks and isinstance(secret, SecretRef) and secret.file:
+                assert secret.file in files, f"{destination.name}: {secret.file} is not in podsweep-webhooks"
 
 
 def test_every_namespaced_object_lands_in_the_release_namespace(helm: list[str]) -> None:
@@ -322,7 +333,7 @@ def test_external_values_point_every_service_at_the_external_servers(helm: list[
     assert (settings.s3.endpoint_url, settings.s3.bucket) == ("https://s3.eu-west-1.amazonaws.com", "podsweep-reports")
     (dispatcher,) = [d for d in docs if key(d) == ("Deployment", "dispatcher")]
     volumes = {v["name"]: v for v in dispatcher["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["s3"]["secret"]["secretName"] == "my-s3-credentials"
+    assert volumes["s3"]["secret"]["secretName"] == "my-s3-dispatcher"
     assert not [d for d in docs if d["kind"] == "Secret"], (
         "createSecrets false and existing Secrets: the chart makes none"
     )
@@ -330,15 +341,19 @@ def test_external_values_point_every_service_at_the_external_servers(helm: list[
 
 def test_generated_credentials_are_shared_by_seaweedfs_and_the_services(helm: list[str]) -> None:
     docs = helm_template(helm, "default")
-    (s3,) = [d for d in docs if key(d) == ("Secret", "podsweep-s3")]
     (identities,) = [d for d in docs if key(d) == ("Secret", "seaweedfs-identities")]
-    (identity,) = json.loads(identities["stringData"]["s3.json"])["identities"]
-    assert identity["credentials"] == [
-        {"accessKey": s3["stringData"]["access-key-id"], "secretKey": s3["stringData"]["secret-access-key"]}
-    ]
+    by_name = {i["name"]: i for i in json.loads(identities["stringData"]["s3.json"])["identities"]}
+    assert sorted(by_name) == sorted(S3_SERVICES)
+    for service in S3_SERVICES:
+        (s3,) = [d for d in docs if key(d) == ("Secret", f"s3-{service}")]
+        pair = {"accessKey": s3["stringData"]["access-key-id"], "secretKey": s3["stringData"]["secret-access-key"]}
+        assert by_name[service]["credentials"] == [pair]
+    assert by_name["notifier"]["actions"] == ["Read:podsweep"], "a reader gets no write right"
+    keys = [by_name[s]["credentials"][0]["secretKey"] for s in S3_SERVICES]
     passwords = [d["stringData"]["password"] for d in docs if d["kind"] == "Secret" and key(d)[1].startswith("nats-")]
-    assert len(passwords) == len(SERVICES) and len(set(passwords)) == len(SERVICES)
-    assert all(len(p) >= 32 for p in passwords)
+    assert len(passwords) == len(SERVICES)
+    assert len(set(passwords + keys)) == len(passwords + keys), "every generated secret is its own"
+    assert all(len(p) >= 32 for p in passwords + keys)
 
 
 # -- wrong values fail at install, naming the value ------------------------------------------------------------------
@@ -356,10 +371,16 @@ def test_generated_credentials_are_shared_by_seaweedfs_and_the_services(helm: li
         ),
         pytest.param(["--set", "s3.endpoint=s3.example.com"], "/s3/endpoint", id="url-without-scheme"),
         pytest.param(
-            ["--set", "s3.bundled=false", "--set", "s3.existingSecret=creds"],
+            ["--set", "s3.bundled=false", *[f"--set=s3.credentials.{s}.existingSecret=mine" for s in S3_SERVICES]],
             "s3.endpoint is required when s3.bundled is false",
             id="external-s3-without-endpoint",
         ),
+        pytest.param(
+            ["--set", "s3.bundled=false", "--set", "s3.endpoint=https://s3.example.com"],
+            "s3.credentials.dispatcher: with an external S3 (s3.bundled false) set existingSecret",
+            id="external-s3-without-keys",
+        ),
+        pytest.param(["--set", "policy.version=2"], "/policy/version", id="policy-version"),
         pytest.param(
             ["--set", "nats.bundled=false"], "nats.externalUrl is required when nats.bundled is false", id="nats-url"
         ),

@@ -45,8 +45,9 @@ http://trivy.{{ .Release.Namespace }}.svc:4954
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding one service's S3 key: its existingSecret, or the chart's s3-<service>. */}}
 {{- define "podsweep.s3Secret" -}}
-{{ .Values.s3.existingSecret | default "podsweep-s3" }}
+{{ (index .root.Values.s3.credentials .service).existingSecret | default (printf "s3-%s" .service) }}
 {{- end -}}
 
 {{- define "podsweep.webhooksSecret" -}}
@@ -272,7 +273,7 @@ spec:
         {{- if .s3 }}
         - name: s3
           secret:
-            secretName: {{ include "podsweep.s3Secret" $root }}
+            secretName: {{ include "podsweep.s3Secret" (dict "root" $root "service" .name) }}
             defaultMode: 0440
         {{- end }}
         {{- if .webhooks }}
