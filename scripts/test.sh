@@ -25,9 +25,10 @@ fi
 PODSWEEP_KUBE_BIN_DIR="$(bash tests/harness/kubebins/build.sh)"
 export PODSWEEP_KUBE_BIN_DIR
 echo "test.sh: kubernetes binaries in $PODSWEEP_KUBE_BIN_DIR after $(( $(date +%s) - start ))s"
-# Helm for tests/integration/test_helm.py, built from its Go module and cached the same way.
-helm_bin="$(bash tests/harness/toolbins/build.sh helm)"
-echo "test.sh: $helm_bin after $(( $(date +%s) - start ))s"
+# Helm 4 and 3 for tests/integration/test_helm.py, built from their Go modules and cached the same way.
+for tool in helm helm3; do
+  echo "test.sh: $(bash tests/harness/toolbins/build.sh $tool) after $(( $(date +%s) - start ))s"
+done
 export VIRTUAL_ENV="$PWD/$venv" PATH="$PWD/$venv/bin:$PATH"
 ruff check .
 ruff format --check .
