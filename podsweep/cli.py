@@ -218,9 +218,7 @@ def start_embedded(
 async def _prepare(settings: Settings) -> None:
     """Check what scans need in the cluster (preflight.py: stops `up` with what to apply), then declare the stream
     and bucket once before the services start (each also does so idempotently)."""
-    from podsweep import bus as busmod
     from podsweep.kube import Kube
-    from podsweep.objectstore import ObjectStore
 
     kube = await Kube.connect(runtime.kubeconfig_path(settings))
     try:
@@ -228,6 +226,13 @@ async def _prepare(settings: Settings) -> None:
             err.print(f"created {what} (what scan Jobs need)")
     finally:
         await kube.close()
+    await _declare(settings)
+
+
+async def _declare(settings: Settings) -> None:
+    """The stream and the bucket, declared once before the services start."""
+    from podsweep import bus as busmod
+    from podsweep.objectstore import ObjectStore
 
     bus = await busmod.connect(settings.nats, "up")
     try:

@@ -21,7 +21,7 @@ import pytest
 
 from podsweep import bus as busmod
 from podsweep import discovery, embedded
-from podsweep.cli import _prepare, start_embedded
+from podsweep.cli import _declare, start_embedded
 from podsweep.config import Settings
 from podsweep.objectstore import ObjectStore
 from schemas import storage
@@ -54,7 +54,7 @@ def running_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningUp]:
 
 
 async def _seed(settings: Settings) -> None:
-    await _prepare(settings)
+    await _declare(settings)
     bus = await busmod.connect(settings.nats, "seed")
     try:
         kv = await bus.kv(SCANS_BUCKET)
