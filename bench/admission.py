@@ -10,7 +10,11 @@ under the gate's work). The paced phase runs twice: with client and servers free
 machine has two cores or more) with the servers pinned to the first core and this client to the second, as an
 apiserver and a webhook run on different machines; the headline figures are the pinned ones. The client's own cyclic
 GC is off while it measures (its pauses are not the gate's).
-Run: .venv/bin/python bench/admission.py [--digests 10000] [--requests 3000] [--rate 500]. Last line: one JSON object.
+With --compare-with DIR, a second gate started from another source tree (an older commit) runs on the same servers
+and data, and each paced phase runs this gate, that one, that one, this one (A B B A, each once first and once last),
+each pass once the gates are idle: a before/after in one run.
+Run: .venv/bin/python bench/admission.py [--digests 10000] [--requests 3000] [--rate 500] [--compare-with DIR].
+Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import ssl
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -228,6 +233,15 @@ def serve_baseline(port: int, cert: str, key: str) -> None:
     web.run_app(app, host="127.0.0.1", port=port, ssl_context=context, print=None, access_log=None)
 
 
+@dataclass(frozen=True)
+class Other:
+    """A second gate, from another source tree, measured beside this one."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    metrics_url: str
+
+
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-2000:]
 
@@ -236,6 +250,17 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used (a figure the machine's other load does not inflate much)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def settle(pids: list[int], timeout_s: float = 60) -> None:
+    """Wait until these processes are nearly idle (under 10 % of a core over half a second): a phase must not start
+    while a gate still publishes the audits of the last one (the closed loops leave thousands queued)."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        before = sum(_cpu_s(pid) for pid in pids)
+        await asyncio.sleep(0.5)
+        if sum(_cpu_s(pid) for pid in pids) - before < 0.05:
+            return
 
 
 def _rss_mb(pid: int) -> float:
@@ -328,6 +353,34 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
         processes.append(gate)
         load_s = await wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", 300, gate, log)
+        other: Other | None = None
+        if args.compare_with:
+            # The same gate from another source tree (e.g. `git archive <commit>`), on the same servers and data.
+            other_port, other_metrics = embedded.free_port(), embedded.free_port()
+            other_env = env | {
+                "PODSWEEP_ADMISSION_PORT": str(other_port),
+                "PODSWEEP_TELEMETRY_METRICS_PORT": str(other_metrics),
+            }
+            other_log = work / "admission-other.log"
+            with other_log.open("ab") as out:
+                other_process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "podsweep",
+                    "run",
+                    "admission",
+                    cwd=args.compare_with,
+                    env=other_env,
+                    stdout=out,
+                    stderr=out,
+                )
+            processes.append(other_process)
+            await wait_ready(f"http://127.0.0.1:{other_metrics}/readyz", 300, other_process, other_log)
+            other = Other(
+                other_process,
+                f"https://127.0.0.1:{other_port}/validate",
+                f"http://127.0.0.1:{other_metrics}/metrics",
+            )
         with (work / "baseline.log").open("ab") as out:
             baseline = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -350,6 +403,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             except aiohttp.ClientError:
                 await asyncio.sleep(0.1)
         await closed_loop(url, ctx, payloads[:200], 4)  # warm-up
+        if other is not None:
+            await closed_loop(other.url, ctx, payloads[:200], 4)
         phases = []
         for concurrency in args.concurrency:
             cpu = _cpu_s(gate.pid)
@@ -369,16 +424,38 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         pin = (os.cpu_count() or 1) >= 2 and not args.no_pin
         runs: dict[str, dict[str, Any]] = {}
+        gates = [gate.pid] + ([other.process.pid] if other is not None else [])
+
+        async def measure(target: str, metrics: str, pid: int) -> dict[str, Any]:
+            await settle(gates)
+            before, cpu = await server_histogram(metrics), _cpu_s(pid)
+            phase = await paced(target, ctx, payloads, args.rate)
+            phase["server_cpu_ms_per_request"] = round((_cpu_s(pid) - cpu) / len(payloads) * 1000, 3)
+            return phase | bucket_quantiles(before, await server_histogram(metrics))
+
         for placement in ("shared", "pinned") if pin else ("shared",):
             if placement == "pinned":
                 for process in processes:
                     os.sched_setaffinity(process.pid, {0})
                 os.sched_setaffinity(0, {1})
-            before = await server_histogram(metrics_url)
-            cpu = _cpu_s(gate.pid)
-            steady = await paced(url, ctx, payloads, args.rate)
-            steady["server_cpu_ms_per_request"] = round((_cpu_s(gate.pid) - cpu) / len(payloads) * 1000, 3)
-            steady |= bucket_quantiles(before, await server_histogram(metrics_url))
+            steady = await measure(url, metrics_url, gate.pid)
+            if other is not None:
+                # A B B A: whichever goes first or second in a phase, both gates get that place once.
+                compared = await measure(other.url, other.metrics_url, other.process.pid)
+                compared["again"] = await measure(other.url, other.metrics_url, other.process.pid)
+                steady["again"] = await measure(url, metrics_url, gate.pid)
+                steady["compared_with"] = {"tree": args.compare_with} | compared
+                for name, first, second in (
+                    ("gate", steady, steady["again"]),
+                    (args.compare_with, compared, compared["again"]),
+                ):
+                    print(
+                        f"paced {args.rate} rps, {placement} cores: {name} p99 {first['p99_ms']} / {second['p99_ms']} ms "
+                        f"(server side p99 <= {first['server_p99_ms_at_most']} / {second['server_p99_ms_at_most']} ms, "
+                        f"cpu {first['server_cpu_ms_per_request']} / {second['server_cpu_ms_per_request']} ms/req)",
+                        file=sys.stderr,
+                    )
+            await settle(gates)
             steady_base = await paced(base_url, ctx, payloads, args.rate)
             steady["baseline_p50_ms"], steady["baseline_p99_ms"] = steady_base["p50_ms"], steady_base["p99_ms"]
             runs[placement] = steady
@@ -403,6 +480,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "baseline_p50_ms": steady["baseline_p50_ms"],
             "baseline_p99_ms": steady["baseline_p99_ms"],
             "placement": "pinned" if pin else "shared",
+            "compared_p99_ms": steady["compared_with"]["p99_ms"] if other is not None else None,
+            "compared_server_p99_ms_at_most": (
+                steady["compared_with"]["server_p99_ms_at_most"] if other is not None else None
+            ),
             "paced": runs,
             "reports_with_findings": reports,
             "findings_per_report": args.findings,
@@ -436,5 +517,11 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=500.0, help="requests/s of the paced phase")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--no-pin", action="store_true", help="only the paced phase with shared cores")
+    parser.add_argument(
+        "--compare-with",
+        metavar="DIR",
+        help="also run the gate from this source tree (e.g. `git archive <commit> | tar -x -C DIR`) in each paced "
+        "phase, right after this one's",
+    )
     result = asyncio.run(main(parser.parse_args()))
     print(json.dumps(result))

@@ -21,7 +21,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.parser import normalize
+from podsweep.reports import normalize
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "trivy"
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")

@@ -38,7 +38,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from podsweep import logs, natsprivate, telemetry
+from podsweep import aio, logs, natsprivate, telemetry
 from podsweep.config import ConsumerSettings, NatsSettings
 from podsweep.natsaccess import NatsAccess, inbox_prefix, refuse
 from schemas import subjects
@@ -582,96 +582,120 @@ async def consume(
     """
     stream = stream or bus.events
     await ensure_consumer(bus, durable, list(routes), settings, stream)
-    nc = bus.nc
     by_subject = {
         stream.subject(name): (name, route, msgspec.json.Decoder(route.type)) for name, route in routes.items()
     }
-    limit = asyncio.Semaphore(settings.concurrency)
-    in_flight: set[asyncio.Task[None]] = set()
-    inbox = nc.new_inbox()
     next_subject = f"{natsprivate.api_prefix(bus.js)}.CONSUMER.MSG.NEXT.{stream.name}.{durable}"
-    expires_ns = int(pull_expires_s * 1_000_000_000)
-    wanted = 0  # messages asked for and neither delivered nor expired
-    heard = time.monotonic()  # the last pull sent or answered
-    paused_until = 0.0  # after a refusal (consumer deleted, ...), the next request waits a moment
-    retrying: set[asyncio.Future[None]] = set()
-    waiting = asyncio.Event()  # a delivered message waits for a free handler
-    handed_over: set[asyncio.Future[None]] = set()  # events a handler settles later (see Settled)
+    await _PullConsumer(bus, service, settings, stop, pull_expires_s, by_subject, next_subject).run()
 
-    async def one(msg: Msg) -> None:
+
+class _PullConsumer:
+    """One `consume` call's state: how many messages are asked for, when the server was last heard, the handlers
+    in flight and the events handed over. The NATS callback and the watchdog loop share it."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        service: str,
+        settings: ConsumerSettings,
+        stop: asyncio.Event,
+        pull_expires_s: float,
+        by_subject: Mapping[str, tuple[str, Route[Any], msgspec.json.Decoder[Any]]],
+        next_subject: str,
+    ) -> None:
+        self.bus, self.service, self.settings, self.stop = bus, service, settings, stop
+        self.pull_expires_s = pull_expires_s
+        self.by_subject = by_subject
+        self.next_subject = next_subject
+        self.limit = asyncio.Semaphore(settings.concurrency)
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.inbox = bus.nc.new_inbox()
+        self.expires_ns = int(pull_expires_s * 1_000_000_000)
+        self.wanted = 0  # messages asked for and neither delivered nor expired
+        self.heard = time.monotonic()  # the last pull sent or answered
+        self.paused_until = 0.0  # after a refusal (consumer deleted, ...), the next request waits a moment
+        self.retrying: set[asyncio.Future[None]] = set()
+        self.waiting = asyncio.Event()  # a delivered message waits for a free handler
+        self.handed_over: set[asyncio.Future[None]] = set()  # events a handler settles later (see Settled)
+
+    async def run(self) -> None:
+        sub = await self.bus.nc.subscribe(self.inbox, cb=self.on_message)
         try:
-            await _handle(bus, service, msg, by_subject, settings, handed_over)
+            await self.pull()
+            while not self.stop.is_set():
+                await aio.sleep_unless(self.stop, self.pull_expires_s)
+                behind = self.waiting.is_set() or sub.pending_msgs > 0
+                if not behind and time.monotonic() - self.heard > self.pull_expires_s + PULL_GRACE_S:
+                    self.wanted = 0  # every request should have been answered by now: the server lost them
+                await self.pull()
         finally:
-            limit.release()
+            # No new deliveries; those already here are handed out, then the handlers finish.
+            with contextlib.suppress(Exception):
+                await sub.drain()  # type: ignore[no-untyped-call]
+            if self.in_flight:
+                await asyncio.gather(*self.in_flight, return_exceptions=True)
+            if self.handed_over:  # settled by their handlers' owner as it stops; what is not by ack_wait is redelivered
+                await asyncio.wait(set(self.handed_over), timeout=self.settings.ack_wait_s)
+            with contextlib.suppress(Exception):  # acks are fire-and-forget: make sure they left before returning
+                await self.bus.nc.flush(timeout=5)
 
-    async def pull() -> None:
-        nonlocal wanted, heard
-        if stop.is_set() or wanted > settings.batch // 2 or time.monotonic() < paused_until:
-            return
-        more = settings.batch - wanted
+    async def one(self, msg: Msg) -> None:
         try:
-            await nc.publish(next_subject, _encoder.encode({"batch": more, "expires": expires_ns}), reply=inbox)
-        except nats.errors.Error as exc:  # closed or reconnecting: the watchdog asks again
-            log.debug("pull not sent", service=service, error=_short(exc))
+            await _handle(self.bus, self.service, msg, self.by_subject, self.settings, self.handed_over)
+        finally:
+            self.limit.release()
+
+    async def pull(self) -> None:
+        batch = self.settings.batch
+        if self.stop.is_set() or self.wanted > batch // 2 or time.monotonic() < self.paused_until:
             return
-        wanted += more
-        heard = time.monotonic()
+        more = batch - self.wanted
+        try:
+            await self.bus.nc.publish(
+                self.next_subject, _encoder.encode({"batch": more, "expires": self.expires_ns}), reply=self.inbox
+            )
+        except nats.errors.Error as exc:  # closed or reconnecting: the watchdog asks again
+            log.debug("pull not sent", service=self.service, error=_short(exc))
+            return
+        self.wanted += more
+        self.heard = time.monotonic()
 
-    def pull_later() -> None:  # the pause after a refusal is over
-        nonlocal paused_until
-        paused_until = 0.0
-        task = asyncio.ensure_future(pull())
-        retrying.add(task)
-        task.add_done_callback(retrying.discard)
+    def pull_later(self) -> None:  # the pause after a refusal is over
+        self.paused_until = 0.0
+        task = asyncio.ensure_future(self.pull())
+        self.retrying.add(task)
+        task.add_done_callback(self.retrying.discard)
 
-    async def on_message(msg: Msg) -> None:
-        nonlocal wanted, heard, paused_until
-        heard = time.monotonic()
+    async def on_message(self, msg: Msg) -> None:
+        self.heard = time.monotonic()
         if not msg.reply:  # a status: 408 when a request expires, 409 when the server refuses or ends one
             headers = msg.headers or {}
             status = headers.get(jsapi.Header.STATUS, "")
             if status == "100":  # a heartbeat (never asked for)
                 return
             left = headers.get("Nats-Pending-Messages")
-            wanted = max(0, wanted - int(left)) if left is not None and left.isdigit() else 0
+            self.wanted = max(0, self.wanted - int(left)) if left is not None and left.isdigit() else 0
             if status != "408":
                 log.info(
-                    "pull ended by the server", service=service, status=status, reason=headers.get("Description", "")
+                    "pull ended by the server",
+                    service=self.service,
+                    status=status,
+                    reason=headers.get("Description", ""),
                 )
-                paused_until = time.monotonic() + PULL_PAUSE_S
-                asyncio.get_running_loop().call_later(PULL_PAUSE_S, pull_later)
-            await pull()
+                self.paused_until = time.monotonic() + PULL_PAUSE_S
+                asyncio.get_running_loop().call_later(PULL_PAUSE_S, self.pull_later)
+            await self.pull()
             return
-        wanted = max(0, wanted - 1)
-        if limit.locked():
-            waiting.set()  # every handler busy: the server is not silent, this loop is behind
-        await limit.acquire()
-        waiting.clear()
-        heard = time.monotonic()  # what waited here came from a live server
-        task = asyncio.create_task(one(msg))
-        in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-        await pull()
-
-    sub = await nc.subscribe(inbox, cb=on_message)
-    try:
-        await pull()
-        while not stop.is_set():
-            await _sleep_unless(stop, pull_expires_s)
-            behind = waiting.is_set() or sub.pending_msgs > 0
-            if not behind and time.monotonic() - heard > pull_expires_s + PULL_GRACE_S:
-                wanted = 0  # every request should have been answered by now: the server lost them
-            await pull()
-    finally:
-        # No new deliveries; those already here are handed out, then the handlers finish.
-        with contextlib.suppress(Exception):
-            await sub.drain()  # type: ignore[no-untyped-call]
-        if in_flight:
-            await asyncio.gather(*in_flight, return_exceptions=True)
-        if handed_over:  # settled by their handlers' owner as it stops; what is not by ack_wait is redelivered
-            await asyncio.wait(set(handed_over), timeout=settings.ack_wait_s)
-        with contextlib.suppress(Exception):  # acks are fire-and-forget: make sure they left before returning
-            await bus.nc.flush(timeout=5)
+        self.wanted = max(0, self.wanted - 1)
+        if self.limit.locked():
+            self.waiting.set()  # every handler busy: the server is not silent, this loop is behind
+        await self.limit.acquire()
+        self.waiting.clear()
+        self.heard = time.monotonic()  # what waited here came from a live server
+        task = asyncio.create_task(self.one(msg))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        await self.pull()
 
 
 async def _handle(
@@ -935,7 +959,7 @@ class KvMirror(Generic[S]):
                 log.warning("kv watch restarts", bucket=natsprivate.kv_bucket(self.kv), error=_short(exc))
             finally:
                 self.ready = False
-            await _sleep_unless(stop, 1.0)
+            await aio.sleep_unless(stop, 1.0)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """One ordered push consumer over the bucket: every key's latest value, then each change, straight into the
@@ -992,7 +1016,6 @@ class KvMirror(Generic[S]):
                 self.ready = True  # the latest values are in; what follows are changes
 
         sub = await nc.subscribe(inbox, cb=on_message)
-        stopping = asyncio.ensure_future(stop.wait())
         try:
             info = await natsprivate.kv_jetstream(kv).add_consumer(
                 natsprivate.kv_stream(kv),
@@ -1012,7 +1035,7 @@ class KvMirror(Generic[S]):
             if info.num_pending == 0 and last_seq == 0:
                 self.ready = True  # an empty bucket
             while not stop.is_set():
-                await asyncio.wait((lost, stopping), timeout=WATCH_HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+                await aio.wait_first((lost, stop), at_most_s=WATCH_HEARTBEAT_S)
                 if lost.done():
                     raise WatchLost(f"kv watch of {natsprivate.kv_bucket(kv)}: {lost.result()}")
                 if time.monotonic() - heard > 2 * WATCH_HEARTBEAT_S:
@@ -1022,7 +1045,6 @@ class KvMirror(Generic[S]):
             # Not deleted: no service may delete a consumer on a shared bucket (it could delete another's), and the
             # server removes this one inactive_threshold after the unsubscribe below.
         finally:
-            stopping.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -1033,8 +1055,3 @@ class WatchLost(ConnectionError):
 
 def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

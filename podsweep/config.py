@@ -290,6 +290,13 @@ class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     audit_queue: int = 10000  # audit events waiting to be published; beyond it they are counted and dropped
     rescan_every_s: float = 600.0  # a scan of one unscanned digest is requested at most this often
     findings_concurrency: int = 16  # stored reports read at once while loading findings
+    # Every review the apiserver can send must fit, or a padded object is refused 413 and admitted unjudged under
+    # failurePolicy Ignore: an object of up to 3 MiB (the apiserver's request limit), re-encoded as JSON in which
+    # one byte can take six (`<` is written \u003c), and on UPDATE the stored old object beside it.
+    max_body_mb: float = 32.0
+    # The TLS handshake, a request's headers once begun, and its body must each arrive within this: a late body is
+    # answered 408, the rest are closed. The apiserver sends a review at once and gives up after timeoutSeconds (3).
+    read_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -306,6 +313,10 @@ class AdmissionSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
                     raise ValueError(f"{name} {glob!r} is not a namespace glob ([a-z0-9-] and * ? [ ] !)")
         if min(self.cert_reload_s, self.policy_poll_s, self.max_bypass_days, self.rescan_every_s) <= 0:
             raise ValueError("cert_reload_s, policy_poll_s, max_bypass_days and rescan_every_s must be > 0")
+        if not 1 <= self.max_body_mb <= 1024:
+            raise ValueError(f"max_body_mb {self.max_body_mb} must be between 1 and 1024 (MiB)")
+        if self.read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s {self.read_timeout_s} must be > 0 (seconds)")
         if self.replay_s < 0 or self.audit_queue < 1 or self.findings_concurrency < 1:
             raise ValueError("replay_s must be >= 0, audit_queue and findings_concurrency >= 1")
 

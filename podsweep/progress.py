@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
 import msgspec
 
+from podsweep import aio, logs
 from podsweep import bus as busmod
-from podsweep import logs
 from podsweep.config import Settings
 from podsweep.status import StatusReport, collect
 
@@ -69,8 +68,7 @@ async def follow(settings: Settings, stop: asyncio.Event, say: Callable[[str], o
                     say(text)
             except Exception as exc:  # the services report their own errors; progress only waits for them
                 log.debug("progress reading failed", error=str(exc)[:200])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
+            await aio.sleep_unless(stop, every_s)
     finally:
         if bus is not None:
             await bus.close()

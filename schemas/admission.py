@@ -45,6 +45,23 @@ class AdmittedImage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     suppressions: list[SuppressionNote] = []  # who accepted what made the difference
 
 
+# Where the requester's identity in an audit came from: the AdmissionReview's `request.userInfo`, the apiserver's
+# statement of who sent the request it is admitting, read from the body the gate received. The gate cannot check
+# it; it is as trustworthy as the rule that only the apiserver can reach the gate (docs/admission.md).
+IdentitySource = Literal["request.userInfo"]
+
+
+class Requester(msgspec.Struct, frozen=True, kw_only=True):
+    """Who asked for the object, as the admission request claims (display text, bounded; never checked by podsweep)."""
+
+    source: IdentitySource = "request.userInfo"
+    username: ShortText = ""
+    uid: ShortText = ""
+    groups: list[ShortText] = []  # at most 32
+
+
+# In an audit, uid, namespace, kind, name, operation, user and requester are the request's own words (requester.source
+# says so); mode, verdict, allowed, reason, images and bypass are what podsweep decided.
 class AdmissionDecided(Event, frozen=True, kw_only=True):
     """Audit of one admission decision that was not a plain allow (published off the request path)."""
 
@@ -61,5 +78,6 @@ class AdmissionDecided(Event, frozen=True, kw_only=True):
     reason: Text
     images: list[AdmittedImage] = msgspec.field(default_factory=list)
     bypass: SuppressionNote | None = None
-    user: ShortText = ""  # the requesting user's name, as the apiserver reported it
+    user: ShortText = ""  # requester.username, kept for readers of earlier events: a claim from the request
+    requester: Requester | None = None  # None in events from before it was recorded
     decided_at: datetime

@@ -93,36 +93,30 @@ class ImageGone(Event, frozen=True, kw_only=True):
     observed_at: datetime
 
 
-class ScanStarted(Event, frozen=True, kw_only=True):
+class ScanLifecycle(Event, frozen=True, kw_only=True):
+    """What every scan lifecycle event (scan.started, scan.completed, scan.failed) says: which scan, of which
+    digest, in which Job, on which node. Not published itself."""
+
     cluster: ClusterName
     scan_id: ScanId
     digest_ref: DigestRef
     mode: ScanMode = "node"
     node: NodeName | None = None
     job: K8sName
+
+
+class ScanStarted(ScanLifecycle, frozen=True, kw_only=True):
     started_at: datetime
 
 
-class ScanCompleted(Event, frozen=True, kw_only=True):
-    cluster: ClusterName
-    scan_id: ScanId
-    digest_ref: DigestRef
-    mode: ScanMode = "node"
-    node: NodeName | None = None
-    job: K8sName
+class ScanCompleted(ScanLifecycle, frozen=True, kw_only=True):
     raw_key: ObjectKey
     sbom_key: ObjectKey | None = None
     started_at: datetime | None = None  # the Job's start (absent from watchers before this field)
     finished_at: datetime
 
 
-class ScanFailed(Event, frozen=True, kw_only=True):
-    cluster: ClusterName
-    scan_id: ScanId
-    digest_ref: DigestRef
-    mode: ScanMode = "node"
-    node: NodeName | None = None
-    job: K8sName
+class ScanFailed(ScanLifecycle, frozen=True, kw_only=True):
     reason: FailureReason
     message: Text = ""
     failed_at: datetime

@@ -116,7 +116,8 @@ def admissions_command(
         typer.echo(f"no admission decisions in the last {since}")
         return
     table = Table(title=f"{len(decided)} admission decisions (last {since})", title_justify="left")
-    for column in ("time", "namespace", "object", "verdict", "images", "why"):
+    # "requested by" is the request's own claim (request.userInfo as the apiserver sent it), not checked here.
+    for column in ("time", "namespace", "object", "requested by (per request)", "verdict", "images", "why"):
         table.add_column(column, overflow="fold")
     for event in decided:
         images = ", ".join(f"{i.image} ({i.verdict})" for i in event.images if i.verdict != "clean")
@@ -125,6 +126,7 @@ def admissions_command(
             event.decided_at.strftime("%Y-%m-%d %H:%M:%S"),
             event.namespace,
             shown(f"{event.kind}/{event.name or event.workload.name}", 120),
+            shown(event.requester.username if event.requester is not None else event.user, 80),
             event.verdict + ("" if event.allowed else " (refused)"),
             shown(images, 300),
             shown(event.reason, 300) + who,

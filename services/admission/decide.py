@@ -16,7 +16,14 @@ import msgspec
 
 from podsweep.config import AdmissionBypass, Settings
 from podsweep.policy import Policy, PolicyRule, Verdict, evaluate_findings, glob_matches, rule_for
-from schemas.admission import AdmissionDecided, AdmissionMode, AdmissionVerdict, AdmittedImage, ImageVerdict
+from schemas.admission import (
+    AdmissionDecided,
+    AdmissionMode,
+    AdmissionVerdict,
+    AdmittedImage,
+    ImageVerdict,
+    Requester,
+)
 from schemas.alerts import SuppressionNote
 from schemas.events import SEVERITIES, SeverityCounts, Workload
 from schemas.refs import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, IMAGE_RE, MAX_DIGEST_REF
@@ -26,6 +33,8 @@ from services.admission.view import DigestEntry, Lookup, View
 
 # Kinds whose pod spec (or template) the gate reads; anything else is allowed with a logged reason.
 POD = "Pod"
+# The one subresource judged: `kubectl debug` adds containers to a running pod through it (an UPDATE of the Pod).
+EPHEMERAL = "ephemeralcontainers"
 TEMPLATE_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"})
 # The opt-in self-service bypass (honoured only in annotation_bypass_namespaces): a label selects it, annotations
 # say who, why and until when.
@@ -38,6 +47,7 @@ MAX_WARNINGS = 8  # the apiserver keeps 4 KiB of warnings; each one here is at m
 WARNING_CHARS = 240
 MESSAGE_CHARS = 2000
 TOP_FINDINGS = 3
+MAX_GROUPS = 32  # of the requester's groups kept in an audit
 
 _LABEL_RE = re.compile(DNS_LABEL_PATTERN)
 _SUBDOMAIN_RE = re.compile(DNS_SUBDOMAIN_PATTERN)
@@ -152,7 +162,7 @@ def decide(
         return allow(uid, namespace, "skipped", f"operation {shown(request.operation, 20)!r} is not judged")
     if kind != POD and (kind not in TEMPLATE_KINDS or not rules.check_templates):
         return allow(uid, namespace, "skipped", f"kind {shown(kind, 60)!r} is not judged")
-    if request.sub_resource:
+    if request.sub_resource and not (kind == POD and request.sub_resource == EPHEMERAL):
         return allow(uid, namespace, "skipped", f"subresource {shown(request.sub_resource, 40)!r} is not judged")
     if rules.exempted(namespace):
         return allow(uid, namespace, "exempt")
@@ -260,6 +270,11 @@ def _answer(
         images=[j.image for j in judged],
         bypass=bypass,
         user=shown(request.user_info.username, 200),
+        requester=Requester(
+            username=shown(request.user_info.username, 200),
+            uid=shown(request.user_info.uid, 200),
+            groups=[shown(g, 200) for g in request.user_info.groups[:MAX_GROUPS]],
+        ),
         decided_at=now,
     )
     return Decision(response, verdict, subject.namespace, audit, () if request.dry_run else rescans)

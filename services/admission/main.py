@@ -23,8 +23,8 @@ from aiohttp import web
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from opentelemetry import metrics
 
+from podsweep import aio, logs
 from podsweep import bus as busmod
-from podsweep import logs
 from podsweep.config import Settings
 from podsweep.health import HEALTH
 from podsweep.natsaccess import NatsAccess
@@ -38,6 +38,7 @@ from schemas.index import SummaryIndex
 from schemas.report import Report
 from services.admission import review
 from services.admission.decide import Decision, GateRules, VerdictCache, allow, decide, rules_from
+from services.admission.listener import Listener
 from services.admission.view import FindingsWanted, View, compact
 
 SERVICE = "admission"
@@ -76,8 +77,18 @@ _stored_decoder = msgspec.json.Decoder(ReportStored)
 class Gate:
     """The state a request reads (view, policy, rules) and the queue it leaves audits and scan requests in."""
 
-    def __init__(self, rules: GateRules, policy: Policy, audit_queue: int, rescan_every_s: float) -> None:
+    def __init__(
+        self,
+        rules: GateRules,
+        policy: Policy,
+        audit_queue: int,
+        rescan_every_s: float,
+        max_body_bytes: int = 32 * 1024 * 1024,
+        read_timeout_s: float = 5.0,
+    ) -> None:
         self.view = View()
+        self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
         self.rules = rules
         self.policy = policy
         self.loaded = False
@@ -91,11 +102,21 @@ class Gate:
         started = time.perf_counter()
         if not self.loaded:
             return web.Response(status=503, text="podsweep admission: the view is still loading\n")
-        if request.content_length is not None and request.content_length > review.MAX_BODY_BYTES:
-            return self._refuse(413, f"body of {request.content_length} bytes is over {review.MAX_BODY_BYTES}")
-        body = await request.content.read(review.MAX_BODY_BYTES + 1)
-        if len(body) > review.MAX_BODY_BYTES:
-            return self._refuse(413, f"body is over {review.MAX_BODY_BYTES} bytes")
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            return self._refuse(413, f"body of {request.content_length} bytes is over {self.max_body_bytes}")
+        # The whole body, however it was split on the wire (read() waits for the end, checking the app's
+        # client_max_size as it goes), within a deadline so a slow or silent client is answered and let go.
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse(413, f"body is over {self.max_body_bytes} bytes")
+        except TimeoutError:
+            response = self._refuse(
+                408, f"the body did not arrive within {self.read_timeout_s} s (admission.read_timeout_s)"
+            )
+            response.force_close()
+            return response
         try:
             admission = review.decode(body)
         except review.InvalidReview as exc:
@@ -371,8 +392,7 @@ async def watch_files(
     policy_at = _mtimes(policy_file) if policy_file else ()
     next_cert = next_policy = time.monotonic()
     while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(a.cert_reload_s, a.policy_poll_s))
+        await aio.sleep_unless(stop, min(a.cert_reload_s, a.policy_poll_s))
         now = time.monotonic()
         if now >= next_cert:
             next_cert = now + a.cert_reload_s
@@ -405,7 +425,7 @@ def read_policy(path: str) -> Policy:
 
 
 def app_for(gate: Gate) -> web.Application:
-    app = web.Application(client_max_size=review.MAX_BODY_BYTES + 1)
+    app = web.Application(client_max_size=gate.max_body_bytes)
     app.router.add_post(PATH, gate.handle)
     return app
 
@@ -425,12 +445,18 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
             "(PEM certificate chain and its private key, e.g. a mounted kubernetes.io/tls Secret)"
         ) from None
     policy_file = a.policy_file or settings.notifier.policy_file
-    gate = Gate(rules_from(settings), read_policy(policy_file), a.audit_queue, a.rescan_every_s)
+    gate = Gate(
+        rules_from(settings),
+        read_policy(policy_file),
+        a.audit_queue,
+        a.rescan_every_s,
+        max_body_bytes=int(a.max_body_mb * 1024 * 1024),
+        read_timeout_s=a.read_timeout_s,
+    )
     HEALTH.set(READY, False)
     async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
-        runner = web.AppRunner(app_for(gate), access_log=None, handler_cancellation=True)
-        await runner.setup()
-        await web.TCPSite(runner, a.host, a.port, ssl_context=context, backlog=1024).start()
+        listener = Listener(app_for(gate), a.read_timeout_s)
+        await listener.start(a.host, a.port, context)
         log.info("admission listening", host=a.host, port=a.port, path=PATH, policy=policy_file or "(none)")
         try:
             async with asyncio.TaskGroup() as group:
@@ -441,4 +467,4 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                 await stop.wait()
         finally:
             HEALTH.set(READY, False)
-            await runner.cleanup()
+            await listener.close()

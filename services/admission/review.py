@@ -7,14 +7,12 @@ decision code validates image references and names before using them (schemas/re
 from __future__ import annotations
 
 import re
+import sys
 
 import msgspec
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
-# The apiserver sends at most its own request limit (3 MiB of object plus the review envelope); a Pod or a template
-# of a workload podsweep can judge fits in far less. Larger bodies are refused with 413 before decoding.
-MAX_BODY_BYTES = 1024 * 1024
 
 
 class GroupVersionKind(msgspec.Struct, frozen=True):
@@ -80,7 +78,11 @@ class KubeObject(msgspec.Struct, frozen=True):
 
 
 class UserInfo(msgspec.Struct, frozen=True):
+    """Who asked, as the apiserver states it in the request: claims podsweep cannot check itself."""
+
     username: str = ""
+    uid: str = ""
+    groups: list[str] = []
 
 
 class AdmissionRequest(msgspec.Struct, frozen=True, rename="camel"):
@@ -138,6 +140,11 @@ def decode(body: bytes) -> AdmissionRequest:
         review = _decoder.decode(body)
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
         raise InvalidReview(f"not an AdmissionReview: {str(exc)[:200]}") from None
+    except RecursionError:  # msgspec bounds nesting by the interpreter's recursion limit (1,000 levels by default)
+        raise InvalidReview(
+            f"not an AdmissionReview: JSON nested too deeply (the decoder stops near {sys.getrecursionlimit()} "
+            "levels; a Pod or a workload is a few dozen levels deep)"
+        ) from None
     if review.api_version != API_VERSION or review.kind != KIND:
         raise InvalidReview(
             f"expected apiVersion {API_VERSION} kind {KIND}, got {review.api_version[:60]!r} {review.kind[:60]!r} "

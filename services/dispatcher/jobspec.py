@@ -206,11 +206,6 @@ def build_node_scan_job(scan: NodeScan, options: JobOptions) -> Manifest:
     scan = msgspec.convert(msgspec.to_builtins(scan), NodeScan)
     want_sbom = options.sbom and scan.sbom_put_url is not None
     raw_key = storage.raw_key(scan.digest_ref, scan.scan_id)
-    labels = {
-        jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE,
-        COMPONENT_LABEL: COMPONENT_VALUE,
-        jobs.SCAN_ID_LABEL: scan.scan_id,
-    }
     annotations = {
         jobs.DIGEST_REF_ANNOTATION: scan.digest_ref,
         jobs.RAW_KEY_ANNOTATION: raw_key,
@@ -220,31 +215,17 @@ def build_node_scan_job(scan: NodeScan, options: JobOptions) -> Manifest:
     if want_sbom:
         annotations[jobs.SBOM_KEY_ANNOTATION] = storage.sbom_key(scan.digest_ref, scan.scan_id)
 
-    work_mount = {"name": "work", "mountPath": WORK_DIR}
-    out_mount = {"name": "out", "mountPath": OUT_DIR}
-    volumes: list[Manifest] = [
-        {"name": "work", "emptyDir": {"sizeLimit": options.work_size_limit}},
-        {"name": "out", "emptyDir": {"sizeLimit": options.out_size_limit}},
-    ]
-    scan_mounts: list[Manifest] = [work_mount, out_mount]
+    scan_mounts: list[Manifest] = [_WORK_MOUNT, _OUT_MOUNT]
     if options.db_claim is not None:
-        volumes.append({"name": "trivy-db", "persistentVolumeClaim": {"claimName": options.db_claim, "readOnly": True}})
         # The claim holds a Trivy cache layout (db/, java-db/); the scan only reads it (--skip-*-update, and the
         # report cache is in memory), so a read-only mount lets every scan Job share one claim. Checked: Trivy
         # 0.76 scans as a non-root user with a 0444 trivy.db in 0555 directories.
-        scan_mounts.append({"name": "trivy-db", "mountPath": CACHE_DIR, "readOnly": True})
+        scan_mounts.append(_DB_MOUNT)
 
-    helper_resources = options.helper_resources.manifest()
     init_containers: list[Manifest] = [
-        {
-            "name": "install-trivy",
-            "image": options.trivy_image,
-            "imagePullPolicy": "IfNotPresent",
-            "command": ["cp", options.trivy_binary, TRIVY],
-            "volumeMounts": [work_mount],
-            "resources": helper_resources,
-            "securityContext": _helper_security(options.helper_uid),
-        },
+        _helper_container(
+            "install-trivy", options.trivy_image, ["cp", options.trivy_binary, TRIVY], [_WORK_MOUNT], options
+        ),
         {
             "name": "scan",
             "image": scan.digest_ref,
@@ -273,75 +254,39 @@ def build_node_scan_job(scan: NodeScan, options: JobOptions) -> Manifest:
     env = [{"name": RAW_URL_ENV, "value": scan.raw_put_url}]
     if want_sbom:
         init_containers.append(
-            {
-                "name": "sbom",
-                "image": options.trivy_image,
-                "imagePullPolicy": "IfNotPresent",
-                "command": [options.trivy_binary],
-                "args": ["convert", "--format", "cyclonedx", "--output", SBOM, REPORT],
-                "volumeMounts": [out_mount],
-                "resources": helper_resources,
-                "securityContext": _helper_security(options.helper_uid),
-            }
+            _helper_container(
+                "sbom",
+                options.trivy_image,
+                [options.trivy_binary],
+                [_OUT_MOUNT],
+                options,
+                args=["convert", "--format", "cyclonedx", "--output", SBOM, REPORT],
+            )
         )
         uploads.append(f"{SBOM}={SBOM_URL_ENV}")
         env.append({"name": SBOM_URL_ENV, "value": str(scan.sbom_put_url)})
-    uploader = {
-        "name": "upload",
-        "image": options.uploader_image,
-        "imagePullPolicy": "IfNotPresent",
-        # The presigned URLs travel in env, not args, so they never show in a process list on the node.
-        "command": ["podsweep", "upload"],
-        "args": uploads,
-        "env": env,
-        "volumeMounts": [{**out_mount, "readOnly": True}],
-        "resources": helper_resources,
-        "securityContext": _helper_security(options.helper_uid),
-    }
 
-    pod_spec: Manifest = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 5,
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-        # The node already runs this image: its taints must not evict or block the scan there.
-        "tolerations": [{"operator": "Exists"}],
-        "initContainers": init_containers,
-        "containers": [uploader],
-        "volumes": volumes,
-    }
     if options.pinning == "nodeName":
-        pod_spec["nodeName"] = scan.node
+        placement: Manifest = {"nodeName": scan.node}
     else:
         term = {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [scan.node]}]}
-        pod_spec["affinity"] = {
-            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+        placement = {
+            "affinity": {
+                "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+            }
         }
-    if options.priority_class is not None:
-        pod_spec["priorityClassName"] = options.priority_class
-    if options.service_account is not None:
-        pod_spec["serviceAccountName"] = options.service_account
-
-    manifest: Manifest = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": scan.scan_id,
-            "namespace": options.namespace,
-            "labels": labels,
-            "annotations": annotations,
-        },
-        "spec": {
-            "backoffLimit": 0,  # retries are the dispatcher's decision, maybe on another node
-            "activeDeadlineSeconds": options.active_deadline_seconds,
-            "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
-            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
-        },
-    }
-    # A JSON round trip: no two parts share a dict (a caller editing one cannot change another), and what
-    # comes out is exactly what the API server will be sent.
-    return _MANIFEST.decode(msgspec.json.encode(manifest))
+    pod_spec = _pod_spec(
+        options,
+        pod_security={"seccompProfile": {"type": "RuntimeDefault"}},
+        # The node already runs this image: its taints must not evict or block the scan there.
+        tolerations=[{"operator": "Exists"}],
+        init_containers=init_containers,
+        # The presigned URLs travel in env, not args, so they never show in a process list on the node.
+        uploader=_uploader(options, uploads, env),
+        volumes=_volumes(options, {"work": options.work_size_limit, "out": options.out_size_limit}),
+        placement=placement,
+    )
+    return _job(scan.scan_id, options, annotations, pod_spec)
 
 
 MAX_BATCH = 100
@@ -376,11 +321,6 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
     can swallow an exit code); the dispatcher then retries that batch's digests in smaller batches or on nodes.
     """
     batch = msgspec.convert(msgspec.to_builtins(batch), SbomRescan)
-    labels = {
-        jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE,
-        COMPONENT_LABEL: COMPONENT_VALUE,
-        jobs.SCAN_ID_LABEL: batch.batch_id,
-    }
     listing = [
         {"scan_id": i.scan_id, "digest_ref": i.digest_ref, "raw_key": storage.raw_key(i.digest_ref, i.scan_id)}
         for i in batch.items
@@ -389,34 +329,22 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
         jobs.MODE_ANNOTATION: "sbom",
         jobs.BATCH_ANNOTATION: msgspec.json.encode(listing).decode(),
     }
-    work_mount = {"name": "work", "mountPath": WORK_DIR}
     in_mount = {"name": "in", "mountPath": IN_DIR}
-    out_mount = {"name": "out", "mountPath": OUT_DIR}
-    volumes: list[Manifest] = [
-        {"name": "work", "emptyDir": {"sizeLimit": options.work_size_limit}},
-        {"name": "in", "emptyDir": {"sizeLimit": options.out_size_limit}},
-        {"name": "out", "emptyDir": {"sizeLimit": options.out_size_limit}},
-    ]
-    trivy_mounts: list[Manifest] = [work_mount, {**in_mount, "readOnly": True}, out_mount]
+    trivy_mounts: list[Manifest] = [_WORK_MOUNT, {**in_mount, "readOnly": True}, _OUT_MOUNT]
     if options.db_claim is not None:
-        volumes.append({"name": "trivy-db", "persistentVolumeClaim": {"claimName": options.db_claim, "readOnly": True}})
-        trivy_mounts.append({"name": "trivy-db", "mountPath": CACHE_DIR, "readOnly": True})
-    helper_resources = options.helper_resources.manifest()
+        trivy_mounts.append(_DB_MOUNT)
     security = _helper_security(options.helper_uid)
 
-    fetch_env = [{"name": f"PODSWEEP_SBOM_{n}_URL", "value": i.sbom_get_url} for n, i in enumerate(batch.items)]
     init_containers: list[Manifest] = [
-        {
-            "name": "download",
-            "image": options.uploader_image,
-            "imagePullPolicy": "IfNotPresent",
-            "command": ["podsweep", "download"],
-            "args": [f"{IN_DIR}/{n}.cdx.json=PODSWEEP_SBOM_{n}_URL" for n in range(len(batch.items))],
-            "env": fetch_env,
-            "volumeMounts": [in_mount],
-            "resources": helper_resources,
-            "securityContext": security,
-        }
+        _helper_container(
+            "download",
+            options.uploader_image,
+            ["podsweep", "download"],
+            [in_mount],
+            options,
+            args=[f"{IN_DIR}/{n}.cdx.json=PODSWEEP_SBOM_{n}_URL" for n in range(len(batch.items))],
+            env=[{"name": f"PODSWEEP_SBOM_{n}_URL", "value": i.sbom_get_url} for n, i in enumerate(batch.items)],
+        )
     ]
     for n, _item in enumerate(batch.items):
         args = ["sbom", "--format", "json", "--output", f"{OUT_DIR}/{n}.json"]
@@ -437,45 +365,113 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
                 "securityContext": security,
             }
         )
-    uploader = {
-        "name": "upload",
-        "image": options.uploader_image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": ["podsweep", "upload"],
-        "args": [f"{OUT_DIR}/{n}.json=PODSWEEP_RAW_{n}_URL" for n in range(len(batch.items))],
-        "env": [{"name": f"PODSWEEP_RAW_{n}_URL", "value": i.raw_put_url} for n, i in enumerate(batch.items)],
-        "volumeMounts": [{**out_mount, "readOnly": True}],
-        "resources": helper_resources,
-        "securityContext": security,
-    }
-    pod_spec: Manifest = {
+    uploader = _uploader(
+        options,
+        [f"{OUT_DIR}/{n}.json=PODSWEEP_RAW_{n}_URL" for n in range(len(batch.items))],
+        [{"name": f"PODSWEEP_RAW_{n}_URL", "value": i.raw_put_url} for n, i in enumerate(batch.items)],
+    )
+    pod_spec = _pod_spec(
+        options,
+        pod_security={"seccompProfile": {"type": "RuntimeDefault"}, "runAsNonRoot": True},
+        init_containers=init_containers,
+        uploader=uploader,
+        volumes=_volumes(
+            options, {"work": options.work_size_limit, "in": options.out_size_limit, "out": options.out_size_limit}
+        ),
+    )
+    return _job(batch.batch_id, options, annotations, pod_spec)
+
+
+# The parts both Jobs share.
+
+_WORK_MOUNT: Manifest = {"name": "work", "mountPath": WORK_DIR}
+_OUT_MOUNT: Manifest = {"name": "out", "mountPath": OUT_DIR}
+_DB_MOUNT: Manifest = {"name": "trivy-db", "mountPath": CACHE_DIR, "readOnly": True}
+
+
+def _volumes(options: JobOptions, empty_dirs: dict[str, str]) -> list[Manifest]:
+    """The pod's emptyDirs (name: size limit) and, in standalone mode, the Trivy DB claim, read-only."""
+    volumes: list[Manifest] = [{"name": name, "emptyDir": {"sizeLimit": size}} for name, size in empty_dirs.items()]
+    if options.db_claim is not None:
+        volumes.append({"name": "trivy-db", "persistentVolumeClaim": {"claimName": options.db_claim, "readOnly": True}})
+    return volumes
+
+
+def _helper_container(
+    name: str,
+    image: str,
+    command: list[str],
+    mounts: list[Manifest],
+    options: JobOptions,
+    *,
+    args: list[str] | None = None,
+    env: list[dict[str, str]] | None = None,
+) -> Manifest:
+    """A container of podsweep's own images (trivy's, the uploader's), as the helper user with helper resources."""
+    container: Manifest = {"name": name, "image": image, "imagePullPolicy": "IfNotPresent", "command": command}
+    if args is not None:
+        container["args"] = args
+    if env is not None:
+        container["env"] = env
+    container["volumeMounts"] = mounts
+    container["resources"] = options.helper_resources.manifest()
+    container["securityContext"] = _helper_security(options.helper_uid)
+    return container
+
+
+def _uploader(options: JobOptions, uploads: list[str], env: list[dict[str, str]]) -> Manifest:
+    """`podsweep upload` of the out/ files to the presigned URLs named in `env`."""
+    mounts: list[Manifest] = [{**_OUT_MOUNT, "readOnly": True}]
+    return _helper_container(
+        "upload", options.uploader_image, ["podsweep", "upload"], mounts, options, args=uploads, env=env
+    )
+
+
+def _pod_spec(
+    options: JobOptions,
+    *,
+    pod_security: Manifest,
+    init_containers: list[Manifest],
+    uploader: Manifest,
+    volumes: list[Manifest],
+    tolerations: list[Manifest] | None = None,
+    placement: Manifest | None = None,
+) -> Manifest:
+    spec: Manifest = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 5,
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}, "runAsNonRoot": True},
-        "initContainers": init_containers,
-        "containers": [uploader],
-        "volumes": volumes,
+        "securityContext": pod_security,
     }
+    if tolerations is not None:
+        spec["tolerations"] = tolerations
+    spec |= {"initContainers": init_containers, "containers": [uploader], "volumes": volumes}
+    spec |= placement or {}
     if options.priority_class is not None:
-        pod_spec["priorityClassName"] = options.priority_class
+        spec["priorityClassName"] = options.priority_class
     if options.service_account is not None:
-        pod_spec["serviceAccountName"] = options.service_account
+        spec["serviceAccountName"] = options.service_account
+    return spec
+
+
+def _job(name: str, options: JobOptions, annotations: dict[str, str], pod_spec: Manifest) -> Manifest:
+    labels = {
+        jobs.MANAGED_BY_LABEL: jobs.MANAGED_BY_VALUE,
+        COMPONENT_LABEL: COMPONENT_VALUE,
+        jobs.SCAN_ID_LABEL: name,
+    }
     manifest: Manifest = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": batch.batch_id,
-            "namespace": options.namespace,
-            "labels": labels,
-            "annotations": annotations,
-        },
+        "metadata": {"name": name, "namespace": options.namespace, "labels": labels, "annotations": annotations},
         "spec": {
-            "backoffLimit": 0,
+            "backoffLimit": 0,  # retries are the dispatcher's decision, maybe on another node
             "activeDeadlineSeconds": options.active_deadline_seconds,
             "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
             "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
         },
     }
+    # A JSON round trip: no two parts share a dict (a caller editing one cannot change another), and what
+    # comes out is exactly what the API server will be sent.
     return _MANIFEST.decode(msgspec.json.encode(manifest))

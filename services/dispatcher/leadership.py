@@ -19,8 +19,8 @@ from typing import NamedTuple
 import msgspec
 from nats.js.kv import KeyValue
 
+from podsweep import aio, logs
 from podsweep import bus as busmod
-from podsweep import logs
 from schemas.state import LEADER_KEY, DispatcherLease
 
 log = logs.get("podsweep.dispatcher")
@@ -97,7 +97,7 @@ class Leadership:
             if lease is not None and lease.holder != told:
                 told = lease.holder
                 log.info("dispatcher standing by", holder=self.me, leader=lease.holder, lease_s=lease.ttl_s)
-            await _sleep_unless(stop, self.ttl_s / 5)
+            await aio.sleep_unless(stop, self.ttl_s / 5)
         return False
 
     async def keep(self, lost: asyncio.Event) -> None:
@@ -148,8 +148,3 @@ class Leadership:
             return DispatcherLease(
                 holder="?", acquired_at=epoch, renewed_at=epoch, ttl_s=self.ttl_s
             ), entry.revision or 0
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

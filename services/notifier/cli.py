@@ -27,6 +27,7 @@ from podsweep import discovery
 from podsweep.config import ConfigError, Settings
 from podsweep.objectstore import ObjectStore
 from podsweep.policy import EMPTY_POLICY, Policy, PolicyError, load_policy, rule_for
+from podsweep.reports import localfile, normalize, trivy
 from schemas.events import Severity
 from schemas.index import NamespaceIndex, SummaryIndex
 from schemas.refs import DNS_LABEL_PATTERN, IMAGE_RE
@@ -35,7 +36,6 @@ from schemas.state import WORKLOADS_BUCKET, DigestWorkloads
 from schemas.storage import SUMMARY_KEY, latest_report_key, namespace_index_key
 from services.notifier import targets
 from services.notifier.check import CheckRow, check
-from services.parser import localfile, normalize, trivy
 
 CANNOT_DECIDE = 2
 TABLE_ROWS = 1000  # above this, rows are printed as tab-separated lines

@@ -7,7 +7,6 @@ the outbox, fingerprints and audit events; never touches Kubernetes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import time
@@ -17,8 +16,8 @@ import httpx
 import msgspec
 from nats.js.kv import KeyValue
 
+from podsweep import aio, logs
 from podsweep import bus as busmod
-from podsweep import logs
 from podsweep.config import ConsumerSettings, Settings
 from podsweep.health import HEALTH
 from podsweep.natsaccess import Bucket, Durable, NatsAccess
@@ -175,8 +174,7 @@ class Outboxes:
 async def _watch_policy(policies: PolicySource, outboxes: Outboxes, every_s: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         outboxes.ensure(policies.refresh())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+        await aio.sleep_unless(stop, every_s)
 
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:

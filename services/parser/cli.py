@@ -20,12 +20,12 @@ from rich.table import Table
 from podsweep import discovery
 from podsweep.config import ConfigError, Settings
 from podsweep.objectstore import ObjectStore
+from podsweep.reports import localfile, normalize, trivy
 from schemas import storage
 from schemas.events import SEVERITIES, Severity, SeverityCounts
 from schemas.index import IndexedDigest, NamespaceIndex, SummaryIndex
 from schemas.refs import DIGEST_REF_RE, DNS_LABEL_PATTERN
 from schemas.report import Report, SourceFormat
-from services.parser import localfile, normalize, trivy
 
 NOT_A_REPORT = 2
 # The stored report has no C0 controls; C1 (U+0080-U+009F) is legal text there but some terminals act on it.

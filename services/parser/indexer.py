@@ -20,7 +20,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from podsweep import logs
+from podsweep import aio, logs
 from podsweep.objectstore import ObjectStore
 from schemas import storage
 from schemas.index import DigestSummary, IndexRevisions
@@ -140,19 +140,12 @@ class Indexer:
         """Flush whenever something changed, at most every flush_s, until `stop`; the caller flushes last."""
         last = 0.0
         while not stop.is_set():
-            stopped = asyncio.create_task(stop.wait())
-            changed = asyncio.create_task(self.changed.wait())
-            await asyncio.wait({stopped, changed}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            changed.cancel()
+            await aio.wait_first((stop, self.changed))
             if stop.is_set():
                 return
             wait = last + self.flush_s - time.monotonic()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait)
-                if stop.is_set():
-                    return
+            if wait > 0 and await aio.sleep_unless(stop, wait):
+                return
             last = time.monotonic()
             await self.flush()
 

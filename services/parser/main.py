@@ -1,8 +1,9 @@
 """The parser service: `scan.completed` → stored report, history, SBOM and `report.stored`; `image.seen` → who runs
 a digest. The index/ pages follow through the indexer.
 
-A thin shell around stored.py, normalize.py and sbom.py. Reads uploads from S3, writes reports and index; never
-touches Kubernetes, and never reads an object whose key it did not derive from the event's digest and scan id.
+A thin shell around stored.py, sbom.py and podsweep/reports/normalize.py. Reads uploads from S3, writes reports
+and index; never touches Kubernetes, and never reads an object whose key it did not derive from the event's digest
+and scan id.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from podsweep.config import Settings
 from podsweep.health import HEALTH
 from podsweep.natsaccess import Bucket, Durable, NatsAccess
 from podsweep.objectstore import ObjectMissing, ObjectStore, ObjectTooLarge
+from podsweep.reports import normalize, trivy
 from podsweep.service import open_service
 from podsweep.workloads import record_seen
 from schemas import storage, subjects
@@ -29,7 +31,7 @@ from schemas.index import DigestSummary
 from schemas.refs import digest_hex
 from schemas.report import Report
 from schemas.state import SCANS_BUCKET, SUMMARIES_BUCKET, WORKLOADS_BUCKET, DigestScanState, DigestWorkloads
-from services.parser import html, normalize, sbom, stored, trivy
+from services.parser import html, sbom, stored
 from services.parser.indexer import HTML, Indexer
 
 SERVICE = "parser"

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from services.parser import trivy
+from podsweep.reports import trivy
 
 SPEC_VERSION_PATTERN = r"^1\.[0-9]{1,2}(?!\n)$"
 SbomErrorKind = Literal["oversized", "not-json", "truncated", "bad-gzip", "not-cyclonedx"]

@@ -10,12 +10,12 @@ from typing import Literal
 
 import msgspec
 
+from podsweep.reports import normalize
 from schemas import storage
 from schemas.events import QuarantinedObject, QuarantineKind, ReportQuarantined, ReportStored, ScanCompleted
 from schemas.index import DigestSummary
 from schemas.report import Report
 from schemas.state import DigestScanState
-from services.parser import normalize
 
 Step = Literal["store", "done", "stale"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 import msgspec
 
@@ -264,43 +264,30 @@ def transition(last: Phase | None, current: Outcome) -> bool:
 def scan_event(scan: ScanJob, current: Outcome, cluster: str, now: datetime) -> ScanEvent | None:
     """The event for an outcome (None while pending). Times come from the Job when it has them, else `now`."""
     at = current.at or now
+    which = _ScanFields(
+        cluster=cluster, scan_id=scan.scan_id, digest_ref=scan.digest_ref, mode=scan.mode, node=scan.node, job=scan.job
+    )
     if current.phase == "started":
-        return ScanStarted(
-            cluster=cluster,
-            scan_id=scan.scan_id,
-            digest_ref=scan.digest_ref,
-            mode=scan.mode,
-            node=scan.node,
-            job=scan.job,
-            started_at=at,
-        )
+        return ScanStarted(**which, started_at=at)
     if current.phase == "completed":
         return ScanCompleted(
-            cluster=cluster,
-            scan_id=scan.scan_id,
-            digest_ref=scan.digest_ref,
-            mode=scan.mode,
-            node=scan.node,
-            job=scan.job,
-            raw_key=scan.raw_key,
-            sbom_key=scan.sbom_key,
-            started_at=current.started_at,
-            finished_at=at,
+            **which, raw_key=scan.raw_key, sbom_key=scan.sbom_key, started_at=current.started_at, finished_at=at
         )
     if current.phase == "failed":
         reason, message = _item_failure(scan, current)
-        return ScanFailed(
-            cluster=cluster,
-            scan_id=scan.scan_id,
-            digest_ref=scan.digest_ref,
-            mode=scan.mode,
-            node=scan.node,
-            job=scan.job,
-            reason=reason,
-            message=message,
-            failed_at=at,
-        )
+        return ScanFailed(**which, reason=reason, message=message, failed_at=at)
     return None
+
+
+class _ScanFields(TypedDict):
+    """The fields of schemas.events.ScanLifecycle, which every scan event carries."""
+
+    cluster: str
+    scan_id: ScanId
+    digest_ref: DigestRef
+    mode: ScanMode
+    node: NodeName | None
+    job: K8sName
 
 
 def _item_failure(scan: ScanJob, current: Outcome) -> tuple[FailureReason, str]:

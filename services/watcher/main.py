@@ -18,8 +18,8 @@ from typing import TypeVar
 import msgspec
 from opentelemetry import metrics, trace
 
+from podsweep import aio, logs, runtime, telemetry
 from podsweep import bus as busmod
-from podsweep import logs, runtime, telemetry
 from podsweep.config import Settings, WatcherSettings
 from podsweep.health import HEALTH
 from podsweep.kube import METADATA, METADATA_LIST, METADATA_WATCH, Kube, KubeError
@@ -594,9 +594,9 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         tasks.append(asyncio.create_task(watcher.podless_forever(), name="watcher-podless"))
         log.info("watcher started", cluster=settings.cluster, scan_namespace=settings.namespace)
         try:
-            done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when="FIRST_COMPLETED")
-            for task in done:
-                if task in tasks and task.exception() is not None:
+            await aio.wait_first((stop, *tasks))
+            for task in tasks:
+                if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
             for task in tasks:

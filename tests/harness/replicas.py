@@ -88,7 +88,7 @@ class Replica:
 
 _PROFILED = """
 import cProfile, sys, time
-from podsweep.cli import main
+from podsweep_cli.app import main
 out = sys.argv.pop(1)
 profiler = cProfile.Profile(time.process_time)
 try:

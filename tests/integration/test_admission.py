@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
+import json
 import os
 import secrets
 import signal
@@ -43,7 +45,7 @@ from schemas.events import ReportStored, RescanRequested, SeverityCounts, Worklo
 from schemas.index import DigestSummary, IndexedDigest, SummaryIndex
 from schemas.report import Finding, Report
 from tests.harness.admission import Tls, deployment, make_tls, pod, review, seen
-from tests.harness.kube import KubeControlPlane
+from tests.harness.kube import KubeControlPlane, KubeControlPlaneError
 from tests.harness.kwok import create_namespace
 
 pytestmark = pytest.mark.kube
@@ -270,12 +272,23 @@ async def _ready(metrics_port: int, process: asyncio.subprocess.Process, log: Pa
     raise AssertionError(f"the gate was not ready in {timeout_s} s:\n{_tail(log)}")
 
 
+def _shipped_rules() -> dict[str, list[dict[str, Any]]]:
+    """The rules of each webhook as deploy/base/admission.yaml ships them: what the apiserver sends here is what it
+    would send a deployed gate."""
+    documents = yaml.safe_load_all((REPO / "deploy" / "base" / "admission.yaml").read_text())
+    shipped = next(d for d in documents if d and d["kind"] == "ValidatingWebhookConfiguration")
+    return {hook["name"]: hook["rules"] for hook in shipped["webhooks"]}
+
+
 def _webhook_configuration(name: str, port: int, ca: bytes, namespaces: list[str], policy: str) -> dict[str, Any]:
-    def hook(hook_name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
+    rules = _shipped_rules()
+    assert set(rules) == {"pods.admission.podsweep.io", "workloads.admission.podsweep.io"}, rules
+
+    def hook(hook_name: str) -> dict[str, Any]:
         return {
             "name": hook_name,
             "clientConfig": {"url": f"https://127.0.0.1:{port}/validate", "caBundle": base64.b64encode(ca).decode()},
-            "rules": rules,
+            "rules": rules[hook_name],
             "failurePolicy": policy,
             "timeoutSeconds": 3,
             "sideEffects": "NoneOnDryRun",
@@ -289,23 +302,7 @@ def _webhook_configuration(name: str, port: int, ca: bytes, namespaces: list[str
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": name},
-        "webhooks": [
-            hook(
-                "pods.admission.podsweep.io",
-                [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
-            ),
-            hook(
-                "workloads.admission.podsweep.io",
-                [
-                    {
-                        "apiGroups": ["apps"],
-                        "apiVersions": ["v1"],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": ["deployments"],
-                    }
-                ],
-            ),
-        ],
+        "webhooks": [hook("pods.admission.podsweep.io"), hook("workloads.admission.podsweep.io")],
     }
 
 
@@ -400,6 +397,9 @@ async def test_enforce_denies_a_breaching_pod_and_the_message_names_the_findings
     audit = await gate.audit_for("bad-by-digest")
     assert (audit.verdict, audit.allowed, audit.namespace) == ("deny", False, gate.enforce)
     assert audit.images[0].findings == [CVE]
+    # Who asked: the apiserver's words in the request, marked as such.
+    assert audit.requester is not None and audit.requester.source == "request.userInfo"
+    assert audit.requester.username == "podsweep-test-admin" and "system:masters" in audit.requester.groups
 
 
 async def test_enforce_denies_a_deployment_at_apply(gate: Gate) -> None:
@@ -503,8 +503,20 @@ async def test_hostile_input_gets_a_clear_answer_and_never_a_crash(gate: Gate) -
     async with httpx.AsyncClient(verify=context, timeout=10) as client:
         malformed = await client.post(url, content=b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionRev')
         assert malformed.status_code == 400 and "not an AdmissionReview" in malformed.text
-        oversized = await client.post(url, content=b"x" * (2 * 1024 * 1024))
+        # Over admission.max_body_mb (32 MiB): declared, or found while reading a chunked body.
+        oversized = await client.post(url, content=b"x" * (33 * 1024 * 1024))
         assert oversized.status_code == 413
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(33):
+                yield b"x" * (1024 * 1024)
+
+        chunked = await client.post(url, content=chunks())
+        assert chunked.status_code == 413
+        # A compressed review is not decompressed (the apiserver never sends one): a 400, whatever it holds.
+        packed = gzip.compress(json.dumps(review(pod("gz", {"app": BAD}), gate.enforce, uid="gz-1")).encode())
+        compressed = await client.post(url, content=packed, headers={"Content-Encoding": "gzip"})
+        assert compressed.status_code == 400 and "not an AdmissionReview" in compressed.text
         configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
         unknown_kind = await client.post(url, json=review(configmap, gate.enforce, uid="u-kind"))
         assert unknown_kind.json()["response"] == {"uid": "u-kind", "allowed": True}
@@ -514,6 +526,184 @@ async def test_hostile_input_gets_a_clear_answer_and_never_a_crash(gate: Gate) -
         assert status == 201, body
         assert warnings and all(len(w) < 400 for w in warnings)
     assert gate.process.returncode is None
+
+
+def _padded_review(namespace: str, name: str, image: str, size: int) -> bytes:
+    """An AdmissionReview of a pod whose env value pads the body to `size` bytes (what an attacker would send to
+    push a review past what the gate reads)."""
+    obj = pod(name, {"app": image})
+    obj["spec"]["containers"][0]["env"] = [{"name": "PAD", "value": ""}]
+    body = json.dumps(review(obj, namespace, uid=f"pad-{name}"))
+    obj["spec"]["containers"][0]["env"][0]["value"] = "x" * (size - len(body))
+    padded = json.dumps(review(obj, namespace, uid=f"pad-{name}")).encode()
+    assert len(padded) == size
+    return padded
+
+
+def _denied(answer: bytes, uid: str) -> bool:
+    response = json.loads(answer)["response"]
+    return response["uid"] == uid and response["allowed"] is False and response["status"]["code"] == 403
+
+
+async def _exchange(gate: Gate, parts: list[bytes], pause_s: float = 0.05) -> bytes:
+    """Send `parts` over one TLS connection, each its own write with a pause between, and read until the gate
+    closes it (the request asks it to)."""
+    context = ssl.create_default_context(cadata=gate.tls.ca_pem.decode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.port, ssl=context)
+    try:
+        for n, part in enumerate(parts):
+            if n:
+                await asyncio.sleep(pause_s)  # builds the split on the wire; nothing is concluded from it
+            writer.write(part)
+            await writer.drain()
+        return await _read_until_closed(reader)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+async def _read_until_closed(reader: asyncio.StreamReader, timeout_s: float = 60) -> bytes:
+    """Everything the gate sends until it closes the connection (an abrupt close counts as closed); fails after a
+    generous `timeout_s` if it never does."""
+    received = bytearray()
+
+    async def drain() -> None:
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except (ConnectionError, ssl.SSLError):
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    await asyncio.wait_for(drain(), timeout_s)
+    return bytes(received)
+
+
+def _post_head(length: int, close: bool = True) -> bytes:
+    connection = "Connection: close\r\n" if close else ""
+    return (
+        f"POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{connection}\r\n"
+    ).encode()
+
+
+async def test_a_review_split_across_writes_is_judged_whole(gate: Gate) -> None:
+    body = json.dumps(review(pod("split", {"app": BAD}), gate.enforce, uid="split-1")).encode()
+    half = len(body) // 2
+    answer = await _exchange(gate, [_post_head(len(body)) + body[:half], body[half:]])
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:500]
+    assert _denied(payload, "split-1"), payload[:500]
+
+
+@pytest.mark.parametrize("size", [600_000, 900_000], ids=["600KB", "900KB"])
+async def test_a_large_review_is_read_whole_and_judged(gate: Gate, size: int) -> None:
+    body = _padded_review(gate.enforce, f"large-{size}", BAD, size)
+    # In two writes, as a busy sender's would arrive: the gate must not judge what came first.
+    third = size // 3
+    answer = await _exchange(gate, [_post_head(size) + body[:third], body[third:]])
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:500]
+    assert _denied(payload, f"pad-large-{size}"), payload[:500]
+
+
+@pytest.mark.parametrize("filler", ["x", "<"], ids=["plain", "escaped-six-fold"])
+async def test_a_padded_pod_through_the_apiserver_is_still_denied_in_enforce(gate: Gate, filler: str) -> None:
+    # ~2 MB of env value: under the apiserver's 3 MiB request limit, over the 1 MiB the gate used to read. The
+    # apiserver writes `<` as \u003c, so the second review is about six times the pod.
+    size = 2_000_000 if filler == "x" else 450_000
+    obj = pod(f"padded-{secrets.token_hex(2)}", {"app": BAD})
+    obj["spec"]["containers"][0]["env"] = [{"name": "PAD", "value": filler * size}]
+    status, body, _ = await gate.create(gate.enforce, obj)
+    assert status == 403, {k: str(v)[:300] for k, v in body.items()}
+    assert CVE in body["message"]
+
+
+@pytest.mark.timeout(120)
+async def test_a_client_that_sends_headers_and_no_body_is_answered_and_closed(gate: Gate) -> None:
+    context = ssl.create_default_context(cadata=gate.tls.ca_pem.decode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.port, ssl=context)
+    try:
+        writer.write(_post_head(2000, close=False))  # keep-alive asked for, and the body never comes
+        await writer.drain()
+        answer = await _read_until_closed(reader)  # returns once the gate closes the connection
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"read_timeout_s" in answer
+
+
+@pytest.mark.timeout(120)
+async def test_a_client_that_stalls_inside_its_headers_is_closed(gate: Gate) -> None:
+    context = ssl.create_default_context(cadata=gate.tls.ca_pem.decode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.port, ssl=context)
+    try:
+        writer.write(b"POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+        await writer.drain()
+        # Closed by the header deadline (admission.read_timeout_s); aiohttp alone would wait for its keep-alive
+        # timeout, an hour by default.
+        assert await _read_until_closed(reader, 45) == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+@pytest.mark.timeout(120)
+async def test_a_client_that_never_starts_tls_is_let_go(gate: Gate) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.port)
+    try:
+        # The gate's handshake deadline is admission.read_timeout_s (5 s); the default would have been 60 s.
+        assert await _read_until_closed(reader, 45) == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_deep_nesting_is_a_400_not_a_crash(gate: Gate) -> None:
+    body = review(pod("deep", {"app": BAD}), gate.enforce, uid="deep-1")
+    encoded = json.dumps(body)[:-2] + ', "extra": ' + "[" * 5000 + "]" * 5000 + "}}"
+    context = ssl.create_default_context(cadata=gate.tls.ca_pem.decode())
+    async with httpx.AsyncClient(verify=context, timeout=20) as client:
+        response = await client.post(f"https://127.0.0.1:{gate.port}/validate", content=encoded.encode())
+    assert response.status_code == 400, response.text[:300]
+    assert "nested too deeply" in response.text
+
+
+async def test_set_image_on_a_running_pod_is_judged_like_a_new_pod(gate: Gate) -> None:
+    name = f"set-image-{secrets.token_hex(2)}"
+    status, body, _ = await gate.create(gate.enforce, pod(name, {"app": CLEAN}))
+    assert status == 201, body
+    with pytest.raises(KubeControlPlaneError) as refused:
+        await asyncio.to_thread(gate.kube.kubectl_run, "-n", gate.enforce, "set", "image", f"pod/{name}", f"app={BAD}")
+    assert "denied the request" in str(refused.value) and CVE in str(refused.value)
+    current = msgspec.json.decode(await gate.kube_api.get(f"/api/v1/namespaces/{gate.enforce}/pods/{name}"))
+    assert current["spec"]["containers"][0]["image"] == CLEAN
+    audit = await gate.audit_for(name)
+    assert (audit.operation, audit.verdict) == ("UPDATE", "deny")
+    # The same pod relabelled keeps its image: an update that brings no image is never refused.
+    await asyncio.to_thread(gate.kube.kubectl_run, "-n", gate.enforce, "label", f"pod/{name}", "relabelled=yes")
+
+
+async def test_a_debug_container_with_a_breaching_image_is_refused(gate: Gate) -> None:
+    name = f"debugged-{secrets.token_hex(2)}"
+    status, body, _ = await gate.create(gate.enforce, pod(name, {"app": CLEAN}))
+    assert status == 201, body
+    patch = {"spec": {"ephemeralContainers": [{"name": "debugger", "image": BAD}]}}
+    with pytest.raises(KubeError) as refused:
+        await gate.kube_api.request(
+            "PATCH",
+            f"/api/v1/namespaces/{gate.enforce}/pods/{name}/ephemeralcontainers",
+            body=msgspec.json.encode(patch),
+            content_type="application/strategic-merge-patch+json",
+        )
+    assert refused.value.status == 403 and CVE.encode() in refused.value.body
 
 
 async def test_a_renewed_certificate_is_served_without_restart(gate: Gate) -> None:
@@ -543,7 +733,7 @@ async def _served_with(gate: Gate, ca_pem: bytes, timeout_s: float = 10) -> bool
 
 
 async def test_report_admissions_lists_recent_decisions(gate: Gate) -> None:
-    from podsweep.cli import app
+    from podsweep_cli.app import app
 
     env = {"PODSWEEP_CONFIG": str(gate.config_file)}
     result = await asyncio.to_thread(

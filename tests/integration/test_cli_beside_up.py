@@ -1,6 +1,6 @@
 """The CLI run in the directory of a running `podsweep up`, with nothing configured, uses up's embedded servers.
 
-The servers are started and the discovery file written by the code `up` runs (`podsweep.cli.start_embedded`); the
+The servers are started and the discovery file written by the code `up` runs (`podsweep_cli.app.start_embedded`); the
 commands run as separate processes, with no PODSWEEP_* or AWS_* variable and no AWS files to fall back on.
 """
 
@@ -21,9 +21,9 @@ import pytest
 
 from podsweep import bus as busmod
 from podsweep import discovery, embedded
-from podsweep.cli import _declare, start_embedded
 from podsweep.config import Settings
 from podsweep.objectstore import ObjectStore
+from podsweep_cli.app import _declare, start_embedded
 from schemas import storage
 from schemas.index import IndexedDigest, SummaryIndex
 from schemas.state import SCANS_BUCKET, DigestScanState

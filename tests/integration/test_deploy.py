@@ -25,10 +25,12 @@ import yaml
 from nats.aio.client import Client as NatsClient
 
 from podsweep import bus as busmod
-from podsweep import cli, natsaccess, runtime
+from podsweep import natsaccess
 from podsweep.config import ConsumerSettings, NatsSettings, Settings, load_settings
 from podsweep.embedded import free_port
 from podsweep.policy import PolicyError, SecretRef, load_policy
+from podsweep_cli import app as cli
+from podsweep_cli.services import nats_access
 from schemas import subjects
 from services.admission import main as admission
 from services.notifier.policysource import PolicySource
@@ -751,7 +753,7 @@ class Ping(msgspec.Struct, frozen=True):
     n: int = 0
 
 
-ACCESS = {service: runtime.nats_access(service) for service in SERVICES}
+ACCESS = {service: nats_access(service) for service in SERVICES}
 
 
 def test_accounts_conf_is_generated_from_what_the_services_declare(rendered: dict[str, Rendered]) -> None:

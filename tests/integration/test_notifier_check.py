@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 from podsweep import bus as busmod
 from podsweep.config import NatsSettings, S3Settings
 from podsweep.objectstore import ObjectStore
+from podsweep.reports import normalize
 from schemas.events import ImageOptions, Workload
 from schemas.index import IndexedDigest, NamespaceIndex, NamespaceWorkload, SummaryIndex, WorkloadImage
 from schemas.state import WORKLOADS_BUCKET, DigestWorkloads, WorkloadRun
 from schemas.storage import SUMMARY_KEY, latest_report_key, namespace_index_key
 from services.notifier.cli import check_command
-from services.parser import normalize
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "trivy"
 APP = typer.Typer()
@@ -82,7 +82,7 @@ def test_a_report_nested_1000_deep_cannot_be_decided_and_exits_2(tmp_path: Path)
 # getrusage: ru_maxrss also counts the parent's pages the child had before exec (all of pytest's).
 _MEASURED = (
     "import re, sys\n"
-    "from podsweep.cli import app\n"
+    "from podsweep_cli.app import app\n"
     "sys.argv[0] = 'podsweep'\n"
     "try:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
     "with open('/proc/self/status') as status:\n"

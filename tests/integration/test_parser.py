@@ -27,12 +27,12 @@ import pytest
 from podsweep import bus as busmod
 from podsweep.config import ConsumerSettings, NatsSettings, ParserSettings, S3Settings, Settings
 from podsweep.objectstore import ObjectStore
+from podsweep.reports import normalize
 from schemas import storage, subjects
 from schemas.events import ImageSeen, ReportQuarantined, ReportStored, ScanCompleted, Workload
 from schemas.index import DigestSummary, NamespaceIndex, SummaryIndex
 from schemas.report import Report
 from schemas.state import SCANS_BUCKET, SUMMARIES_BUCKET, WORKLOADS_BUCKET, DigestScanState, DigestWorkloads
-from services.parser import normalize
 from services.parser.main import main
 from tests.harness.replicas import in_process
 

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from typer.testing import CliRunner
 
 from podsweep import bus as busmod
-from podsweep.cli import app
 from podsweep.config import NatsSettings
+from podsweep_cli.app import app
 from schemas.state import LEADER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, DispatcherLease, NodeFailure
 
 HEX = "ab" * 32

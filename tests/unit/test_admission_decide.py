@@ -469,10 +469,76 @@ def test_a_new_report_is_never_judged_from_the_memo_of_the_old_one() -> None:
             {"bypasses": [{"selector": {"a": "b"}, "owner": "o", "reason": "r", "expires": "2026-12-01T00:00:00"}]},
             "zone",
         ),
+        ({"max_body_mb": 0.5}, "must be between 1 and 1024"),
+        ({"read_timeout_s": 0}, "must be > 0"),
     ],
-    ids=["unknown-mode", "upper-case-glob", "cert-without-key", "space", "port", "empty-selector", "no-owner", "naive"],
+    ids=[
+        "unknown-mode",
+        "upper-case-glob",
+        "cert-without-key",
+        "space",
+        "port",
+        "empty-selector",
+        "no-owner",
+        "naive",
+        "body-limit-too-small",
+        "no-read-deadline",
+    ],
 )
 def test_admission_settings_are_refused_naming_the_key(settings: dict[str, Any], says: str) -> None:
     with pytest.raises(ConfigError, match=says) as caught:
         load_settings(environ={}, overrides={"admission": settings})
     assert "admission." in str(caught.value)
+
+
+def _debugged(image: str) -> dict[str, Any]:
+    obj = pod("web", {"app": CLEAN})
+    obj["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": image}]
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("obj", "old", "sub_resource", "outcome"),
+    [
+        (pod("web", {"app": BAD}), pod("web", {"app": CLEAN}), "", "deny"),
+        (pod("web", {"app": CLEAN}), pod("web", {"app": BAD}), "", "allow"),
+        (pod("web", {"app": BAD}, labels={"x": "y"}), pod("web", {"app": BAD}), "", "allow"),
+        (_debugged(BAD), pod("web", {"app": CLEAN}), "ephemeralcontainers", "deny"),
+        (_debugged(CLEAN), pod("web", {"app": CLEAN}), "ephemeralcontainers", "allow"),
+        (pod("web", {"app": BAD}), pod("web", {"app": CLEAN}), "status", "skipped"),
+    ],
+    ids=[
+        "set-image-to-a-bad-one",
+        "set-image-to-a-clean-one",
+        "relabel-keeps-the-image",
+        "debug-container-with-a-bad-image",
+        "debug-container-with-a-clean-image",
+        "status-is-not-judged",
+    ],
+)
+def test_a_pod_update_is_judged_on_the_images_it_brings(
+    obj: dict[str, Any], old: dict[str, Any], sub_resource: str, outcome: str
+) -> None:
+    body = review_body(obj, "prod-a", operation="UPDATE", old=old)
+    body["request"]["subResource"] = sub_resource
+    decision = decide(review.decode(json.dumps(body).encode()), make_view(), POLICY, RULES, NOW)
+    assert decision.outcome == outcome
+    if outcome == "deny":
+        assert decision.audit is not None and decision.audit.operation == "UPDATE"
+
+
+def test_the_audit_says_the_requester_is_what_the_request_claims() -> None:
+    body = review_body(pod("web", {"app": BAD}), "prod-a")
+    body["request"]["userInfo"] = {
+        "username": "mallory\nadmin",
+        "uid": "1234",
+        "groups": ["system:authenticated", *(f"g{n}" for n in range(40))],
+    }
+    decision = decide(review.decode(json.dumps(body).encode()), make_view(), POLICY, RULES, NOW)
+    assert decision.audit is not None and decision.audit.requester is not None
+    requester = decision.audit.requester
+    assert requester.source == "request.userInfo"
+    assert (requester.username, requester.uid) == ("mallory?admin", "1234")
+    assert requester.groups[0] == "system:authenticated" and len(requester.groups) == 32
+    encoded = msgspec.json.decode(msgspec.json.encode(decision.audit))
+    assert encoded["requester"]["source"] == "request.userInfo"

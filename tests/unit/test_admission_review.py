@@ -89,3 +89,20 @@ def test_the_response_is_an_admission_v1_review_with_warnings_and_status() -> No
         "uid": "u2",
         "allowed": True,
     }
+
+
+def _nested(depth: int) -> bytes:
+    """A review whose object carries `depth` levels of arrays in a field the gate never reads."""
+    head = json.dumps(GOOD)[:-3]  # up to the end of request.options' last value, inside request
+    assert head.endswith('"CreateOptions"')
+    return (head + '}, "extra": ' + "[" * depth + "]" * depth + "}}").encode()
+
+
+def test_nesting_a_pod_never_reaches_is_decoded() -> None:
+    assert review.decode(_nested(200)).uid == GOOD["request"]["uid"]
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_deep_nesting_is_refused_with_a_reason_not_a_crash(depth: int) -> None:
+    with pytest.raises(review.InvalidReview, match="nested too deeply"):
+        review.decode(_nested(depth))

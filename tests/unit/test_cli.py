@@ -7,7 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from podsweep import __version__
-from podsweep.cli import app
+from podsweep_cli.app import app
 
 runner = CliRunner()
 
@@ -59,7 +59,7 @@ def test_deploy_nats_accounts_check_passes_on_the_committed_file() -> None:
 
 
 def test_deploy_nats_accounts_check_fails_on_a_stale_file_and_writing_fixes_it(tmp_path: Path) -> None:
-    from podsweep.cli import DEPLOY_DIR
+    from podsweep_cli.app import DEPLOY_DIR
 
     deploy = tmp_path / "deploy"
     (deploy / "base" / "nats").mkdir(parents=True)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from podsweep import natsaccess, runtime
+from podsweep import natsaccess
 from podsweep.natsaccess import Bucket, Durable, Names, NatsAccess
+from podsweep_cli import services
 from schemas import subjects
 
 NAMES = Names(root="t.root", stream="S1", kv_prefix="k")
-SERVICES = runtime.SERVICES
+SERVICES = services.SERVICES
 
 
 def test_a_durable_consumer_gets_its_own_consumer_calls_and_dead_letters() -> None:
@@ -56,7 +57,7 @@ def test_the_outbox_owner_may_use_any_consumer_of_the_outbox_stream_and_no_other
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_no_declared_service_may_delete_purge_or_update_or_read_every_inbox(service: str) -> None:
-    allowed = natsaccess.permissions(runtime.nats_access(service), Names())
+    allowed = natsaccess.permissions(services.nats_access(service), Names())
     for subject in allowed.publish:
         for verb in ("DELETE", "PURGE", "UPDATE", "$JS.API.>", "$JS.API.INFO", "SNAPSHOT", "RESTORE"):
             assert verb not in subject, subject
@@ -66,7 +67,7 @@ def test_no_declared_service_may_delete_purge_or_update_or_read_every_inbox(serv
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_a_declared_consumer_reads_only_events_of_the_stream(service: str) -> None:
-    access = runtime.nats_access(service)
+    access = services.nats_access(service)
     events = {
         value
         for name, value in vars(subjects).items()
@@ -105,7 +106,7 @@ def test_inbox_prefix_is_one_token_of_safe_characters(name: str, prefix: str) ->
 
 
 def test_accounts_conf_has_one_user_per_service_with_its_password_variable_and_its_subjects() -> None:
-    declarations = [runtime.nats_access(s) for s in SERVICES]
+    declarations = [services.nats_access(s) for s in SERVICES]
     text = natsaccess.accounts_conf(declarations, Names())
     assert text.count("        user: ") == len(SERVICES)
     for access in declarations:

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from podsweep.reports import normalize, trivy
 from schemas.events import FindingRef
 from schemas.report import Report
-from services.parser import normalize, trivy
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trivy"
 # Small and medium real reports: each example re-parses one, so the big ones would only slow the search down.

@@ -27,7 +27,7 @@ def test_the_check_sees_a_private_read() -> None:
 def test_no_module_but_the_adapter_reads_a_private_attribute() -> None:
     offenders = {
         str(path.relative_to(REPO)): reads
-        for package in ("podsweep", "services", "schemas")
+        for package in ("podsweep", "podsweep_cli", "services", "schemas")
         for path in sorted((REPO / package).rglob("*.py"))
         if path != ADAPTER and (reads := private_reads(path.read_text()))
     }

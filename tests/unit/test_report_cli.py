@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from services.parser import localfile, trivy
+from podsweep.reports import localfile, trivy
 from services.parser.cli import NOT_A_REPORT, report_app
 from tests.unit.test_trivy_parse import FIXTURES, LARGE, NOT_REPORTS, REPORT_FILES, walk
 

@@ -11,9 +11,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from podsweep.reports import normalize, trivy
 from schemas.events import SEVERITIES, FindingRef
 from schemas.report import Report
-from services.parser import normalize, trivy
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trivy"
 # CycloneDX SBOMs (`*.cdx.json`) are not reports: tests/unit/test_trivy_sbom_fixtures.py reads them.

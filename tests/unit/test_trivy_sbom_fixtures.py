@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from services.parser import normalize, sbom, trivy
+from podsweep.reports import normalize, trivy
+from services.parser import sbom
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trivy"
 SBOM_FILES = sorted(FIXTURES.glob("*.cdx.json"))

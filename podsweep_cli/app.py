@@ -1,4 +1,5 @@
-"""The `podsweep` command: run the services, and look at what they found."""
+"""The `podsweep` command: run the services, and look at what they found. The composition root: it imports every
+service's CLI and starts services by name (podsweep_cli.services)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from podsweep import __version__, discovery, embedded, logs, natsaccess, preflig
 from podsweep.config import ConfigError, Settings, load_settings
 from podsweep.policy import EXAMPLE_POLICY
 from podsweep.status import StatusReport
+from podsweep_cli import services
 from services.admission.cli import admissions_command
 from services.dispatcher.cli import upload_app
 from services.notifier.cli import check_command
@@ -95,7 +97,7 @@ def show_config(config: ConfigOption = None) -> None:
 
 @app.command()
 def run(
-    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(runtime.SERVICES)}.")],
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(services.SERVICES)}.")],
     config: ConfigOption = None,
     log_format: LogFormatOption = None,
 ) -> None:
@@ -105,11 +107,11 @@ def run(
         err.print("[red]config: nats.url (PODSWEEP_NATS_URL) is required for `podsweep run`[/red]")
         raise typer.Exit(2)
     try:
-        runtime.load(service)
+        mains = services.mains([service])
     except ValueError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    runtime.serve(runtime.run(settings, [service]))
+    runtime.serve(runtime.run(settings, mains))
 
 
 async def _run_up(settings: Settings, names: list[str]) -> None:
@@ -117,7 +119,7 @@ async def _run_up(settings: Settings, names: list[str]) -> None:
     stop = asyncio.Event()
     follower = asyncio.create_task(progress.follow(settings, stop, err.print))
     try:
-        await runtime.run(settings, names, stop)
+        await runtime.run(settings, services.mains(names), stop)
     finally:
         stop.set()
         await follower
@@ -149,7 +151,7 @@ def up(
     try:
         settings = start_embedded(settings, root, started, err.print)
         asyncio.run(_prepare(settings))
-        names = [n for n in runtime.available() if n not in runtime.NOT_IN_UP]
+        names = [n for n in services.available() if n not in services.NOT_IN_UP]
         if not settings.notifier.policy_file and "notifier" in names:
             err.print(NO_POLICY_HINT, markup=False, highlight=False, soft_wrap=True)
         err.print(f"running: {', '.join(names) or '(no services in this build yet)'} — Ctrl-C stops")
@@ -267,7 +269,7 @@ def nats_accounts(deploy: Path = DEPLOY_DIR) -> str:
     base's podsweep.yaml."""
     nats = load_settings(environ={}, file=deploy / "base" / "podsweep.yaml").nats
     names = natsaccess.Names(root=nats.subject_root, stream=nats.stream, kv_prefix=nats.kv_prefix)
-    return natsaccess.accounts_conf([runtime.nats_access(name) for name in runtime.SERVICES], names)
+    return natsaccess.accounts_conf([services.nats_access(name) for name in services.SERVICES], names)
 
 
 @deploy_app.command("nats-accounts")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 
+from podsweep.reports import trivy
 from schemas.events import SEVERITIES, FindingRef, Severity, SeverityCounts
 from schemas.refs import DigestRef, ScanId
 from schemas.report import Finding, FindingKey, Misconfiguration, Report, SecretFinding
-from services.parser import trivy
 
 SHORT_MAX = 256
 TEXT_MAX = 4096

@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from services.parser import trivy
+from podsweep.reports import trivy
 
 
 def read_capped(path: Path, max_bytes: int) -> bytes:

@@ -1,0 +1,1 @@
+"""Reading Trivy reports into podsweep's Report: shared by the parser and `podsweep check --report`."""

@@ -1,0 +1,3 @@
+from podsweep_cli.app import main
+
+main()
