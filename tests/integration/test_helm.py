@@ -22,6 +22,7 @@ import yaml
 
 from podsweep.config import Settings, load_settings
 from podsweep.policy import SecretRef, load_policy
+from services.dispatcher.settings import configure as configure_dispatcher
 from tests.harness.kube import KubeControlPlane, locate_binaries
 from tests.harness.toolbins import locate_tool
 
@@ -306,6 +307,11 @@ def test_every_service_loads_its_rendered_settings(helm: list[str], values: str,
         settings = _settings(docs, service, tmp_path)  # raises ConfigError naming any key the chart got wrong
         assert settings.namespace == NAMESPACE
         assert settings.telemetry.metrics_port == 9090
+        if service == "dispatcher":  # image refs, quantities and limits as the dispatcher checks them at start
+            configured = configure_dispatcher(settings)
+            assert configured.jobs.uploader_image == settings.dispatcher.podsweep_image
+            if values == "enforce-values.yaml":  # scan.maxActive, scan.maxActivePerNode reach the limiter
+                assert (configured.limits.max_active, configured.limits.max_active_per_node) == (50, 3)
     (config,) = [d for d in docs if key(d) == ("ConfigMap", "podsweep-config")]
     policy = load_policy(config["data"]["policy.yaml"])  # raises naming what the notifier and gate would refuse
     webhooks = [d for d in docs if key(d) == ("Secret", "podsweep-webhooks")]
