@@ -1,7 +1,8 @@
 """Liveness, readiness and Prometheus metrics over HTTP, one small server per process.
 
 Readiness is the AND of what each service reports (`Health.set`), so a pod receives no traffic and a rollout waits
-until, e.g., the watcher's first list is done or the admission view is loaded.
+until, e.g., the watcher's first list is done or the admission view is loaded. Each check is also the gauge
+`podsweep_ready{check}` on /metrics, for alerts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 
 import prometheus_client
 from aiohttp import web
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 
 @dataclass
@@ -24,6 +27,15 @@ class Health:
 
 
 HEALTH = Health()
+
+
+def _observe_ready(_: CallbackOptions) -> list[Observation]:
+    return [Observation(1 if ok else 0, {"check": name}) for name, ok in sorted(HEALTH.ready.items())]
+
+
+metrics.get_meter("podsweep.health").create_observable_gauge(
+    "podsweep_ready", [_observe_ready], description="1 while a readiness check passes, 0 while /readyz waits for it"
+)
 
 
 async def serve(port: int, health: Health = HEALTH, host: str = "0.0.0.0") -> web.AppRunner:  # noqa: S104

@@ -20,9 +20,26 @@ from urllib.parse import quote, urlencode, urlsplit
 import boto3
 import botocore.exceptions
 from botocore.config import Config
+from opentelemetry import metrics
 
 from podsweep.config import S3Settings
 from schemas.storage import StorageKey, checked_key
+
+requests_counter = metrics.get_meter("podsweep.objectstore").create_counter(
+    "podsweep_s3_requests", description="S3 calls (after botocore's retries), by operation and outcome"
+)
+
+
+def _count_answer(http_response: object, event_name: str, **_: object) -> None:
+    """An HTTP answer: `ok` below 400, else `http_4xx`/`http_5xx` (a missing key is an answer, not an outage)."""
+    status = int(getattr(http_response, "status_code", 0))
+    outcome = "ok" if status < 400 else f"http_{status // 100}xx"
+    requests_counter.add(1, {"operation": event_name.rsplit(".", 1)[-1], "outcome": outcome})
+
+
+def _count_unanswered(event_name: str, **_: object) -> None:
+    """No HTTP answer at all: connection refused, DNS, TLS, timeout (what "S3 unreachable" means)."""
+    requests_counter.add(1, {"operation": event_name.rsplit(".", 1)[-1], "outcome": "error"})
 
 
 class ObjectTooLarge(ValueError):
@@ -136,6 +153,9 @@ class ObjectStore:
                 max_pool_connections=32,
             ),
         )
+        # Each call's outcome once botocore is done retrying: what an "S3 unreachable" alert reads.
+        self._client.meta.events.register("after-call.s3", _count_answer)
+        self._client.meta.events.register("after-call-error.s3", _count_unanswered)
 
     # -- bucket -------------------------------------------------------------------------------------------------
     def _ensure_bucket_sync(self, wait_s: float) -> None:

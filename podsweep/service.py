@@ -22,6 +22,7 @@ from podsweep.objectstore import ObjectStore
 LAG_POLL_S = 15.0
 meter = metrics.get_meter("podsweep.service")
 _lag: dict[str, tuple[int, int]] = {}  # service -> (pending, ack pending), from its consumer's info
+_connections: dict[str, busmod.Bus] = {}  # service -> its open NATS connection
 
 
 def _observe_pending(_: CallbackOptions) -> Iterable[Observation]:
@@ -37,6 +38,17 @@ meter.create_observable_gauge(
 )
 meter.create_observable_gauge(
     "podsweep_consumer_ack_pending", [_observe_ack_pending], description="Events delivered and not yet acknowledged"
+)
+
+
+def _observe_connected(_: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(1 if bus.nc.is_connected else 0, {"service": name}) for name, bus in _connections.items()]
+
+
+meter.create_observable_gauge(
+    "podsweep_nats_connected",
+    [_observe_connected],
+    description="1 while the service's NATS connection is up, 0 while it is lost and reconnecting",
 )
 
 
@@ -77,6 +89,7 @@ async def open_service(
 ) -> AsyncIterator[Service]:
     """Connect (under the service's NATS declaration, `access`, which the Bus enforces) and declare the stream."""
     bus = await busmod.connect(settings.nats, name, access)
+    _connections[name] = bus
     try:
         await busmod.ensure_stream(bus)
         store = None
@@ -96,6 +109,7 @@ async def open_service(
                 await lag
             _lag.pop(name, None)
     finally:
+        _connections.pop(name, None)
         stats = bus.nc.stats
         logs.get(f"podsweep.{name}").info(
             "service disconnecting",

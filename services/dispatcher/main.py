@@ -1104,6 +1104,23 @@ meter.create_observable_gauge(
     [_observe_active_per_node],
     description="Scan Jobs holding a limiter slot, by node",
 )
+
+
+def _observe_limits(_: CallbackOptions) -> Iterable[Observation]:
+    """The configured limits, so a dashboard can draw the active Jobs against them."""
+    if not _replicas:
+        return ()
+    configured = _replicas[-1].settings.dispatcher
+    return [
+        Observation(configured.max_active, {"limit": "max_active"}),
+        Observation(configured.max_active_per_node, {"limit": "max_active_per_node"}),
+        Observation(configured.max_created_per_minute, {"limit": "max_created_per_minute"}),
+    ]
+
+
+meter.create_observable_gauge(
+    "podsweep_dispatcher_limit", [_observe_limits], description="The dispatcher's configured scan limits, by limit"
+)
 meter.create_observable_gauge(
     "podsweep_dispatcher_leading",
     [lambda _: [Observation(1 if _replicas else 0)]],

@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from podsweep.embedded import free_port
 from podsweep.kube import Kube
+from tests.harness.toolbins import locate_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -180,6 +181,35 @@ def kustomize(kubectl: Path, overlay: str) -> Rendered:
     )
     assert result.returncode == 0, f"kubectl kustomize deploy/{overlay} failed: {result.stderr}"
     return Rendered(overlay=overlay, documents=[d for d in yaml.safe_load_all(result.stdout) if d])
+
+
+# Secrets the chart leaves to the operator (docs/deploy.md, "Installing with Helm"): stand-ins holding placeholders,
+# which `Remap.secret_values` fills as it fills kustomize's own placeholders.
+OPERATOR_SECRETS = {"admission-tls": ("tls.crt", "tls.key")}
+
+
+def helm_template(values_file: Path, work: Path) -> Rendered:
+    """`helm template` of deploy/helm/podsweep with one of its ci/ values files, plus stand-ins for the Secrets the
+    chart expects the operator to create. Helm runs with empty home directories and no kubeconfig."""
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(work / "cache"),
+        "HELM_CONFIG_HOME": str(work / "config"),
+        "HELM_DATA_HOME": str(work / "data"),
+        "KUBECONFIG": str(work / "no-kubeconfig"),
+    }
+    chart = DEPLOY / "helm" / "podsweep"
+    argv = [str(locate_tool("helm")), "template", "podsweep", str(chart), "--namespace", NAMESPACE]
+    argv += ["--kube-version", "1.36.3", "-f", str(chart / "ci" / values_file)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert result.returncode == 0, f"helm template with ci/{values_file} failed: {result.stderr}"
+    documents = [d for d in yaml.safe_load_all(result.stdout) if d]
+    names = {(d["kind"], d["metadata"]["name"]) for d in documents}
+    for name, keys in OPERATOR_SECRETS.items():
+        if ("Secret", name) not in names:
+            stand_in = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NAMESPACE}}
+            documents.append({**stand_in, "stringData": {key: f"{PLACEHOLDER}-{key}" for key in keys}})
+    return Rendered(overlay=f"helm:{values_file}", documents=documents)
 
 
 # -- what is remapped, and nothing else ------------------------------------------------------------------------------

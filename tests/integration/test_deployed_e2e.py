@@ -1,4 +1,5 @@
-"""End to end as deployed: every process configured from `kubectl kustomize deploy/overlays/dev`, nothing from code.
+"""End to end as deployed: every process configured from `kubectl kustomize deploy/overlays/dev` (and prod, and the
+Helm chart's `helm template` with ci/dev-values.yaml), nothing from code.
 
 What runs, and where it comes from (tests/harness/deployed.py):
 - nats-server: the nats StatefulSet's command on the rendered nats.conf and accounts.conf, its passwords from the
@@ -173,8 +174,11 @@ async def world(
     kube: KubeControlPlane, kube_api: Kube, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[DeployedWorld]:
     overlay: str = getattr(request, "param", OVERLAY)
-    rendered = deployed.kustomize(kube.kubectl, overlay)
-    dev = rendered if overlay == OVERLAY else deployed.kustomize(kube.kubectl, OVERLAY)
+    if overlay.startswith("helm:"):  # the Helm chart with its equivalent of the dev overlay (bundled SeaweedFS)
+        rendered = dev = deployed.helm_template(Path(overlay.removeprefix("helm:")), tmp_path / "helm")
+    else:
+        rendered = deployed.kustomize(kube.kubectl, overlay)
+        dev = rendered if overlay == OVERLAY else deployed.kustomize(kube.kubectl, OVERLAY)
     kube.kubectl_run("apply", "-f", "-", stdin=rendered.rbac_yaml())
     await delete_scan_jobs(kube_api)  # what an earlier run in this control plane left behind
     hook_key = secrets.token_urlsafe(32)
@@ -270,7 +274,7 @@ def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", ["overlays/dev", "overlays/prod"], indirect=True)
+@pytest.mark.parametrize("world", ["overlays/dev", "overlays/prod", "helm:dev-values.yaml"], indirect=True)
 async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(world: DeployedWorld) -> None:
     for service in SERVICES:
         world.start_every_replica(service)

@@ -152,6 +152,14 @@ async def leading_gauge(port: int) -> float | None:
     return float(found.group(1)) if found else None
 
 
+async def limit_gauges(port: int) -> dict[str, float]:
+    """podsweep_dispatcher_limit by limit, as a replica's /metrics shows it."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    found = re.findall(r'^podsweep_dispatcher_limit\{[^}]*limit="([a-z_]+)"[^}]*\} (\S+)$', text, re.MULTILINE)
+    return {name: float(value) for name, value in found}
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not await check():
@@ -327,6 +335,12 @@ async def test_one_replica_leads_and_a_clean_stop_hands_the_lease_over_at_once(
             assert "dispatcher consuming" not in standby.log.read_text(), "a standby consumed events"
             leading = {r.proc.pid: await leading_gauge(ports[running.index(r)]) for r in running}
             assert leading == {first.proc.pid: 1.0, standby.proc.pid: 0.0}
+            limits = settings.dispatcher
+            assert await limit_gauges(ports[running.index(first)]) == {
+                "max_active": limits.max_active,
+                "max_active_per_node": limits.max_active_per_node,
+                "max_created_per_minute": limits.max_created_per_minute,
+            }
             first.stop()
             assert first.proc.returncode == 0, first.tail()
 

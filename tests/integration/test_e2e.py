@@ -342,6 +342,19 @@ async def test_a_deployment_on_kwok_nodes_ends_in_one_signed_alert_and_one_trace
     lag = [line for line in scraped.splitlines() if line.startswith("podsweep_consumer_pending{")]
     assert any('service="parser"' in line for line in lag), scraped[-3000:]
 
+    # What the alert rules read (deploy/prometheus): readiness checks, the NATS connection, S3 calls by outcome.
+    def sample(prefix: str, *labels: str) -> list[float]:
+        return [
+            float(line.rsplit(" ", 1)[1])
+            for line in scraped.splitlines()
+            if line.startswith(prefix + "{") and all(label in line for label in labels)
+        ]
+
+    assert sample("podsweep_ready", 'check="parser:consuming"') == [1.0], scraped[-3000:]
+    assert sample("podsweep_nats_connected", 'service="parser"') == [1.0], scraped[-3000:]
+    assert sum(sample("podsweep_s3_requests_total", 'operation="PutObject"', 'outcome="ok"')) >= 1, scraped[-3000:]
+    assert sample("podsweep_s3_requests_total", 'outcome="error"') == [], scraped[-3000:]
+
     # One trace from the watcher's image.seen to the notifier's alert.sent, across the four processes.
     async def exported() -> bool:
         return any(s.name == "publish alert.sent" for s in world.traces.spans)

@@ -1,0 +1,180 @@
+"""The Grafana dashboard and the Prometheus rules name only metrics podsweep exposes, and each alert has a runbook.
+
+Metric names are collected from the source (every `create_counter`/`create_histogram`/`create_observable_gauge`...
+call with a literal name) and turned into the names /metrics shows by the Prometheus exporter's rules, which a test
+here checks against the real exporter. A renamed or removed metric fails this test, not a dashboard in production.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import pytest
+import yaml
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = ("podsweep", "services")
+DASHBOARD = ROOT / "deploy" / "grafana" / "podsweep.json"
+RULES = ROOT / "deploy" / "prometheus" / "podsweep-rules.yaml"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+CHART_DASHBOARD = ROOT / "deploy" / "helm" / "podsweep" / "files" / "grafana" / "podsweep.json"
+CHART_RULES = ROOT / "deploy" / "helm" / "podsweep" / "files" / "prometheus" / "podsweep-rules.yaml"
+METRIC = re.compile(r"\bpodsweep_[a-z0-9_]+\b")
+UNIT_SUFFIX = {"s": "seconds", "By": "bytes", "ms": "milliseconds"}
+
+
+def instruments() -> dict[str, tuple[str, str]]:
+    """name -> (instrument kind, unit) for every instrument created with a literal name in podsweep's code."""
+    found: dict[str, tuple[str, str]] = {}
+    for top in SOURCES:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                kind = node.func.attr.removeprefix("create_")
+                if not node.func.attr.startswith("create_") or kind not in KINDS:
+                    continue
+                args = {kw.arg: kw.value for kw in node.keywords}
+                name = node.args[0] if node.args else args.get("name")
+                unit = args.get("unit")
+                if isinstance(name, ast.Constant) and isinstance(name.value, str):
+                    unit_text = unit.value if isinstance(unit, ast.Constant) and isinstance(unit.value, str) else ""
+                    found[name.value] = (kind, unit_text)
+    return found
+
+
+def exposed(name: str, kind: str, unit: str) -> set[str]:
+    """The sample names /metrics shows for one instrument (the OpenTelemetry Prometheus exporter's naming)."""
+    suffix = UNIT_SUFFIX.get(unit, "")
+    base = name if not suffix or name.endswith(f"_{suffix}") else f"{name}_{suffix}"
+    if kind in {"counter", "observable_counter"}:
+        return {f"{base}_total"}
+    if kind == "histogram":
+        return {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+    return {base}
+
+
+KINDS = frozenset({"counter", "up_down_counter", "histogram", "gauge", "observable_gauge", "observable_counter"})
+
+
+@pytest.fixture(scope="module")
+def exposed_names() -> set[str]:
+    names: set[str] = set()
+    for name, (kind, unit) in instruments().items():
+        names |= exposed(name, kind, unit)
+    return names
+
+
+def test_the_source_scan_finds_the_instruments_of_every_service() -> None:
+    found = instruments()
+    for expected in (
+        "podsweep_events_processed",  # bus
+        "podsweep_consumer_pending",  # service
+        "podsweep_dispatcher_active_jobs",
+        "podsweep_reports_stored",
+        "podsweep_alerts",
+        "podsweep_admission_decisions",
+        "podsweep_watcher_relists",
+        "podsweep_ready",
+        "podsweep_nats_connected",
+        "podsweep_s3_requests",
+    ):
+        assert expected in found, expected
+    assert found["podsweep_scan_duration_seconds"] == ("histogram", "s")
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "unit"),
+    [
+        ("counter", "podsweep_t_events", ""),
+        ("histogram", "podsweep_t_wait_seconds", "s"),
+        ("histogram", "podsweep_t_latency", "s"),
+        ("observable_gauge", "podsweep_t_pending", ""),
+        ("up_down_counter", "podsweep_t_open", ""),
+    ],
+)
+def test_naming_rule_matches_the_real_exporter(kind: str, name: str, unit: str) -> None:
+    registry = prometheus_client.CollectorRegistry()
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    meter = provider.get_meter("naming-check")
+    if kind == "counter":
+        meter.create_counter(name, unit=unit).add(1)
+    elif kind == "histogram":
+        meter.create_histogram(name, unit=unit).record(0.5)
+    elif kind == "up_down_counter":
+        meter.create_up_down_counter(name, unit=unit).add(1)
+    else:
+
+        def observe(_: CallbackOptions) -> list[Observation]:
+            return [Observation(3)]
+
+        meter.create_observable_gauge(name, [observe], unit=unit)
+    text = prometheus_client.generate_latest(registry).decode()
+    samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith(name)}
+    provider.shutdown()
+    assert samples == exposed(name, kind, unit)
+
+
+def _dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def _dashboard_expressions() -> list[tuple[str, str]]:
+    return [
+        (panel["title"], target["expr"])
+        for panel in _dashboard()["panels"]
+        if panel["type"] != "row"
+        for target in panel["targets"]
+    ]
+
+
+def _rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+@pytest.mark.parametrize(("title", "expr"), _dashboard_expressions())
+def test_dashboard_query_names_only_exposed_metrics(exposed_names: set[str], title: str, expr: str) -> None:
+    unknown = sorted(set(METRIC.findall(expr)) - exposed_names)
+    assert unknown == [], f"panel {title!r} queries {unknown}, which no podsweep code exposes"
+    assert METRIC.search(expr), f"panel {title!r} reads none of podsweep's metrics"
+
+
+@pytest.mark.parametrize("rule", _rules(), ids=lambda r: str(r.get("alert") or r.get("record")))
+def test_rule_names_only_exposed_metrics_and_has_a_runbook(exposed_names: set[str], rule: dict[str, Any]) -> None:
+    unknown = sorted(set(METRIC.findall(rule["expr"])) - exposed_names)
+    assert unknown == [], f"{rule['alert']} reads {unknown}, which no podsweep code exposes"
+    assert METRIC.search(rule["expr"]), f"{rule['alert']} reads none of podsweep's metrics"
+    anchor = rule["annotations"]["runbook_url"].rsplit("#", 1)[-1]
+    assert anchor == rule["alert"].lower()
+    headings = {line.removeprefix("## ").strip().lower() for line in RUNBOOKS.read_text().splitlines()}
+    assert anchor in headings, f"docs/runbooks.md has no section '## {rule['alert']}'"
+
+
+def test_dashboard_panels_have_unique_ids_and_fit_the_grid() -> None:
+    panels = _dashboard()["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    variables = {v["name"] for v in _dashboard()["templating"]["list"]}
+    assert "datasource" in variables
+
+
+@pytest.mark.parametrize(("chart_copy", "source"), [(CHART_RULES, RULES), (CHART_DASHBOARD, DASHBOARD)])
+def test_chart_copy_equals_the_file_in_deploy(chart_copy: Path, source: Path) -> None:
+    assert chart_copy.read_text() == source.read_text(), (
+        f"copy {source.relative_to(ROOT)} to {chart_copy.relative_to(ROOT)} (the chart cannot read outside itself)"
+    )
