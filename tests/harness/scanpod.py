@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -33,3 +34,12 @@ async def send_uploads(pod: Pod, bodies: Mapping[str, bytes]) -> None:
 
     refused = await asyncio.to_thread(send)
     assert not refused, f"the upload URLs in {refused} refused the scan pod's bodies"
+
+
+def upload_key(pod: Pod, variable: str) -> str:
+    """The object key the upload URL in `variable` writes: a POST policy's `key` field, or a presigned PUT's path."""
+    url = upload_env(pod).get(variable, "")
+    form = upload.post_form(url)
+    if form is not None:
+        return next((value for name, value in form[1] if name == "key"), "")
+    return urlsplit(url).path.split("/", 2)[-1]  # /<bucket>/<key>

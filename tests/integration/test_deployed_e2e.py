@@ -64,7 +64,7 @@ from tests.harness.admission import review as admission_review
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 from tests.harness.receiver import Receiver
-from tests.harness.scanpod import send_uploads, upload_env
+from tests.harness.scanpod import send_uploads, upload_key
 from tests.harness.standin import KubeletStandin, Pod
 
 pytestmark = pytest.mark.kube
@@ -75,7 +75,7 @@ SBOM = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-combined.cdx.json"
 OVERLAY = "overlays/dev"
 PROD_S3 = "https://s3.example.invalid"  # overlays/prod/services-tls.yaml: the endpoint to replace
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
-_DIGEST_IN_URL = re.compile(r"/raw/sha256/([0-9a-f]{64})/")
+_DIGEST_IN_KEY = re.compile(r"raw/sha256/([0-9a-f]{64})/")
 
 
 @dataclass
@@ -142,9 +142,9 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, wha
 async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
     """What a scan pod's upload container does on a node: send the report (and the SBOM) to the upload URLs."""
     await send_uploads(pod, {RAW_URL_ENV: REPORT, SBOM_URL_ENV: SBOM})
-    url = upload_env(pod)[RAW_URL_ENV]
-    found = _DIGEST_IN_URL.search(url)
-    assert found is not None, url
+    key = upload_key(pod, RAW_URL_ENV)
+    found = _DIGEST_IN_KEY.match(key)
+    assert found is not None, key
     puts[found.group(1)] += 1
 
 

@@ -43,7 +43,7 @@ from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id, wait_until
-from tests.harness.scanpod import send_uploads
+from tests.harness.scanpod import send_uploads, upload_key
 from tests.harness.standin import KubeletStandin, Pod
 
 pytestmark = pytest.mark.kube
@@ -252,10 +252,10 @@ async def make_cluster(
         cluster = Cluster(kube_api, settings, jobs_ns, apps, nodes, store, logs, live, work={})
 
         async def complete(pod: Pod) -> None:
-            url = next(
-                (e.value for c in pod.spec.containers if c.name == "upload" for e in c.env if e.name == RAW_URL_ENV), ""
+            key = upload_key(pod, RAW_URL_ENV)
+            work = next(
+                (w for ref, w in cluster.work.items() if key.startswith(f"raw/sha256/{digest_hex(ref)}/")), None
             )
-            work = next((w for ref, w in cluster.work.items() if f"/raw/sha256/{digest_hex(ref)}/" in url), None)
             if work is None:
                 await upload(pod, cluster.puts)
             else:
