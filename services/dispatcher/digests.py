@@ -237,7 +237,12 @@ class Digests:
         try:
             manifest = self.launcher.node_scan(scan)
             created, status = await self.launcher.create(
-                manifest, slot_id=scan.scan_id, mode=scan.mode, now=utcnow(), span_name="create scan Job"
+                manifest,
+                slot_id=scan.scan_id,
+                mode=scan.mode,
+                now=utcnow(),
+                span_name="create scan Job",
+                attributes={"podsweep.scan_id": scan.scan_id, "podsweep.node": scan.node or ""},
             )
         except (msgspec.ValidationError, ValueError) as exc:
             await self.release(scan.scan_id)
@@ -302,7 +307,12 @@ class Digests:
         try:
             manifest = self.launcher.sbom_rescan(batch_id, confirmed)
             created, status = await self.launcher.create(
-                manifest, slot_id=batch_id, mode="sbom", now=utcnow(), span_name="create SBOM rescan Job"
+                manifest,
+                slot_id=batch_id,
+                mode="sbom",
+                now=utcnow(),
+                span_name="create SBOM rescan Job",
+                attributes={"podsweep.batch_id": batch_id, "podsweep.batch_size": len(confirmed)},
             )
         except (msgspec.ValidationError, ValueError, KubeError) as exc:
             created, status = "refused", exc.status if isinstance(exc, KubeError) else 0

@@ -7,7 +7,7 @@ URL signer it is given, so tests drive it with stand-ins. It never writes scan s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -103,13 +103,21 @@ class Launcher:
         return self.signer.presign_upload(key, self._url_lifetime_s(), int(max_mb * 1024 * 1024))
 
     async def create(
-        self, manifest: jobspec.Manifest, *, slot_id: str, mode: str, now: datetime, span_name: str
+        self,
+        manifest: jobspec.Manifest,
+        *,
+        slot_id: str,
+        mode: str,
+        now: datetime,
+        span_name: str,
+        attributes: Mapping[str, str | int] | None = None,
     ) -> tuple[Created, int]:
         """POST the Job (with the current trace on it) and the HTTP status. 409 means it exists already (a repeated
         step); a 4xx the API will answer every time (invalid, forbidden, no namespace) is `refused`. A transient
         failure (5xx, 408, 429) raises KubeError."""
         with tracer.start_as_current_span(span_name, kind=SpanKind.CLIENT) as span:
-            span.set_attribute("podsweep.slot_id", slot_id)
+            for name, value in (attributes or {}).items():
+                span.set_attribute(name, value)
             carried = telemetry.traceparent()  # the watcher's scan.* events continue this trace from it
             if carried is not None:
                 manifest["metadata"]["annotations"][jobs.TRACEPARENT_ANNOTATION] = carried
