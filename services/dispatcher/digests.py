@@ -81,8 +81,12 @@ class Digests:
         found: list[livejobs.ExistingJob] = []
         token = ""
         while True:
-            params: dict[str, str | int | bool] = {"labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}"}
-            params.update({"limit": 500, **({"continue": token} if token else {})})
+            params: dict[str, str | int | bool] = {
+                "labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}",
+                "limit": 500,
+            }
+            if token:
+                params["continue"] = token
             page, token = livejobs.decode_page(await get(self.launcher.jobs_path, params))
             found.extend(page)
             if not token:
@@ -236,6 +240,11 @@ class Digests:
             return "exists"  # another replica (or this one, earlier) created it
         try:
             manifest = self.launcher.node_scan(scan)
+        except (msgspec.ValidationError, ValueError) as exc:
+            await self.release(scan.scan_id)
+            await self.fail(key, scan, f"the scan Job could not be built: {exc}")
+            return "failed"
+        try:
             created, status = await self.launcher.create(
                 manifest,
                 slot_id=scan.scan_id,
@@ -244,10 +253,6 @@ class Digests:
                 span_name="create scan Job",
                 attributes={"podsweep.scan_id": scan.scan_id, "podsweep.node": scan.node or ""},
             )
-        except (msgspec.ValidationError, ValueError) as exc:
-            await self.release(scan.scan_id)
-            await self.fail(key, scan, f"the scan Job could not be built: {exc}")
-            return "failed"
         except KubeError:
             await self.release(scan.scan_id)
             raise
@@ -306,6 +311,9 @@ class Digests:
             return "stale"
         try:
             manifest = self.launcher.sbom_rescan(batch_id, confirmed)
+        except (msgspec.ValidationError, ValueError) as exc:
+            return await self._batch_failed(batch_id, confirmed, f"the SBOM rescan Job could not be built: {exc}")
+        try:
             created, status = await self.launcher.create(
                 manifest,
                 slot_id=batch_id,
@@ -314,20 +322,12 @@ class Digests:
                 span_name="create SBOM rescan Job",
                 attributes={"podsweep.batch_id": batch_id, "podsweep.batch_size": len(confirmed)},
             )
-        except (msgspec.ValidationError, ValueError, KubeError) as exc:
-            created, status = "refused", exc.status if isinstance(exc, KubeError) else 0
-            if status:  # transient: the claims stay pending, expire, and are resumed into a new batch
-                log.warning("sbom rescan Job not created, will be retried", batch=batch_id, status=status)
-                await self.release(batch_id)
-                return "failed"
-            message = f"the SBOM rescan Job could not be built: {exc}"
-        else:
-            message = f"the API server refused the Job with {status}"
-        if created == "refused":
+        except KubeError as exc:  # transient: the claims stay pending, expire, and are resumed into a new batch
             await self.release(batch_id)
-            for item, _ in confirmed:
-                await self.fail(item.key, item.scan, message)
+            log.warning("sbom rescan Job not created, will be retried", batch=batch_id, status=exc.status)
             return "failed"
+        if created == "refused":
+            return await self._batch_failed(batch_id, confirmed, f"the API server refused the Job with {status}")
         if created == "created":
             log.info("sbom rescan created", batch=batch_id, digests=len(confirmed))
         for item, _ in confirmed:
@@ -335,6 +335,15 @@ class Digests:
                 item.key, functools.partial(plan.on_created, scan_id=item.scan.scan_id, now=utcnow(), policy=policy)
             )
         return created
+
+    async def _batch_failed(
+        self, batch_id: str, confirmed: list[tuple[Gathered, DigestScanState]], message: str
+    ) -> Launch:
+        """A batch Job that will never be created: its slot back, every item a failed attempt (backoff applies)."""
+        await self.release(batch_id)
+        for item, _ in confirmed:
+            await self.fail(item.key, item.scan, message)
+        return "failed"
 
     # -- slots freed, and the background: tend loop and sweep ------------------------------------------------------
 
