@@ -1,6 +1,6 @@
 """Carries out plan.py's decisions about digests: compare-and-set on their scan states, then start, park, gather or
-time what was decided. Talks to NATS only through the scans bucket it is given; the limiter through slots.py, the
-API server through launcher.py, when to look again through schedule.py.
+time what was decided. Reaches NATS only through the scan states and the limiter key it is given (tests give it
+in-memory ones), the API server through launcher.py, when to look again through schedule.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -30,7 +30,7 @@ from services.dispatcher.parking import Parked
 from services.dispatcher.plan import Decision, ScanPlan
 from services.dispatcher.schedule import TICK_S, Launch, Schedule
 from services.dispatcher.settings import Configured
-from services.dispatcher.slots import MirroredKey, Slots
+from services.dispatcher.slots import LimiterKey, Slots
 
 log = logs.get("podsweep.dispatcher")
 meter = metrics.get_meter("podsweep.dispatcher")
@@ -45,6 +45,53 @@ Made = tuple[Decision, tuple[str, ...], DigestScanState | None]  # a decision, t
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class ScanStates(Protocol):
+    """The scans bucket as this replica sees it: a mirror kept current by its watch, reads, and compare-and-set."""
+
+    def known(self, key: str) -> tuple[DigestScanState | None, int] | None: ...
+
+    def documents(self) -> list[tuple[str, DigestScanState]]: ...
+
+    async def read(self, key: str) -> tuple[DigestScanState | None, int]: ...
+
+    async def write(
+        self,
+        key: str,
+        decide: Callable[[DigestScanState | None], tuple[DigestScanState | None, D]],
+        known: tuple[DigestScanState | None, int] | None,
+        fresh: bool,
+    ) -> tuple[DigestScanState | None, int, bool, D]: ...
+
+
+class MirroredStates:
+    """The scans bucket in NATS KV through a KvMirror; what this replica writes goes into the mirror at once."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self.mirror = busmod.KvMirror(kv, DigestScanState)
+
+    def known(self, key: str) -> tuple[DigestScanState | None, int] | None:
+        return self.mirror.known(key)
+
+    def documents(self) -> list[tuple[str, DigestScanState]]:
+        return self.mirror.documents()
+
+    async def read(self, key: str) -> tuple[DigestScanState | None, int]:
+        return await busmod.kv_read(self.kv, key, DigestScanState)
+
+    async def write(
+        self,
+        key: str,
+        decide: Callable[[DigestScanState | None], tuple[DigestScanState | None, D]],
+        known: tuple[DigestScanState | None, int] | None,
+        fresh: bool,
+    ) -> tuple[DigestScanState | None, int, bool, D]:
+        found = await busmod.kv_decide(self.kv, key, DigestScanState, decide, known=known, fresh=fresh)
+        if found[2]:
+            self.mirror.saw(key, found[0], found[1])
+        return found
 
 
 class Written(NamedTuple):
@@ -64,14 +111,13 @@ class Digests:
         *,
         settings: Settings,
         cfg: Configured,
-        scans: KeyValue,
-        limiter_key: MirroredKey,
+        states: ScanStates,
+        limiter_key: LimiterKey,
         launcher: Launcher,
         schedule: Schedule,
         gathering: Gathering,
     ) -> None:
-        self.settings, self.cfg, self.scans = settings, cfg, scans
-        self.mirror = busmod.KvMirror(scans, DigestScanState)
+        self.settings, self.cfg, self.states = settings, cfg, states
         self.limiter_key = limiter_key
         self.slots = Slots(limiter_key, cfg.limits, utcnow)
         self.launcher, self.schedule, self.gathering = launcher, schedule, gathering
@@ -95,7 +141,7 @@ class Digests:
         for job in found:
             ref = livejobs.digest_of(job)
             if ref is not None and ref not in states and not livejobs.finished(job):
-                states[ref] = (await busmod.kv_read(self.scans, digest_hex(ref), DigestScanState))[0]
+                states[ref] = (await self.states.read(digest_hex(ref)))[0]
         now, policy = utcnow(), self.cfg.policy
         result = livejobs.reconcile(found, states, now, policy.job_deadline + policy.deadline_grace)
         for name in result.delete:
@@ -144,13 +190,8 @@ class Digests:
         known: tuple[DigestScanState | None, int] | None = None,
     ) -> tuple[DigestScanState | None, int, bool, D]:
         """Compare-and-set on a digest's state, from `known` or else the mirror (a read only when the mirror cannot
-        say, or a write lost to another replica). What this replica writes goes into its mirror at once."""
-        found = await busmod.kv_decide(
-            self.scans, key, DigestScanState, decide, known=known or self.mirror.known(key), fresh=known is None
-        )
-        if found[2]:
-            self.mirror.saw(key, found[0], found[1])
-        return found
+        say, or a write lost to another replica)."""
+        return await self.states.write(key, decide, known or self.states.known(key), known is None)
 
     async def change(
         self,
@@ -231,7 +272,7 @@ class Digests:
         if claimed is not None and expires is not None and utcnow() < expires - policy.claim_ttl / 2:
             state, revision = claimed
         else:
-            state, revision = self.mirror.known(key) or await busmod.kv_read(self.scans, key, DigestScanState)
+            state, revision = self.states.known(key) or await self.states.read(key)
         self.schedule.parked.unpark(key)
         if state is None or state.scan_id != scan.scan_id or state.status not in ("pending", "running"):
             await self.release(scan.scan_id)  # finished or given up while this replica waited: the slot is not needed
@@ -397,7 +438,7 @@ class Digests:
         active, room = self.view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
         todo: list[str] = []
-        for key, state in self.mirror.documents():
+        for key, state in self.states.documents():
             if key not in self.schedule.parked:
                 decision = plan.decide(state, now, policy, active, limits, room=room)
                 if decision.state is not None or decision.scan is not None or decision.why in WAITING:

@@ -40,11 +40,11 @@ from schemas.events import (
     ScanStarted,
 )
 from schemas.refs import digest_hex
-from schemas.state import LIMITS_BUCKET, SCANS_BUCKET, WORKLOADS_BUCKET, DigestScanState, DigestWorkloads, LimiterState
+from schemas.state import LIMITS_BUCKET, SCANS_BUCKET, WORKLOADS_BUCKET, DigestWorkloads, LimiterState
 from services.dispatcher import limits as limiter
 from services.dispatcher import plan, rescans
 from services.dispatcher.batching import Gathering
-from services.dispatcher.digests import Digests, utcnow
+from services.dispatcher.digests import Digests, MirroredStates, utcnow
 from services.dispatcher.launcher import Launcher
 from services.dispatcher.leadership import Leadership, identity, while_leading
 from services.dispatcher.schedule import Schedule
@@ -97,21 +97,24 @@ class Dispatcher:
         self.sightings = Sightings(min(SIGHTINGS_WINDOW_S, settings.consumer.ack_wait_s / 3))
         self.holding = True  # sightings may be held (not once stopping: the last write of held ones has begun)
         self.digests: Digests
+        self.states: MirroredStates
+        self.limiter_key: MirroredKey
         self.workloads: KeyValue
 
     async def open(self) -> None:
-        scans, self.workloads = await self.bus.kv(SCANS_BUCKET), await self.bus.kv(WORKLOADS_BUCKET)
-        limiter_key = MirroredKey(busmod.KvMirror(await self.bus.kv(LIMITS_BUCKET), LimiterState))
+        self.states = MirroredStates(await self.bus.kv(SCANS_BUCKET))
+        self.workloads = await self.bus.kv(WORKLOADS_BUCKET)
+        self.limiter_key = limiter_key = MirroredKey(busmod.KvMirror(await self.bus.kv(LIMITS_BUCKET), LimiterState))
         self.digests = Digests(
             settings=self.settings,
             cfg=self.cfg,
-            scans=scans,
+            states=self.states,
             limiter_key=limiter_key,
             launcher=self.launcher,
             schedule=self.schedule,
             gathering=self.gathering,
         )
-        self.mirror, self.slots = self.digests.mirror, self.digests.slots
+        self.slots = self.digests.slots
         await limiter_key.read()
         await self.digests.count_existing_jobs(self.kube.get)
 
@@ -119,7 +122,7 @@ class Dispatcher:
 
     async def on_image_seen(self, seen: ImageSeen, _: busmod.Delivery) -> busmod.Settled | None:
         key = digest_hex(seen.digest_ref)
-        known = self.mirror.known(key) if self.holding else None
+        known = self.states.known(key) if self.holding else None
         if known is not None:
             now = utcnow()
             active, room = self.digests.view(now)
@@ -254,7 +257,7 @@ class Dispatcher:
         """The digest keys a request names, and the digests it names that this dispatcher has never seen."""
         if request.all:
             try:
-                return sorted(await self.digests.scans.keys()), []
+                return sorted(await self.states.kv.keys()), []
             except nats.js.errors.NoKeysError:
                 return [], []
         if request.namespace is not None:
@@ -265,7 +268,7 @@ class Dispatcher:
         keys: list[str] = []
         unknown: list[str] = []
         for ref in dict.fromkeys(request.digests):
-            state, _ = await busmod.kv_read(self.digests.scans, digest_hex(ref), DigestScanState)
+            state, _ = await self.states.read(digest_hex(ref))
             if state is None:
                 unknown.append(ref)
             else:
@@ -354,14 +357,14 @@ async def _lead(
                 stop,
                 cfg.sweep_interval_s,
                 cfg.sweep_jitter_ratio,
-                lambda: dispatcher.mirror.ready,
+                lambda: dispatcher.states.mirror.ready,
                 dispatcher.digests.sweep_candidates,
                 dispatcher.digests.reconsider,
             ),
             name="dispatcher-sweep",
         ),
-        asyncio.create_task(dispatcher.digests.limiter_key.mirror.follow(stop), name="dispatcher-limiter-watch"),
-        asyncio.create_task(dispatcher.mirror.follow(stop), name="dispatcher-scans-watch"),
+        asyncio.create_task(dispatcher.limiter_key.mirror.follow(stop), name="dispatcher-limiter-watch"),
+        asyncio.create_task(dispatcher.states.mirror.follow(stop), name="dispatcher-scans-watch"),
     ]
     routes: dict[str, busmod.Route[Any]] = {
         subjects.IMAGE_SEEN: busmod.Route(ImageSeen, dispatcher.on_image_seen),

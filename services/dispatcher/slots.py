@@ -29,6 +29,9 @@ class LimiterKey(Protocol):
 
     def saw(self, state: LimiterState | None, revision: int) -> None: ...
 
+    async def read(self) -> None:
+        """Read the key afresh into the view (a watch that fell behind)."""
+
     async def write(
         self, decide: Decide[D], known: tuple[LimiterState | None, int]
     ) -> tuple[LimiterState | None, int, bool, D]: ...

@@ -36,6 +36,9 @@ class MemoryKey:
         if revision > self.seen[1]:
             self.seen = (state, revision)
 
+    async def read(self) -> None:
+        pass  # the view is this key itself
+
     def other_writer(self, state: LimiterState) -> None:
         """Another replica writes; this one has not seen it."""
         self.state, self.revision = state, self.revision + 1
