@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import msgspec
@@ -56,6 +57,7 @@ from schemas import storage, subjects
 from schemas.alerts import AlertPayload
 from schemas.events import ReportStored
 from services.admission import main as admission
+from services.dispatcher import upload
 from services.dispatcher.jobspec import RAW_URL_ENV, SBOM_URL_ENV
 from tests.harness import deployed
 from tests.harness.admission import make_tls
@@ -138,14 +140,22 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, wha
 
 
 async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
-    """What a scan pod's upload container does on a node: PUT the report (and the SBOM) to the presigned URLs."""
+    """What a scan pod's upload container does on a node: send the report (and the SBOM) to the Job's upload URLs,
+    the way `podsweep upload` does (a POST with each URL's policy fields)."""
     env = {e.name: e.value for c in pod.spec.containers for e in c.env}
-    async with httpx.AsyncClient(timeout=10) as client:
-        for variable, body in ((RAW_URL_ENV, REPORT), (SBOM_URL_ENV, SBOM)):
-            if variable in env:
-                answer = await client.put(env[variable], content=body, headers={"Content-Type": "application/gzip"})
-                answer.raise_for_status()
-    found = _DIGEST_IN_URL.search(env[RAW_URL_ENV])
+
+    def send() -> bool:
+        with httpx.Client(timeout=10) as client:
+            return all(
+                upload.put(
+                    client, upload.UploadTarget(path=variable, url=env[variable]), body, upload.RetryPolicy(attempts=1)
+                )
+                for variable, body in ((RAW_URL_ENV, REPORT), (SBOM_URL_ENV, SBOM))
+                if variable in env
+            )
+
+    assert await asyncio.to_thread(send), "an upload URL refused the scan's upload"
+    found = _DIGEST_IN_URL.search(unquote(env[RAW_URL_ENV]))
     assert found is not None, env[RAW_URL_ENV]
     puts[found.group(1)] += 1
 
@@ -367,7 +377,8 @@ async def test_service_accounts_are_refused_what_the_rendered_rbac_does_not_gran
         ("watcher", "GET", "/api/v1/pods", None, None),
         ("watcher", "GET", jobs, None, None),
         ("dispatcher", "GET", "/api/v1/pods", None, 403),
-        ("dispatcher", "GET", jobs, None, 403),
+        ("dispatcher", "GET", jobs, None, None),  # it lists its own Jobs when it starts leading
+        ("dispatcher", "GET", "/apis/batch/v1/namespaces/default/jobs", None, 403),
         ("dispatcher", "POST", "/apis/batch/v1/namespaces/default/jobs", job, 403),
         ("dispatcher", "POST", jobs, job, None),
     ]
