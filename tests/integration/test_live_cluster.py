@@ -40,6 +40,7 @@ from schemas import jobs, storage, subjects
 from schemas.events import ScanFailed
 from schemas.refs import digest_hex
 from schemas.state import SCANS_BUCKET, DigestScanState
+from services.dispatcher import upload as uploads
 from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane
@@ -182,11 +183,16 @@ class Cluster:
 
 
 async def upload(pod: Pod, puts: dict[str, int]) -> None:
-    """What the scan pod's upload container does on a real node: PUT the report to the Job's presigned URL."""
+    """What the scan pod's upload container does on a real node: send the report to the Job's upload URL, the way
+    `podsweep upload` does (a POST with the URL's policy fields)."""
     env = {e.name: e.value for c in pod.spec.containers if c.name == "upload" for e in c.env}
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.put(env[RAW_URL_ENV], content=REPORT, headers={"Content-Type": "application/gzip"})
-        response.raise_for_status()
+
+    def send() -> bool:
+        with httpx.Client(timeout=10) as client:
+            target = uploads.UploadTarget(path="report", url=env[RAW_URL_ENV])
+            return uploads.put(client, target, REPORT, uploads.RetryPolicy(attempts=1))
+
+    assert await asyncio.to_thread(send), "the upload URL refused the report"
     puts[pod.metadata.name] = puts.get(pod.metadata.name, 0) + 1
 
 
