@@ -75,7 +75,7 @@ SBOM = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-combined.cdx.json"
 OVERLAY = "overlays/dev"
 PROD_S3 = "https://s3.example.invalid"  # overlays/prod/services-tls.yaml: the endpoint to replace
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
-_DIGEST_IN_URL = re.compile(r"/raw/sha256/([0-9a-f]{64})/")
+_DIGEST_IN_URL = re.compile(r"[/=]raw/sha256/([0-9a-f]{64})/")  # in the path, or the POST policy's `key` field
 
 
 @dataclass

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import msgspec
@@ -264,7 +265,11 @@ async def make_cluster(
             url = next(
                 (e.value for c in pod.spec.containers if c.name == "upload" for e in c.env if e.name == RAW_URL_ENV), ""
             )
-            work = next((w for ref, w in cluster.work.items() if f"/raw/sha256/{digest_hex(ref)}/" in url), None)
+            # The raw key is the upload URL's `key` field (a POST policy): raw/sha256/<hex>/<scan-id>.json
+            key = dict(parse_qsl(urlsplit(url).query)).get("key", "")
+            work = next(
+                (w for ref, w in cluster.work.items() if key.startswith(f"raw/sha256/{digest_hex(ref)}/")), None
+            )
             if work is None:
                 await upload(pod, cluster.puts)
             else:
