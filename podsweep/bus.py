@@ -785,6 +785,7 @@ async def _settle(
 
 
 S = TypeVar("S", bound=msgspec.Struct)
+D = TypeVar("D")  # what a compare-and-set decision decided, beside the new document
 
 
 class Conflict(RuntimeError):
@@ -828,24 +829,43 @@ async def kv_change(
     mirror), saving the read; a stale `known` only costs the failed write. "No change" is concluded from a fresh
     read, or from `known` when the caller says it is as fresh as one (`fresh`: a KvMirror's entry). Returns
     (document, its revision, whether this call wrote it)."""
+    stored, revision, wrote, _ = await kv_decide(
+        kv, key, typ, lambda old: (change(old), None), known=known, fresh=fresh, attempts=attempts
+    )
+    return stored, revision, wrote
+
+
+async def kv_decide(
+    kv: KeyValue,
+    key: str,
+    typ: type[S],
+    decide: Callable[[S | None], tuple[S | None, D]],
+    *,
+    known: tuple[S | None, int] | None = None,
+    fresh: bool = False,
+    attempts: int = 20,
+) -> tuple[S | None, int, bool, D]:
+    """`kv_change` whose `decide` returns the new document (None: no change) and what it decided. Returns the
+    document, its revision, whether this call wrote it, and the decision made on the document it returns (a lost
+    race decides again: only the last decision counts)."""
     for _ in range(attempts):
         if known is not None:
             current, revision = known
             known = None
-            new = change(current)
+            new, decided = decide(current)
             if new is None:
                 if fresh:
-                    return current, revision, False
+                    return current, revision, False, decided
                 continue  # decided on what may be stale: read and decide again
         else:
             current, revision = await kv_read(kv, key, typ)
-            new = change(current)
+            new, decided = decide(current)
             if new is None:
-                return current, revision, False
+                return current, revision, False, decided
         written = await kv_put_if(kv, key, new, revision)
         if written is None:
             continue
-        return new, written, True
+        return new, written, True, decided
     raise Conflict(f"kv: key {key!r} lost {attempts} compare-and-set races in a row; retry later")
 
 

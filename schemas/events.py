@@ -160,6 +160,10 @@ class ReportStored(Event, frozen=True, kw_only=True):
     stored_at: datetime
     # Set when no node ran the digest any more at the time of this scan (an SBOM rescan of a scaled-to-zero image).
     not_running_since: datetime | None = None
+    # The SBOM this scan uploaded, as the parser validated and kept it (history key), and the Trivy version that made
+    # it: the dispatcher records them in the digest's scan state (the next rescans read it). None: no usable SBOM.
+    sbom_key: ObjectKey | None = None
+    sbom_trivy_version: ShortText | None = None
 
 
 QuarantineKind = Literal[

@@ -68,7 +68,12 @@ def latest_sbom_key(digest_ref: str) -> StorageKey:
 
 def history_sbom_key(digest_ref: str, at: datetime) -> StorageKey:
     """An SBOM kept as validated (gzip when uploaded gzip); the digest's scan state points here (immutable)."""
-    return StorageKey(f"sbom/sha256/{digest_hex(digest_ref)}/history/{_stamp(at)}.cdx.json")
+    return StorageKey(f"{history_sbom_prefix(digest_ref)}{_stamp(at)}.cdx.json")
+
+
+def history_sbom_prefix(digest_ref: str) -> str:
+    """Where every kept SBOM of a digest lies: a key sent in an event is checked against it before it is recorded."""
+    return f"sbom/sha256/{digest_hex(digest_ref)}/history/"
 
 
 def quarantine_key(scan_id: str) -> StorageKey:

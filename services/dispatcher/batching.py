@@ -24,14 +24,16 @@ class Gathered(msgspec.Struct, frozen=True):
 class Gathering:
     """SBOM rescans this replica claimed, oldest first, until they leave in a batch."""
 
-    def __init__(self, size: int, window_s: float) -> None:
+    def __init__(self, size: int, window_s: float, refused_wait_s: float = 5.0) -> None:
         if size < 1:
             raise ValueError(f"sbom batch size is {size} (must be at least 1)")
         self.size = size
         self.window_s = window_s
         self._items: dict[str, Gathered] = {}
         self._since: float | None = None  # when the oldest waiting item arrived
-        self.blocked = False  # the limiter refused the last batch: wait until a slot is released (or the idle pass)
+        self.refused_wait_s = refused_wait_s
+        self.blocked = False  # the limiter refused the last batch: wait until a slot is released (or refused_wait_s)
+        self._blocked_at = 0.0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -51,7 +53,10 @@ class Gathering:
             self._since = None
 
     def ready(self, now: float) -> bool:
-        """A batch may leave: a full one at once, a partial one once the oldest item waited the window."""
+        """A batch may leave: a full one at once, a partial one once the oldest item waited the window; after a
+        refusal, once a slot was released (`blocked` cleared) or `refused_wait_s` passed (expiries free slots too)."""
+        if self.blocked and now - self._blocked_at >= self.refused_wait_s:
+            self.blocked = False
         if not self._items or self.blocked:
             return False
         return len(self._items) >= self.size or (self._since is not None and now - self._since >= self.window_s)
@@ -64,6 +69,11 @@ class Gathering:
         if not self._items:
             self._since = None
         return chosen
+
+    def refused(self, items: list[Gathered], now: float) -> None:
+        """The limiter refused a batch: its items go back in front, and no batch leaves until `ready` says so."""
+        self.restore(items, now)
+        self.blocked, self._blocked_at = True, now
 
     def restore(self, items: list[Gathered], now: float) -> None:
         """Put refused items back in front, unless a fresher claim for the same key arrived meanwhile."""

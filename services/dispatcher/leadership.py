@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -148,3 +149,35 @@ class Leadership:
             return DispatcherLease(
                 holder="?", acquired_at=epoch, renewed_at=epoch, ttl_s=self.ttl_s
             ), entry.revision or 0
+
+
+async def while_leading(
+    lease: Leadership, stop: asyncio.Event, lead: Callable[[asyncio.Event], Awaitable[None]]
+) -> None:
+    """Take the lease and run `lead(ending)` while holding it, `ending` set on a shutdown or the lease lost; a lost
+    lease is waited for again (standing by), a shutdown releases it for the next replica at once."""
+    while await lease.acquire(stop):
+        lost, ending = asyncio.Event(), asyncio.Event()
+        helpers = [
+            asyncio.create_task(lease.keep(lost), name="dispatcher-lease"),
+            asyncio.create_task(_set_on_first(ending, stop, lost), name="dispatcher-lease-end"),
+        ]
+        try:
+            await lead(ending)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+        if not lost.is_set():
+            await lease.release()
+            return
+
+
+async def _set_on_first(target: asyncio.Event, *events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        target.set()
+    finally:
+        for waiting in waits:
+            waiting.cancel()

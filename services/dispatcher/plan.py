@@ -37,6 +37,7 @@ from schemas.events import (
     ImageOptions,
     ImageSeen,
     ReportQuarantined,
+    ReportStored,
     ScanCompleted,
     ScanFailed,
     ScanMode,
@@ -504,6 +505,27 @@ def on_created(state: DigestScanState | None, scan_id: str, now: datetime, polic
         return None
     return msgspec.structs.replace(
         state, status="running", claim_expires_at=now + policy.job_deadline + policy.deadline_grace
+    )
+
+
+def on_sbom_stored(state: DigestScanState | None, stored: ReportStored) -> DigestScanState | None:
+    """The state with the SBOM the parser kept for the digest (what its rescans read). None when the digest has no
+    state, the event names no SBOM, or nothing changes."""
+    if state is None or stored.sbom_key is None:
+        return None
+    if state.sbom_key == stored.sbom_key and state.sbom_trivy_version == stored.sbom_trivy_version:
+        return None
+    return msgspec.structs.replace(state, sbom_key=stored.sbom_key, sbom_trivy_version=stored.sbom_trivy_version)
+
+
+def abandons(old: DigestScanState, decision: Decision) -> bool:
+    """Whether the decision gives up the node scan `old` claimed (its claim expired without a scan event)."""
+    new = decision.state
+    return (
+        old.status in ("pending", "running")
+        and old.node is not None
+        and new is not None
+        and (new.scan_id != old.scan_id or new.status not in ("pending", "running"))
     )
 
 

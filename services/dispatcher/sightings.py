@@ -10,8 +10,12 @@ delivered again. No I/O and no clock of its own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 
+from podsweep import logs
 from schemas.events import ImageSeen
+
+log = logs.get("podsweep.dispatcher")
 
 
 class Held:
@@ -66,3 +70,26 @@ class Sightings:
 
     def keys(self) -> list[str]:
         return list(self._held)
+
+    async def write_all(self, record: Callable[[str, Sequence[ImageSeen]], Awaitable[None]]) -> None:
+        for key in list(self._held):
+            await self.write(key, record)
+
+    async def write(self, key: str, record: Callable[[str, Sequence[ImageSeen]], Awaitable[None]]) -> None:
+        """Write a digest's held sightings together with `record`, then settle their events (acked, or retried)."""
+        held = self.take(key)
+        if held is None:
+            return
+        try:
+            await record(key, held.seen)
+        except Exception as exc:  # every held event is delivered again
+            for waiter in held.waiters:
+                if not waiter.done():  # its consumer stopped waiting (cancelled): redelivered all the same
+                    waiter.set_exception(exc)
+            log.warning(
+                "sightings not written", key=key, events=len(held.seen), error=f"{type(exc).__name__}: {str(exc)[:300]}"
+            )
+        else:
+            for waiter in held.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)

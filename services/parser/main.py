@@ -40,7 +40,7 @@ NATS = NatsAccess(
     service=SERVICE,
     publishes=(subjects.REPORT_STORED, subjects.REPORT_QUARANTINED),
     durables=(Durable(SERVICE, (subjects.SCAN_COMPLETED, subjects.IMAGE_SEEN)),),
-    buckets=(Bucket(SUMMARIES_BUCKET), Bucket(WORKLOADS_BUCKET), Bucket(SCANS_BUCKET)),
+    buckets=(Bucket(SUMMARIES_BUCKET), Bucket(WORKLOADS_BUCKET), Bucket(SCANS_BUCKET, writes=False)),
 )
 MB = 1024 * 1024
 # Reports above this are parsed in a worker thread so a large one does not stall the event loop.
@@ -110,18 +110,19 @@ class Parser:
             await self.store.put(key, _encoder.encode(report))
             log.info("older scan kept in history only", digest=event.digest_ref, scan_id=event.scan_id, key=key)
             return
+        kept = await self._sbom(event, report)  # first: the stored event names it
         latest = await self._latest(event)
         if latest is not None and latest.scan_id == event.scan_id:
             # A redelivery after latest.json was written: the event stored beside it is the one to publish.
-            out = await self._stored_event(event) or stored.report_stored(event, report, report, _now())
+            out = await self._stored_event(event) or stored.report_stored(event, report, report, _now(), kept)
         else:
-            out = stored.report_stored(event, report, latest, _now())
+            out = stored.report_stored(event, report, latest, _now(), kept)
             with tracer.start_as_current_span("s3 put report"):
                 # History first, latest last: a crash in between leaves history complete and latest one scan behind.
                 await self.store.put(out.history_key, _encoder.encode(report))
                 await self.store.put(storage.stored_event_key(event.digest_ref, event.scan_id), _encoder.encode(out))
                 await self.store.put(out.report_key, _encoder.encode(report))
-        sbom_key = await self._sbom(event, report)
+        sbom_key = kept.key if kept is not None else None
         new_summary = stored.digest_summary(event, report, out, sbom_key)
         await self._digest_page(report, new_summary)
         await busmod.kv_update(self.summaries, hex_, DigestSummary, lambda old: stored.newer_summary(old, new_summary))
@@ -205,8 +206,8 @@ class Parser:
     def _parse(self, data: bytes, event: ScanCompleted) -> Report:
         return normalize.parse(data, max_bytes=self.max_report, digest_ref=event.digest_ref, scan_id=event.scan_id)
 
-    async def _sbom(self, event: ScanCompleted, report: Report) -> str | None:
-        """Validate and keep this scan's SBOM and record it in the digest's scan state; its history key, or None."""
+    async def _sbom(self, event: ScanCompleted, report: Report) -> stored.KeptSbom | None:
+        """Validate and keep this scan's SBOM; where it was kept (report.stored names it), or None."""
         if event.sbom_key is None:
             return None
         try:
@@ -228,12 +229,8 @@ class Parser:
         with tracer.start_as_current_span("s3 put sbom"):
             await self.store.put(key, data, kind)
             await self.store.put(storage.latest_sbom_key(event.digest_ref), data, kind)
-        version = info.trivy_version or report.trivy_version
-        _, wrote = await busmod.kv_update(
-            self.scans, digest_hex(event.digest_ref), DigestScanState, lambda s: stored.with_sbom(s, key, version)
-        )
-        log.info("sbom stored", digest=event.digest_ref, key=key, components=info.components, recorded=wrote)
-        return key
+        log.info("sbom stored", digest=event.digest_ref, key=key, components=info.components)
+        return stored.KeptSbom(key, info.trivy_version or report.trivy_version or None)
 
     async def _digest_page(self, report: Report, summary: DigestSummary) -> None:
         doc, _ = await busmod.kv_read(self.workloads, digest_hex(summary.digest_ref), DigestWorkloads)

@@ -1,4 +1,4 @@
-"""What the parser records for one scan: the report.stored event, the digest's summary, quarantine records.
+"""What the parser records for one scan: the report.stored event (naming the SBOM kept), the digest's summary, quarantine records.
 
 Pure: no I/O and no clock (instants are arguments). main.py decides nothing that is not decided here.
 """
@@ -15,7 +15,6 @@ from schemas import storage
 from schemas.events import QuarantinedObject, QuarantineKind, ReportQuarantined, ReportStored, ScanCompleted
 from schemas.index import DigestSummary
 from schemas.report import Report
-from schemas.state import DigestScanState
 
 Step = Literal["store", "done", "stale"]
 
@@ -38,7 +37,17 @@ def quarantined_msg_id(scan_id: str, what: QuarantinedObject) -> str:
     return f"report.quarantined:{what}:{scan_id}"
 
 
-def report_stored(event: ScanCompleted, report: Report, previous: Report | None, stored_at: datetime) -> ReportStored:
+class KeptSbom(msgspec.Struct, frozen=True):
+    """The scan's SBOM as the parser kept it: its history key and the Trivy version that made it."""
+
+    key: str
+    trivy_version: str | None
+
+
+def report_stored(
+    event: ScanCompleted, report: Report, previous: Report | None, stored_at: datetime, sbom: KeptSbom | None = None
+) -> ReportStored:
+    """The event; it names the SBOM kept (the dispatcher records it in the digest's scan state, which only it writes)."""
     new, fixed = normalize.diff(previous, report)
     return ReportStored(
         cluster=event.cluster,
@@ -54,6 +63,8 @@ def report_stored(event: ScanCompleted, report: Report, previous: Report | None,
         first_report=previous is None,
         stored_at=stored_at,
         not_running_since=report.not_running_since,
+        sbom_key=sbom.key if sbom is not None else None,
+        sbom_trivy_version=sbom.trivy_version if sbom is not None else None,
     )
 
 
@@ -86,17 +97,6 @@ def newer_summary(current: DigestSummary | None, candidate: DigestSummary) -> Di
     if current == candidate or current.finished_at > candidate.finished_at:
         return None
     return candidate
-
-
-def with_sbom(state: DigestScanState | None, sbom_key: str, trivy_version: str) -> DigestScanState | None:
-    """The dispatcher's state with only the SBOM fields changed. None when there is no state (the dispatcher owns
-    creating it) or nothing changes."""
-    if state is None:
-        return None
-    version = trivy_version or None
-    if state.sbom_key == sbom_key and state.sbom_trivy_version == version:
-        return None
-    return msgspec.structs.replace(state, sbom_key=sbom_key, sbom_trivy_version=version)
 
 
 def quarantined(

@@ -30,8 +30,8 @@ from podsweep.config import (
 )
 from podsweep.embedded import free_port
 from podsweep.kube import Kube, KubeError
-from schemas import jobs, subjects
-from schemas.events import DeadLetter, FailureReason
+from schemas import jobs, storage, subjects
+from schemas.events import DeadLetter, FailureReason, ReportStored, SeverityCounts
 from schemas.refs import digest_hex
 from schemas.state import (
     LEADER_KEY,
@@ -491,6 +491,58 @@ async def test_a_failed_scan_is_retried_on_another_node(
     assert {first.node, second.node} == set(nodes)
     # The cycle's attempts stay until the next rescan: a report found missing afterwards counts as a third.
     assert state is not None and state.status == "done" and state.attempts == 2
+
+
+async def test_the_sbom_report_stored_names_is_recorded_and_one_of_another_digest_is_dead_lettered(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubelet_standin: StartStandin,
+) -> None:
+    (node,) = await prepare_namespace(kube_api, kube_namespace, 1)
+    await kubelet_standin(namespace=kube_namespace, execute=False)
+    settings = dispatcher_settings(kube, kube_namespace, nats_settings, s3_settings)
+    ref, other = digest_ref(kube_namespace, 1), digest_ref(kube_namespace, 2)
+    kept = storage.history_sbom_key(ref, datetime(2026, 11, 23, 10, 0, tzinfo=UTC))
+
+    def report_stored(sbom_key: str, scan_id: str) -> ReportStored:
+        return ReportStored(
+            cluster="default",
+            scan_id=scan_id,
+            digest_ref=ref,
+            report_key=storage.latest_report_key(ref),
+            history_key=storage.history_report_key(ref, datetime(2026, 11, 23, 10, 0, tzinfo=UTC)),
+            counts=SeverityCounts(),
+            fixable=SeverityCounts(),
+            stored_at=datetime(2026, 11, 23, 10, 0, tzinfo=UTC),
+            sbom_key=sbom_key,
+            sbom_trivy_version="0.76.0",
+        )
+
+    async with (
+        observer(kube_api, kube_namespace, nats_settings, lambda _job: None) as (watcher, bus),
+        in_process(main, settings=settings),
+    ):
+        letters = await bus.nc.subscribe(subjects.dead_letter_subject(nats_settings.subject_root, "dispatcher"))
+        await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-1")
+        await watcher.wait(lambda: "completed" in watcher.finished.values(), 60, "the scan completed")
+        (job,) = watcher.jobs_for(ref)
+        elsewhere = storage.history_sbom_key(other, datetime(2026, 11, 23, 10, 0, tzinfo=UTC))
+        await bus.publish(subjects.REPORT_STORED, report_stored(elsewhere, job.name), msg_id="stored-elsewhere")
+        letter = msgspec.json.decode((await letters.next_msg(timeout=30)).data, type=DeadLetter)
+        await letters.unsubscribe()
+        await bus.publish(subjects.REPORT_STORED, report_stored(kept, job.name), msg_id="stored-1")
+
+        async def recorded() -> bool:
+            state = (await states(bus, [ref]))[ref]
+            return state is not None and state.sbom_key == kept
+
+        await eventually(recorded, 30, "the SBOM recorded in the digest's state")
+        (state,) = (await states(bus, [ref])).values()
+    assert letter.error.startswith("rejected: sbom_key of scan"), letter.error
+    assert state is not None and state.status == "done" and state.sbom_trivy_version == "0.76.0"
 
 
 async def test_a_digest_whose_nodes_all_vanished_ends_not_scanned_with_the_reason(

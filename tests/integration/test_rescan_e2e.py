@@ -370,7 +370,7 @@ async def _new_advisory_rescan(world: World, trivy_server: TrivyServer) -> None:
     # 1. Node scans, executed for real, store a report and an SBOM per digest, and alert each breaching workload.
     first = {name: await world.scanned(name, 1, timeout_s=90, sbom=True) for name in IMAGES}
     for name, done in first.items():
-        assert done.sbom_key is not None, f"{name}: the parser recorded the scan's SBOM"
+        assert done.sbom_key is not None, f"{name}: the dispatcher recorded the SBOM report.stored named"
         assert done.sbom_trivy_version == "0.76.0"
     node_jobs = await world.scan_jobs()
     assert len(node_jobs) == len(IMAGES)

@@ -9,7 +9,17 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
-from schemas.events import ImageGone, ImageSeen, ReportQuarantined, ScanCompleted, ScanFailed, ScanStarted, Workload
+from schemas.events import (
+    ImageGone,
+    ImageSeen,
+    ReportQuarantined,
+    ReportStored,
+    ScanCompleted,
+    ScanFailed,
+    ScanStarted,
+    SeverityCounts,
+    Workload,
+)
 from schemas.state import DigestScanState, NodeFailure
 from services.dispatcher import plan
 from services.dispatcher.limits import Limits
@@ -617,3 +627,65 @@ def test_a_quarantine_before_the_completion_fails_the_scan_and_the_late_completi
         cluster="prod", scan_id=sid, digest_ref=REF, job=sid, raw_key=f"raw/sha256/{HEX}/{sid}.json", finished_at=T0
     )
     assert plan.on_completed(d.state, late, POLICY).why == "stale"
+
+
+# --- the SBOM the parser kept, and claims given up ------------------------------------------------------------------
+
+SBOM_KEY = f"sbom/sha256/{HEX}/history/20261123T080000Z.cdx.json"
+
+
+def _stored(sbom_key: str | None, version: str | None = "0.76.0") -> ReportStored:
+    return ReportStored(
+        cluster="c",
+        scan_id="psw-000000000002",
+        digest_ref=REF,
+        report_key=f"reports/sha256/{HEX}/latest.json",
+        history_key=f"reports/sha256/{HEX}/history/1.json",
+        counts=SeverityCounts(),
+        fixable=SeverityCounts(),
+        stored_at=T0,
+        sbom_key=sbom_key,
+        sbom_trivy_version=version,
+    )
+
+
+def test_the_sbom_the_parser_kept_changes_only_the_sbom_fields_and_never_creates_state() -> None:
+    state = DigestScanState(digest_ref=REF, status="running", attempts=2, scan_id="psw-000000000002")
+    updated = plan.on_sbom_stored(state, _stored(SBOM_KEY))
+    assert updated is not None and (updated.sbom_key, updated.sbom_trivy_version) == (SBOM_KEY, "0.76.0")
+    assert msgspec.structs.replace(updated, sbom_key=None, sbom_trivy_version=None) == state
+    assert plan.on_sbom_stored(updated, _stored(SBOM_KEY)) is None, "already recorded: nothing to write"
+    assert plan.on_sbom_stored(None, _stored(SBOM_KEY)) is None, "the dispatcher creates states from sightings only"
+    assert plan.on_sbom_stored(state, _stored(None)) is None, "no usable SBOM: nothing recorded"
+    newer = plan.on_sbom_stored(updated, _stored(SBOM_KEY.replace("080000", "090000"), None))
+    assert newer is not None and (newer.sbom_key, newer.sbom_trivy_version) == (
+        SBOM_KEY.replace("080000", "090000"),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "abandoned"),
+    [
+        pytest.param(
+            ("pending", "n1", "psw-00000001"), ("pending", "n2", "psw-00000002"), True, id="claimed-again-elsewhere"
+        ),
+        pytest.param(("running", "n1", "psw-00000001"), ("failed", None, "psw-00000001"), True, id="running-given-up"),
+        pytest.param(
+            ("pending", "n1", "psw-00000001"), ("running", "n1", "psw-00000001"), False, id="same-scan-goes-on"
+        ),
+        pytest.param(
+            ("pending", None, "psw-00000001"), ("failed", None, "psw-00000001"), False, id="sbom-claim-has-no-node-job"
+        ),
+        pytest.param(("done", "n1", "psw-00000001"), ("pending", "n1", "psw-00000002"), False, id="finished-scan"),
+    ],
+)
+def test_a_decision_abandons_only_a_node_scan_it_replaces_or_ends(
+    before: tuple[str, str | None, str], after: tuple[str, str | None, str], abandoned: bool
+) -> None:
+    def state(status: str, node: str | None, scan_id: str) -> DigestScanState:
+        return msgspec.convert({"digest_ref": REF, "status": status, "node": node, "scan_id": scan_id}, DigestScanState)
+
+    decision = plan.Decision(state(*after), None, "claim")
+    assert plan.abandons(state(*before), decision) is abandoned
+    assert plan.abandons(state(*before), plan.Decision(None, None, "not_due")) is False, "nothing written"

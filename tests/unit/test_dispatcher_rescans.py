@@ -308,11 +308,20 @@ def test_refused_batch_goes_back_in_front_and_waits_until_unblocked() -> None:
     for n in range(3):
         gathering.add(_item(n), now=0.0)
     first = gathering.take()
-    gathering.restore(first, now=1.0)
-    gathering.blocked = True
+    gathering.refused(first, now=1.0)
     assert not gathering.ready(5.0)
-    gathering.blocked = False
+    gathering.blocked = False  # a slot was released
+    assert gathering.ready(5.0)
     assert [i.key for i in gathering.take()] == [first[0].key, first[1].key]
+
+
+def test_a_refused_batch_is_offered_again_once_the_refusal_wait_passed() -> None:
+    gathering = Gathering(size=2, window_s=0.0, refused_wait_s=5.0)
+    for n in range(2):
+        gathering.add(_item(n), now=0.0)
+    gathering.refused(gathering.take(), now=10.0)
+    assert not gathering.ready(14.9), "no slot released and the wait not over"
+    assert gathering.ready(15.0), "slots that expire free room without a release: look again"
 
 
 def test_a_resumed_claim_replaces_the_gathered_one_under_the_same_key() -> None:

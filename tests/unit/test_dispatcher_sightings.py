@@ -32,3 +32,35 @@ async def test_held_sightings_come_due_oldest_first_after_the_window() -> None:
     assert held.keys() == ["b"]
     taken.waiters[0].set_result(None)
     await asyncio.wait_for(first, 1)
+
+
+async def test_a_written_digest_acks_every_held_event_in_one_record_call() -> None:
+    held = Sightings(window_s=10.0)
+    waiters = [held.hold("a", seen(n), now=1.0) for n in ("n1", "n2", "n3")]
+    other = held.hold("b", seen("n1"), now=1.0)
+    calls: list[tuple[str, list[str]]] = []
+
+    async def record(key: str, sightings: object) -> None:
+        calls.append((key, [s.node for s in sightings]))  # type: ignore[attr-defined]
+
+    await held.write("a", record)
+    assert calls == [("a", ["n1", "n2", "n3"])]
+    assert all(w.done() and w.result() is None for w in waiters)
+    assert not other.done() and "a" not in held
+    await held.write("a", record)
+    assert len(calls) == 1, "nothing held: nothing written"
+    await held.write_all(record)
+    assert calls[-1] == ("b", ["n1"]) and other.done() and len(held) == 0
+
+
+async def test_a_failed_write_sends_every_held_event_back_for_redelivery() -> None:
+    held = Sightings(window_s=10.0)
+    waiters = [held.hold("a", seen(n), now=1.0) for n in ("n1", "n2")]
+    waiters[1].cancel()  # its consumer stopped waiting: redelivered all the same
+
+    async def record(key: str, sightings: object) -> None:
+        raise RuntimeError("nats: timeout")
+
+    await held.write("a", record)
+    assert isinstance(waiters[0].exception(), RuntimeError)
+    assert "a" not in held

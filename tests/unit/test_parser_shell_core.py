@@ -5,14 +5,13 @@ from __future__ import annotations
 import gzip
 from datetime import UTC, datetime, timedelta
 
-import msgspec
 import pytest
 
 from schemas import storage
 from schemas.events import ScanCompleted, SeverityCounts, Workload
 from schemas.index import DigestSummary
 from schemas.report import Finding, Report
-from schemas.state import DigestScanState, DigestWorkloads, WorkloadRun
+from schemas.state import DigestWorkloads, WorkloadRun
 from services.parser import html, sbom, stored
 from services.parser.index import IndexModel
 
@@ -73,13 +72,13 @@ def test_newer_summary_is_the_only_one_written(
     assert (stored.newer_summary(current, candidate) is not None) == written
 
 
-def test_with_sbom_changes_only_the_sbom_fields_and_never_creates_state() -> None:
-    state = DigestScanState(digest_ref=REF, status="running", attempts=2, scan_id="psw-000000000002")
-    updated = stored.with_sbom(state, "sbom/sha256/x/history/1.cdx.json", "0.76.0")
-    assert updated is not None
-    assert msgspec.structs.replace(updated, sbom_key=None, sbom_trivy_version=None) == state
-    assert stored.with_sbom(updated, "sbom/sha256/x/history/1.cdx.json", "0.76.0") is None
-    assert stored.with_sbom(None, "k", "0.76.0") is None
+def test_report_stored_names_the_sbom_kept_and_nothing_without_one() -> None:
+    report = Report(source_format="v2")
+    kept = stored.KeptSbom("sbom/sha256/x/history/1.cdx.json", "0.76.0")
+    event = stored.report_stored(completion(), report, None, T0, kept)
+    assert (event.sbom_key, event.sbom_trivy_version) == (kept.key, "0.76.0")
+    bare = stored.report_stored(completion(), report, None, T0)
+    assert (bare.sbom_key, bare.sbom_trivy_version) == (None, None)
 
 
 def test_first_report_has_every_finding_new() -> None:
