@@ -97,7 +97,7 @@ def _annotations(tree: ast.AST) -> set[int]:
         roots: list[ast.AST | None] = []
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             roots.append(node.returns)
-        elif isinstance(node, ast.arg) or isinstance(node, ast.AnnAssign):
+        elif isinstance(node, (ast.arg, ast.AnnAssign)):
             roots.append(node.annotation)
         for root in roots:
             if root is not None:
