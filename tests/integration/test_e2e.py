@@ -412,7 +412,8 @@ async def test_kill_9_of_each_service_during_a_200_digest_run_loses_and_duplicat
     by_digest = Counter(a[0].digest_ref for a in alerts(world).values())
     assert set(by_digest) == refs and set(by_digest.values()) == {1}, by_digest.most_common(3)
     for key, copies in alerts(world).items():  # a redelivery after a kill carries the same key, so receivers dedupe
-        assert len({c.digest_ref for c in copies}) == 1, key
+        assert {c.id for c in copies} == {key}, "the idempotency key and the alert's id disagree"
+        assert len({(c.scan_id, c.namespace, c.workload, tuple(f.id for f in c.findings)) for c in copies}) == 1, key
     stored = await read_stored(world.settings.nats)
     assert Counter(e.digest_ref for e in stored) == Counter(refs), "report.stored must be once per digest"
 
