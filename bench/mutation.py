@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import compileall
 import json
 import os
 import random
@@ -323,12 +324,12 @@ def _preload(copy_root: Path, tests: list[str]) -> None:
             continue
 
 
-def _copy_tree(root: Path) -> Path:
-    root.mkdir()
+def _copy_tree(source: Path, into: Path) -> Path:
+    into.mkdir()
     for name in ("podsweep", "schemas", "services", "tests"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "kubebins"))
-    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
-    return root
+        shutil.copytree(source / name, into / name, ignore=shutil.ignore_patterns("__pycache__", "kubebins"))
+    shutil.copy(source / "pyproject.toml", into / "pyproject.toml")
+    return into
 
 
 def _equivalents() -> set[str]:
@@ -349,8 +350,9 @@ def _sample(mutants: list[Mutant], fraction: float, seed: int) -> list[Mutant]:
     return sorted(chosen, key=lambda m: (m.index, m.variant))
 
 
-def run(modules: list[str], fraction: float, seed: int, jobs: int) -> dict[str, object]:
-    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutant must never be shadowed by another's cached bytecode
+def run(modules: list[str], fraction: float, seed: int, jobs: int, root: Path = ROOT) -> dict[str, object]:
+    # Bytecode of the unchanged tree is compiled once; children never write any, so a mutant's module (written
+    # later, with another mtime) is always compiled from its source and never cached for the next mutant.
     sys.dont_write_bytecode = True
     os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
     equivalent = _equivalents()
@@ -359,13 +361,15 @@ def run(modules: list[str], fraction: float, seed: int, jobs: int) -> dict[str, 
     survivors: list[str] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="podsweep-mutation-") as scratch:
-        copies = [_copy_tree(Path(scratch) / f"tree-{i}") for i in range(jobs)]
+        copies = [_copy_tree(root, Path(scratch) / f"tree-{i}") for i in range(jobs)]
+        for copy_root in copies:
+            compileall.compile_dir(copy_root, quiet=1)
         copy_root = copies[0]
         all_tests = sorted({t for m in modules for t in tests_for(m, MODULES[m], copy_root)})
         _preload(copy_root, all_tests)
         for module in modules:
             tests = tests_for(module, MODULES[module], copy_root)
-            original = (ROOT / module).read_text()
+            original = (root / module).read_text()
             if not tests:
                 sys.exit(f"mutation: no unit test of area {MODULES[module]!r} imports {module}")
             # The unchanged module, written the way mutants are (unparsed), must pass: it is the baseline.
@@ -423,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", type=float, default=1.0, help="fraction of each module's mutants to run")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="children at once, each in its own copy of the tree")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the tree to test (default: this checkout)")
     parser.add_argument("--list", action="store_true", help="list the mutants and run nothing")
     args = parser.parse_args(argv)
     modules = args.module or list(MODULES)
@@ -431,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
             for mutant in mutants_of(module, (ROOT / module).read_text()):
                 print(mutant.key)
         return
-    result = run(modules, args.sample, args.seed, args.jobs)
+    result = run(modules, args.sample, args.seed, args.jobs, args.root)
     print(json.dumps(result))
 
 

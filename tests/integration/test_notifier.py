@@ -35,6 +35,7 @@ from services.notifier.decide import fingerprint_key
 from services.notifier.main import main
 from tests.harness.receiver import Arrival, Receiver, dojo_contract
 from tests.harness.replicas import in_process
+from tests.harness.streams import stored_messages
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK_KEY = "k" * 32
@@ -183,17 +184,7 @@ def run(image: str = "registry.example.com/team/app:1.4", namespace: str = "paym
 
 
 async def read_subject(bus: busmod.Bus, name: str) -> list[bytes]:
-    sub = await bus.js.subscribe(bus.subject(name), stream=bus.settings.stream, ordered_consumer=True)
-    out: list[bytes] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=0.3)
-            out.append(msg.data)
-    except TimeoutError:
-        pass
-    finally:
-        await sub.unsubscribe()
-    return out
+    return [msg.data for msg in await stored_messages(bus.js, bus.settings.stream, bus.subject(name))]
 
 
 def policy_yaml(destinations: str, extra: str = "", destination_names: str = "") -> str:

@@ -31,6 +31,7 @@ from tests.harness.kwok import (
     wait_until,
 )
 from tests.harness.standin import StartStandin, scan_images
+from tests.harness.streams import stored_messages
 
 pytestmark = pytest.mark.kube
 
@@ -51,12 +52,8 @@ class Running:
         """Every image.seen / image.gone the stream stored (duplicates dropped by msg id are not stored)."""
         out: dict[str, list[Any]] = {subjects.IMAGE_SEEN: [], subjects.IMAGE_GONE: []}
         for name, typ in ((subjects.IMAGE_SEEN, ImageSeen), (subjects.IMAGE_GONE, ImageGone)):
-            sub = await self.bus.js.subscribe(self.bus.subject(name), ordered_consumer=True)
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    msg = await sub.next_msg(timeout=0.5)
-                    out[name].append(msgspec.json.decode(msg.data, type=typ))
-            await sub.unsubscribe()
+            for msg in await stored_messages(self.bus.js, self.bus.settings.stream, self.bus.subject(name)):
+                out[name].append(msgspec.json.decode(msg.data, type=typ))
         return out[subjects.IMAGE_SEEN], out[subjects.IMAGE_GONE]
 
     async def wait_for(self, what: str, check: Any, timeout_s: float = 30) -> Any:
@@ -285,13 +282,11 @@ async def _scan_job(kube_api: Kube, namespace: str, node: str, digest_ref: str) 
 
 
 async def _scan_events(running: Running, name: str, typ: type[Any]) -> list[Any]:
-    sub = await running.bus.js.subscribe(running.bus.subject(name), ordered_consumer=True)
-    out: list[Any] = []
-    with contextlib.suppress(TimeoutError):
-        while True:
-            out.append(msgspec.json.decode((await sub.next_msg(timeout=0.5)).data, type=typ))
-    await sub.unsubscribe()
-    return out
+    bus = running.bus
+    return [
+        msgspec.json.decode(msg.data, type=typ)
+        for msg in await stored_messages(bus.js, bus.settings.stream, bus.subject(name))
+    ]
 
 
 async def test_scan_job_that_succeeds_is_started_then_completed(
