@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -46,6 +47,7 @@ class Receiver:
         self.arrivals: list[Arrival] = []
         self.delay_s = 0.0
         self.release = asyncio.Event()
+        self.on_arrival: Callable[[Arrival], None] | None = None  # called as each request arrives, before answering
         self._runner: web.AppRunner | None = None
 
     def accepted(self, path: str | None = None) -> list[Arrival]:
@@ -91,6 +93,8 @@ class Receiver:
             authorization=request.headers.get("Authorization", ""),
         )
         self.arrivals.append(arrival)
+        if self.on_arrival is not None:
+            self.on_arrival(arrival)
         steps = self.plan.get(request.path, [])
         step = steps.pop(0) if steps else 200
         headers: dict[str, str] = {}

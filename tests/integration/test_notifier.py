@@ -595,7 +595,7 @@ async def test_notifier_killed_mid_delivery_loses_nothing_and_sends_nothing_twic
     world: World, receiver: Receiver, tmp_path: Path
 ) -> None:
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook", timeout_s=10)))
-    receiver.delay_s = 2.0  # deliveries are still in flight at the receiver when the process dies, however slow
+    receiver.delay_s = 0.3  # each delivery stays in flight at the receiver for a while
     count = 20
     for n in range(count):
         await world.runs(digest(100 + n), run())
@@ -604,10 +604,18 @@ async def test_notifier_killed_mid_delivery_loses_nothing_and_sends_nothing_twic
     env = _env(world)
     first = await start_notifier(env, tmp_path / "notifier-1.log")
     try:
-        await eventually(lambda: len(receiver.accepted()) >= 4, within=30, what="some deliveries")
-        await eventually(lambda: len(receiver.arrivals) > len(receiver.accepted()), what="one in flight")
-        first.send_signal(signal.SIGKILL)
+        await eventually(lambda: len(receiver.accepted()) >= 4, within=120, what="some deliveries")
+        killed = asyncio.Event()
+
+        def kill_on_arrival(_: Arrival) -> None:  # the process dies while this request is in flight, however slow
+            if not killed.is_set():
+                first.send_signal(signal.SIGKILL)
+                killed.set()
+
+        receiver.on_arrival = kill_on_arrival
+        await asyncio.wait_for(killed.wait(), 60)
     finally:
+        receiver.on_arrival = None
         with contextlib.suppress(ProcessLookupError):
             first.kill()
         await first.wait()

@@ -7,13 +7,17 @@ from datetime import timedelta
 import msgspec
 import pytest
 
-from schemas.events import ScanCompleted
+from schemas.events import ImageGone, ScanCompleted
 from schemas.state import DigestScanState, NodeFailure
 from services.dispatcher import plan
 from services.dispatcher.plan import Decision, due_at, scan_id_for
-from tests.unit.test_dispatcher_plan import HEX, LIMITS, POLICY, REF, T0, running, seen, state
+from tests.unit.test_dispatcher_plan import HEX, LIMITS, POLICY, REF, T0, failed_event, running, seen, state
 
 SBOM_KEY = f"sbom/sha256/{HEX}/psw-000000000000000000000001.cdx.json"
+
+
+def gone(node: str) -> ImageGone:
+    return ImageGone(cluster="prod", digest_ref=REF, node=node, observed_at=T0)
 
 
 def test_an_abandoned_claim_whose_node_left_is_not_resumed_there_but_failed_as_node_gone() -> None:
@@ -201,3 +205,76 @@ def test_a_sighting_that_writes_nothing_or_plans_a_scan_is_never_held() -> None:
     claim = plan.on_seen(None, seen("n1"), T0, POLICY, {}, LIMITS)
     assert claim.scan is not None and not plan.holdable(known, claim)
     assert not plan.holdable(known, Decision(state(status="done"), None, "nodes_full"))
+
+
+def test_the_policy_defaults_are_the_documented_ones() -> None:
+    assert plan.Policy() == plan.Policy(
+        rescan_interval=timedelta(hours=24),
+        jitter_ratio=0.1,
+        claim_ttl=timedelta(minutes=2),
+        job_deadline=timedelta(minutes=10),
+        deadline_grace=timedelta(minutes=2),
+        max_attempts=4,
+        backoff_base=timedelta(seconds=30),
+        backoff_max=timedelta(minutes=30),
+        failure_memory=timedelta(hours=1),
+        seen_refresh=timedelta(minutes=10),
+        max_nodes_tracked=512,
+        sbom_rescans=True,
+        sbom_min_trivy_version=None,
+        rescan_gone_for=timedelta(days=7),
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        pytest.param({"jitter_ratio": 1.5}, "jitter_ratio is 1.5", id="jitter-above-one"),
+        pytest.param({"jitter_ratio": -0.1}, "jitter_ratio is -0.1", id="negative-jitter"),
+        pytest.param({"max_attempts": 0}, "max_attempts is 0", id="no-attempt"),
+    ],
+)
+def test_a_policy_out_of_range_is_refused_naming_the_setting(fields: dict[str, object], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        plan.Policy(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("edge", [0.0, 1.0])
+def test_a_jitter_ratio_at_its_bounds_is_accepted(edge: float) -> None:
+    assert plan.Policy(jitter_ratio=edge).jitter_ratio == edge
+
+
+def test_a_failed_digest_due_again_that_no_node_runs_any_more_is_not_retried() -> None:
+    failed = state(status="failed", attempts=1, nodes_seen=[], next_due_at=T0, scan_seq=1)
+    assert plan.decide(failed, T0, POLICY, {}, LIMITS) == Decision(None, None, "no_node", None)
+
+
+def test_a_sighting_clears_the_reason_a_digest_was_not_scanned_and_only_that() -> None:
+    not_scanned = state(status="not_scanned", nodes_seen=[], reason="no node runs this digest any more")
+    d = plan.on_seen(not_scanned, seen("n1"), T0, POLICY, {}, LIMITS)
+    assert d.state is not None and d.state.reason == ""
+    failed = state(status="failed", attempts=1, next_due_at=T0 + timedelta(minutes=1), reason="attempt 1 failed")
+    d = plan.on_seen(failed, seen("n1"), T0, POLICY, {}, LIMITS)
+    assert d.state is None or d.state.reason == "attempt 1 failed"
+
+
+@pytest.mark.parametrize(
+    ("attempts", "status"),
+    [
+        pytest.param(POLICY.max_attempts - 1, "not_scanned", id="still-trying-becomes-not-scanned"),
+        pytest.param(POLICY.max_attempts, "failed", id="given-up-stays-given-up"),
+    ],
+)
+def test_the_last_node_leaving_a_failed_digest(attempts: int, status: str) -> None:
+    failed = state(status="failed", attempts=attempts, nodes_seen=["n1"], next_due_at=T0 + timedelta(minutes=1))
+    d = plan.on_gone(failed, gone("n1"), T0, POLICY)
+    assert d.state is not None and d.state.status == status
+    assert d.state.attempts == (0 if status == "not_scanned" else attempts)
+
+
+def test_a_failure_that_leaves_no_node_ends_not_scanned_with_no_attempts_counted() -> None:
+    claim = running("n1", attempts=2, nodes_seen=["n1"])
+    failed = plan.on_failed(claim, failed_event(claim, "ErrImageNeverPull"), T0, POLICY, {}, LIMITS)
+    assert failed.state is not None
+    assert (failed.state.status, failed.state.attempts, failed.state.next_due_at) == ("not_scanned", 0, None)
+    assert failed.state.reason.startswith("no node runs this digest any more")
