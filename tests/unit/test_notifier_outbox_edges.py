@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
+import msgspec
+
 from services.notifier.decide import decide, fingerprint_key
 from services.notifier.outbox import audit, drop_stale, entries, fingerprint_keys
 from tests.unit.test_notifier_outbox import API, DIGEST, POLICY, T0, WORKER, critical, event, fp, report, run
@@ -61,3 +63,9 @@ def test_a_fingerprint_without_a_time_never_makes_a_report_stale() -> None:
     untimed = {fingerprint_key("c1", DIGEST, "payments", API): fp(None, "scan-0000")}
     decision = decide(event(), report(critical()), runs, POLICY, untimed, T0)
     assert drop_stale(decision, untimed, event()) == decision
+
+
+def test_outbox_entries_are_version_one() -> None:
+    queued = _queued()
+    assert queued and {e.v for e in queued} == {1}
+    assert b'"v":1' in msgspec.json.encode(queued[0])
