@@ -84,11 +84,12 @@ class Mutant:
     index: int  # the position of the changed node in ast.walk order of the module
     variant: int  # which change of that node (a Compare with two operators has two)
     line: int
+    column: int
     what: str
 
     @property
     def key(self) -> str:
-        return f"{self.module}:{self.line}: {self.what}"
+        return f"{self.module}:{self.line}:{self.column}: {self.what}"
 
 
 def _annotations(tree: ast.AST) -> set[int]:
@@ -214,7 +215,7 @@ def mutants_of(module: str, source: str) -> list[Mutant]:
         if id(node) not in inside or id(node) in skip:
             continue
         for variant, what in enumerate(_changes(node)):
-            out.append(Mutant(module, index, variant, getattr(node, "lineno", 0), what))
+            out.append(Mutant(module, index, variant, getattr(node, "lineno", 0), getattr(node, "col_offset", 0), what))
     return out
 
 

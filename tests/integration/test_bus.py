@@ -69,7 +69,10 @@ async def test_same_msg_id_published_twice_is_consumed_once(bus: busmod.Bus) -> 
             done.set()
 
     await run_until(bus, {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}, done, "dedup")
-    await asyncio.sleep(0.3)  # a third (duplicate) delivery would land here
+    # The stream stored two; the consumer has acked both and has nothing left to deliver.
+    assert len(await stored_messages(bus.js, bus.settings.stream, bus.subject(subjects.IMAGE_GONE))) == 2
+    consumer = await bus.js.consumer_info(bus.settings.stream, "dedup")
+    assert (consumer.num_pending, consumer.num_ack_pending) == (0, 0)
     assert sorted(seen) == ["node-1", "node-2"]
 
 

@@ -141,3 +141,12 @@ def _annotated(owner: str = "dev@example.com", reason: str = "hotfix", expires: 
 def test_annotation_bypass_fields_at_their_bounds(obj: dict[str, Any], verdict: str) -> None:
     rules = replace(RULES, annotation_bypass_namespaces=("prod-*",))
     assert run(obj, rules=rules).outcome == verdict
+
+
+def test_one_cache_serves_several_namespaces_and_images() -> None:
+    cache = VerdictCache()
+    view = make_view()
+    for namespace in ("prod-a", "prod-b", "prod-a", "team-a"):
+        outcome = run(pod("web", {"app": BAD}), namespace, view=view, cache=cache).outcome
+        assert outcome == ("warn" if namespace == "team-a" else "deny")
+    assert run(pod("web", {"app": f"{REPO}:2.0"}), "prod-a", view=view, cache=cache).outcome == "allow"

@@ -110,3 +110,10 @@ def test_a_job_whose_only_pod_already_failed_has_started() -> None:
     raw["status"]["failed"] = 1
     assert jobstatus.outcome(msgspec.convert(raw, kubeobjects.Job), []).phase == "started"
     assert jobstatus.outcome(job(), []).phase == "pending"
+
+
+@pytest.mark.parametrize("field", ["active", "succeeded", "failed"])
+def test_one_pod_counted_by_the_job_controller_means_started(field: str) -> None:
+    raw = job_raw()
+    raw["status"][field] = 1
+    assert jobstatus.outcome(msgspec.convert(raw, kubeobjects.Job), []).phase == "started"
