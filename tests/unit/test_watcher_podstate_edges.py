@@ -16,6 +16,7 @@ from tests.unit.test_watcher_podstate import (
     running,
     state_of,
     terminated,
+    waiting,
 )
 
 
@@ -68,3 +69,12 @@ def test_an_image_announced_on_a_page_and_dropped_by_the_same_pod_later_in_the_l
     early, at_end = paged_relist(index, [[holds], [stopped]])
     assert early == [[("seen", REF_A, "node-1")], []]
     assert at_end == [("gone", REF_A, "node-1")]
+
+
+def test_a_pair_brought_and_dropped_within_one_page_is_never_announced() -> None:
+    index = Index("prod")
+    holds = pod("web-1")
+    not_running = pod("web-1", app=(("app", "", waiting()),))  # the same pod, listed again holding nothing
+    early, at_end = paged_relist(index, [[holds, not_running]])
+    assert early == [[]]
+    assert at_end == []
