@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -34,7 +35,8 @@ class Arrival:
 
 class Receiver:
     """A loopback HTTP receiver. `plan[path]` lists responses for successive requests: an int status,
-    ("retry-after", status, value), ("hang", seconds) or "dojo"; when a plan runs out it answers 200."""
+    ("retry-after", status, value), ("hang", seconds), ("hold",) (answer 200 once `release` is set) or "dojo"; when a
+    plan runs out it answers 200."""
 
     def __init__(self, port: int | None = None, *, hmac_key: str = "", dojo_token: str = "") -> None:
         self.hmac_key = hmac_key
@@ -44,6 +46,8 @@ class Receiver:
         self.plan: dict[str, list[object]] = {}
         self.arrivals: list[Arrival] = []
         self.delay_s = 0.0
+        self.release = asyncio.Event()
+        self.on_arrival: Callable[[Arrival], None] | None = None  # called as each request arrives, before answering
         self._runner: web.AppRunner | None = None
 
     def accepted(self, path: str | None = None) -> list[Arrival]:
@@ -89,12 +93,17 @@ class Receiver:
             authorization=request.headers.get("Authorization", ""),
         )
         self.arrivals.append(arrival)
+        if self.on_arrival is not None:
+            self.on_arrival(arrival)
         steps = self.plan.get(request.path, [])
         step = steps.pop(0) if steps else 200
         headers: dict[str, str] = {}
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        if isinstance(step, tuple) and step[0] == "hang":
+        if isinstance(step, tuple) and step[0] == "hold":
+            await self.release.wait()
+            status = 200
+        elif isinstance(step, tuple) and step[0] == "hang":
             await asyncio.sleep(float(step[1]))
             status = 200
         elif isinstance(step, tuple) and step[0] == "retry-after":

@@ -20,6 +20,7 @@ from podsweep.natsaccess import Bucket, NatsAccess, Undeclared
 from schemas import subjects
 from schemas.events import DeadLetter, ImageGone
 from schemas.state import LimiterState, Slot
+from tests.harness.streams import stored_messages
 
 FAST = ConsumerSettings(max_deliver=3, backoff_s=[0.05, 0.1], ack_wait_s=5, batch=16, concurrency=4)
 DIGEST = "registry.example.com/team/app@sha256:" + "ab" * 32
@@ -48,21 +49,11 @@ async def run_until(bus: busmod.Bus, routes: dict[str, busmod.Route[ImageGone]],
 
 
 async def dead_letters(bus: busmod.Bus, service: str) -> list[DeadLetter]:
-    sub = await bus.js.subscribe(
-        subjects.dead_letter_subject(bus.settings.subject_root, service),
-        stream=bus.settings.stream,
-        ordered_consumer=True,
-    )
-    out = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=0.5)
-            out.append(msgspec.json.decode(msg.data, type=DeadLetter))
-    except TimeoutError:
-        pass
-    finally:
-        await sub.unsubscribe()
-    return out
+    subject = subjects.dead_letter_subject(bus.settings.subject_root, service)
+    return [
+        msgspec.json.decode(msg.data, type=DeadLetter)
+        for msg in await stored_messages(bus.js, bus.settings.stream, subject)
+    ]
 
 
 async def test_same_msg_id_published_twice_is_consumed_once(bus: busmod.Bus) -> None:
@@ -78,7 +69,10 @@ async def test_same_msg_id_published_twice_is_consumed_once(bus: busmod.Bus) -> 
             done.set()
 
     await run_until(bus, {subjects.IMAGE_GONE: busmod.Route(ImageGone, handle)}, done, "dedup")
-    await asyncio.sleep(0.3)  # a third (duplicate) delivery would land here
+    # The stream stored two; the consumer has acked both and has nothing left to deliver.
+    assert len(await stored_messages(bus.js, bus.settings.stream, bus.subject(subjects.IMAGE_GONE))) == 2
+    consumer = await bus.js.consumer_info(bus.settings.stream, "dedup")
+    assert (consumer.num_pending, consumer.num_ack_pending) == (0, 0)
     assert sorted(seen) == ["node-1", "node-2"]
 
 
@@ -419,19 +413,10 @@ async def test_a_conditional_write_refuses_a_stale_revision_recreates_a_deleted_
 
 async def _stored(bus: busmod.Bus, name: str) -> list[tuple[str, str | None, ImageGone]]:
     """(Nats-Msg-Id, traceparent, event) of every message stored on a subject, in stream order."""
-    sub = await bus.js.subscribe(bus.subject(name), stream=bus.settings.stream, ordered_consumer=True)
     out = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=0.5)
-            headers = msg.headers or {}
-            out.append(
-                (headers["Nats-Msg-Id"], headers.get("traceparent"), msgspec.json.decode(msg.data, type=ImageGone))
-            )
-    except TimeoutError:
-        pass
-    finally:
-        await sub.unsubscribe()
+    for msg in await stored_messages(bus.js, bus.settings.stream, bus.subject(name)):
+        headers = msg.headers or {}
+        out.append((headers["Nats-Msg-Id"], headers.get("traceparent"), msgspec.json.decode(msg.data, type=ImageGone)))
     return out
 
 

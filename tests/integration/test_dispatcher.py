@@ -168,6 +168,34 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, wha
         await asyncio.sleep(0.2)
 
 
+async def last_seen_handled(bus: busmod.Bus, timeout_s: float = 60) -> None:
+    """Wait until the dispatcher has acked the last image.seen published so far (its consumer's ack floor reaches
+    that event): whatever the event makes the dispatcher do, it has done."""
+    stream = bus.settings.stream
+    last = await bus.js.get_last_msg(stream, bus.subject(subjects.IMAGE_SEEN))
+
+    async def acked() -> bool:
+        info = await bus.js.consumer_info(stream, "dispatcher")
+        return info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= (last.seq or 0)
+
+    await eventually(acked, timeout_s, f"the dispatcher's ack of image.seen #{last.seq}")
+
+
+async def all_acked(bus: busmod.Bus) -> bool:
+    consumer = await bus.js.consumer_info(bus.settings.stream, "dispatcher")
+    return (consumer.num_pending, consumer.num_ack_pending) == (0, 0)
+
+
+_captured: list[str] = []
+
+
+def logged(capsys: pytest.CaptureFixture[str], text: str) -> bool:
+    """Whether a service running in this process has logged `text` (structured lines go to the captured stderr)."""
+    out, err = capsys.readouterr()
+    _captured.append(out + err)
+    return any(text in chunk for chunk in _captured)
+
+
 # --- every Job the builder makes is accepted by the real apiserver ------------------------------------------------
 
 OPTION_COMBINATIONS = [
@@ -276,7 +304,9 @@ async def test_two_replicas_create_exactly_one_job_per_digest_within_the_limits(
             await watcher.wait(
                 lambda: sum(1 for f in watcher.finished.values() if f == "completed") >= 200, 300, "200 scans done"
             )
-            await asyncio.sleep(2)  # anything a replica would still create shows up now
+            await eventually(lambda: all_acked(bus), 120, "every event acked")
+            final = await states(bus, refs)
+            assert {s.status for s in final.values() if s is not None} == {"done"}
         finally:
             for replica in replicas:
                 replica.stop()
@@ -288,8 +318,6 @@ async def test_two_replicas_create_exactly_one_job_per_digest_within_the_limits(
         assert watcher.max_active == limits["max_active"]
         # Per node it is held; whether it is reached depends on how the replicas spread (they prefer idle nodes).
         assert 1 <= watcher.max_active_per_node <= limits["max_active_per_node"]
-        final = await states(bus, refs)
-        assert {s.status for s in final.values() if s is not None} == {"done"}
         # Every sighting was recorded, those held and written together too (a killed replica's held ones were
         # delivered again), and every event was acked.
         expected_nodes = {ref: {nodes[(n + k) % len(nodes)] for k in range(3)} for n, ref in enumerate(refs)}
@@ -368,6 +396,7 @@ async def test_one_replica_leads_and_a_clean_stop_hands_the_lease_over_at_once(
 
 
 async def test_a_leader_whose_lease_is_taken_stands_down_until_it_lapses(
+    capsys: pytest.CaptureFixture[str],
     kube: KubeControlPlane,
     kube_api: Kube,
     kube_namespace: str,
@@ -400,13 +429,26 @@ async def test_a_leader_whose_lease_is_taken_stands_down_until_it_lapses(
         intruder = DispatcherLease(holder="intruder:1", acquired_at=now, renewed_at=now, ttl_s=3.0)
         written = await busmod.kv_put_if(limits_kv, LEADER_KEY, intruder, revision)
         assert written is not None
-        await asyncio.sleep(2.0)  # past the leader's next renewal (every second): it has stood down
-        await bus.publish(subjects.IMAGE_SEEN, image_seen(digest_ref(kube_namespace, 2), node, 2), msg_id="seen-2")
-        for _ in range(8):
+        stood_down = "dispatcher lease taken by another replica; standing down"
+        for _ in range(60):  # the intruder renews every half second until the leader says it stood down
+            if logged(capsys, stood_down):
+                break
             await asyncio.sleep(0.5)
             renewed = msgspec.structs.replace(intruder, renewed_at=datetime.now(UTC))
             written = await busmod.kv_put_if(limits_kv, LEADER_KEY, renewed, written)
             assert written is not None, "the lease was taken from a holder that renews it"
+        assert logged(capsys, stood_down), "the leader never noticed the lease was taken"
+        await bus.publish(subjects.IMAGE_SEEN, image_seen(digest_ref(kube_namespace, 2), node, 2), msg_id="seen-2")
+        seen_2 = await bus.js.get_last_msg(bus.settings.stream, bus.subject(subjects.IMAGE_SEEN))
+        for _ in range(8):  # the intruder holds the lease for 4 s more
+            await asyncio.sleep(0.5)
+            renewed = msgspec.structs.replace(intruder, renewed_at=datetime.now(UTC))
+            written = await busmod.kv_put_if(limits_kv, LEADER_KEY, renewed, written)
+            assert written is not None, "the lease was taken from a holder that renews it"
+        consumer = await bus.js.consumer_info(bus.settings.stream, "dispatcher")
+        assert consumer.delivered is not None and (consumer.delivered.stream_seq or 0) < (seen_2.seq or 0), (
+            "a replica that does not hold the lease was handed an event"
+        )
         assert len(watcher.jobs) == 1, "a replica that does not hold the lease consumed an event"
         assert await holder() == "intruder:1"
 
@@ -569,7 +611,7 @@ async def test_a_digest_whose_nodes_all_vanished_ends_not_scanned_with_the_reaso
             return state is not None and state.status == "not_scanned"
 
         await eventually(not_scanned, 60, "the digest recorded as not scanned")
-        await asyncio.sleep(1.5)  # a sweep passes: nothing more is created
+        await eventually(lambda: all_acked(bus), 60, "both sightings acked")
         state = (await states(bus, [ref]))[ref]
     assert [j.node for j in watcher.jobs_for(ref)] in (nodes, nodes[::-1])
     assert state is not None and state.nodes_seen == []
@@ -594,17 +636,28 @@ async def test_a_digest_seen_again_before_its_interval_creates_nothing_and_after
     async with observer(kube_api, kube_namespace, nats_settings) as (watcher, bus), in_process(main, settings=settings):
         await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-0")
         await watcher.wait(lambda: len(watcher.finished) == 1, 60, "the first scan done")
-        first_done = time.monotonic()
+
+        async def done_once() -> bool:
+            state = (await states(bus, [ref]))[ref]
+            return state is not None and state.status == "done"
+
+        await eventually(done_once, 60, "the first scan recorded done")
+        first = (await states(bus, [ref]))[ref]
+        assert first is not None and first.next_due_at is not None
         await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-1")
-        await asyncio.sleep(2)
-        assert len(watcher.jobs) == 1, "a digest seen again before its interval was scanned again"
+        await last_seen_handled(bus)
+        if datetime.now(UTC) < first.next_due_at:  # handled before it was due (a machine this slow proves nothing)
+            assert len(watcher.jobs) == 1, "a digest seen again before its interval was scanned again"
+            assert (await states(bus, [ref]))[ref] == first
         await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-2")
         await watcher.wait(lambda: len(watcher.jobs) == 2, interval + 30, "the rescan after the interval")
-        assert time.monotonic() - first_done >= interval - 1
         await bus.publish(subjects.IMAGE_SEEN, image_seen(ref, node, 1), msg_id="seen-3")
         await watcher.wait(lambda: len(watcher.finished) == 2, 30, "the rescan done")
-        await asyncio.sleep(1.5)
+        await last_seen_handled(bus)
+        second = (await states(bus, [ref]))[ref]
     assert len(watcher.jobs) == 2
+    # The rescan was claimed no earlier than the dispatcher had said it was due.
+    assert second is not None and second.last_scan_at is not None and second.last_scan_at >= first.next_due_at
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

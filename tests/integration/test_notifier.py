@@ -14,12 +14,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
+import nats.js.errors
 import pytest
 
 from podsweep import bus as busmod
@@ -34,6 +35,7 @@ from services.notifier.decide import fingerprint_key
 from services.notifier.main import main
 from tests.harness.receiver import Arrival, Receiver, dojo_contract
 from tests.harness.replicas import in_process
+from tests.harness.streams import stored_messages
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK_KEY = "k" * 32
@@ -125,6 +127,51 @@ class World:
             await self.bus.publish(subjects.REPORT_STORED, event, msg_id=f"report:{report.scan_id}")
         return event
 
+    async def handled(self, event: ReportStored) -> None:
+        """Wait until the notifier has acked this report.stored (its consumer's ack floor reaches the event), and every
+        outbox entry enqueued so far has been settled by its destination's consumer (none pending, none in flight)."""
+        stream = self.bus.settings.stream
+        last = await self.bus.js.get_last_msg(stream, self.bus.subject(subjects.REPORT_STORED))
+        assert last.headers is not None and last.headers.get("Nats-Msg-Id") == f"report:{event.scan_id}", (
+            "another report.stored was published after this one"
+        )
+
+        async def acked() -> bool:
+            info = await self.bus.js.consumer_info(stream, "notifier")
+            return info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= (last.seq or 0)
+
+        await until(acked, what=f"the notifier's ack of report.stored {event.scan_id}")
+        await self.outbox_settled()
+
+    async def outbox_settled(self) -> int:
+        """Wait until every destination's outbox consumer has nothing pending and nothing in flight; return how many
+        entries the outbox has stored in all."""
+
+        async def settled() -> bool:
+            consumers = await self.bus.js.consumers_info(self.bus.outbox.name)
+            return all((c.num_pending, c.num_ack_pending) == (0, 0) for c in consumers)
+
+        await until(settled, what="every outbox entry settled")
+        return int((await self.bus.js.stream_info(self.bus.outbox.name)).state.last_seq)
+
+    async def deliveries(self, durable: str = "notifier") -> int:
+        """How many messages the consumer has handed out, redeliveries included (its delivered consumer sequence);
+        `durable` names the notifier's report.stored consumer or a destination's outbox consumer."""
+        stream = self.bus.settings.stream if durable == "notifier" else self.bus.outbox.name
+        try:
+            info = await self.bus.js.consumer_info(stream, durable)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(info.delivered.consumer_seq or 0) if info.delivered is not None else 0
+
+    async def deliveries_ready(self) -> int:
+        """1 once the notifier's report.stored consumer exists (it is created after the policy's first load)."""
+        try:
+            await self.bus.js.consumer_info(self.bus.settings.stream, "notifier")
+        except nats.js.errors.NotFoundError:
+            return 0
+        return 1
+
     async def audit(self, name: str) -> list[AlertSent]:
         return [msgspec.json.decode(d, type=AlertSent) for d in await read_subject(self.bus, name)]
 
@@ -137,17 +184,7 @@ def run(image: str = "registry.example.com/team/app:1.4", namespace: str = "paym
 
 
 async def read_subject(bus: busmod.Bus, name: str) -> list[bytes]:
-    sub = await bus.js.subscribe(bus.subject(name), stream=bus.settings.stream, ordered_consumer=True)
-    out: list[bytes] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=0.3)
-            out.append(msg.data)
-    except TimeoutError:
-        pass
-    finally:
-        await sub.unsubscribe()
-    return out
+    return [msg.data for msg in await stored_messages(bus.js, bus.settings.stream, bus.subject(name))]
 
 
 def policy_yaml(destinations: str, extra: str = "", destination_names: str = "") -> str:
@@ -202,6 +239,28 @@ async def eventually(check: Callable[[], bool], within: float = 15.0, what: str 
         await asyncio.sleep(0.05)
 
 
+async def has(count: Awaitable[int], at_least: int) -> bool:
+    return await count >= at_least
+
+
+_captured: list[str] = []
+
+
+async def logged(capsys: pytest.CaptureFixture[str], text: str) -> bool:
+    """Whether the services in this process have logged `text` (their structured lines go to the captured stderr)."""
+    out, err = capsys.readouterr()
+    _captured.append(out + err)
+    return any(text in chunk for chunk in _captured)
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
 def payload(arrival: Arrival) -> AlertPayload:
     return msgspec.json.decode(arrival.body, type=AlertPayload)
 
@@ -223,9 +282,9 @@ async def test_breach_reaches_webhook_slack_and_teams_once_each_signed(world: Wo
     try:
         await world.runs(digest(1), run())
         async with in_process(main, settings=world.settings):
-            await world.report(make_report(digest(1), "scan-0001", [finding("CVE-2026-0001")]))
+            event = await world.report(make_report(digest(1), "scan-0001", [finding("CVE-2026-0001")]))
             await eventually(lambda: len(receiver.accepted()) == 3, what="three deliveries")
-            await asyncio.sleep(0.5)
+            await world.handled(event)
     finally:
         del os.environ["PODSWEEP_TEST_SLACK_URL"], os.environ["PODSWEEP_TEST_TEAMS_URL"]
     by_path = {a.path: a for a in receiver.accepted()}
@@ -258,9 +317,9 @@ async def test_failing_receiver_gets_the_alert_once_it_recovers(
     receiver.plan["/hook"] = list(plan)
     await world.runs(digest(2), run())
     async with in_process(main, settings=world.settings):
-        await world.report(make_report(digest(2), "scan-0002", [finding("CVE-2026-0002")]))
+        event = await world.report(make_report(digest(2), "scan-0002", [finding("CVE-2026-0002")]))
         await eventually(lambda: len(receiver.accepted()) == 1, what="the delivery after recovery")
-        await asyncio.sleep(0.5)
+        await world.handled(event)
     assert len(receiver.arrivals) == attempts
     assert len({a.key for a in receiver.arrivals}) == 1
     sent = await world.audit(subjects.ALERT_SENT)
@@ -287,7 +346,7 @@ async def test_receiver_down_for_a_while_gets_the_alert_when_it_comes_up(world: 
     await world.runs(digest(4), run())
     async with in_process(main, settings=settings):
         await world.report(make_report(digest(4), "scan-0004", [finding("CVE-2026-0004")]))
-        await asyncio.sleep(2.0)  # several connection refusals
+        await until(lambda: has(world.deliveries("hook"), 3), what="three refused attempts")
         await receiver.start()
         try:
             await eventually(lambda: len(receiver.accepted()) == 1, what="the delivery once the receiver is up")
@@ -334,17 +393,17 @@ async def test_a_hanging_receiver_delays_no_other_destination(world: World, rece
     settings = msgspec.structs.replace(
         world.settings, notifier=notifier_settings(world.policy_path, outbox_ack_wait_s=30, outbox_concurrency=1)
     )
-    receiver.plan["/slow"] = [("hang", 4.0)]
+    receiver.plan["/slow"] = [("hold",)]  # answers only once the test releases it
     for n in range(3):
         await world.runs(digest(10 + n), run())
     async with in_process(main, settings=settings):
-        started = time.monotonic()
         for n in range(3):
             await world.report(make_report(digest(10 + n), f"scan-001{n}", [finding("CVE-2026-0010")]))
-        await eventually(lambda: len(receiver.accepted("/fast")) == 3, within=3, what="the fast destination")
-        assert time.monotonic() - started < 3
-        assert receiver.accepted("/slow") == []  # still holding the first one
-        await eventually(lambda: len(receiver.accepted("/slow")) == 3, within=10, what="the slow destination")
+        await eventually(lambda: len(receiver.accepted("/fast")) == 3, what="the fast destination")
+        # Every fast delivery was answered while the slow destination's first request was still held.
+        assert [a.status for a in receiver.arrivals if a.path == "/slow"] == [0]
+        receiver.release.set()
+        await eventually(lambda: len(receiver.accepted("/slow")) == 3, what="the slow destination")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,16 +417,17 @@ async def test_second_report_with_no_new_findings_sends_nothing(world: World, re
         await world.report(make_report(digest(6), "scan-0061", [finding("CVE-2026-0006")]))
         await eventually(lambda: len(receiver.accepted()) == 1, what="the first alert")
         await world.report(make_report(digest(6), "scan-0062", [finding("CVE-2026-0006")]))
-        await world.report(make_report(digest(6), "scan-0063", [finding("CVE-2026-0007")]))  # something new
+        newest = await world.report(make_report(digest(6), "scan-0063", [finding("CVE-2026-0007")]))  # new
         await eventually(lambda: len(receiver.accepted()) == 2, what="the alert about the new finding")
-        await asyncio.sleep(1.0)
+        await world.handled(newest)
+        assert await world.outbox_settled() == 2, "the report without anything new was enqueued"
     assert len(receiver.arrivals) == 2
     second = payload(receiver.arrivals[1])
     assert (second.scan_id, second.new_count, second.findings[0].id) == ("scan-0063", 1, "CVE-2026-0007")
 
 
 async def test_expired_suppression_alerts_again_and_says_so(world: World, receiver: Receiver) -> None:
-    expires = datetime.now(UTC) + timedelta(seconds=3)
+    expires = datetime.now(UTC) + timedelta(seconds=6)  # room to judge the first report before it lapses
     suppression = (
         "suppressions:\n"
         "  - id: CVE-2026-0008\n"
@@ -378,9 +438,9 @@ async def test_expired_suppression_alerts_again_and_says_so(world: World, receiv
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook"), suppression))
     await world.runs(digest(7), run())
     async with in_process(main, settings=world.settings):
-        await world.report(make_report(digest(7), "scan-0071", [finding("CVE-2026-0008")]))
-        await asyncio.sleep(1.0)
-        assert receiver.arrivals == []  # suppressed: no breach
+        suppressed = await world.report(make_report(digest(7), "scan-0071", [finding("CVE-2026-0008")]))
+        await world.handled(suppressed)
+        assert await world.outbox_settled() == 0 and receiver.arrivals == []  # suppressed: no breach
         await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.2)
         await world.report(make_report(digest(7), "scan-0072", [finding("CVE-2026-0008")]))
         await eventually(lambda: len(receiver.accepted()) == 1, what="the alert after the suppression expired")
@@ -397,7 +457,9 @@ async def test_report_waits_for_its_workloads_then_alerts(world: World, receiver
     )
     async with in_process(main, settings=settings):
         await world.report(make_report(digest(8), "scan-0008", [finding("CVE-2026-0009")]))
-        await asyncio.sleep(0.6)
+        await until(
+            lambda: has(world.deliveries(), 2), what="the report handed out again while its workloads are unknown"
+        )
         await world.runs(digest(8), run())  # image.seen reached the parser after the report
         await eventually(lambda: len(receiver.accepted()) == 1, what="the alert once the workload is known")
     assert payload(receiver.arrivals[0]).workload == WORKLOAD
@@ -410,23 +472,26 @@ async def test_an_older_report_arriving_late_neither_alerts_nor_rolls_back(world
     newer = await world.report(make_report(digest(9), "scan-0092", [finding("CVE-2026-0011")]), stored_at=now)
     async with in_process(main, settings=world.settings):
         await eventually(lambda: len(receiver.accepted()) == 1, what="the alert of the newer report")
-        await world.report(
+        older = await world.report(
             make_report(digest(9), "scan-0091", [finding("CVE-2026-0012")]), stored_at=now - timedelta(minutes=5)
         )
-        await asyncio.sleep(1.5)
+        await world.handled(older)
+        assert await world.outbox_settled() == 1, "the older report was enqueued"
     assert len(receiver.arrivals) == 1
     kv = await world.bus.kv(NOTIFY_BUCKET)
     fp, _ = await busmod.kv_read(kv, fingerprint_key("c1", digest(9), "payments", WORKLOAD), NotifyFingerprint)
     assert fp is not None and fp.scan_id == newer.scan_id
 
 
-async def test_invalid_policy_reload_keeps_the_previous_policy(world: World, receiver: Receiver) -> None:
+async def test_invalid_policy_reload_keeps_the_previous_policy(
+    world: World, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook")))
     await world.runs(digest(11), run())
     async with in_process(main, settings=world.settings):
-        await asyncio.sleep(0.3)
+        await until(lambda: has(world.deliveries_ready(), 1), what="the notifier consuming")
         world.policy_path.write_text("version: 1\nrules:\n  - threshold: {max_high: five}\n")
-        await asyncio.sleep(0.6)
+        await until(lambda: logged(capsys, "policy reload refused"), what="the refused reload logged")
         await world.report(make_report(digest(11), "scan-0111", [finding("CVE-2026-0013")]))
         await eventually(lambda: len(receiver.accepted()) == 1, what="the alert under the previous policy")
 
@@ -454,7 +519,8 @@ async def test_defectdojo_sink_follows_the_import_scan_contract(
     async with in_process(main, settings=world.settings):
         event = await world.report(make_report(digest(12), "scan-0012", []))  # no breach: uploaded all the same
         await eventually(lambda: len(receiver.arrivals) == 1, what="the upload")
-        await asyncio.sleep(0.5)
+        await world.handled(event)
+    assert len(receiver.arrivals) == 1
     arrival = receiver.arrivals[0]
     assert (arrival.path, arrival.status) == (endpoint, 201), dojo_contract(arrival.path, arrival, DOJO_TOKEN)
     assert arrival.form["test_title"] == ["registry.example.com/team/app:1.4"]
@@ -476,9 +542,10 @@ async def test_defectdojo_with_a_wrong_token_fails_at_once(world: World, receive
     )
     await world.runs(digest(13), run())
     async with in_process(main, settings=world.settings):
-        await world.report(make_report(digest(13), "scan-0013", [finding("CVE-2026-0014")]))
+        refused = await world.report(make_report(digest(13), "scan-0013", [finding("CVE-2026-0014")]))
         await eventually(lambda: len(receiver.arrivals) == 1, what="the refused upload")
-        await asyncio.sleep(1.0)
+        await world.handled(refused)
+    assert len(receiver.arrivals) == 1, "a 401 was retried"
     failed = await world.audit(subjects.ALERT_FAILED)
     assert len(failed) == 1 and "HTTP 401 is permanent" in failed[0].error and HOOK_KEY not in failed[0].error
 
@@ -528,7 +595,7 @@ async def test_notifier_killed_mid_delivery_loses_nothing_and_sends_nothing_twic
     world: World, receiver: Receiver, tmp_path: Path
 ) -> None:
     world.policy_path.write_text(policy_yaml(webhook("hook", f"{receiver.url}/hook", timeout_s=10)))
-    receiver.delay_s = 0.3  # deliveries are in flight at the receiver when the process dies
+    receiver.delay_s = 0.3  # each delivery stays in flight at the receiver for a while
     count = 20
     for n in range(count):
         await world.runs(digest(100 + n), run())
@@ -537,21 +604,28 @@ async def test_notifier_killed_mid_delivery_loses_nothing_and_sends_nothing_twic
     env = _env(world)
     first = await start_notifier(env, tmp_path / "notifier-1.log")
     try:
-        await eventually(lambda: len(receiver.accepted()) >= 4, within=30, what="some deliveries")
-        await eventually(lambda: len(receiver.arrivals) > len(receiver.accepted()), what="one in flight")
-        first.send_signal(signal.SIGKILL)
+        await eventually(lambda: len(receiver.accepted()) >= 4, within=120, what="some deliveries")
+        killed = asyncio.Event()
+
+        def kill_on_arrival(_: Arrival) -> None:  # the process dies while this request is in flight, however slow
+            if not killed.is_set():
+                first.send_signal(signal.SIGKILL)
+                killed.set()
+
+        receiver.on_arrival = kill_on_arrival
+        await asyncio.wait_for(killed.wait(), 60)
     finally:
+        receiver.on_arrival = None
         with contextlib.suppress(ProcessLookupError):
             first.kill()
         await first.wait()
-    await asyncio.sleep(receiver.delay_s + 0.2)
-    aborted = [a for a in receiver.arrivals if a.aborted]
-    assert aborted, "the kill did not interrupt a delivery"
+    # The receiver records the interrupted request once it has answered it (delay_s after it arrived).
+    await eventually(lambda: any(a.aborted for a in receiver.arrivals), what="the kill interrupting a delivery")
     receiver.delay_s = 0.0
     second = await start_notifier(env, tmp_path / "notifier-2.log")
     try:
         await eventually(lambda: len(receiver.accepted()) >= count, within=60, what="every alert")
-        await asyncio.sleep(2.0)
+        assert await world.outbox_settled() == count, "an alert was enqueued twice"
     finally:
         second.send_signal(signal.SIGTERM)
         try:

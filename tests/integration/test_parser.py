@@ -268,8 +268,7 @@ async def test_redelivered_completion_publishes_the_same_report_stored_once_per_
         await h.complete(event, "delivery-1")
         await eventually(lambda: _async(len(h.stored) == 1))
         await h.complete(event, "delivery-2")  # the watcher saw the Job again: a second message, same scan
-        await eventually(lambda: _consumer_idle(h))
-        await asyncio.sleep(0.5)
+        await eventually(lambda: _consumer_idle(h))  # handled and acked: what it publishes was stored before
         assert await stream_count(h.bus, subjects.REPORT_STORED) == 1, "inside the window: stored once"
 
         await asyncio.sleep(1.2)  # past the duplicate window: the re-published event is the same bytes

@@ -22,8 +22,16 @@ from schemas.events import ImageGone, ImageSeen, ScanCompleted, ScanFailed, Scan
 from services.dispatcher import jobspec
 from services.watcher.main import main as watcher_main
 from tests.harness.kube import KubeControlPlane
-from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id, get_node, wait_until
+from tests.harness.kwok import (
+    create_fake_node,
+    create_namespace,
+    expected_image_id,
+    get_node,
+    list_pods,
+    wait_until,
+)
 from tests.harness.standin import StartStandin, scan_images
+from tests.harness.streams import stored_messages
 
 pytestmark = pytest.mark.kube
 
@@ -44,12 +52,8 @@ class Running:
         """Every image.seen / image.gone the stream stored (duplicates dropped by msg id are not stored)."""
         out: dict[str, list[Any]] = {subjects.IMAGE_SEEN: [], subjects.IMAGE_GONE: []}
         for name, typ in ((subjects.IMAGE_SEEN, ImageSeen), (subjects.IMAGE_GONE, ImageGone)):
-            sub = await self.bus.js.subscribe(self.bus.subject(name), ordered_consumer=True)
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    msg = await sub.next_msg(timeout=0.5)
-                    out[name].append(msgspec.json.decode(msg.data, type=typ))
-            await sub.unsubscribe()
+            for msg in await stored_messages(self.bus.js, self.bus.settings.stream, self.bus.subject(name)):
+                out[name].append(msgspec.json.decode(msg.data, type=typ))
         return out[subjects.IMAGE_SEEN], out[subjects.IMAGE_GONE]
 
     async def wait_for(self, what: str, check: Any, timeout_s: float = 30) -> Any:
@@ -146,6 +150,19 @@ def _digest_of(image: str, container: str) -> str:
     return expected_image_id(image, container)
 
 
+async def _sentinel(running: Running, kube_api: Kube, node: str) -> str:
+    """Start a bare pod with an image of its own and wait for its image.seen: the watcher handles a namespace's pod
+    events in order, so every pod change made before this one has been turned into events by then. Returns the
+    sentinel's digest, for the caller to leave out."""
+    name = f"sentinel-{secrets.token_hex(3)}"
+    image = f"registry.test/{name}:1"
+    await kube_api.request(
+        "POST", f"/api/v1/namespaces/{running.namespace}/pods", body=_pod(name, node, {"mark": image})
+    )
+    await running.wait_for(f"the sentinel pod {name}", lambda s, g: [e for e in s if e.pod == name])
+    return _digest_of(image, "mark")
+
+
 async def test_pods_and_a_deployment_become_one_seen_per_digest_node_and_workload(
     running: Running, kube_api: Kube
 ) -> None:
@@ -168,8 +185,15 @@ async def test_pods_and_a_deployment_become_one_seen_per_digest_node_and_workloa
         return {(e.digest_ref, e.node) for e in seen} >= {(app, node_a), (app, node_b), (init, node_a), (web, node_b)}
 
     await running.wait_for("image.seen for every (digest, node)", complete)
-    await asyncio.sleep(1.0)  # anything extra would land now
+
+    async def web_replicas_running() -> bool | None:
+        pods = await list_pods(kube_api, ns, "app=web")
+        return (len(pods) == 3 and all(p.image_ids() for p in pods)) or None
+
+    await wait_until(web_replicas_running, 60, "the three web replicas running")
+    mark = await _sentinel(running, kube_api, node_a)
     seen, gone = await running.events()
+    seen = [e for e in seen if e.digest_ref != mark]
     # Three replicas of one Deployment are one sighting; two bare pods on one node are two workloads, and the
     # owners of each are told (the second seen of (app, node_a) is for the notifier, not the dispatcher).
     triples = [(e.digest_ref, e.node, e.workload.name) for e in seen]
@@ -191,8 +215,9 @@ async def test_pods_and_a_deployment_become_one_seen_per_digest_node_and_workloa
 
     # The last container of app on node_a stops only when both pods there are gone.
     await kube_api.request("DELETE", f"{path}/solo-a", params={"gracePeriodSeconds": 0})
-    await asyncio.sleep(1.5)
-    assert (await running.events())[1] == [] or all(g.digest_ref != app for g in (await running.events())[1])
+    # solo-a alone ran init on node_a: its image.gone shows the watcher has handled the deletion.
+    await running.wait_for("image.gone for init on node_a", lambda s, g: [e for e in g if e.digest_ref == init])
+    assert [(e.digest_ref, e.node) for e in (await running.events())[1]] == [(init, node_a)]
     await kube_api.request("DELETE", f"{path}/twin-a", params={"gracePeriodSeconds": 0})
     await running.wait_for(
         "image.gone for app on node_a", lambda s, g: any((e.digest_ref, e.node) == (app, node_a) for e in g)
@@ -257,13 +282,11 @@ async def _scan_job(kube_api: Kube, namespace: str, node: str, digest_ref: str) 
 
 
 async def _scan_events(running: Running, name: str, typ: type[Any]) -> list[Any]:
-    sub = await running.bus.js.subscribe(running.bus.subject(name), ordered_consumer=True)
-    out: list[Any] = []
-    with contextlib.suppress(TimeoutError):
-        while True:
-            out.append(msgspec.json.decode((await sub.next_msg(timeout=0.5)).data, type=typ))
-    await sub.unsubscribe()
-    return out
+    bus = running.bus
+    return [
+        msgspec.json.decode(msg.data, type=typ)
+        for msg in await stored_messages(bus.js, bus.settings.stream, bus.subject(name))
+    ]
 
 
 async def test_scan_job_that_succeeds_is_started_then_completed(
@@ -337,8 +360,9 @@ async def test_ephemeral_container_added_to_a_running_pod_is_seen_as_ephemeral(
     assert found[0].container_kind == "ephemeral"
     assert found[0].digest_ref == _digest_of("registry.test/debug:1", "debugger")
     assert found[0].workload.kind == "Pod"
-    await asyncio.sleep(1.0)
+    mark = await _sentinel(running, kube_api, node)
     seen, gone = await running.events()
+    seen = [e for e in seen if e.digest_ref != mark]
     assert sorted(_seen_pairs(seen)) == sorted(
         [(_digest_of("registry.test/app:3", "app"), node), (_digest_of("registry.test/debug:1", "debugger"), node)]
     ), "adding a container re-announces nothing that already ran"

@@ -176,8 +176,10 @@ def test_a_redelivered_event_after_its_fingerprint_was_stored_does_nothing() -> 
 
 
 def test_deciding_the_same_event_twice_gives_the_same_alert_key() -> None:
-    """The shell crashed after sending, before storing the fingerprint: the receiver sees the same key again."""
-    assert once([CRIT]).alerts[0].key == once([CRIT]).alerts[0].key
+    """The shell crashed after sending, before storing the fingerprint: deciding the event again later (nothing
+    remembered) gives the receiver the same key, and another scan of the digest another key."""
+    later = decide(event(), report(CRIT), [run()], POLICY, {}, NOW + timedelta(minutes=5))
+    assert later.alerts[0].key == once([CRIT]).alerts[0].key
     assert once([CRIT]).alerts[0].key != once([CRIT], scan_id="scan-0002").alerts[0].key
 
 

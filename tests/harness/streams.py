@@ -1,0 +1,28 @@
+"""What a JetStream stream holds on one subject, read up to its last message at the time of the call.
+
+The end of the read is that message's stream sequence, looked up first: a positive signal, never a pause in
+delivery taken to mean there is nothing more."""
+
+from __future__ import annotations
+
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+
+async def stored_messages(js: JetStreamContext, stream: str, subject: str, timeout_s: float = 30.0) -> list[Msg]:
+    """Every message stored on `subject` (no wildcards) in `stream`, in stream order, up to the last one now."""
+    try:
+        last = await js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError:
+        return []
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    out: list[Msg] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=timeout_s)
+            out.append(msg)
+            if msg.metadata.sequence.stream >= (last.seq or 0):
+                return out
+    finally:
+        await sub.unsubscribe()
