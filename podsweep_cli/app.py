@@ -277,20 +277,27 @@ def deploy_nats_accounts(
     check: Annotated[bool, typer.Option(help="Exit 1 when the committed file differs from the declarations.")] = False,
     deploy: Annotated[Path, typer.Option(help="The deploy/ directory.")] = DEPLOY_DIR,
 ) -> None:
-    """Write deploy/base/nats/accounts.conf (one NATS user per service) from what each service declares it does."""
-    target = deploy / "base" / "nats" / "accounts.conf"
+    """Write deploy/base/nats/accounts.conf (one NATS user per service) from what each service declares it does, and
+    the Helm chart's copy of it."""
+    targets = [
+        deploy / "base" / "nats" / "accounts.conf",
+        deploy / "helm" / "podsweep" / "files" / "nats" / "accounts.conf",
+    ]
     try:
         text = nats_accounts(deploy)
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     if check:
-        if _read(target) != text:
-            err.print(f"stale {target}: run `podsweep deploy nats-accounts`")
+        stale = [str(target) for target in targets if _read(target) != text]
+        if stale:
+            err.print(f"stale {', '.join(stale)}: run `podsweep deploy nats-accounts`")
             raise typer.Exit(1)
         return
-    target.write_text(text)
-    typer.echo(str(target))
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        typer.echo(str(target))
 
 
 def _read(path: Path) -> str | None:

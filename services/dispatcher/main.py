@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import nats.js.errors
 from nats.js.kv import KeyValue
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
 
 from podsweep import bus as busmod
 from podsweep import logs
@@ -41,8 +40,7 @@ from schemas.events import (
 )
 from schemas.refs import digest_hex
 from schemas.state import LIMITS_BUCKET, SCANS_BUCKET, WORKLOADS_BUCKET, DigestWorkloads, LimiterState
-from services.dispatcher import limits as limiter
-from services.dispatcher import plan, rescans
+from services.dispatcher import gauges, plan, rescans
 from services.dispatcher.batching import Gathering
 from services.dispatcher.digests import Digests, MirroredStates, utcnow
 from services.dispatcher.launcher import Launcher
@@ -293,56 +291,6 @@ class Dispatcher:
             await self.sightings.write(key, self._record)
         await self.digests.tend_once()
 
-    def observe_active(self, _: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(len(limiter.live(self.slots.view, utcnow()).slots))
-
-    def observe_active_per_node(self, _: CallbackOptions) -> Iterable[Observation]:
-        for node, count in limiter.active_per_node(self.slots.view, utcnow()).items():
-            yield Observation(count, {"node": node})
-
-
-_replicas: list[Dispatcher] = []
-
-
-def _observe_active(options: CallbackOptions) -> Iterable[Observation]:
-    return _replicas[-1].observe_active(options) if _replicas else ()
-
-
-def _observe_active_per_node(options: CallbackOptions) -> Iterable[Observation]:
-    return _replicas[-1].observe_active_per_node(options) if _replicas else ()
-
-
-meter.create_observable_gauge(
-    "podsweep_dispatcher_active_jobs", [_observe_active], description="Scan Jobs holding a limiter slot"
-)
-meter.create_observable_gauge(
-    "podsweep_dispatcher_active_jobs_per_node",
-    [_observe_active_per_node],
-    description="Scan Jobs holding a limiter slot, by node",
-)
-
-
-def _observe_limits(_: CallbackOptions) -> Iterable[Observation]:
-    """The configured limits, so a dashboard can draw the active Jobs against them."""
-    if not _replicas:
-        return ()
-    configured = _replicas[-1].settings.dispatcher
-    return [
-        Observation(configured.max_active, {"limit": "max_active"}),
-        Observation(configured.max_active_per_node, {"limit": "max_active_per_node"}),
-        Observation(configured.max_created_per_minute, {"limit": "max_created_per_minute"}),
-    ]
-
-
-meter.create_observable_gauge(
-    "podsweep_dispatcher_limit", [_observe_limits], description="The dispatcher's configured scan limits, by limit"
-)
-meter.create_observable_gauge(
-    "podsweep_dispatcher_leading",
-    [lambda _: [Observation(1 if _replicas else 0)]],
-    description="1 while this replica holds the dispatcher lease and consumes, 0 while it stands by",
-)
-
 
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     cfg = configure(settings)  # a config error stops start-up before anything connects
@@ -366,7 +314,7 @@ async def _lead(
     """Consume and dispatch until `stop` (a shutdown, or the lease lost): a fresh replica state each time."""
     dispatcher = Dispatcher(settings=settings, cfg=cfg, bus=bus, kube=kube, store=store)
     await dispatcher.open()
-    _replicas.append(dispatcher)
+    stop_reporting = gauges.leading(lambda: dispatcher.slots.view, settings.dispatcher)
     background = [
         asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
         asyncio.create_task(
@@ -410,4 +358,4 @@ async def _lead(
             for task in background:
                 task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        _replicas.remove(dispatcher)
+        stop_reporting()
