@@ -907,7 +907,7 @@ async def kv_documents(kv: KeyValue, typ: type[S], *, timeout_s: float = 30.0) -
 class KvMirror(Generic[S]):
     """The latest document and revision of every key of a bucket, kept current by a watch.
 
-    A change reaches the mirror for a few microseconds of CPU, where a read costs about 0.2 ms: compare-and-set
+    A change reaches the mirror for far less CPU than a read costs: compare-and-set
     starts from the mirror, and a pass over every key reads nothing. A mirrored entry is as fresh as a read made a
     moment ago (a read is stale by the time it is used, too); writes stay compare-and-set, so a lagging mirror only
     costs a failed write and a read. Values are decoded when first asked for, not as they arrive: most of another

@@ -1,7 +1,7 @@
 """The one S3 client: any S3-compatible endpoint, bucket creation, bounded reads, presigned URLs for one key.
 
 boto3 is synchronous; every call runs in a worker thread so the event loop never blocks on storage. Presigning with
-static keys is our own SigV4 query signer (botocore's costs about 0.5 ms a URL); it must never sign anything but one
+static keys is our own SigV4 query signer (botocore's builds a request object per URL); it must never sign anything but one
 key and one method.
 """
 

@@ -124,6 +124,6 @@ async def open_service(
 def _freeze_start_up() -> None:
     """Take what start-up made (modules, API models, the S3 client's service model: over 100,000 objects) out of
     the garbage collector's sight. They live as long as the process, yet every full collection walked them all
-    again (about 60 ms each, several times a run); frozen objects are still freed by reference counting."""
+    again (a full collection walks every one of them); frozen objects are still freed by reference counting."""
     gc.collect()
     gc.freeze()

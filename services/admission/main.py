@@ -306,8 +306,8 @@ class Loader:
         wanted = view.wanted()  # in the same step as `live`: no report falls between the two
         await asyncio.gather(*(self._findings(w, None) for w in wanted))
         # The loaded view is most of the heap and lives as long as the process: keep the cyclic collector from
-        # walking it again and again (a full collection over 10k digests with their findings is a 10 ms pause,
-        # which is what a request waiting behind it sees as its p99).
+        # walking it again and again (a full collection over a large view is a pause that a request waiting behind
+        # it sees as its latency).
         gc.collect()
         gc.freeze()
         self.gate.loaded = True
