@@ -94,7 +94,10 @@ def _request(url: str, method: str, body: bytes | None, context: ssl.SSLContext 
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        try:
+            return exc.code, exc.read()
+        except ConnectionResetError:  # a TLS port answers plain HTTP with 400 and closes: the status is the answer
+            return exc.code, b""
 
 
 def _no_client_certificate() -> ssl.SSLContext:
