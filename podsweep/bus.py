@@ -883,25 +883,25 @@ async def kv_put_if(kv: KeyValue, key: str, document: msgspec.Struct, revision: 
 
 async def kv_documents(kv: KeyValue, typ: type[S], *, timeout_s: float = 30.0) -> tuple[list[S], list[str]]:
     """Every key's latest document from one pass over the bucket (a watch, not a read per key), and the keys whose
-    document could not be decoded (the caller says whether that is worth a log line)."""
-    decoder = msgspec.json.Decoder(typ)
-    documents: list[S] = []
-    unreadable: list[str] = []
-    watcher = await kv.watchall(ignore_deletes=True)
+    document could not be decoded (the caller says whether that is worth a log line).
+
+    The pass is a `KvMirror` followed until it has seen the bucket's last revision as of the start. Not nats-py's KV
+    watch: on a busy client its "initial values done" marker came before the values, and its ordered consumer,
+    restarted after a gap, resumes from a sequence and skips keys not delivered yet (a pass missing keys).
+    """
+    state = (await kv.status()).stream_info.state
+    target = state.last_seq if state.messages else 0
+    mirror: KvMirror[S] = KvMirror(kv, typ, quiet=True)
+    stop = asyncio.Event()
+    following = asyncio.create_task(mirror.follow(stop))
     try:
         async with asyncio.timeout(timeout_s):
-            async for entry in watcher:
-                if entry is None:  # the end of the current values
-                    break
-                if not entry.value:
-                    continue
-                try:
-                    documents.append(decoder.decode(entry.value))
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    unreadable.append(entry.key)
+            await mirror.caught_up(target)
     finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return documents, unreadable
+        stop.set()
+        await following
+    documents = [document for _, document in mirror.documents()]
+    return documents, mirror.unreadable()
 
 
 class KvMirror(Generic[S]):
@@ -914,13 +914,16 @@ class KvMirror(Generic[S]):
     replica's writes are never looked at here, and a key that changed twice in between is decoded once.
     """
 
-    def __init__(self, kv: KeyValue, typ: type[S]) -> None:
+    def __init__(self, kv: KeyValue, typ: type[S], *, quiet: bool = False) -> None:
         self.kv = kv
+        self._quiet = quiet  # unreadable documents are the caller's to report
         self._decoder = msgspec.json.Decoder(typ)
         self._entries: dict[str, tuple[S | None, int]] = {}
         self._raw: dict[str, tuple[bytes, int]] = {}  # arrived, not decoded yet (always newer than _entries')
         self._unreadable: set[str] = set()
         self.ready = False  # the watch has delivered every key once since it (re)started
+        self.high = 0  # the highest revision the watch delivered
+        self._progress = asyncio.Event()  # set on each delivery
 
     def known(self, key: str) -> tuple[S | None, int] | None:
         """(document, revision); (None, 0) for a key never written; None while the mirror cannot say (starting,
@@ -957,14 +960,28 @@ class KvMirror(Generic[S]):
             (key, doc) for key, (doc, _) in self._entries.items() if doc is not None and key not in self._unreadable
         ]
 
+    def unreadable(self) -> list[str]:
+        """The keys whose last document could not be decoded (after `documents()` has decoded everything)."""
+        return sorted(self._unreadable)
+
+    async def caught_up(self, revision: int) -> None:
+        """Return once the watch has delivered every key and at least `revision` (the bucket's last, read before)."""
+        while not (self.ready and self.high >= revision):
+            self._progress.clear()
+            await self._progress.wait()
+
     def _decode(self, key: str) -> None:
         data, revision = self._raw.pop(key)
         try:
             document = self._decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning(
-                "kv watch saw an unreadable document", bucket=natsprivate.kv_bucket(self.kv), key=key, error=_short(exc)
-            )
+            if not self._quiet:
+                log.warning(
+                    "kv watch saw an unreadable document",
+                    bucket=natsprivate.kv_bucket(self.kv),
+                    key=key,
+                    error=_short(exc),
+                )
             self._unreadable.add(key)  # last() keeps the last readable one
             return
         self._entries[key] = (document, revision)
@@ -1026,6 +1043,7 @@ class KvMirror(Generic[S]):
                 lose(f"entry {consumer_seq} arrived after {last_seq}")
                 return
             last_seq = consumer_seq
+            self.high = max(self.high, stream_seq)
             key = msg.subject[len(prefix) :]
             if stream_seq > self.revision(key):
                 if headers.get("KV-Operation") in ("DEL", "PURGE"):
@@ -1034,6 +1052,7 @@ class KvMirror(Generic[S]):
                     self._raw[key] = (msg.data, stream_seq)
             if pending == 0:
                 self.ready = True  # the latest values are in; what follows are changes
+            self._progress.set()
 
         sub = await nc.subscribe(inbox, cb=on_message)
         try:
@@ -1054,6 +1073,7 @@ class KvMirror(Generic[S]):
             )
             if info.num_pending == 0 and last_seq == 0:
                 self.ready = True  # an empty bucket
+                self._progress.set()
             while not stop.is_set():
                 await aio.wait_first((lost, stop), at_most_s=WATCH_HEARTBEAT_S)
                 if lost.done():
