@@ -1,13 +1,12 @@
 """The Grafana dashboard and the Prometheus rules name only metrics podsweep exposes, and each alert has a runbook.
 
-Metric names are collected from the source (every `create_counter`/`create_histogram`/`create_observable_gauge`...
-call with a literal name) and turned into the names /metrics shows by the Prometheus exporter's rules, which a test
-here checks against the real exporter. A renamed or removed metric fails this test, not a dashboard in production.
+Metric names are collected from the source (tests/harness/metricnames.py) and turned into the names /metrics shows by
+the Prometheus exporter's rules, which a test here checks against the real exporter. A renamed or removed metric
+fails this test, not a dashboard in production.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from pathlib import Path
@@ -20,66 +19,24 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
+from tests.harness import metricnames
+
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("podsweep", "services")
 DASHBOARD = ROOT / "deploy" / "grafana" / "podsweep.json"
 RULES = ROOT / "deploy" / "prometheus" / "podsweep-rules.yaml"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 CHART_DASHBOARD = ROOT / "deploy" / "helm" / "podsweep" / "files" / "grafana" / "podsweep.json"
 CHART_RULES = ROOT / "deploy" / "helm" / "podsweep" / "files" / "prometheus" / "podsweep-rules.yaml"
 METRIC = re.compile(r"\bpodsweep_[a-z0-9_]+\b")
-UNIT_SUFFIX = {"s": "seconds", "By": "bytes", "ms": "milliseconds"}
-
-
-def instruments() -> dict[str, tuple[str, str]]:
-    """name -> (instrument kind, unit) for every instrument created with a literal name in podsweep's code."""
-    found: dict[str, tuple[str, str]] = {}
-    for top in SOURCES:
-        for path in sorted((ROOT / top).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-                    continue
-                kind = node.func.attr.removeprefix("create_")
-                if not node.func.attr.startswith("create_") or kind not in KINDS:
-                    continue
-                args = {kw.arg: kw.value for kw in node.keywords}
-                name = node.args[0] if node.args else args.get("name")
-                unit = args.get("unit")
-                if isinstance(name, ast.Constant) and isinstance(name.value, str):
-                    unit_text = unit.value if isinstance(unit, ast.Constant) and isinstance(unit.value, str) else ""
-                    found[name.value] = (kind, unit_text)
-    return found
-
-
-def exposed(name: str, kind: str, unit: str) -> set[str]:
-    """The sample names /metrics shows for one instrument (the OpenTelemetry Prometheus exporter's naming)."""
-    suffix = UNIT_SUFFIX.get(unit, "")
-    base = name if not suffix or name.endswith(f"_{suffix}") else f"{name}_{suffix}"
-    if kind in {"counter", "observable_counter"}:
-        return {f"{base}_total"}
-    if kind == "histogram":
-        return {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
-    return {base}
-
-
-KINDS = frozenset({"counter", "up_down_counter", "histogram", "gauge", "observable_gauge", "observable_counter"})
-
-
-# A gauge the dashboard and rules read that another branch adds (the dispatcher's reading of the Trivy server's
-# /version): accepted here until it lands; delete the entry once instruments() finds it.
-AWAITED = frozenset({"podsweep_vulndb_updated_timestamp_seconds"})
 
 
 @pytest.fixture(scope="module")
 def exposed_names() -> set[str]:
-    names: set[str] = set(AWAITED)
-    for name, (kind, unit) in instruments().items():
-        names |= exposed(name, kind, unit)
-    return names
+    return metricnames.exposed_names()
 
 
 def test_the_source_scan_finds_the_instruments_of_every_service() -> None:
-    found = instruments()
+    found = metricnames.instruments()
     for expected in (
         "podsweep_events_processed",  # bus
         "podsweep_consumer_pending",  # service
@@ -125,7 +82,7 @@ def test_naming_rule_matches_the_real_exporter(kind: str, name: str, unit: str) 
     text = prometheus_client.generate_latest(registry).decode()
     samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith(name)}
     provider.shutdown()
-    assert samples == exposed(name, kind, unit)
+    assert samples == metricnames.exposed(name, kind, unit)
 
 
 def _dashboard() -> dict[str, Any]:
