@@ -48,6 +48,8 @@ def test_the_source_scan_finds_the_instruments_of_every_service() -> None:
         "podsweep_ready",
         "podsweep_nats_connected",
         "podsweep_s3_requests",
+        "podsweep_digests",  # dispatcher gauges
+        "podsweep_namespace_vulnerabilities",  # parser indexer
     ):
         assert expected in found, expected
     assert found["podsweep_scan_duration_seconds"] == ("histogram", "s")
