@@ -135,6 +135,13 @@ def test_dashboard_panels_have_unique_ids_and_fit_the_grid() -> None:
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     variables = {v["name"] for v in _dashboard()["templating"]["list"]}
     assert "datasource" in variables
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
 
 
 @pytest.mark.parametrize(("chart_copy", "source"), [(CHART_RULES, RULES), (CHART_DASHBOARD, DASHBOARD)])
