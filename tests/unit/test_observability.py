@@ -1,4 +1,5 @@
-"""The Grafana dashboard and the Prometheus rules name only metrics podsweep exposes, and each alert has a runbook.
+"""The Grafana dashboard and the Prometheus rules name only metrics podsweep exposes, each alert has a runbook, and
+the dashboard reads as Grafana's own dashboard model.
 
 Metric names are collected from the source (tests/harness/metricnames.py) and turned into the names /metrics shows by
 the Prometheus exporter's rules, which a test here checks against the real exporter. A renamed or removed metric
@@ -15,6 +16,10 @@ from typing import Any
 import prometheus_client
 import pytest
 import yaml
+from grafana_foundation_sdk.cog import plugins
+from grafana_foundation_sdk.cog import runtime as grafana_runtime
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import Dashboard
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -142,6 +147,33 @@ def test_dashboard_panels_have_unique_ids_and_fit_the_grid() -> None:
             for y in range(grid["y"], grid["y"] + grid["h"]):
                 assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
                 cells[(x, y)] = panel["title"]
+
+
+def _lost(given: object, read: object, path: str = "") -> list[str]:
+    """What of `given` is missing or different in `read` (what the model added, its defaults, is not counted)."""
+    if isinstance(given, dict) and isinstance(read, dict):
+        return [
+            lost
+            for key, value in given.items()
+            for lost in ([f"{path}/{key}"] if key not in read else _lost(value, read[key], f"{path}/{key}"))
+        ]
+    if isinstance(given, list) and isinstance(read, list) and len(given) == len(read):
+        return [lost for i, (a, b) in enumerate(zip(given, read, strict=True)) for lost in _lost(a, b, f"{path}[{i}]")]
+    return [] if given == read else [f"{path}: {given!r} became {read!r}"]
+
+
+def test_the_dashboard_is_grafanas_own_model_field_for_field() -> None:
+    """Grafana's dashboard model (grafana-foundation-sdk for Grafana 11.0) reads every panel, option, field setting
+    and query: a key its model does not know (a misspelled option, a query field) is dropped by the round trip, and
+    each panel type must be one of Grafana's panel plugins."""
+    plugins.register_default_plugins()
+    source = _dashboard()
+    unknown = [
+        p["title"] for p in source["panels"] if p["type"] != "row" and not grafana_runtime.panelcfg_config(p["type"])
+    ]
+    assert unknown == [], f"panel types Grafana does not have: {unknown}"
+    read = json.loads(json.dumps(Dashboard.from_json(source), cls=JSONEncoder))
+    assert _lost(source, read) == []
 
 
 @pytest.mark.parametrize(("chart_copy", "source"), [(CHART_RULES, RULES), (CHART_DASHBOARD, DASHBOARD)])
