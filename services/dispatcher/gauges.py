@@ -1,6 +1,7 @@
 """The dispatcher's gauges: scan Jobs holding a slot (in all, per node), the configured limits, digests by scan state,
 whether this replica leads. They read the leading replica's limiter view and its mirror of the scans bucket as it last
-saw them; they never read or write NATS themselves. Only the leader reports them, so a sum over replicas counts once."""
+saw them; they never read or write NATS themselves. All but `podsweep_dispatcher_leading` come from the leader alone,
+so a sum over replicas counts each once."""
 
 from __future__ import annotations
 
