@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import get_args
 
 import msgspec
 import nats.js.errors
 
 from podsweep import bus as busmod
-from schemas.state import LEADER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, DispatcherLease
+from schemas.state import LEADER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, DispatcherLease, ScanStatus
 
 SERVICES_WITH_CONSUMERS = ("dispatcher", "parser", "notifier")
 _LATEST = datetime.max.replace(tzinfo=UTC)
@@ -81,6 +83,15 @@ def summarize(
         dispatcher_leader=lease.holder if lease is not None else "",
         failed_by_reason=dict(sorted(by_reason.items())),
     )
+
+
+def count_by_state(states: Iterable[DigestScanState]) -> dict[str, int]:
+    """Digests per state as `podsweep status` counts them, every state present (0 when none), for a gauge whose
+    series should not come and go with the states that happen to be in use."""
+    counts = dict.fromkeys(get_args(ScanStatus), 0)
+    for state in states:
+        counts[_status(state)] += 1
+    return counts
 
 
 def _status(state: DigestScanState) -> str:

@@ -25,9 +25,10 @@ fi
 PODSWEEP_KUBE_BIN_DIR="$(bash tests/harness/kubebins/build.sh)"
 export PODSWEEP_KUBE_BIN_DIR
 echo "test.sh: kubernetes binaries in $PODSWEEP_KUBE_BIN_DIR after $(( $(date +%s) - start ))s"
-# Helm 4 and 3 for tests/integration/test_helm.py and promtool for test_prometheus_rules.py, built from their Go
-# modules and cached the same way (promtool's cold build is the long one: docs/testing.md).
-for tool in helm helm3 promtool; do
+# Helm 4 and 3 for tests/integration/test_helm.py, promtool for test_prometheus_rules.py and prometheus for
+# test_deployed_e2e.py, built from their Go modules and cached the same way (promtool's and prometheus's cold builds
+# are the long ones: docs/testing.md).
+for tool in helm helm3 promtool prometheus; do
   echo "test.sh: $(bash tests/harness/toolbins/build.sh $tool) after $(( $(date +%s) - start ))s"
 done
 export VIRTUAL_ENV="$PWD/$venv" PATH="$PWD/$venv/bin:$PATH"

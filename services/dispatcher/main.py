@@ -314,7 +314,12 @@ async def _lead(
     """Consume and dispatch until `stop` (a shutdown, or the lease lost): a fresh replica state each time."""
     dispatcher = Dispatcher(settings=settings, cfg=cfg, bus=bus, kube=kube, store=store)
     await dispatcher.open()
-    stop_reporting = gauges.leading(lambda: dispatcher.slots.view, settings.dispatcher)
+    mirror = dispatcher.states.mirror
+    stop_reporting = gauges.leading(
+        lambda: dispatcher.slots.view,
+        settings.dispatcher,
+        lambda: (state for _, state in mirror.documents()) if mirror.ready else None,
+    )
     background = [
         asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
         asyncio.create_task(

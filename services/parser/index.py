@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 import msgspec
@@ -175,4 +176,23 @@ def vulnerability_samples(summaries: dict[str, DigestSummary]) -> list[Sample]:
                 ({**labels, "fixable": "false"}, getattr(summary.counts, severity) - getattr(summary.fixable, severity))
             )
             samples.append(({**labels, "fixable": "true"}, getattr(summary.fixable, severity)))
+    return samples
+
+
+def namespace_vulnerability_samples(
+    by_namespace: Mapping[str, Iterable[str]], summaries: Mapping[str, DigestSummary]
+) -> list[Sample]:
+    """Findings by severity per namespace (`podsweep_namespace_vulnerabilities`): for each namespace the index
+    lists, the sum of the latest report's counts of every digest that runs there, each digest once however many
+    workloads run it. Five series per namespace (zeros until a report is stored), so cardinality is bounded by the
+    namespaces; a namespace the index no longer lists has no series at all, and Prometheus marks it stale."""
+    samples: list[Sample] = []
+    for namespace in sorted(by_namespace):
+        totals = dict.fromkeys(SEVERITIES, 0)
+        for hex_ in by_namespace[namespace]:
+            summary = summaries.get(hex_)
+            if summary is not None:
+                for severity in SEVERITIES:
+                    totals[severity] += getattr(summary.counts, severity)
+        samples.extend(({"namespace": namespace, "severity": severity}, n) for severity, n in totals.items())
     return samples

@@ -26,7 +26,7 @@ from schemas import storage
 from schemas.index import DigestSummary, IndexRevisions
 from schemas.state import DigestScanState, DigestWorkloads
 from services.parser import html
-from services.parser.index import IndexModel, vulnerability_samples
+from services.parser.index import IndexModel, namespace_vulnerability_samples, vulnerability_samples
 
 log = logs.get("podsweep.parser.index")
 tracer = trace.get_tracer("podsweep.parser")
@@ -43,10 +43,24 @@ def _observe_vulnerabilities(_: CallbackOptions) -> list[Observation]:
     return [Observation(value, labels) for labels, value in vulnerability_samples(_indexers[-1].model.summaries)]
 
 
+def _observe_namespace_vulnerabilities(_: CallbackOptions) -> list[Observation]:
+    if not _indexers:
+        return []
+    model = _indexers[-1].model
+    return [
+        Observation(n, labels) for labels, n in namespace_vulnerability_samples(model.by_namespace, model.summaries)
+    ]
+
+
 meter.create_observable_gauge(
     "podsweep_image_vulnerabilities",
     [_observe_vulnerabilities],
     description="Findings in the latest report of each image digest, by severity and whether a fix exists",
+)
+meter.create_observable_gauge(
+    "podsweep_namespace_vulnerabilities",
+    [_observe_namespace_vulnerabilities],
+    description="Findings in the latest reports of the digests that run in each namespace, by severity",
 )
 
 _DELETED = frozenset({"DEL", "PURGE"})

@@ -431,7 +431,9 @@ def test_monitoring_objects_carry_the_rules_and_dashboard_of_deploy(helm: list[s
     )
     (monitor,) = [d for d in docs if key(d) == ("PodMonitor", "podsweep")]
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "30s", "honorLabels": True}
+    ]
 
 
 # -- Helm 3 ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_promtool_accepts_the_rule_file(promtool: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout + result.stderr
+    assert "SUCCESS: 11 rules found" in result.stdout + result.stderr
 
 
 def test_alerts_fire_on_their_series_and_stay_quiet_otherwise(promtool: Path) -> None:

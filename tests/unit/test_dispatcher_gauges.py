@@ -1,4 +1,5 @@
-"""The dispatcher's gauges report the leading replica's limiter view and limits, and nothing once it stops leading."""
+"""The dispatcher's gauges report the leading replica's limiter view, limits and digests by state, and nothing once it
+stops leading."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from opentelemetry.metrics import CallbackOptions
 
 from podsweep.config import DispatcherSettings
-from schemas.state import LimiterState, Slot
+from schemas.state import DigestScanState, LimiterState, Slot
 from services.dispatcher import gauges
 
 OPTIONS = CallbackOptions()
@@ -29,7 +30,7 @@ def test_gauges_follow_the_leading_view_and_stop_with_it() -> None:
         ]
     )
     configured = DispatcherSettings(max_active=7, max_active_per_node=3, max_created_per_minute=11)
-    stop = gauges.leading(lambda: view, configured)
+    stop = gauges.leading(lambda: view, configured, lambda: None)
     try:
         assert observed(gauges._active) == [(3, {})]
         assert observed(gauges._active_per_node) == [(2, {"node": "n1"})]
@@ -42,3 +43,36 @@ def test_gauges_follow_the_leading_view_and_stop_with_it() -> None:
         stop()
     assert observed(gauges._active) == []
     assert observed(gauges._limits) == []
+
+
+def state(n: int, **fields: object) -> DigestScanState:
+    return DigestScanState(digest_ref=f"r/app@sha256:{n:064x}", **fields)  # type: ignore[arg-type]
+
+
+def test_digests_by_state_count_every_state_as_podsweep_status_does() -> None:
+    states = [
+        state(1, status="done"),
+        state(2, status="done"),
+        state(3, status="running", node="n1"),
+        state(4, status="failed", reason="NodeGone"),
+        # Runs somewhere and was never claimed: waiting for a slot, counted as pending (as `podsweep status` does).
+        state(5, status="not_scanned", nodes_seen=["n1"]),
+        state(6, status="not_scanned", reason="no node runs it any more"),
+    ]
+    stop = gauges.leading(lambda: LimiterState(), DispatcherSettings(), lambda: iter(states))
+    try:
+        counted = {o[1]["state"]: o[0] for o in observed(gauges._digests)}
+    finally:
+        stop()
+    assert counted == {"pending": 1, "running": 1, "done": 2, "failed": 1, "not_scanned": 1}
+    assert observed(gauges._digests) == []
+
+
+def test_no_digest_count_while_the_mirror_is_incomplete() -> None:
+    """A mirror still loading (or whose watch restarts) would undercount: the series is left out, not shown short."""
+    stop = gauges.leading(lambda: LimiterState(), DispatcherSettings(), lambda: None)
+    try:
+        assert observed(gauges._digests) == []
+        assert observed(gauges._active) == [(0, {})]
+    finally:
+        stop()

@@ -1,13 +1,13 @@
-"""The Grafana dashboard and the Prometheus rules name only metrics podsweep exposes, and each alert has a runbook.
+"""The Grafana dashboard and the Prometheus rules name only metrics podsweep exposes, each alert has a runbook, and
+the dashboard reads as Grafana's own dashboard model.
 
-Metric names are collected from the source (every `create_counter`/`create_histogram`/`create_observable_gauge`...
-call with a literal name) and turned into the names /metrics shows by the Prometheus exporter's rules, which a test
-here checks against the real exporter. A renamed or removed metric fails this test, not a dashboard in production.
+Metric names are collected from the source (tests/harness/metricnames.py) and turned into the names /metrics shows by
+the Prometheus exporter's rules, which a test here checks against the real exporter. A renamed or removed metric
+fails this test, not a dashboard in production.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from pathlib import Path
@@ -16,65 +16,32 @@ from typing import Any
 import prometheus_client
 import pytest
 import yaml
+from grafana_foundation_sdk.cog import plugins
+from grafana_foundation_sdk.cog import runtime as grafana_runtime
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import Dashboard
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
+from tests.harness import metricnames
+
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("podsweep", "services")
 DASHBOARD = ROOT / "deploy" / "grafana" / "podsweep.json"
 RULES = ROOT / "deploy" / "prometheus" / "podsweep-rules.yaml"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 CHART_DASHBOARD = ROOT / "deploy" / "helm" / "podsweep" / "files" / "grafana" / "podsweep.json"
 CHART_RULES = ROOT / "deploy" / "helm" / "podsweep" / "files" / "prometheus" / "podsweep-rules.yaml"
 METRIC = re.compile(r"\bpodsweep_[a-z0-9_]+\b")
-UNIT_SUFFIX = {"s": "seconds", "By": "bytes", "ms": "milliseconds"}
-
-
-def instruments() -> dict[str, tuple[str, str]]:
-    """name -> (instrument kind, unit) for every instrument created with a literal name in podsweep's code."""
-    found: dict[str, tuple[str, str]] = {}
-    for top in SOURCES:
-        for path in sorted((ROOT / top).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-                    continue
-                kind = node.func.attr.removeprefix("create_")
-                if not node.func.attr.startswith("create_") or kind not in KINDS:
-                    continue
-                args = {kw.arg: kw.value for kw in node.keywords}
-                name = node.args[0] if node.args else args.get("name")
-                unit = args.get("unit")
-                if isinstance(name, ast.Constant) and isinstance(name.value, str):
-                    unit_text = unit.value if isinstance(unit, ast.Constant) and isinstance(unit.value, str) else ""
-                    found[name.value] = (kind, unit_text)
-    return found
-
-
-def exposed(name: str, kind: str, unit: str) -> set[str]:
-    """The sample names /metrics shows for one instrument (the OpenTelemetry Prometheus exporter's naming)."""
-    suffix = UNIT_SUFFIX.get(unit, "")
-    base = name if not suffix or name.endswith(f"_{suffix}") else f"{name}_{suffix}"
-    if kind in {"counter", "observable_counter"}:
-        return {f"{base}_total"}
-    if kind == "histogram":
-        return {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
-    return {base}
-
-
-KINDS = frozenset({"counter", "up_down_counter", "histogram", "gauge", "observable_gauge", "observable_counter"})
 
 
 @pytest.fixture(scope="module")
 def exposed_names() -> set[str]:
-    names: set[str] = set()
-    for name, (kind, unit) in instruments().items():
-        names |= exposed(name, kind, unit)
-    return names
+    return metricnames.exposed_names()
 
 
 def test_the_source_scan_finds_the_instruments_of_every_service() -> None:
-    found = instruments()
+    found = metricnames.instruments()
     for expected in (
         "podsweep_events_processed",  # bus
         "podsweep_consumer_pending",  # service
@@ -86,6 +53,8 @@ def test_the_source_scan_finds_the_instruments_of_every_service() -> None:
         "podsweep_ready",
         "podsweep_nats_connected",
         "podsweep_s3_requests",
+        "podsweep_digests",  # dispatcher gauges
+        "podsweep_namespace_vulnerabilities",  # parser indexer
     ):
         assert expected in found, expected
     assert found["podsweep_scan_duration_seconds"] == ("histogram", "s")
@@ -120,7 +89,7 @@ def test_naming_rule_matches_the_real_exporter(kind: str, name: str, unit: str) 
     text = prometheus_client.generate_latest(registry).decode()
     samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith(name)}
     provider.shutdown()
-    assert samples == exposed(name, kind, unit)
+    assert samples == metricnames.exposed(name, kind, unit)
 
 
 def _dashboard() -> dict[str, Any]:
@@ -171,6 +140,40 @@ def test_dashboard_panels_have_unique_ids_and_fit_the_grid() -> None:
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     variables = {v["name"] for v in _dashboard()["templating"]["list"]}
     assert "datasource" in variables
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+
+
+def _lost(given: object, read: object, path: str = "") -> list[str]:
+    """What of `given` is missing or different in `read` (what the model added, its defaults, is not counted)."""
+    if isinstance(given, dict) and isinstance(read, dict):
+        return [
+            lost
+            for key, value in given.items()
+            for lost in ([f"{path}/{key}"] if key not in read else _lost(value, read[key], f"{path}/{key}"))
+        ]
+    if isinstance(given, list) and isinstance(read, list) and len(given) == len(read):
+        return [lost for i, (a, b) in enumerate(zip(given, read, strict=True)) for lost in _lost(a, b, f"{path}[{i}]")]
+    return [] if given == read else [f"{path}: {given!r} became {read!r}"]
+
+
+def test_the_dashboard_is_grafanas_own_model_field_for_field() -> None:
+    """Grafana's dashboard model (grafana-foundation-sdk for Grafana 11.0) reads every panel, option, field setting
+    and query: a key its model does not know (a misspelled option, a query field) is dropped by the round trip, and
+    each panel type must be one of Grafana's panel plugins."""
+    plugins.register_default_plugins()
+    source = _dashboard()
+    unknown = [
+        p["title"] for p in source["panels"] if p["type"] != "row" and not grafana_runtime.panelcfg_config(p["type"])
+    ]
+    assert unknown == [], f"panel types Grafana does not have: {unknown}"
+    read = json.loads(json.dumps(Dashboard.from_json(source), cls=JSONEncoder))
+    assert _lost(source, read) == []
 
 
 @pytest.mark.parametrize(("chart_copy", "source"), [(CHART_RULES, RULES), (CHART_DASHBOARD, DASHBOARD)])
