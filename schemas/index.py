@@ -7,11 +7,22 @@ Derived only: every fact here is also in the stored reports and the workloads KV
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
 
 from schemas.events import ScanMode, SeverityCounts, Workload
-from schemas.refs import DigestRef, ImageRef, K8sLabelName, ObjectKey, ScanId, ShortText, Text
+from schemas.refs import (
+    DigestRef,
+    ImageRef,
+    K8sLabelName,
+    K8sName,
+    KindName,
+    ObjectKey,
+    ScanId,
+    ShortText,
+    Text,
+)
 from schemas.state import ScanStatus
 
 
@@ -37,6 +48,13 @@ class DigestSummary(msgspec.Struct, frozen=True, kw_only=True):
     report_key: ObjectKey
     history_key: ObjectKey
     sbom_key: ObjectKey | None = None  # the stored SBOM of this scan, when it had a valid one
+    # The report's vulnerability ids (CVE, GHSA, ...), worst first, at most MAX_SEARCH_IDS: what index/search.json
+    # finds the digest by. Left out of index/summary.json (kept small for the admission gate's start).
+    vulnerability_ids: list[ShortText] = []
+
+
+MAX_SEARCH_IDS = 2000
+"""Vulnerability ids kept per digest for the search (a KV value stays well under NATS's 1 MB message limit)."""
 
 
 class IndexRevisions(msgspec.Struct, frozen=True):
@@ -98,3 +116,33 @@ class NamespaceIndex(msgspec.Struct, frozen=True, kw_only=True):
     namespace: K8sLabelName
     generated_at: datetime
     workloads: list[NamespaceWorkload] = []
+
+
+class SearchWorkload(msgspec.Struct, frozen=True):
+    namespace: K8sLabelName
+    kind: KindName
+    name: K8sName
+
+
+class SearchDigest(msgspec.Struct, frozen=True, kw_only=True):
+    """One digest as the search finds it: by image, namespace, workload or digest; `counts` None means no report
+    yet (and no page under index/digests/)."""
+
+    digest: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    digest_ref: DigestRef
+    images: list[ImageRef] = []
+    workloads: list[SearchWorkload] = []
+    counts: SeverityCounts | None = None
+
+
+class SearchIndex(msgspec.Struct, frozen=True, kw_only=True):
+    """index/search.json: what index.html's search box (index/search.js) filters in the browser, no server needed.
+
+    `vulnerabilities` maps a vulnerability id to the positions in `digests` of the digests whose latest report has
+    it, so an id is stored once however many digests share it.
+    """
+
+    v: int = 1
+    generated_at: datetime
+    digests: list[SearchDigest] = []
+    vulnerabilities: dict[ShortText, list[int]] = {}

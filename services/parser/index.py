@@ -6,6 +6,7 @@ Pure: no I/O, no clock (instants are arguments). The indexer feeds it KV entries
 from __future__ import annotations
 
 import re
+import sys
 from collections import defaultdict
 from datetime import datetime
 
@@ -19,6 +20,9 @@ from schemas.index import (
     NamespaceIndex,
     NamespaceWorkload,
     ScanView,
+    SearchDigest,
+    SearchIndex,
+    SearchWorkload,
     SummaryIndex,
     WorkloadImage,
 )
@@ -50,7 +54,9 @@ class IndexModel:
         if doc is None:
             self.summaries.pop(hex_, None)
         else:
-            self.summaries[hex_] = doc
+            # Digests share most of their ids (one base image, many apps): one string each, not one per digest.
+            ids = [sys.intern(id_) for id_ in doc.vulnerability_ids]
+            self.summaries[hex_] = msgspec.structs.replace(doc, vulnerability_ids=ids) if ids else doc
         self.revisions = msgspec.structs.replace(self.revisions, summaries=max(self.revisions.summaries, revision))
         if dirty:
             self.summary_dirty = True
@@ -113,10 +119,36 @@ class IndexModel:
                 digest_ref=ref,
                 images=sorted({run.image for run in runs}),
                 namespaces=sorted({run.namespace for run in runs}),
-                report=summary,
+                report=_without_ids(summary),
                 scan=self.scans.get(hex_),
             )
         return SummaryIndex(generated_at=now, revisions=revisions, digests=digests)
+
+    def search_index(self, now: datetime) -> SearchIndex:
+        """index/search.json: every digest with what a search finds it by, and vulnerability id → digests."""
+        digests: list[SearchDigest] = []
+        vulnerabilities: dict[str, list[int]] = defaultdict(list)
+        for hex_ in sorted(self.summaries.keys() | self.workloads.keys()):
+            doc = self.workloads.get(hex_)
+            summary = self.summaries.get(hex_)
+            ref = summary.digest_ref if summary is not None else doc.digest_ref if doc is not None else None
+            if ref is None:
+                continue
+            runs = doc.runs if doc is not None else []
+            workloads = {(run.namespace, run.workload.kind, run.workload.name) for run in runs}
+            if summary is not None:
+                for id_ in summary.vulnerability_ids:
+                    vulnerabilities[id_].append(len(digests))
+            digests.append(
+                SearchDigest(
+                    digest=hex_,
+                    digest_ref=ref,
+                    images=sorted({run.image for run in runs}),
+                    workloads=[SearchWorkload(*w) for w in sorted(workloads)],
+                    counts=summary.counts if summary is not None else None,
+                )
+            )
+        return SearchIndex(generated_at=now, digests=digests, vulnerabilities=dict(sorted(vulnerabilities.items())))
 
     def namespace_index(self, namespace: str, now: datetime) -> NamespaceIndex | None:
         """The namespace's workloads and their digests; None when no digest runs there any more."""
@@ -149,6 +181,13 @@ class IndexModel:
             for key, w in sorted(by_workload.items(), key=lambda item: (item[0][0], natural_key(item[0][1])))
         ]
         return NamespaceIndex(namespace=namespace, generated_at=now, workloads=workloads)
+
+
+def _without_ids(summary: DigestSummary | None) -> DigestSummary | None:
+    """summary.json leaves the vulnerability ids to search.json: the admission gate reads it whole at start."""
+    if summary is None or not summary.vulnerability_ids:
+        return summary
+    return msgspec.structs.replace(summary, vulnerability_ids=[])
 
 
 _DIGITS = re.compile(r"([0-9]+)")
