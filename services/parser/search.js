@@ -73,10 +73,14 @@
     var item = document.createElement("li");
     var images = texts(d.images);
     var label = images.length ? images.join(", ") : String(d.digest_ref);
-    if (d.counts && typeof d.digest === "string" && HEX.test(d.digest)) {
-      var link = el("a", label);
-      link.href = "digests/" + d.digest + ".html";
-      item.appendChild(link);
+    if (d.counts) {
+      if (typeof d.digest === "string" && HEX.test(d.digest)) {
+        var link = el("a", label);
+        link.href = "digests/" + d.digest + ".html";
+        item.appendChild(link);
+      } else {
+        item.appendChild(el("span", label));
+      }
       var counts = ["CRITICAL", "HIGH", "MEDIUM", "LOW"].map(function (s) {
         return count(d.counts, s) + " " + s.toLowerCase();
       });
