@@ -125,24 +125,26 @@ class SearchWorkload(msgspec.Struct, frozen=True):
 
 
 class SearchDigest(msgspec.Struct, frozen=True, kw_only=True):
-    """One digest as the search finds it: by image, namespace, workload or digest; `counts` None means no report
-    yet (and no page under index/digests/)."""
+    """One digest as the search finds it: by image, namespace, workload, digest or vulnerability id (its latest
+    report's, as positions in SearchIndex.vulnerability_ids); `counts` None means no report yet (and no page under
+    index/digests/)."""
 
     digest: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
     digest_ref: DigestRef
     images: list[ImageRef] = []
     workloads: list[SearchWorkload] = []
     counts: SeverityCounts | None = None
+    vulnerabilities: list[int] = []
 
 
 class SearchIndex(msgspec.Struct, frozen=True, kw_only=True):
     """index/search.json: what index.html's search box (index/search.js) filters in the browser, no server needed.
 
-    `vulnerabilities` maps a vulnerability id to the positions in `digests` of the digests whose latest report has
-    it, so an id is stored once however many digests share it.
+    `vulnerability_ids` is a table that holds each id once (digests built on one base image share most of theirs);
+    a digest names its ids by their positions in it. The table may hold ids no digest has any more.
     """
 
     v: int = 1
     generated_at: datetime
+    vulnerability_ids: list[ShortText] = []
     digests: list[SearchDigest] = []
-    vulnerabilities: dict[ShortText, list[int]] = {}

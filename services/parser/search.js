@@ -121,11 +121,16 @@
   function ready(doc) {
     if (!doc || typeof doc !== "object" || !Array.isArray(doc.digests)) throw new Error("search.json is not a search index");
     digests = doc.digests.filter(function (d) { return d && typeof d === "object"; });
-    var vulnerabilities = doc.vulnerabilities && typeof doc.vulnerabilities === "object" ? doc.vulnerabilities : {};
-    ids = Object.keys(vulnerabilities).map(function (id) {
-      var at = Array.isArray(vulnerabilities[id]) ? vulnerabilities[id] : [];
-      return [id.toUpperCase(), id, at.filter(function (i) { return Number.isInteger(i) && i >= 0 && i < digests.length; })];
+    // id -> the digests that have it, from each digest's positions in the id table.
+    var table = Array.isArray(doc.vulnerability_ids) ? doc.vulnerability_ids : [];
+    var holders = table.map(function () { return []; });
+    digests.forEach(function (d, i) {
+      (Array.isArray(d.vulnerabilities) ? d.vulnerabilities : []).forEach(function (n) {
+        if (Number.isInteger(n) && n >= 0 && n < holders.length) holders[n].push(i);
+      });
     });
+    ids = table.map(function (id, n) { return [String(id).toUpperCase(), String(id), holders[n]]; })
+      .filter(function (entry) { return entry[2].length > 0; });
     if (off) off.hidden = true;
     box.hidden = false;
     input.addEventListener("input", function () {

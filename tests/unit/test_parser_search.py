@@ -78,6 +78,11 @@ def _model() -> IndexModel:
     return model
 
 
+def _ids(doc: SearchIndex) -> dict[str, list[str]]:
+    """Each digest's ids, read through the table as the browser does."""
+    return {d.digest: [doc.vulnerability_ids[n] for n in d.vulnerabilities] for d in doc.digests}
+
+
 def test_search_index_lists_every_digest_with_its_workloads_and_each_id_once() -> None:
     doc = _model().search_index(T0)
     assert [d.digest for d in doc.digests] == [HEX_A, HEX_B, HEX_C]
@@ -90,7 +95,8 @@ def test_search_index_lists_every_digest_with_its_workloads_and_each_id_once() -
     assert a.counts == SeverityCounts(CRITICAL=1)
     assert (b.workloads, b.images, b.counts) == ([], [], SeverityCounts()), "a report, no workload seen (yet)"
     assert c.counts is None, "no report yet: no digest page to link to"
-    assert doc.vulnerabilities == {"CVE-2024-1": [0], "CVE-2024-2": [0, 1]}
+    assert sorted(doc.vulnerability_ids) == ["CVE-2024-1", "CVE-2024-2"], "each id once"
+    assert _ids(doc) == {HEX_A: ["CVE-2024-1", "CVE-2024-2"], HEX_B: ["CVE-2024-2"], HEX_C: []}
     again = msgspec.json.decode(msgspec.json.encode(doc), type=SearchIndex)
     assert again == doc, "what the indexer writes is what its schema reads"
 
@@ -102,12 +108,19 @@ def test_summary_json_leaves_the_ids_to_search_json() -> None:
     assert model.summaries[HEX_A].vulnerability_ids == ["CVE-2024-1", "CVE-2024-2"], "the model keeps them"
 
 
-def test_a_summary_change_marks_the_search_document_dirty_with_the_index() -> None:
+def test_a_change_reaches_the_next_search_document_and_only_that_digest_is_built_again() -> None:
     model = _model()
+    before = model.search_index(T0)
     model.take_dirty()
     model.apply_summary(HEX_B, _summary(HEX_B, ["CVE-2025-7"]), 9)
     assert model.take_dirty()[0], "index.html, summary.json and search.json are written together"
-    assert model.search_index(T0).vulnerabilities == {"CVE-2024-1": [0], "CVE-2024-2": [0], "CVE-2025-7": [1]}
+    after = model.search_index(T0)
+    assert _ids(after) == {HEX_A: ["CVE-2024-1", "CVE-2024-2"], HEX_B: ["CVE-2025-7"], HEX_C: []}
+    assert after.digests[0] is before.digests[0] and after.digests[1] is not before.digests[1]
+    model.apply_workloads(HEX_A, _runs(HEX_A, ("shop", "api")), 10)
+    assert model.search_index(T0).digests[0].workloads == [SearchWorkload("shop", "Deployment", "api")]
+    model.apply_summary(HEX_B, None, 11)
+    assert [d.digest for d in model.search_index(T0).digests] == [HEX_A, HEX_C], "a deleted summary leaves it"
 
 
 def _csp(page: str) -> str:
