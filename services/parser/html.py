@@ -39,7 +39,7 @@ _SEARCH_BOX = (
     '<input id="q" type="search" size="50" autocomplete="off" spellcheck="false">'
     '<p id="search-status" class="muted"></p><ol id="search-results"></ol></div>'
     '<p id="search-off" class="muted">Search works when these pages are served over HTTP(S) (a copy on disk: run '
-    "<code>python3 -m http.server</code> in its directory and open index/index.html there)</p>"
+    "<code>python3 -m http.server</code> in the copy's directory and open index.html through it)</p>"
 )
 
 

@@ -148,6 +148,7 @@
     })
     .then(ready)
     .catch(function (error) {
-      if (off) off.textContent += " (" + String(error && error.message ? error.message : error) + ")";
+      var why = String(error && error.message ? error.message : error);
+      if (off) off.appendChild(document.createTextNode(" (" + why + ")"));
     });
 })();

@@ -419,3 +419,10 @@ async def test_hostile_names_in_the_search_document_stay_text(tmp_path: Path) ->
     assert "href" not in rows[0] and "1 critical" in rows[0], "a digest that is not 64 hex digits is not a link"
     assert f'href="digests/{"d" * 64}.html"' in rows[1], "the valid digest links to its page"
     _inert(dom)
+
+    # Opened from disk, the pages show but the search cannot fetch its document: it stays hidden and says why.
+    offline = await _dom(site.joinpath("index.html").as_uri())
+    assert '<div id="search" hidden="">' in offline and _results(offline) == []
+    assert re.search(
+        r'<p id="search-off"[^>]*>Search works when these pages are served over HTTP\(S\).*\(.+\)</p>', offline
+    )
