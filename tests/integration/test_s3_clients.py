@@ -235,6 +235,25 @@ def test_every_documented_command_reads_what_the_parser_stored(world: World, tmp
 
     _ok("sync", env, tmp_path)
     ran.add("sync")
+    # The content types the page's layout table names, one object of each kind.
+    client = boto3.client(
+        "s3", endpoint_url=world.endpoint, region_name="us-east-1", aws_access_key_id=world.reader[0],
+        aws_secret_access_key=world.reader[1],
+    )  # fmt: skip
+    listed = client.list_objects_v2(Bucket="podsweep", Prefix=f"sbom/sha256/{_hex(API)}/history/")["Contents"]
+    kinds = {
+        "index/index.html": "text/html; charset=utf-8",
+        f"index/digests/{_hex(API)}.html": "text/html; charset=utf-8",
+        "index/search.js": "text/javascript; charset=utf-8",
+        "index/search.json": "application/json",
+        "index/summary.json": "application/json",
+        "index/namespaces/shop.json": "application/json",
+        f"reports/sha256/{_hex(API)}/stored/psw-s3c000000001.json": "application/json",
+        listed[0]["Key"]: "application/gzip",
+    }
+    for key, kind in kinds.items():
+        head = client.head_object(Bucket="podsweep", Key=key)
+        assert head["ContentType"] == kind and "ContentEncoding" not in head, (key, head)
     site = tmp_path / "podsweep-index"
     search = msgspec.json.decode((site / "search.json").read_bytes(), type=SearchIndex)
     assert {d.digest for d in search.digests} == {_hex(API), _hex(LEDGER), _hex(WEB)}
