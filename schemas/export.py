@@ -37,6 +37,7 @@ DOCUMENTS: dict[str, Any] = {
     "state.summary": index.DigestSummary,  # KV summaries: the latest report of a digest, compact
     "index.summary": index.SummaryIndex,  # index/summary.json
     "index.namespace": index.NamespaceIndex,  # index/namespaces/<ns>.json
+    "index.search": index.SearchIndex,  # index/search.json
 }
 
 

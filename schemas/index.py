@@ -7,11 +7,22 @@ Derived only: every fact here is also in the stored reports and the workloads KV
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
 
 from schemas.events import ScanMode, SeverityCounts, Workload
-from schemas.refs import DigestRef, ImageRef, K8sLabelName, ObjectKey, ScanId, ShortText, Text
+from schemas.refs import (
+    DigestRef,
+    ImageRef,
+    K8sLabelName,
+    K8sName,
+    KindName,
+    ObjectKey,
+    ScanId,
+    ShortText,
+    Text,
+)
 from schemas.state import ScanStatus
 
 
@@ -37,6 +48,13 @@ class DigestSummary(msgspec.Struct, frozen=True, kw_only=True):
     report_key: ObjectKey
     history_key: ObjectKey
     sbom_key: ObjectKey | None = None  # the stored SBOM of this scan, when it had a valid one
+    # The report's vulnerability ids (CVE, GHSA, ...), worst first, at most MAX_SEARCH_IDS: what index/search.json
+    # finds the digest by. Left out of index/summary.json (kept small for the admission gate's start).
+    vulnerability_ids: list[ShortText] = []
+
+
+MAX_SEARCH_IDS = 2000
+"""Vulnerability ids kept per digest for the search (a KV value stays well under NATS's 1 MB message limit)."""
 
 
 class IndexRevisions(msgspec.Struct, frozen=True):
@@ -98,3 +116,35 @@ class NamespaceIndex(msgspec.Struct, frozen=True, kw_only=True):
     namespace: K8sLabelName
     generated_at: datetime
     workloads: list[NamespaceWorkload] = []
+
+
+class SearchWorkload(msgspec.Struct, frozen=True):
+    namespace: K8sLabelName
+    kind: KindName
+    name: K8sName
+
+
+class SearchDigest(msgspec.Struct, frozen=True, kw_only=True):
+    """One digest as the search finds it: by image, namespace, workload, digest or vulnerability id (its latest
+    report's, as positions in SearchIndex.vulnerability_ids); `counts` None means no report yet (and no page under
+    index/digests/)."""
+
+    digest: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    digest_ref: DigestRef
+    images: list[ImageRef] = []
+    workloads: list[SearchWorkload] = []
+    counts: SeverityCounts | None = None
+    vulnerabilities: list[int] = []
+
+
+class SearchIndex(msgspec.Struct, frozen=True, kw_only=True):
+    """index/search.json: what index.html's search box (index/search.js) filters in the browser, no server needed.
+
+    `vulnerability_ids` is a table that holds each id once (digests built on one base image share most of theirs);
+    a digest names its ids by their positions in it. The table may hold ids no digest has any more.
+    """
+
+    v: int = 1
+    generated_at: datetime
+    vulnerability_ids: list[ShortText] = []
+    digests: list[SearchDigest] = []

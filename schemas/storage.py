@@ -112,3 +112,5 @@ def digest_page_key(digest_ref: str) -> StorageKey:
 
 SUMMARY_KEY = StorageKey("index/summary.json")
 INDEX_HTML_KEY = StorageKey("index/index.html")
+SEARCH_KEY = StorageKey("index/search.json")
+SEARCH_SCRIPT_KEY = StorageKey("index/search.js")

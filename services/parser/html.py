@@ -1,8 +1,9 @@
 """Static HTML pages of the index: index.html, one page per namespace and per digest, browsable from the bucket.
 
-Pure: strings in, a page out. No JavaScript, relative links only, and every value is escaped: image names,
-titles and URLs came from scanned images and the pod specs of people who may be hostile. A link target is built
-only from a validated namespace or digest hex, or is an http(s) URL from a report.
+Pure: strings in, a page out. Relative links only, and every value is escaped: image names, titles and URLs came
+from scanned images and the pod specs of people who may be hostile. A link target is built only from a validated
+namespace or digest hex, or is an http(s) URL from a report. No inline JavaScript: index.html loads one script file,
+index/search.js (SEARCH_SCRIPT), from its own origin for the search box; the other pages run none.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from html import escape
+from pathlib import Path
 
 from schemas.events import SEVERITIES, SeverityCounts
 from schemas.index import DigestSummary, NamespaceIndex, ScanView, SummaryIndex
@@ -24,6 +26,21 @@ th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .CRITICAL{color:#fff;background:#b00020}.HIGH{background:#f4a261}.MEDIUM{background:#ffe08a}
 .muted{color:#777}code{font-size:12px}
 """
+
+
+SEARCH_SCRIPT = (Path(__file__).parent / "search.js").read_bytes()
+"""index/search.js, written beside the pages: filters index/search.json in the browser (text only, never markup)."""
+_CSP = "default-src 'none'; style-src 'unsafe-inline'"
+# The search script is a file of the same origin ('self'), not inline code: no 'unsafe-inline' or 'unsafe-eval'
+# for scripts, and fetches only to the same origin (search.json).
+_SEARCH_CSP = f"{_CSP}; script-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'"
+_SEARCH_BOX = (
+    '<div id="search" hidden><label for="q">Search by image, namespace, workload, digest or vulnerability id</label> '
+    '<input id="q" type="search" size="50" autocomplete="off" spellcheck="false">'
+    '<p id="search-status" class="muted"></p><ol id="search-results"></ol></div>'
+    '<p id="search-off" class="muted">Search works when these pages are served over HTTP(S) (a copy on disk: run '
+    "<code>python3 -m http.server</code> in the copy's directory and open index.html through it)</p>"
+)
 
 
 def _e(value: object) -> str:
@@ -53,12 +70,14 @@ def _image_cell(images: list[str]) -> str:
     return f'<td title="{_e(full)}">{_e(text)}</td>' if text != full else f"<td>{_e(full)}</td>"
 
 
-def _page(title: str, body: Iterable[str], up: str | None) -> str:
+def _page(title: str, body: Iterable[str], up: str | None, *, search: bool = False) -> str:
     nav = f'<p><a href="{up}">&larr; all digests and namespaces</a></p>' if up else ""
+    script = '<script src="search.js" defer></script>' if search else ""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{_SEARCH_CSP if search else _CSP}">{script}'
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>{nav}<h1>{_e(title)}</h1>"
+        + (_SEARCH_BOX if search else "")
         + "".join(body)
         + "</body></html>\n"
     )
@@ -140,7 +159,7 @@ def index_page(index: SummaryIndex) -> str:
             f"<td>{_e(', '.join(entry.namespaces))}</td></tr>"
         )
     body.append("</table>")
-    return _page("podsweep: vulnerabilities running in the cluster", body, None)
+    return _page("podsweep: vulnerabilities running in the cluster", body, None, search=True)
 
 
 def namespace_page(index: NamespaceIndex) -> str:

@@ -6,6 +6,7 @@ Pure: no I/O, no clock (instants are arguments). The indexer feeds it KV entries
 from __future__ import annotations
 
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -20,6 +21,9 @@ from schemas.index import (
     NamespaceIndex,
     NamespaceWorkload,
     ScanView,
+    SearchDigest,
+    SearchIndex,
+    SearchWorkload,
     SummaryIndex,
     WorkloadImage,
 )
@@ -41,6 +45,15 @@ class IndexModel:
         self.dirty_namespaces: set[str] = set()
         self.summary_dirty = False
         self.revisions = IndexRevisions()
+        # Each vulnerability id numbered once, and each digest's ids as those numbers: search.json's table and
+        # references, kept up to date as summaries change so a flush does not renumber a million pairs.
+        self.id_numbers: dict[str, int] = {}
+        self.id_refs: dict[str, list[int]] = {}
+        self._searchable: dict[str, SearchDigest] = {}  # built once per change of the digest, not at every flush
+
+    def _numbered(self, ids: list[str]) -> list[int]:
+        numbers = self.id_numbers
+        return [numbers[i] if i in numbers else numbers.setdefault(i, len(numbers)) for i in ids]
 
     def _namespaces(self, hex_: str) -> set[str]:
         doc = self.workloads.get(hex_)
@@ -50,8 +63,13 @@ class IndexModel:
         """A summaries KV entry (None: deleted). `dirty=False` while loading what the stored index already shows."""
         if doc is None:
             self.summaries.pop(hex_, None)
+            self.id_refs.pop(hex_, None)
         else:
-            self.summaries[hex_] = doc
+            # Digests share most of their ids (one base image, many apps): one string each, not one per digest.
+            ids = [sys.intern(id_) for id_ in doc.vulnerability_ids]
+            self.summaries[hex_] = msgspec.structs.replace(doc, vulnerability_ids=ids) if ids else doc
+            self.id_refs[hex_] = self._numbered(ids)
+        self._searchable.pop(hex_, None)
         self.revisions = msgspec.structs.replace(self.revisions, summaries=max(self.revisions.summaries, revision))
         if dirty:
             self.summary_dirty = True
@@ -70,6 +88,7 @@ class IndexModel:
                 del self.by_namespace[ns]
         for ns in after:
             self.by_namespace[ns].add(hex_)
+        self._searchable.pop(hex_, None)
         self.revisions = msgspec.structs.replace(self.revisions, workloads=max(self.revisions.workloads, revision))
         if dirty:
             self.summary_dirty = True
@@ -114,10 +133,39 @@ class IndexModel:
                 digest_ref=ref,
                 images=sorted({run.image for run in runs}),
                 namespaces=sorted({run.namespace for run in runs}),
-                report=summary,
+                report=_without_ids(summary),
                 scan=self.scans.get(hex_),
             )
         return SummaryIndex(generated_at=now, revisions=revisions, digests=digests)
+
+    def search_index(self, now: datetime) -> SearchIndex:
+        """index/search.json: every digest with what a search finds it by, its ids as numbers in the id table."""
+        digests: list[SearchDigest] = []
+        for hex_ in sorted(self.summaries.keys() | self.workloads.keys()):
+            entry = self._searchable.get(hex_) or self._search_entry(hex_)
+            if entry is not None:
+                self._searchable[hex_] = entry
+                digests.append(entry)
+        return SearchIndex(generated_at=now, vulnerability_ids=list(self.id_numbers), digests=digests)
+
+    def _search_entry(self, hex_: str) -> SearchDigest | None:
+        doc = self.workloads.get(hex_)
+        summary = self.summaries.get(hex_)
+        ref = summary.digest_ref if summary is not None else doc.digest_ref if doc is not None else None
+        if ref is None:
+            return None
+        runs = doc.runs if doc is not None else []
+        return SearchDigest(
+            digest=hex_,
+            digest_ref=ref,
+            images=sorted({run.image for run in runs}),
+            workloads=[
+                SearchWorkload(*w)
+                for w in sorted({(run.namespace, run.workload.kind, run.workload.name) for run in runs})
+            ],
+            counts=summary.counts if summary is not None else None,
+            vulnerabilities=self.id_refs.get(hex_, []),
+        )
 
     def namespace_index(self, namespace: str, now: datetime) -> NamespaceIndex | None:
         """The namespace's workloads and their digests; None when no digest runs there any more."""
@@ -150,6 +198,13 @@ class IndexModel:
             for key, w in sorted(by_workload.items(), key=lambda item: (item[0][0], natural_key(item[0][1])))
         ]
         return NamespaceIndex(namespace=namespace, generated_at=now, workloads=workloads)
+
+
+def _without_ids(summary: DigestSummary | None) -> DigestSummary | None:
+    """summary.json leaves the vulnerability ids to search.json: the admission gate reads it whole at start."""
+    if summary is None or not summary.vulnerability_ids:
+        return summary
+    return msgspec.structs.replace(summary, vulnerability_ids=[])
 
 
 _DIGITS = re.compile(r"([0-9]+)")

@@ -69,6 +69,7 @@ _summary_decoder = msgspec.json.Decoder(DigestSummary)
 _workloads_decoder = msgspec.json.Decoder(DigestWorkloads)
 _scans_decoder = msgspec.json.Decoder(DigestScanState)
 HTML = "text/html; charset=utf-8"
+JAVASCRIPT = "text/javascript; charset=utf-8"
 MAX_SUMMARY_BYTES = 256 * 1024 * 1024
 
 
@@ -193,9 +194,12 @@ class Indexer:
                     await self.store.put(storage.namespace_page_key(ns), html.namespace_page(doc).encode(), HTML)
                     written += 2
                 index = self.model.summary_index(now, revisions)
+                # The search box's script and document before the page that loads them.
+                await self.store.put(storage.SEARCH_SCRIPT_KEY, html.SEARCH_SCRIPT, JAVASCRIPT)
+                await self.store.put(storage.SEARCH_KEY, _encoder.encode(self.model.search_index(now)))
                 await self.store.put(storage.INDEX_HTML_KEY, html.index_page(index).encode(), HTML)
                 await self.store.put(storage.SUMMARY_KEY, _encoder.encode(index))
-                written += 2
+                written += 4
         except Exception as exc:
             self.model.mark_dirty(True, namespaces)
             self.changed.set()

@@ -12,8 +12,8 @@ import msgspec
 
 from podsweep.reports import normalize
 from schemas import storage
-from schemas.events import QuarantinedObject, QuarantineKind, ReportQuarantined, ReportStored, ScanCompleted
-from schemas.index import DigestSummary
+from schemas.events import SEVERITIES, QuarantinedObject, QuarantineKind, ReportQuarantined, ReportStored, ScanCompleted
+from schemas.index import MAX_SEARCH_IDS, DigestSummary
 from schemas.report import Report
 
 Step = Literal["store", "done", "stale"]
@@ -87,7 +87,20 @@ def digest_summary(event: ScanCompleted, report: Report, stored: ReportStored, s
         report_key=stored.report_key,
         history_key=stored.history_key,
         sbom_key=sbom_key,
+        vulnerability_ids=vulnerability_ids(report),
     )
+
+
+def vulnerability_ids(report: Report, limit: int = MAX_SEARCH_IDS) -> list[str]:
+    """Each vulnerability id of the report once, worst severity first (then by id), at most `limit`: a report
+    past the limit is still found by its worst ones."""
+    rank = {severity: i for i, severity in enumerate(SEVERITIES)}
+    worst: dict[str, int] = {}
+    for finding in report.findings:
+        r = rank[finding.severity]
+        if finding.id and r < worst.get(finding.id, len(rank)):
+            worst[finding.id] = r
+    return sorted(worst, key=lambda id_: (worst[id_], id_))[:limit]
 
 
 def newer_summary(current: DigestSummary | None, candidate: DigestSummary) -> DigestSummary | None:
