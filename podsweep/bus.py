@@ -73,6 +73,8 @@ WATCH_HEARTBEAT_S = 5.0
 SETTLE_S = 45.0
 SETTLE_FIRST_DELAY_S = 0.25
 SETTLE_MAX_DELAY_S = 4.0
+# JetStream's answer to a publish whose Nats-Msg-Id is still being replicated from an earlier attempt (409).
+MSG_ID_IN_PROCESS = 10158
 
 
 class Reject(Exception):
@@ -100,8 +102,9 @@ T = TypeVar("T")
 
 def unanswered(exc: BaseException) -> bool:
     """Whether `exc` means the request got no answer from a leader, rather than a refusal: a timeout, no responders
-    (nobody leads the stream right now), a 503 (JetStream unavailable, e.g. no meta leader), or the connection
-    reconnecting to another server. The request may or may not have been carried out."""
+    (nobody leads the stream right now), a 503 (JetStream unavailable, e.g. no meta leader), the connection
+    reconnecting to another server, or a publish whose Nats-Msg-Id an earlier, unanswered attempt still has in
+    flight (the new leader has not decided it yet). The request may or may not have been carried out."""
     if isinstance(
         exc,
         (
@@ -114,7 +117,9 @@ def unanswered(exc: BaseException) -> bool:
         ),
     ):
         return True
-    return isinstance(exc, nats.js.errors.APIError) and getattr(exc, "code", None) == 503
+    if not isinstance(exc, nats.js.errors.APIError):
+        return False
+    return getattr(exc, "code", None) == 503 or getattr(exc, "err_code", None) == MSG_ID_IN_PROCESS
 
 
 def settle_delay(attempt: int) -> float:
@@ -139,8 +144,14 @@ async def settled(what: str, call: Callable[[], Awaitable[T]], *, within_s: floa
             delay = settle_delay(attempt)
             if not unanswered(exc) or time.monotonic() - started + delay > within_s:
                 raise
-            log.warning("nats request unanswered; asking again", what=what, attempt=attempt, delay_s=delay,
-                        error=_short(exc), **fields)
+            log.warning(
+                "nats request unanswered; asking again",
+                what=what,
+                attempt=attempt,
+                delay_s=delay,
+                error=_short(exc),
+                **fields,
+            )
             asked_again.add(1, {"what": what})
             await asyncio.sleep(delay)
             attempt += 1
