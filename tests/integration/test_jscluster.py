@@ -25,6 +25,7 @@ import msgspec
 import pytest
 
 from podsweep import bus as busmod
+from podsweep import embedded
 from podsweep.config import (
     ConsumerSettings,
     DispatcherSettings,
@@ -74,8 +75,12 @@ class World:
     store: ObjectStore
     logs: Path
     passwords: dict[str, str]
+    uploads: Uploads
     running: dict[str, replicas.Replica] = field(default_factory=dict)
-    puts: Counter[str] = field(default_factory=Counter)  # digest hex -> reports uploaded by scan pods
+
+    @property
+    def puts(self) -> Counter[str]:
+        return self.uploads.done
 
     def service_settings(self, service: str) -> Settings:
         """The world's settings as `service`'s own NATS user (its password from the cluster's accounts)."""
@@ -133,7 +138,7 @@ class World:
             assert await self.store.get_if_exists(storage.latest_report_key(ref)) is not None, ref
         by_digest = Counter(a[0].digest_ref for a in self.alerts().values())
         assert by_digest == Counter(refs), by_digest.most_common(3)
-        stored = await read_stored(self.service_settings("harness").nats)
+        stored = await read_stored(self.service_settings("harness").nats)  # the harness's user, when there is one
         assert Counter(e.digest_ref for e in stored) == Counter(refs), "report.stored must be once per digest"
 
 
@@ -184,26 +189,42 @@ class Gate:
             self.taken += 1
 
 
-def scan_pod_upload(puts: Counter[str], gate: Gate) -> Callable[[Pod], Awaitable[None]]:
-    """The scan pod's upload container, once `gate` lets it: `podsweep upload`'s own send, with its own retry policy
-    (an S3 that is away for a while is waited for), of the gzipped report to the Job's POST URL."""
+@dataclass
+class Uploads:
+    """The scan pods' uploads: begun, done (by digest hex), and attempts that got no HTTP answer at all."""
 
-    async def complete(pod: Pod) -> None:
-        await gate.turn()
-        env = upload_env(pod)
-        target = upload.UploadTarget(path="/podsweep/out/report.json", url=env[RAW_URL_ENV])
+    gate: Gate
+    begun: int = 0
+    unanswered: int = 0
+    done: Counter[str] = field(default_factory=Counter)
+
+    async def scan_pod(self, pod: Pod) -> None:
+        """The scan pod's upload container, once the gate lets it: `podsweep upload`'s own send with its own
+        default retry policy (an S3 that is away for a while is waited for), of the gzipped report to the Job's
+        POST URL."""
+        await self.gate.turn()
+        self.begun += 1
+        target = upload.UploadTarget(path="/podsweep/out/report.json", url=upload_env(pod)[RAW_URL_ENV])
         body = gzip.compress(REPORT, mtime=0)
+        uploads = self
+
+        class Counting(httpx.HTTPTransport):
+            def handle_request(self, request: httpx.Request) -> httpx.Response:
+                try:
+                    return super().handle_request(request)
+                except httpx.TransportError:
+                    uploads.unanswered += 1
+                    raise
 
         def send() -> bool:
-            with httpx.Client(timeout=upload.RetryPolicy().timeout_s) as client:
-                return upload.put(client, target, body, upload.RetryPolicy())
+            policy = upload.RetryPolicy()
+            with httpx.Client(timeout=policy.timeout_s, transport=Counting()) as client:
+                return upload.put(client, target, body, policy)
 
         assert await asyncio.to_thread(send), f"{pod.metadata.name}: the upload failed after its retries"
         found = _DIGEST_IN_KEY.match(upload_key(pod, RAW_URL_ENV))
         assert found is not None
-        puts[found.group(1)] += 1
-
-    return complete
+        self.done[found.group(1)] += 1
 
 
 @contextlib.asynccontextmanager
@@ -217,6 +238,8 @@ async def make_world(
     passwords: dict[str, str],
     gate: Gate,
 ) -> AsyncIterator[World]:
+    """The namespaces, nodes, stand-in and webhook receiver; services start with `world.start`. `passwords`: the NATS
+    users of a cluster with the deployed accounts (empty: every service uses `nats` as it is)."""
     n = next(_ids)
     jobs, apps = f"jsc-jobs-{n}", f"jsc-apps-{n}"
     for namespace in (jobs, apps):
@@ -272,19 +295,19 @@ async def make_world(
     )
     store = ObjectStore(s3)
     await store.ensure_bucket()
-    puts: Counter[str] = Counter()
+    uploads = Uploads(gate)
     standin = KubeletStandin(
         client,
         tmp_path / "standin",
         namespace=jobs,
         execute=False,
         parallel_pods=16,
-        on_complete=scan_pod_upload(puts, gate),
+        on_complete=uploads.scan_pod,
     )
     await standin.start()
     logs = tmp_path / "logs"
     logs.mkdir()
-    world = World(kube, client, settings, jobs, apps, nodes, receiver, standin, store, logs, passwords, puts=puts)
+    world = World(kube, client, settings, jobs, apps, nodes, receiver, standin, store, logs, passwords, uploads)
     try:
         yield world
     finally:
@@ -351,3 +374,50 @@ async def test_losing_the_stream_leader_then_the_scans_bucket_leader_scans_store
         await world.check_once_each(refs)
         for service in SERVICES:  # each one stayed up through both leader moves (no restart hid a failure)
             assert world.running[service].proc.poll() is None, world.running[service].tail()
+
+
+async def test_seaweedfs_killed_during_uploads_and_restarted_on_its_data_loses_no_report(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    nats_settings: NatsSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kill -9 of SeaweedFS as scan pods upload, restarted on the same data directory once an upload found it gone:
+    the uploads are retried by `podsweep upload` itself, the parser's reads and writes by botocore and then by its
+    consumer's redelivery; every report is stored, once, and nothing already stored is lost."""
+    data = tmp_path / "seaweedfs"
+    seaweed = embedded.start_seaweedfs(data)
+    s3 = S3Settings(
+        endpoint_url=seaweed.endpoint_url,
+        bucket="podsweep-s3-kill",
+        access_key_id=seaweed.identity.access_key_id,
+        secret_access_key=seaweed.identity.secret_access_key,
+    )
+    gate = Gate()
+    try:
+        async with make_world(kube, kube_api, tmp_path, monkeypatch, nats_settings, s3, {}, gate) as world:
+            for service in SERVICES:
+                world.start(service)
+            refs = await world.create_pods(12, "s3kill")
+            gate.allow(4)
+            await eventually(lambda: len(world.puts) >= 4, 180, "4 reports uploaded", world)
+
+            await eventually(
+                lambda: len(world.alerts()) >= 1, 120, "a report stored and alerted before the kill", world
+            )
+            gate.allow(4)
+            await eventually(lambda: world.uploads.begun >= 5, 60, "uploads under way", world)
+            seaweed.process.proc.kill()  # kill -9, in the middle of the uploads
+            seaweed.process.proc.wait(10)
+            await eventually(lambda: world.uploads.unanswered >= 1, 60, "an upload finding S3 gone", world)
+            seaweed = await asyncio.to_thread(embedded.start_seaweedfs, data, int(s3.endpoint_url.rsplit(":", 1)[1]))
+            gate.allow(len(refs))
+
+            async def every_digest_alerted() -> bool:
+                return {a[0].digest_ref for a in world.alerts().values()} >= refs
+
+            await eventually(every_digest_alerted, 300, f"an alert for each of the {len(refs)} digests", world)
+            await world.check_once_each(refs)
+    finally:
+        seaweed.stop()
