@@ -108,7 +108,7 @@ def unanswered(exc: BaseException) -> bool:
     if isinstance(
         exc,
         (
-            asyncio.TimeoutError,  # nats.errors.TimeoutError is one
+            TimeoutError,  # nats.errors.TimeoutError is one (asyncio.TimeoutError is TimeoutError)
             nats.errors.NoRespondersError,
             nats.js.errors.NoStreamResponseError,
             nats.js.errors.ServiceUnavailableError,
@@ -125,7 +125,7 @@ def unanswered(exc: BaseException) -> bool:
 def settle_delay(attempt: int) -> float:
     """The pause after the n-th unanswered attempt (1-based): doubling from SETTLE_FIRST_DELAY_S, at most
     SETTLE_MAX_DELAY_S."""
-    return min(SETTLE_MAX_DELAY_S, SETTLE_FIRST_DELAY_S * 2 ** min(attempt - 1, 16))
+    return float(min(SETTLE_MAX_DELAY_S, SETTLE_FIRST_DELAY_S * 2 ** min(attempt - 1, 16)))
 
 
 async def settled(what: str, call: Callable[[], Awaitable[T]], *, within_s: float = SETTLE_S, **fields: object) -> T:

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import gzip
 import itertools
+import os
 import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -34,17 +36,19 @@ from podsweep.config import (
     S3Settings,
     Settings,
     WatcherSettings,
+    load_settings,
 )
 from podsweep.kube import Kube
 from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
 from schemas.alerts import AlertPayload
-from schemas.events import ReportStored
+from schemas.events import DeadLetter, ReportStored
+from services.dispatcher import main as dispatcher_main
 from services.dispatcher import upload
 from services.dispatcher.jobspec import RAW_URL_ENV
-from tests.harness import replicas
+from tests.harness import deployed, replicas
 from tests.harness.jscluster import NatsCluster, start_cluster
-from tests.harness.kube import KubeControlPlane
+from tests.harness.kube import KubeControlPlane, locate_binaries
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 from tests.harness.receiver import Receiver
 from tests.harness.scanpod import upload_env, upload_key
@@ -421,3 +425,83 @@ async def test_seaweedfs_killed_during_uploads_and_restarted_on_its_data_loses_n
             await world.check_once_each(refs)
     finally:
         seaweed.stop()
+
+
+async def test_the_nats_cluster_component_on_prod_runs_r3_and_keeps_publishing_when_a_server_is_killed(
+    tmp_path: Path,
+) -> None:
+    """deploy/components/nats-cluster added to overlays/prod, run as rendered: the three servers from the
+    StatefulSet's command (its routes and cluster listener remapped to loopback, TLS as prod), a service from its
+    rendered settings (PODSWEEP_NATS_REPLICAS from the component) declares R3 streams and buckets, and publishes on
+    while the stream's leader is killed."""
+    rendered = deployed.kustomize(locate_binaries() / "kubectl", str(with_component(tmp_path / "overlay")))
+    statefulset = rendered.workload("StatefulSet", "nats")
+    assert statefulset.spec.replicas == 3
+    ports = [(embedded.free_port(), embedded.free_port()) for _ in range(3)]
+    remap = deployed.Remap(
+        addresses={
+            "nats.podsweep.svc:4222": f"127.0.0.1:{ports[0][0]}",
+            **{f"nats-{i}.nats-headless.podsweep.svc:6222": f"127.0.0.1:{route}" for i, (_, route) in enumerate(ports)},
+        },
+        secret_values=deployed.nats_tls_values(),
+    )
+    servers: list[deployed.Process] = []
+    try:
+        for i, (client, route) in enumerate(ports):
+            root = tmp_path / f"nats-{i}"
+            config = deployed.pod_process(rendered, "StatefulSet", "nats", root, remap, pod_name=f"nats-{i}")
+            argv = [deployed.binary("nats-server"), *config.argv[1:], "--addr", "127.0.0.1", "--port", str(client)]
+            argv += ["--http_port", str(embedded.free_port()), "--cluster", f"nats://127.0.0.1:{route}"]
+            env = {**deployed.base_environment(root), **config.env}
+            servers.append(deployed.spawn(f"nats-{i}", argv, env, root / "nats.log", root))
+        service = deployed.pod_process(rendered, "Deployment", "dispatcher", tmp_path / "dispatcher", remap)
+        settings = load_settings(environ=service.env).nats
+        assert settings.replicas == 3
+        every_server = ",".join(f"tls://127.0.0.1:{client}" for client, _ in ports)
+        settings = msgspec.structs.replace(settings, url=every_server)
+        bus = await busmod.connect(settings, "dispatcher", dispatcher_main.NATS)
+        try:
+            deadline = time.monotonic() + 90
+            while True:  # the meta leader is elected once the three found each other
+                try:
+                    await busmod.ensure_stream(bus)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            await bus.kv("scans")
+            for stream in (settings.stream, f"KV_{settings.kv_prefix}-scans"):
+                info = await bus.js.stream_info(stream)
+                assert info.config.num_replicas == 3, stream
+            info = await bus.js.stream_info(settings.stream)
+            assert info.cluster is not None and info.cluster.leader is not None
+            leader = next(p for p in servers if p.name == info.cluster.leader)
+            leader.kill()
+            letter = DeadLetter(
+                service="dispatcher", subject="x", stream_seq=1, deliveries=1, error="e", payload=b"", failed_at=_now()
+            )
+            assert await bus.publish("dead.dispatcher", letter, msg_id="after-the-leader-died")
+            moved = await bus.js.stream_info(settings.stream)
+            assert moved.cluster is not None and moved.cluster.leader not in (None, leader.name)
+        finally:
+            await bus.close()
+    finally:
+        for process in servers:
+            process.stop(grace_s=2.0)
+
+
+def with_component(overlay: Path) -> Path:
+    """An overlay of overlays/prod with the nats-cluster component, as docs/deploy.md tells an operator to write."""
+    overlay.mkdir()
+    resources = os.path.relpath(deployed.DEPLOY / "overlays" / "prod", overlay)
+    component = os.path.relpath(deployed.DEPLOY / "components" / "nats-cluster", overlay)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{resources}]\ncomponents: [{component}]\n"
+    )
+    return overlay
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

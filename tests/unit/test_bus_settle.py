@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import nats.errors
 import nats.js.errors
 import pytest
@@ -15,7 +13,7 @@ from podsweep.bus import MSG_ID_IN_PROCESS, SETTLE_MAX_DELAY_S, settle_delay, se
     ("exc", "asked_again"),
     [
         pytest.param(nats.errors.TimeoutError(), True, id="timeout"),
-        pytest.param(asyncio.TimeoutError(), True, id="asyncio-timeout"),
+        pytest.param(TimeoutError(), True, id="asyncio-timeout"),
         pytest.param(nats.errors.NoRespondersError(), True, id="no-responders-direct-get"),
         pytest.param(nats.js.errors.NoStreamResponseError(), True, id="no-stream-response-publish"),
         pytest.param(nats.js.errors.ServiceUnavailableError(code=503), True, id="503-jetstream-unavailable"),
