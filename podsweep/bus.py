@@ -210,7 +210,7 @@ class Bus:
 
     def __init__(self, nc: NatsClient, settings: NatsSettings, access: NatsAccess | None = None) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream()
+        self.js: JetStreamContext = nc.jetstream(domain=settings.domain or None)
         self.settings = settings
         self.access = access
         self.events = StreamRef(settings.stream, settings.subject_root)
@@ -992,6 +992,8 @@ async def kv_put_if(kv: KeyValue, key: str, document: msgspec.Struct, revision: 
     async def write() -> int:
         nonlocal attempts
         attempts += 1
+        if natsprivate.api_prefix(natsprivate.kv_jetstream(kv)) != DEFAULT_API_PREFIX:
+            return await _kv_write_in_domain(kv, key, data, revision)
         if revision == 0:
             return await kv.create(key, data)
         return await kv.update(key, data, last=revision)
@@ -1010,6 +1012,40 @@ async def kv_put_if(kv: KeyValue, key: str, document: msgspec.Struct, revision: 
         log.info("kv write landed before its answer was lost", bucket=bucket, key=key, revision=entry.revision)
         return entry.revision
     return None
+
+
+DEFAULT_API_PREFIX = "$JS.API"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's answer to an expected last subject sequence that is not the last
+
+
+async def _kv_write_in_domain(kv: KeyValue, key: str, data: bytes, revision: int) -> int:
+    """A compare-and-set write to a bucket of another JetStream domain (a service on a leaf server writing to the
+    hub's): published on `$JS.<domain>.API.$KV.<bucket>.<key>`, the only subject of it that crosses the leaf
+    connection. nats-py 2.16 writes `$KV.<bucket>.<key>` whatever the domain (its issue #1010), which no stream hears
+    from a leaf. Creating a key over a delete marker takes the marker's revision, as nats-py's create does."""
+    js = natsprivate.kv_jetstream(kv)
+    subject = f"{natsprivate.api_prefix(js)}.{natsprivate.kv_key_prefix(kv)}{key}"
+
+    async def put(last: int) -> int:
+        try:
+            ack = await js.publish(subject, data, headers={"Nats-Expected-Last-Subject-Sequence": str(last)})
+        except nats.js.errors.APIError as exc:
+            if getattr(exc, "err_code", None) == WRONG_LAST_SEQUENCE:
+                raise nats.js.errors.KeyWrongLastSequenceError(description=str(exc)) from None
+            raise
+        return int(ack.seq)
+
+    try:
+        return await put(revision)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        if revision != 0:
+            raise
+        try:
+            await kv.get(key)
+        except nats.js.errors.KeyDeletedError as deleted:
+            if deleted.entry is not None and deleted.entry.revision:
+                return await put(deleted.entry.revision)
+        raise
 
 
 async def kv_documents(kv: KeyValue, typ: type[S], *, timeout_s: float = 30.0) -> tuple[list[S], list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import signal
 import subprocess
@@ -28,8 +29,11 @@ from podsweep.natsaccess import password_variable
 from tests.harness.deployed import REPO, binary
 
 ACCOUNTS = REPO / "deploy" / "base" / "nats" / "accounts.conf"
+LEAF_DIR = REPO / "deploy" / "nats-leaf"
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
 HARNESS_USER = "harness"
+LEAF_USER = "leaf"  # deploy/nats-leaf/hub-leafnodes.conf
+HUB_DOMAIN = "hub"  # the hub's JetStream domain, which deploy/nats-leaf/accounts.conf is written for
 CLUSTER_NAME = "podsweep-test"
 
 
@@ -43,6 +47,7 @@ class ClusterServer:
     http_port: int
     root: Path
     proc: subprocess.Popen[bytes] | None = None
+    leaf_port: int = 0  # where leaf servers connect (0: no leafnodes listener)
 
     @property
     def url(self) -> str:
@@ -239,6 +244,13 @@ async def _stream_info(nc: NatsClient, stream: str) -> _StreamInfo | None:
 
 def _config(server: ClusterServer, peers: list[ClusterServer]) -> str:
     routes = ", ".join(f'"nats-route://127.0.0.1:{p.route_port}"' for p in peers)
+    leafnodes = domain = ""
+    if server.leaf_port:
+        (server.root / "leafnodes.conf").write_text(
+            (LEAF_DIR / "hub-leafnodes.conf").read_text().replace("0.0.0.0:7422", f"127.0.0.1:{server.leaf_port}")
+        )
+        leafnodes = "include ./leafnodes.conf\n"
+    domain = f"  domain: {HUB_DOMAIN}\n" if server.leaf_port else ""
     return (
         f"server_name: {server.name}\n"
         f"listen: 127.0.0.1:{server.port}\n"
@@ -247,13 +259,14 @@ def _config(server: ClusterServer, peers: list[ClusterServer]) -> str:
         f"  store_dir: {json.dumps(str(server.root / 'jetstream'))}\n"
         "  max_memory_store: 64MB\n"
         "  max_file_store: 1GB\n"
+        f"{domain}"
         "}\n"
         "cluster {\n"
         f"  name: {CLUSTER_NAME}\n"
         f"  listen: 127.0.0.1:{server.route_port}\n"
         f"  routes: [{routes}]\n"
         "}\n"
-        "include ./accounts.conf\n"
+        "include ./accounts.conf\n" + leafnodes
     )
 
 
@@ -267,14 +280,22 @@ def accounts_with_harness_user(password_env: str) -> str:
     return text.replace(marker, marker + user)
 
 
-async def start_cluster(root: Path, size: int = 3, timeout_s: float = 90.0) -> NatsCluster:
-    """`size` servers in one cluster on loopback, started together; returns once a meta leader answers."""
+async def start_cluster(root: Path, size: int = 3, timeout_s: float = 90.0, *, leafnodes: bool = False) -> NatsCluster:
+    """`size` servers in one cluster on loopback, started together; returns once a meta leader answers. With
+    `leafnodes`, each also takes leaf connections as deploy/nats-leaf/hub-leafnodes.conf says (`start_leaf`)."""
     root = private_dir(root)
     servers = [
-        ClusterServer(f"n{i}", free_port(), free_port(), free_port(), private_dir(root / f"n{i}"))
+        ClusterServer(
+            f"n{i}",
+            free_port(),
+            free_port(),
+            free_port(),
+            private_dir(root / f"n{i}"),
+            leaf_port=free_port() if leafnodes else 0,
+        )
         for i in range(1, size + 1)
     ]
-    passwords = {user: "k" + secrets.token_hex(24) for user in (*SERVICES, HARNESS_USER)}
+    passwords = {user: "k" + secrets.token_hex(24) for user in (*SERVICES, HARNESS_USER, LEAF_USER)}
     env = {password_variable(user): password for user, password in passwords.items()}
     for server in servers:
         (server.root / "nats.conf").write_text(_config(server, servers))
@@ -288,3 +309,51 @@ async def start_cluster(root: Path, size: int = 3, timeout_s: float = 90.0) -> N
         cluster.stop()
         raise
     return cluster
+
+
+async def start_leaf(root: Path, hub: NatsCluster, name: str = "leaf-0", timeout_s: float = 60.0) -> ClusterServer:
+    """A leaf server as deploy/nats-leaf/leaf.conf makes one (its listen and monitoring addresses on loopback), its
+    remote.conf shaped as leaf-remote.conf pointing at every hub server; returns once its link to the hub is up."""
+    server = ClusterServer(name, free_port(), 0, free_port(), private_dir(root))
+    conf = (LEAF_DIR / "leaf.conf").read_text()
+    conf = conf.replace("0.0.0.0:4222", f"127.0.0.1:{server.port}").replace(
+        "0.0.0.0:8222", f"127.0.0.1:{server.http_port}"
+    )
+    (server.root / "nats.conf").write_text(conf)
+    hubs = ", ".join(
+        f'"nats-leaf://{LEAF_USER}:{hub.passwords[LEAF_USER]}@127.0.0.1:{s.leaf_port}"' for s in hub.servers
+    )
+    remote = (LEAF_DIR / "leaf-remote.conf").read_text()
+    (server.root / "remote.conf").write_text(re.sub(r"urls: \[.*\]", f"urls: [{hubs}]", remote))
+    (server.root / "accounts.conf").write_text((LEAF_DIR / "accounts.conf").read_text())
+    env = {**hub.env, "POD_NAME": name}
+    with server.log.open("ab") as out:
+        server.proc = subprocess.Popen(
+            [binary("nats-server"), "-c", str(server.root / "nats.conf")],
+            cwd=server.root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(_leaf_linked, server):
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"leaf {name} exited with {server.proc.returncode}:\n{server.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"leaf {name} did not connect to the hub within {timeout_s:.0f}s:\n{server.tail()}")
+        await asyncio.sleep(0.2)
+    return server
+
+
+class _Leafz(msgspec.Struct, frozen=True):
+    leafnodes: int = 0
+
+
+def _leaf_linked(server: ClusterServer) -> bool:
+    """Whether the leaf's monitoring endpoint counts a leafnode connection (its link to the hub)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/leafz", timeout=2) as answer:
+            return msgspec.json.decode(answer.read(), type=_Leafz).leafnodes >= 1
+    except (OSError, msgspec.DecodeError):
+        return False

@@ -47,7 +47,7 @@ from services.dispatcher import main as dispatcher_main
 from services.dispatcher import upload
 from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import deployed, replicas
-from tests.harness.jscluster import NatsCluster, start_cluster
+from tests.harness.jscluster import HUB_DOMAIN, NatsCluster, start_cluster, start_leaf
 from tests.harness.kube import KubeControlPlane, locate_binaries
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 from tests.harness.receiver import Receiver
@@ -81,16 +81,19 @@ class World:
     passwords: dict[str, str]
     uploads: Uploads
     running: dict[str, replicas.Replica] = field(default_factory=dict)
+    nats_for: dict[str, dict[str, str]] = field(default_factory=dict)  # service -> NatsSettings fields of its own
 
     @property
     def puts(self) -> Counter[str]:
         return self.uploads.done
 
     def service_settings(self, service: str) -> Settings:
-        """The world's settings as `service`'s own NATS user (its password from the cluster's accounts)."""
+        """The world's settings as `service`'s own NATS user (its password from the cluster's accounts), and where
+        it connects when that is not where the others do (`nats_for`)."""
         if service not in self.passwords:
             return self.settings
         nats = msgspec.structs.replace(self.settings.nats, user=service, password=self.passwords[service])
+        nats = msgspec.structs.replace(nats, **self.nats_for.get(service, {}))
         return msgspec.structs.replace(self.settings, nats=nats)
 
     def start(self, service: str) -> None:
@@ -378,6 +381,38 @@ async def test_losing_the_stream_leader_then_the_scans_bucket_leader_scans_store
         await world.check_once_each(refs)
         for service in SERVICES:  # each one stayed up through both leader moves (no restart hid a failure)
             assert world.running[service].proc.poll() is None, world.running[service].tail()
+
+
+async def test_a_clusters_services_on_a_leaf_server_and_the_shared_ones_on_the_hub_scan_store_and_alert_once(
+    kube: KubeControlPlane, kube_api: Kube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_settings: S3Settings
+) -> None:
+    """The hub: three servers (R3) taking leaf connections as deploy/nats-leaf/hub-leafnodes.conf says, JetStream
+    domain `hub`. The leaf: deploy/nats-leaf/leaf.conf with its generated accounts.conf, no JetStream. The watcher and
+    the dispatcher connect to the leaf (nats.domain: hub), the parser and the notifier to the hub."""
+    hub = await start_cluster(tmp_path / "hub", leafnodes=True)
+    leaf = None
+    try:
+        leaf = await start_leaf(tmp_path / "leaf", hub)
+        nats = NatsSettings(url=hub.url, replicas=3, duplicate_window_s=120)
+        gate = Gate(allowed=1000)
+        async with make_world(kube, kube_api, tmp_path, monkeypatch, nats, s3_settings, hub.passwords, gate) as world:
+            for service in ("watcher", "dispatcher"):
+                world.nats_for[service] = {"url": leaf.url, "domain": HUB_DOMAIN}
+            for service in SERVICES:
+                world.start(service)
+            refs = await world.create_pods(6, "leaf")
+
+            async def every_digest_alerted() -> bool:
+                return {a[0].digest_ref for a in world.alerts().values()} >= refs
+
+            await eventually(every_digest_alerted, 180, f"an alert for each of the {len(refs)} digests", world)
+            await world.check_once_each(refs)
+            assert await hub.replicas(f"KV_{nats.kv_prefix}-scans") == 3  # the dispatcher's bucket, made from the leaf
+    finally:
+        if leaf is not None and leaf.proc is not None:
+            leaf.proc.kill()
+            leaf.proc.wait(10)
+        hub.stop()
 
 
 async def test_seaweedfs_killed_during_uploads_and_restarted_on_its_data_loses_no_report(
