@@ -189,7 +189,7 @@ def permissions(access: NatsAccess, names: Names) -> Permissions:
 
 
 def _durable(stream: str, name: str, names: Names) -> tuple[str, ...]:
-    acks = (f"$JS.ACK.{stream}.{name}.>",)
+    acks: tuple[str, ...] = (f"$JS.ACK.{stream}.{name}.>",)
     if names.domain:  # deliveries from a domain's JetStream may carry its name and the account's hash after ACK
         acks += (f"$JS.ACK.{names.domain}.*.{stream}.{name}.>",)
     return (

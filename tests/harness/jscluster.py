@@ -326,7 +326,18 @@ async def start_leaf(root: Path, hub: NatsCluster, name: str = "leaf-0", timeout
     remote = (LEAF_DIR / "leaf-remote.conf").read_text()
     (server.root / "remote.conf").write_text(re.sub(r"urls: \[.*\]", f"urls: [{hubs}]", remote))
     (server.root / "accounts.conf").write_text((LEAF_DIR / "accounts.conf").read_text())
-    env = {**hub.env, "POD_NAME": name}
+    _spawn(server, {**hub.env, "POD_NAME": name})
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(_leaf_linked, server):
+        if server.proc is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"leaf {name} exited with {server.proc.returncode}:\n{server.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"leaf {name} did not connect to the hub within {timeout_s:.0f}s:\n{server.tail()}")
+        await asyncio.sleep(0.2)
+    return server
+
+
+def _spawn(server: ClusterServer, env: dict[str, str]) -> None:
     with server.log.open("ab") as out:
         server.proc = subprocess.Popen(
             [binary("nats-server"), "-c", str(server.root / "nats.conf")],
@@ -336,14 +347,6 @@ async def start_leaf(root: Path, hub: NatsCluster, name: str = "leaf-0", timeout
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(_leaf_linked, server):
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"leaf {name} exited with {server.proc.returncode}:\n{server.tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"leaf {name} did not connect to the hub within {timeout_s:.0f}s:\n{server.tail()}")
-        await asyncio.sleep(0.2)
-    return server
 
 
 class _Leafz(msgspec.Struct, frozen=True):
