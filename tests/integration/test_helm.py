@@ -33,7 +33,11 @@ CHART = DEPLOY / "helm" / "podsweep"
 NAMESPACE = "podsweep"
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
 S3_SERVICES = ("dispatcher", "parser", "notifier", "admission")
-EQUIVALENT = {"overlays/dev": "dev-values.yaml", "overlays/prod": "prod-values.yaml"}
+EQUIVALENT = {
+    "overlays/dev": "dev-values.yaml",
+    "overlays/prod": "prod-values.yaml",
+    "overlays/prod-cluster": "prod-cluster-values.yaml",
+}
 SCENARIOS = ("default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml")))
 # The test apiserver's version. Helm built from its module (no release ldflags) assumes an old default (Helm 3:
 # v1.20), which the chart's kubeVersion refuses; a released Helm assumes its own client-go's, and `helm install`

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import gzip
 import itertools
-import os
 import re
 import time
 from collections import Counter
@@ -462,14 +461,14 @@ async def test_seaweedfs_killed_during_uploads_and_restarted_on_its_data_loses_n
         seaweed.stop()
 
 
-async def test_the_nats_cluster_component_on_prod_runs_r3_and_keeps_publishing_when_a_server_is_killed(
+async def test_the_prod_cluster_overlay_runs_r3_and_keeps_publishing_when_a_server_is_killed(
     tmp_path: Path,
 ) -> None:
-    """deploy/components/nats-cluster added to overlays/prod, run as rendered: the three servers from the
+    """overlays/prod-cluster (prod with deploy/components/nats-cluster) run as rendered: the three servers from the
     StatefulSet's command (its routes and cluster listener remapped to loopback, TLS as prod), a service from its
     rendered settings (PODSWEEP_NATS_REPLICAS from the component) declares R3 streams and buckets, and publishes on
     while the stream's leader is killed."""
-    rendered = deployed.kustomize(locate_binaries() / "kubectl", str(with_component(tmp_path / "overlay")))
+    rendered = deployed.kustomize(locate_binaries() / "kubectl", "overlays/prod-cluster")
     statefulset = rendered.workload("StatefulSet", "nats")
     assert statefulset.spec.replicas == 3
     ports = [(embedded.free_port(), embedded.free_port()) for _ in range(3)]
@@ -524,18 +523,6 @@ async def test_the_nats_cluster_component_on_prod_runs_r3_and_keeps_publishing_w
     finally:
         for process in servers:
             process.stop(grace_s=2.0)
-
-
-def with_component(overlay: Path) -> Path:
-    """An overlay of overlays/prod with the nats-cluster component, as docs/deploy.md tells an operator to write."""
-    overlay.mkdir()
-    resources = os.path.relpath(deployed.DEPLOY / "overlays" / "prod", overlay)
-    component = os.path.relpath(deployed.DEPLOY / "components" / "nats-cluster", overlay)
-    (overlay / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources: [{resources}]\ncomponents: [{component}]\n"
-    )
-    return overlay
 
 
 def _now() -> datetime:
