@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 import time
 from collections import deque
@@ -51,6 +52,9 @@ tracer = trace.get_tracer("podsweep.bus")
 meter = metrics.get_meter("podsweep.bus")
 processed = meter.create_counter("podsweep_events_processed", description="Events handled, by outcome")
 published = meter.create_counter("podsweep_events_published", description="Events published (duplicates too)")
+asked_again = meter.create_counter(
+    "podsweep_nats_requests_retried", description="JetStream requests asked again after no answer (a leader moving)"
+)
 _encoder = msgspec.json.Encoder()
 
 # Unacknowledged messages a batch keeps on the wire: enough to hide the round trip, few enough that a lost
@@ -64,6 +68,13 @@ PULL_GRACE_S = 5.0
 PULL_PAUSE_S = 1.0  # after the server refused a pull request, before the next one
 # A KV watch's server sends a heartbeat after this long without entries; two missed ones end the watch.
 WATCH_HEARTBEAT_S = 5.0
+# On a JetStream cluster a request the leader of a stream or bucket should answer can go unanswered while that leader
+# is lost and another is elected (seconds): it is asked again for this long, when asking again is safe (`settled`).
+SETTLE_S = 45.0
+SETTLE_FIRST_DELAY_S = 0.25
+SETTLE_MAX_DELAY_S = 4.0
+# JetStream's answer to a publish whose Nats-Msg-Id is still being replicated from an earlier attempt (409).
+MSG_ID_IN_PROCESS = 10158
 
 
 class Reject(Exception):
@@ -84,6 +95,66 @@ class PublishFailed(ConnectionError):
     def __init__(self, message: str, unsent: Sequence[Outgoing]) -> None:
         super().__init__(message)
         self.unsent = tuple(unsent)
+
+
+T = TypeVar("T")
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether `exc` means the request got no answer from a leader, rather than a refusal: a timeout, no responders
+    (nobody leads the stream right now), a 503 (JetStream unavailable, e.g. no meta leader), the connection
+    reconnecting to another server, or a publish whose Nats-Msg-Id an earlier, unanswered attempt still has in
+    flight (the new leader has not decided it yet). The request may or may not have been carried out."""
+    if isinstance(
+        exc,
+        (
+            TimeoutError,  # nats.errors.TimeoutError is one (asyncio.TimeoutError is TimeoutError)
+            nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError,
+            nats.js.errors.ServiceUnavailableError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.StaleConnectionError,
+        ),
+    ):
+        return True
+    if not isinstance(exc, nats.js.errors.APIError):
+        return False
+    return getattr(exc, "code", None) == 503 or getattr(exc, "err_code", None) == MSG_ID_IN_PROCESS
+
+
+def settle_delay(attempt: int) -> float:
+    """The pause after the n-th unanswered attempt (1-based): doubling from SETTLE_FIRST_DELAY_S, at most
+    SETTLE_MAX_DELAY_S."""
+    return float(min(SETTLE_MAX_DELAY_S, SETTLE_FIRST_DELAY_S * 2 ** min(attempt - 1, 16)))
+
+
+async def settled(what: str, call: Callable[[], Awaitable[T]], *, within_s: float = SETTLE_S, **fields: object) -> T:
+    """`call()`, asked again after a bounded backoff while it goes unanswered (`unanswered`), for up to `within_s`.
+
+    Only for calls that are safe to repeat when the first one may have been carried out: a publish with its
+    Nats-Msg-Id, a compare-and-set write with the same revision, a read, an idempotent create. One log line per
+    attempt asked again; after `within_s` the last error propagates.
+    """
+    started = time.monotonic()
+    attempt = 1
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            delay = settle_delay(attempt)
+            if not unanswered(exc) or time.monotonic() - started + delay > within_s:
+                raise
+            log.warning(
+                "nats request unanswered; asking again",
+                what=what,
+                attempt=attempt,
+                delay_s=delay,
+                error=_short(exc),
+                **fields,
+            )
+            asked_again.add(1, {"what": what})
+            await asyncio.sleep(delay)
+            attempt += 1
 
 
 class Outgoing(msgspec.Struct, frozen=True):
@@ -139,7 +210,7 @@ class Bus:
 
     def __init__(self, nc: NatsClient, settings: NatsSettings, access: NatsAccess | None = None) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream()
+        self.js: JetStreamContext = nc.jetstream(domain=settings.domain or None)
         self.settings = settings
         self.access = access
         self.events = StreamRef(settings.stream, settings.subject_root)
@@ -184,14 +255,23 @@ class Bus:
         stream: StreamRef | None = None,
     ) -> bool:
         """Publish an event (to `events` unless `stream` says otherwise); True when stored, False when the stream
-        already had this msg_id (a duplicate)."""
+        already had this msg_id (a duplicate, or an earlier attempt of this call whose answer was lost).
+
+        Unanswered (the stream's leader moving) it is sent again with the same msg_id, which the stream stores once.
+        """
         into = stream or self.events
         self.check_publish(name, into)
         subject = into.subject(name)
         with tracer.start_as_current_span(f"publish {name}", kind=SpanKind.PRODUCER) as span:
             span.set_attribute("messaging.message.id", msg_id)
             out = telemetry.inject({**(headers or {}), "Nats-Msg-Id": msg_id})
-            ack = await self.js.publish(subject, _encoder.encode(event), headers=out, stream=into.name)
+            data = _encoder.encode(event)
+            ack = await settled(
+                "publish",
+                lambda: self.js.publish(subject, data, headers=out, stream=into.name),
+                subject=subject,
+                msg_id=msg_id,
+            )
         published.add(1, {"subject": name, "duplicate": bool(ack.duplicate)})
         return not ack.duplicate
 
@@ -306,7 +386,7 @@ class Bus:
             raise refuse(self.access, f"opens KV bucket {name}")
         bucket = self.kv_bucket(name)
         try:
-            kv = await self.js.key_value(bucket)
+            kv = await settled("kv open", lambda: self.js.key_value(bucket), bucket=bucket)
         except (NotFoundError, nats.js.errors.BucketNotFoundError):
             pass
         else:
@@ -316,6 +396,7 @@ class Bus:
                     bucket=bucket,
                     how=f"nats stream edit KV_{bucket} --allow-direct",
                 )
+            await self._check_kv_replicas(bucket)
             return kv
         config = KeyValueConfig(
             bucket=bucket,
@@ -326,9 +407,34 @@ class Bus:
             direct=True,
         )
         try:
-            return await self.js.create_key_value(config)
+            return await settled("kv create", lambda: self.js.create_key_value(config), bucket=bucket)
         except BadRequestError:  # another replica created it first
-            return await self.js.key_value(bucket)
+            kv = await settled("kv open", lambda: self.js.key_value(bucket), bucket=bucket)
+            await self._check_kv_replicas(bucket)
+            return kv
+
+    async def _check_kv_replicas(self, bucket: str) -> None:
+        """An existing bucket keeps its replica count. Under a NATS declaration (the deployed users may not update a
+        stream) a count other than the settings' is logged with how to change it; without one (`podsweep up`, an
+        administrator's credentials) the bucket's stream is updated to it, which JetStream does in place."""
+        stream = f"KV_{bucket}"
+        info = await settled("stream info", lambda: self.js.stream_info(stream), stream=stream)
+        have = info.config.num_replicas or 1
+        if have == self.settings.replicas:
+            return
+        if self.access is not None:
+            log.warning(
+                "kv bucket replicas differ from the settings and are left as they are: apply them as a NATS "
+                "administrator",
+                bucket=bucket,
+                replicas=have,
+                settings=self.settings.replicas,
+                how=f"nats stream edit {stream} --replicas {self.settings.replicas}",
+            )
+            return
+        config = dataclasses.replace(info.config, num_replicas=self.settings.replicas)
+        await settled("stream update", lambda: self.js.update_stream(config), stream=stream)
+        log.info("kv bucket replicas changed", bucket=bucket, replicas=self.settings.replicas, were=have)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -396,14 +502,15 @@ async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
     )
     if bus.access is not None and stream.name == bus.outbox.name and not bus.access.outbox:
         raise refuse(bus.access, f"declares the outbox stream {stream.name}")
+    name = stream.name
     try:
-        info = await bus.js.stream_info(stream.name)
+        info = await settled("stream info", lambda: bus.js.stream_info(name), stream=name)
     except NotFoundError:
         try:
-            await bus.js.add_stream(config)
+            await settled("stream create", lambda: bus.js.add_stream(config), stream=name)
             return
         except BadRequestError:  # created concurrently
-            info = await bus.js.stream_info(stream.name)
+            info = await settled("stream info", lambda: bus.js.stream_info(name), stream=name)
     differs = _stream_differences(info.config, config)
     if not differs:
         return
@@ -415,7 +522,7 @@ async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
             how=f"nats stream edit {stream.name}",
         )
         return
-    await bus.js.update_stream(config)
+    await settled("stream update", lambda: bus.js.update_stream(config), stream=name)
 
 
 async def ensure_replay_stream(bus: Bus, names: Sequence[str]) -> StreamRef:
@@ -444,13 +551,14 @@ async def ensure_replay_stream(bus: Bus, names: Sequence[str]) -> StreamRef:
         duplicate_window=1.0,  # the source stored each event once already; a long window only costs memory
         num_replicas=s.replicas,
     )
+    replay = bus.replay.name
     try:
-        info = await bus.js.stream_info(bus.replay.name)
+        info = await settled("stream info", lambda: bus.js.stream_info(replay), stream=replay)
     except NotFoundError:
         try:
-            info = await bus.js.add_stream(config)
+            info = await settled("stream create", lambda: bus.js.add_stream(config), stream=replay)
         except BadRequestError:  # created concurrently
-            info = await bus.js.stream_info(bus.replay.name)
+            info = await settled("stream info", lambda: bus.js.stream_info(replay), stream=replay)
     sources = [
         sorted(t.src for t in (source.subject_transforms or []))
         for source in info.config.sources or []
@@ -496,7 +604,7 @@ async def _source_lag(bus: Bus) -> int | None:
 
 
 async def _count(bus: Bus, stream: str, subject: str) -> int:
-    info = await bus.js.stream_info(stream, subjects_filter=subject)
+    info = await settled("stream info", lambda: bus.js.stream_info(stream, subjects_filter=subject), stream=stream)
     return int((info.state.subjects or {}).get(subject, 0))
 
 
@@ -523,7 +631,8 @@ async def ensure_consumer(
         filter_subjects=[stream.subject(n) for n in names],
         max_ack_pending=max(settings.batch * 4, settings.max_ack_pending),
     )
-    await bus.js.add_consumer(stream.name, config)
+    # The same definition every time: asking again after a lost answer creates nothing twice.
+    await settled("consumer create", lambda: bus.js.add_consumer(stream.name, config), durable=durable)
 
 
 def backoff_delay(settings: ConsumerSettings, deliveries: int) -> float:
@@ -795,7 +904,7 @@ class Conflict(RuntimeError):
 async def kv_read(kv: KeyValue, key: str, typ: type[S]) -> tuple[S | None, int]:
     """The document under `key` and its revision (0 when absent or deleted)."""
     try:
-        entry = await kv.get(key)
+        entry = await settled("kv read", lambda: kv.get(key), bucket=natsprivate.kv_bucket(kv), key=key)
     except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
         return None, 0
     if entry.value is None or entry.revision is None:
@@ -871,14 +980,72 @@ async def kv_decide(
 
 async def kv_put_if(kv: KeyValue, key: str, document: msgspec.Struct, revision: int) -> int | None:
     """Write `document` only if `key` is still at `revision` (0: absent); its new revision, or None when another
-    writer came first. Any other refusal (a value over the bucket's size limit, ...) raises: retrying cannot help."""
+    writer came first. Any other refusal (a value over the bucket's size limit, ...) raises: retrying cannot help.
+
+    An unanswered write (the bucket's leader moving) is sent again with the same revision. When that one is refused
+    for a wrong revision, the first may have landed: if the key now holds exactly these bytes, it did, and its
+    revision is returned; otherwise another writer came first.
+    """
     data = _encoder.encode(document)
-    try:
+    attempts = 0
+
+    async def write() -> int:
+        nonlocal attempts
+        attempts += 1
+        if natsprivate.api_prefix(natsprivate.kv_jetstream(kv)) != DEFAULT_API_PREFIX:
+            return await _kv_write_in_domain(kv, key, data, revision)
         if revision == 0:
             return await kv.create(key, data)
         return await kv.update(key, data, last=revision)
+
+    bucket = natsprivate.kv_bucket(kv)
+    try:
+        return await settled("kv write", write, bucket=bucket, key=key)
     except nats.js.errors.KeyWrongLastSequenceError:
+        if attempts == 1:
+            return None
+    try:
+        entry = await settled("kv read", lambda: kv.get(key), bucket=bucket, key=key)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
         return None
+    if entry.value == data and entry.revision is not None:
+        log.info("kv write landed before its answer was lost", bucket=bucket, key=key, revision=entry.revision)
+        return entry.revision
+    return None
+
+
+DEFAULT_API_PREFIX = "$JS.API"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's answer to an expected last subject sequence that is not the last
+
+
+async def _kv_write_in_domain(kv: KeyValue, key: str, data: bytes, revision: int) -> int:
+    """A compare-and-set write to a bucket of another JetStream domain (a service on a leaf server writing to the
+    hub's): published on `$JS.<domain>.API.$KV.<bucket>.<key>`, the only subject of it that crosses the leaf
+    connection. nats-py 2.16 writes `$KV.<bucket>.<key>` whatever the domain (its issue #1010), which no stream hears
+    from a leaf. Creating a key over a delete marker takes the marker's revision, as nats-py's create does."""
+    js = natsprivate.kv_jetstream(kv)
+    subject = f"{natsprivate.api_prefix(js)}.{natsprivate.kv_key_prefix(kv)}{key}"
+
+    async def put(last: int) -> int:
+        try:
+            ack = await js.publish(subject, data, headers={"Nats-Expected-Last-Subject-Sequence": str(last)})
+        except nats.js.errors.APIError as exc:
+            if getattr(exc, "err_code", None) == WRONG_LAST_SEQUENCE:
+                raise nats.js.errors.KeyWrongLastSequenceError(description=str(exc)) from None
+            raise
+        return int(ack.seq)
+
+    try:
+        return await put(revision)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        if revision != 0:
+            raise
+        try:
+            await kv.get(key)
+        except nats.js.errors.KeyDeletedError as deleted:
+            if deleted.entry is not None and deleted.entry.revision:
+                return await put(deleted.entry.revision)
+        raise
 
 
 async def kv_documents(kv: KeyValue, typ: type[S], *, timeout_s: float = 30.0) -> tuple[list[S], list[str]]:

@@ -45,7 +45,9 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     kv_prefix: str = "podsweep"
     duplicate_window_s: float = 120.0
     max_age_days: float = 14.0
-    replicas: int = 1
+    replicas: int = 1  # of every stream and KV bucket podsweep creates: 1 on one server, 3 on a cluster
+    # The JetStream domain to use (""; the server's own): a service connected to a leaf server names the hub's.
+    domain: str = ""
     connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                     raise ValueError(f"url {one!r} is not a NATS URL (expected nats://host:port)")
         if not _ROOT_RE.match(self.subject_root):
             raise ValueError(f"subject_root {self.subject_root!r} must be dot-separated [a-z0-9_-] tokens")
+        if self.domain and not _NAME_RE.match(self.domain):
+            raise ValueError(f"domain {self.domain!r} must be 1-64 of [A-Za-z0-9_-]")
         for name in ("stream", "kv_prefix"):
             if not _NAME_RE.match(getattr(self, name)):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be 1-64 of [A-Za-z0-9_-]")

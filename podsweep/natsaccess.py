@@ -87,11 +87,18 @@ def inbox_prefix(name: str) -> str:
 
 
 class Names(msgspec.Struct, frozen=True, kw_only=True):
-    """The installation's names (NatsSettings: subject root, stream, KV prefix) the permissions are written for."""
+    """The installation's names (NatsSettings: subject root, stream, KV prefix) the permissions are written for, and
+    the JetStream domain its clients name (`domain`: a leaf server's users reach the hub's JetStream through it)."""
 
     root: str = subjects.DEFAULT_ROOT
     stream: str = "PODSWEEP"
     kv_prefix: str = "podsweep"
+    domain: str = ""
+
+    @property
+    def api(self) -> str:
+        """The JetStream API prefix the clients use: `$JS.API`, or `$JS.<domain>.API`."""
+        return f"$JS.{self.domain}.API" if self.domain else "$JS.API"
 
 
 class Permissions(msgspec.Struct, frozen=True):
@@ -106,9 +113,6 @@ class Section(msgspec.Struct, frozen=True):
     subjects: tuple[str, ...]
 
 
-API = "$JS.API"
-
-
 def sections(access: NatsAccess, names: Names) -> list[Section]:
     """The subjects `access` may publish to, grouped by what they are for, and nothing else.
 
@@ -116,6 +120,7 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
     denied, including deleting, purging or updating a stream and any consumer but the service's own.
     """
     stream = names.stream
+    api = names.api
     events = [subjects.subject(names.root, n) for n in access.publishes]
     if access.consumes:
         events.append(subjects.subject(names.root, dead_letters(access.service)))
@@ -123,12 +128,12 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
         Section("the events it publishes", tuple(events)),
         Section(
             f"the {stream} stream: read it, create it when missing (never update it)",
-            (f"{API}.STREAM.INFO.{stream}", f"{API}.STREAM.CREATE.{stream}"),
+            (f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}"),
         ),
     ]
     for durable in access.durables:
         on = ", ".join(durable.subjects)
-        out.append(Section(f"its durable consumer {durable.name} on {on}", _durable(stream, durable.name)))
+        out.append(Section(f"its durable consumer {durable.name} on {on}", _durable(stream, durable.name, names)))
     if access.replays:
         replay = subjects.replay_stream(stream)
         out.append(
@@ -136,10 +141,10 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
                 f"replaying {', '.join(access.replays)}: ordered (unnamed, ephemeral) consumers on {replay}, a copy of "
                 f"those events of {stream} that the server makes, no consumer on {stream}",
                 (
-                    f"{API}.STREAM.INFO.{replay}",
-                    f"{API}.STREAM.CREATE.{replay}",
-                    f"{API}.CONSUMER.CREATE.{replay}",
-                    f"{API}.CONSUMER.INFO.{replay}.*",
+                    f"{api}.STREAM.INFO.{replay}",
+                    f"{api}.STREAM.CREATE.{replay}",
+                    f"{api}.CONSUMER.CREATE.{replay}",
+                    f"{api}.CONSUMER.INFO.{replay}.*",
                     f"$JS.FC.{replay}.>",
                 ),
             )
@@ -151,25 +156,27 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
                 f"its outbox, a stream of its own ({outbox}): a durable consumer per destination, named after it",
                 (
                     f"{subjects.outbox_root(names.root)}.*",
-                    f"{API}.STREAM.INFO.{outbox}",
-                    f"{API}.STREAM.CREATE.{outbox}",
-                    *_durable(outbox, "*"),
+                    f"{api}.STREAM.INFO.{outbox}",
+                    f"{api}.STREAM.CREATE.{outbox}",
+                    *_durable(outbox, "*", names),
                 ),
             )
         )
     for bucket in access.buckets:
         kv = f"{names.kv_prefix}-{bucket.name}"
         reads = (
-            f"{API}.STREAM.INFO.KV_{kv}",
-            f"{API}.STREAM.CREATE.KV_{kv}",
-            f"{API}.DIRECT.GET.KV_{kv}.>",
-            f"{API}.STREAM.MSG.GET.KV_{kv}",  # a bucket made without direct gets
-            f"{API}.CONSUMER.CREATE.KV_{kv}",  # watches: ordered consumers,
-            f"{API}.CONSUMER.INFO.KV_{kv}.*",  # which nats-py's watch asks how much is pending
+            f"{api}.STREAM.INFO.KV_{kv}",
+            f"{api}.STREAM.CREATE.KV_{kv}",
+            f"{api}.DIRECT.GET.KV_{kv}.>",
+            f"{api}.STREAM.MSG.GET.KV_{kv}",  # a bucket made without direct gets
+            f"{api}.CONSUMER.CREATE.KV_{kv}",  # watches: ordered consumers,
+            f"{api}.CONSUMER.INFO.KV_{kv}.*",  # which nats-py's watch asks how much is pending
             f"$JS.FC.KV_{kv}.>",  # their flow control
         )
         if bucket.writes:
-            out.append(Section(f"KV bucket {kv}: read and write", (*reads, f"$KV.{kv}.>")))
+            # Writes from a leaf name the hub's domain (bus.kv_put_if): only that subject crosses the leaf connection.
+            writes = f"{api}.$KV.{kv}.>" if names.domain else f"$KV.{kv}.>"
+            out.append(Section(f"KV bucket {kv}: read and write", (*reads, writes)))
         else:
             out.append(Section(f"KV bucket {kv}: read only", reads))
     return [section for section in out if section.subjects]
@@ -181,12 +188,15 @@ def permissions(access: NatsAccess, names: Names) -> Permissions:
     return Permissions(publish=publish, subscribe=(f"{inbox_prefix(access.service)}.>",))
 
 
-def _durable(stream: str, name: str) -> tuple[str, ...]:
+def _durable(stream: str, name: str, names: Names) -> tuple[str, ...]:
+    acks: tuple[str, ...] = (f"$JS.ACK.{stream}.{name}.>",)
+    if names.domain:  # deliveries from a domain's JetStream may carry its name and the account's hash after ACK
+        acks += (f"$JS.ACK.{names.domain}.*.{stream}.{name}.>",)
     return (
-        f"{API}.CONSUMER.DURABLE.CREATE.{stream}.{name}",
-        f"{API}.CONSUMER.INFO.{stream}.{name}",
-        f"{API}.CONSUMER.MSG.NEXT.{stream}.{name}",
-        f"$JS.ACK.{stream}.{name}.>",
+        f"{names.api}.CONSUMER.DURABLE.CREATE.{stream}.{name}",
+        f"{names.api}.CONSUMER.INFO.{stream}.{name}",
+        f"{names.api}.CONSUMER.MSG.NEXT.{stream}.{name}",
+        *acks,
     )
 
 
@@ -206,9 +216,19 @@ HEADER = """\
 """
 
 
+LEAF_HEADER = """\
+#
+# For a leaf server (deploy/nats-leaf/leaf.conf): the same users, whose JetStream API requests name the hub's domain
+# {domain!r} (the services' nats.domain), answered by the hub through the leaf connection. No JetStream here.
+"""
+
+
 def accounts_conf(declarations: Sequence[NatsAccess], names: Names) -> str:
-    """accounts.conf for these services, one user each, in the given order."""
-    lines = [HEADER, "accounts {", "  PODSWEEP {", "    jetstream: enabled", "    users: ["]
+    """accounts.conf for these services, one user each, in the given order; with `names.domain`, a leaf server's."""
+    if names.domain:
+        lines = [HEADER + LEAF_HEADER.format(domain=names.domain), "accounts {", "  PODSWEEP {", "    users: ["]
+    else:
+        lines = [HEADER, "accounts {", "  PODSWEEP {", "    jetstream: enabled", "    users: ["]
     for access in declarations:
         allowed = permissions(access, names)
         publish: list[str] = []

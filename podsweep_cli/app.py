@@ -264,11 +264,16 @@ def schemas_export(
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 
 
-def nats_accounts(deploy: Path = DEPLOY_DIR) -> str:
+# The JetStream domain deploy/nats-leaf/accounts.conf is written for: the hub's (`jetstream { domain: hub }` in its
+# nats.conf, docs/deploy.md "Leaf nodes").
+LEAF_DOMAIN = "hub"
+
+
+def nats_accounts(deploy: Path = DEPLOY_DIR, domain: str = "") -> str:
     """accounts.conf from every service's NATS declaration, for the names (subject root, stream, KV prefix) of the
-    base's podsweep.yaml."""
+    base's podsweep.yaml; with `domain`, a leaf server's whose clients use that JetStream domain."""
     nats = load_settings(environ={}, file=deploy / "base" / "podsweep.yaml").nats
-    names = natsaccess.Names(root=nats.subject_root, stream=nats.stream, kv_prefix=nats.kv_prefix)
+    names = natsaccess.Names(root=nats.subject_root, stream=nats.stream, kv_prefix=nats.kv_prefix, domain=domain)
     return natsaccess.accounts_conf([services.nats_access(name) for name in services.SERVICES], names)
 
 
@@ -277,26 +282,28 @@ def deploy_nats_accounts(
     check: Annotated[bool, typer.Option(help="Exit 1 when the committed file differs from the declarations.")] = False,
     deploy: Annotated[Path, typer.Option(help="The deploy/ directory.")] = DEPLOY_DIR,
 ) -> None:
-    """Write deploy/base/nats/accounts.conf (one NATS user per service) from what each service declares it does, and
-    the Helm chart's copy of it."""
-    targets = [
-        deploy / "base" / "nats" / "accounts.conf",
-        deploy / "helm" / "podsweep" / "files" / "nats" / "accounts.conf",
-    ]
+    """Write deploy/base/nats/accounts.conf (one NATS user per service) from what each service declares it does, the
+    Helm chart's copy of it, and deploy/nats-leaf/accounts.conf (the same users on a leaf server, for the hub's
+    JetStream domain `hub`)."""
     try:
         text = nats_accounts(deploy)
+        targets = {
+            deploy / "base" / "nats" / "accounts.conf": text,
+            deploy / "helm" / "podsweep" / "files" / "nats" / "accounts.conf": text,
+            deploy / "nats-leaf" / "accounts.conf": nats_accounts(deploy, LEAF_DOMAIN),
+        }
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     if check:
-        stale = [str(target) for target in targets if _read(target) != text]
+        stale = [str(target) for target, wanted in targets.items() if _read(target) != wanted]
         if stale:
             err.print(f"stale {', '.join(stale)}: run `podsweep deploy nats-accounts`")
             raise typer.Exit(1)
         return
-    for target in targets:
+    for target, wanted in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+        target.write_text(wanted)
         typer.echo(str(target))
 
 

@@ -32,7 +32,7 @@ def upload_command(
             help="FILE=ENV_VAR pairs: upload FILE to the presigned URL held in environment variable ENV_VAR."
         ),
     ],
-    attempts: Annotated[int, typer.Option(min=1, max=20, help="Tries per file before giving up.")] = 5,
+    attempts: Annotated[int, typer.Option(min=1, max=20, help="Tries per file before giving up.")] = 8,
     max_wait: Annotated[float, typer.Option(min=0, help="Longest pause between tries, in seconds.")] = 30.0,
     timeout: Annotated[float, typer.Option(min=1, help="Timeout of one PUT, in seconds.")] = 60.0,
 ) -> None:
@@ -51,7 +51,7 @@ def download_command(
         list[str],
         typer.Argument(help="FILE=ENV_VAR pairs: write to FILE the object at the presigned URL in ENV_VAR."),
     ],
-    attempts: Annotated[int, typer.Option(min=1, max=20, help="Tries per file before giving up.")] = 5,
+    attempts: Annotated[int, typer.Option(min=1, max=20, help="Tries per file before giving up.")] = 8,
     max_wait: Annotated[float, typer.Option(min=0, help="Longest pause between tries, in seconds.")] = 30.0,
     timeout: Annotated[float, typer.Option(min=1, help="Timeout of one GET, in seconds.")] = 60.0,
 ) -> None:

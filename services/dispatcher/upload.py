@@ -58,7 +58,7 @@ class RetryableStatus(Exception):
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
-    attempts: int = 5
+    attempts: int = 8  # waits 1, 2, 4, 8, 16, 30, 30 s: an S3 restarting (about a minute) is waited for
     first_wait_s: float = 1.0
     max_wait_s: float = 30.0
     timeout_s: float = 60.0

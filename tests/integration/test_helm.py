@@ -33,7 +33,11 @@ CHART = DEPLOY / "helm" / "podsweep"
 NAMESPACE = "podsweep"
 SERVICES = ("watcher", "dispatcher", "parser", "notifier", "admission")
 S3_SERVICES = ("dispatcher", "parser", "notifier", "admission")
-EQUIVALENT = {"overlays/dev": "dev-values.yaml", "overlays/prod": "prod-values.yaml"}
+EQUIVALENT = {
+    "overlays/dev": "dev-values.yaml",
+    "overlays/prod": "prod-values.yaml",
+    "overlays/prod-cluster": "prod-cluster-values.yaml",
+}
 SCENARIOS = ("default", *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml")))
 # The test apiserver's version. Helm built from its module (no release ldflags) assumes an old default (Helm 3:
 # v1.20), which the chart's kubeVersion refuses; a released Helm assumes its own client-go's, and `helm install`
@@ -350,7 +354,7 @@ def test_external_values_point_every_service_at_the_external_servers(helm: list[
     (accounts,) = [d for d in docs if key(d) == ("ConfigMap", "podsweep-nats-accounts")]
     assert accounts["data"]["accounts.conf"] == (DEPLOY / "base" / "nats" / "accounts.conf").read_text()
     settings = _settings(docs, "dispatcher", tmp_path)
-    assert settings.nats.url == "nats://nats.messaging.svc:4222"
+    assert (settings.nats.url, settings.nats.replicas) == ("nats://nats.messaging.svc:4222", 3)
     assert settings.dispatcher.trivy_server == "http://trivy.security.svc:4954"
     assert (settings.s3.endpoint_url, settings.s3.bucket) == ("https://s3.eu-west-1.amazonaws.com", "podsweep-reports")
     (dispatcher,) = [d for d in docs if key(d) == ("Deployment", "dispatcher")]
@@ -403,6 +407,8 @@ def test_generated_credentials_are_shared_by_seaweedfs_and_the_services(helm: li
             id="external-s3-without-keys",
         ),
         pytest.param(["--set", "policy.version=2"], "/policy/version", id="policy-version"),
+        pytest.param(["--set", "nats.mode=triple"], "/nats/mode", id="nats-mode"),
+        pytest.param(["--set", "nats.replicas=7"], "/nats/replicas", id="nats-replicas-over-five"),
         pytest.param(
             ["--set", "nats.bundled=false"], "nats.externalUrl is required when nats.bundled is false", id="nats-url"
         ),

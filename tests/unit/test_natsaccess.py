@@ -127,3 +127,25 @@ def test_a_replaying_service_gets_consumers_on_the_replay_stream_only() -> None:
     replay = subjects.replay_stream("S1")
     assert f"$JS.API.CONSUMER.CREATE.{replay}" in publish
     assert not [p for p in publish if p.startswith("$JS.API.CONSUMER.") and (p.endswith(".S1") or ".S1." in p)]
+
+
+LEAF = Names(root="t.root", stream="S1", kv_prefix="k", domain="hub")
+
+
+def test_a_leafs_user_names_the_hubs_domain_in_every_api_call_and_bucket_write() -> None:
+    access = NatsAccess(service="svc", publishes=("a.b",), durables=(Durable("svc", ("x.y",)),), buckets=(Bucket("b"),))
+    publish = natsaccess.permissions(access, LEAF).publish
+    assert [s for s in publish if s.startswith("$JS.API")] == []
+    assert "$JS.hub.API.CONSUMER.MSG.NEXT.S1.svc" in publish
+    assert "$JS.hub.API.DIRECT.GET.KV_k-b.>" in publish
+    # writes cross the leaf connection only under the domain's subject; acks come in either form
+    assert ("$JS.hub.API.$KV.k-b.>" in publish, "$KV.k-b.>" in publish) == (True, False)
+    assert {"$JS.ACK.S1.svc.>", "$JS.ACK.hub.*.S1.svc.>"} <= set(publish)
+
+
+def test_a_leafs_accounts_conf_enables_no_jetstream_of_its_own() -> None:
+    declarations = [services.nats_access(name) for name in SERVICES]
+    assert "jetstream: enabled" in natsaccess.accounts_conf(declarations, NAMES)
+    leaf = natsaccess.accounts_conf(declarations, LEAF)
+    assert "jetstream: enabled" not in leaf
+    assert '"$JS.hub.API.STREAM.INFO.S1"' in leaf

@@ -203,6 +203,11 @@ spec:
             - name: PODSWEEP_ADMISSION_KEY_FILE
               value: /var/run/secrets/podsweep/admission-tls/tls.key
             {{- end }}
+            {{- $natsReplicas := include "podsweep.natsReplicas" $root }}
+            {{- if ne $natsReplicas "1" }}
+            - name: PODSWEEP_NATS_REPLICAS
+              value: {{ $natsReplicas | quote }}
+            {{- end }}
             {{- if and $v.nats.bundled $v.nats.tls.enabled }}
             - name: PODSWEEP_NATS_URL
               value: {{ include "podsweep.natsUrl" $root }}
@@ -297,4 +302,25 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: {{ .tmp | default "256Mi" }}
+{{- end -}}
+
+{{/* Replicas of every stream and KV bucket podsweep creates: nats.replicas, or 3 for the bundled cluster, else 1. */}}
+{{- define "podsweep.natsReplicas" -}}
+{{- if gt (int .Values.nats.replicas) 0 -}}
+{{ .Values.nats.replicas }}
+{{- else if and .Values.nats.bundled (eq .Values.nats.mode "cluster") -}}
+3
+{{- else -}}
+1
+{{- end -}}
+{{- end -}}
+
+{{/* The bundled cluster's routes: every server of the StatefulSet by its name under the headless Service. */}}
+{{- define "podsweep.natsRoutes" -}}
+{{- $ns := .Release.Namespace -}}
+{{- $routes := list -}}
+{{- range $i := until 3 -}}
+{{- $routes = append $routes (printf "nats://nats-%d.nats-headless.%s.svc:6222" $i $ns) -}}
+{{- end -}}
+{{- join "," $routes -}}
 {{- end -}}
