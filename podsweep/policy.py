@@ -74,6 +74,10 @@ class WebhookDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag
     url: HttpUrl | SecretRef
     hmac_key: SecretRef
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    # Messages per second (and how many may leave back to back); alerts beyond it leave grouped (docs/webhooks.md).
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 10.0
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=16384, le=786432)] = 262144  # a grouped body is split to fit
 
 
 class SlackDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="slack"):
@@ -82,6 +86,8 @@ class SlackDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="
     name: K8sLabelName
     url: SecretRef
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # about what incoming webhooks accept
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
 
 
 class TeamsDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="teams"):
@@ -90,6 +96,8 @@ class TeamsDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="
     name: K8sLabelName
     url: SecretRef
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # about what incoming webhooks accept
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
 
 
 DojoSeverity = Literal["Info", "Low", "Medium", "High", "Critical"]

@@ -12,7 +12,6 @@ import os
 import time
 from datetime import UTC, datetime
 
-import httpx
 import msgspec
 from nats.js.kv import KeyValue
 
@@ -31,7 +30,7 @@ from schemas.refs import digest_hex
 from schemas.report import Report
 from schemas.state import DELIVERED_BUCKET, NOTIFY_BUCKET, WORKLOADS_BUCKET, DigestWorkloads
 from services.notifier.decide import decide
-from services.notifier.delivery import Deliverer
+from services.notifier.delivery import Deliverer, session
 from services.notifier.outbox import OutboxEntry, advance, drop_stale, entries, fingerprint_keys, msg_id
 from services.notifier.policysource import PolicySource
 
@@ -133,7 +132,9 @@ def outbox_consumer_settings(settings: Settings) -> ConsumerSettings:
         max_deliver=n.retry_max_attempts + 1,
         backoff_s=[n.retry_base_s],
         ack_wait_s=n.outbox_ack_wait_s,
-        batch=max(n.outbox_concurrency * 2, 16),
+        # Alerts are handed to the destination's pacer at once (it settles them later): pull many, so a storm's
+        # alerts gather in a few rounds; uploads still take a handler each.
+        batch=max(n.outbox_concurrency * 2, 256),
         concurrency=n.outbox_concurrency,
     )
 
@@ -177,6 +178,11 @@ async def _watch_policy(policies: PolicySource, outboxes: Outboxes, every_s: flo
         await aio.sleep_unless(stop, every_s)
 
 
+async def _close_when_stopped(deliverer: Deliverer, stop: asyncio.Event) -> None:
+    await stop.wait()
+    await deliverer.close()
+
+
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     policies = PolicySource(settings.notifier.policy_file)
     policies.load()  # an invalid policy stops the start, naming its line and key
@@ -187,11 +193,11 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         workloads = await bus.kv(WORKLOADS_BUCKET)
         notify = await bus.kv(NOTIFY_BUCKET)
         delivered = await bus.kv(DELIVERED_BUCKET, ttl_s=settings.notifier.delivered_ttl_h * 3600)
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        async with httpx.AsyncClient(follow_redirects=False, limits=limits, trust_env=False) as client:
-            deliverer = Deliverer(bus, store, policies, settings, client, delivered, os.environ)
+        async with session(settings) as client:
+            deliverer = Deliverer(bus, store, policies, settings, client, delivered, os.environ, stop)
             reports = ReportHandler(bus, store, policies, settings, workloads, notify)
             async with asyncio.TaskGroup() as group:
+                group.create_task(_close_when_stopped(deliverer, stop))
                 outboxes = Outboxes(bus, deliverer, settings, stop, group)
                 outboxes.ensure(policies.refresh())
                 group.create_task(_watch_policy(policies, outboxes, settings.notifier.policy_poll_s, stop))
