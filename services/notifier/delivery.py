@@ -364,6 +364,7 @@ class Pacer:
         self.destination = destination
         self.free: dict[str, Held] = {}  # by alert key, in arrival order
         self.resends: dict[str, Resend] = {}
+        self.in_flight: dict[str, Resend] = {}  # groups being sent: a member redelivered meanwhile joins its group
         self.records: dict[str, GroupRecord] = {}
         self.bucket: pace.Bucket | None = None
         self.throttled = False
@@ -407,6 +408,10 @@ class Pacer:
             return False
         if record is None and group_id != held.entry.key:
             return True  # claimed, but the process died before the group's record: the group never existed
+        flying = self.in_flight.get(group_id)
+        if flying is not None:  # its group is being sent: settled with it
+            flying.held.append(held)
+            return False
         resend = self.resends.setdefault(group_id, Resend(group_id, record))
         resend.held = [h for h in resend.held if h.entry.key != held.entry.key] + [held]
         self.last_arrival = time.monotonic()
@@ -495,6 +500,8 @@ class Pacer:
             start += len(chunk)
             oldest = self.free[keys[start - len(chunk)]].arrived
             waiting.append(pace.Waiting(oldest=oldest, full=start < len(keys)))
+        if not chunks and keys:  # not split (nothing may leave now): at least one message waits
+            waiting.append(pace.Waiting(oldest=self.free[keys[0]].arrived, full=False))
         leaving = pace.what_leaves(rules, tokens, len(self.resends), waiting, self.throttled, self.last_arrival, now)
         self.throttled = leaving.throttled
         sent = leaving.resends + leaving.chunks
@@ -569,6 +576,13 @@ class Pacer:
         await self._send(dest, resend)
 
     async def _send(self, dest: Destination, group: Resend) -> None:
+        self.in_flight[group.group_id] = group
+        try:
+            await self._send_once(dest, group)
+        finally:
+            self.in_flight.pop(group.group_id, None)
+
+    async def _send_once(self, dest: Destination, group: Resend) -> None:
         held = group.held
         attempt = max(h.delivery.deliveries for h in held)
         kind = kind_of(dest)
@@ -594,6 +608,9 @@ class Pacer:
             await self._settle_failed(held, kind, f"{describe(dest)}: hmac_key: {exc}")
             return
         status, retry_after, error = await self.d.post(request, dest, group.group_id, attempt)
+        # From here on, a member redelivered meanwhile finds the outcome (the cached record) or a new resend.
+        self.in_flight.pop(group.group_id, None)
+        held = list(group.held)
         now = datetime.now(UTC)
         if status is not None and 200 <= status < 300:
             grouped = group.record is not None and len(group.record.members) > 1
