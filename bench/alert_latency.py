@@ -270,8 +270,9 @@ async def measure(
         "BENCH_HOOK_KEY": KEY.decode(),
     }
     log = (data / f"notifier-{name}.log").open("wb")
+    profile = ["-m", "cProfile", "-o", str(args.profile / f"notifier-{name}.prof")] if args.profile else []
     notifier = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
-        [sys.executable, "-m", "podsweep", "run", "notifier"], cwd=cwd, env=env, stdout=log, stderr=log
+        [sys.executable, *profile, "-m", "podsweep", "run", "notifier"], cwd=cwd, env=env, stdout=log, stderr=log
     )
     try:
         # Warm up: one event through every path, so the consumers exist and connections are open.
@@ -388,6 +389,7 @@ def main() -> None:
         help="another source tree (e.g. a `git worktree` of main): its notifier runs the same phases first",
     )
     parser.add_argument("--skip-grouped", action="store_true", help="skip the run at the default webhook rate")
+    parser.add_argument("--profile", type=Path, default=None, help="run the notifiers under cProfile, into this dir")
     parser.add_argument("--concurrency", type=int, default=8, help="notifier consumer and outbox concurrency")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as tmp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import random
 import time
 from collections.abc import Coroutine, Mapping, Sequence
@@ -147,7 +148,9 @@ class Deliverer:
         pacer = self.pacers.get(entry.destination)
         if pacer is None:
             pacer = self.pacers[entry.destination] = Pacer(self, entry.destination)
-            task = asyncio.create_task(pacer.run())
+            # Its own (empty) context: the pacer outlives the message whose handler started it, and its spans
+            # must not hang under that message's trace.
+            task = asyncio.create_task(pacer.run(), context=contextvars.Context())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         return await pacer.add(entry, delivery)

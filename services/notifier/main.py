@@ -12,6 +12,7 @@ import os
 import time
 from datetime import UTC, datetime
 
+import aiohttp
 import msgspec
 from nats.js.kv import KeyValue
 
@@ -20,7 +21,7 @@ from podsweep import bus as busmod
 from podsweep.config import ConsumerSettings, Settings
 from podsweep.health import HEALTH
 from podsweep.natsaccess import Bucket, Durable, NatsAccess
-from podsweep.objectstore import ObjectMissing, ObjectStore
+from podsweep.objectstore import ObjectStore
 from podsweep.policy import Policy
 from podsweep.service import open_service
 from schemas import subjects
@@ -58,7 +59,9 @@ class ReportHandler:
         settings: Settings,
         workloads: KeyValue,
         notify: KeyValue,
+        client: aiohttp.ClientSession,
     ) -> None:
+        self.client = client
         self.bus = bus
         self.store = store
         self.policies = policies
@@ -108,13 +111,12 @@ class ReportHandler:
 
     async def _report(self, event: ReportStored) -> Report:
         """The report this event is about: its history copy (latest.json may already be a newer scan)."""
-        data = await self.store.get_if_exists(event.history_key, self.max_report_bytes)
+        data = await self.store.fetch(self.client, event.history_key, self.max_report_bytes)
         key = event.history_key
         if data is None:
             key = event.report_key
-            try:
-                data = await self.store.get(key, self.max_report_bytes)
-            except ObjectMissing:
+            data = await self.store.fetch(self.client, key, self.max_report_bytes)
+            if data is None:
                 raise RuntimeError(
                     f"report {event.history_key} (and {event.report_key}) is not in bucket {self.store.bucket}; "
                     "the parser stores it before publishing report.stored: check the bucket name"
@@ -195,7 +197,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         delivered = await bus.kv(DELIVERED_BUCKET, ttl_s=settings.notifier.delivered_ttl_h * 3600)
         async with session(settings) as client:
             deliverer = Deliverer(bus, store, policies, settings, client, delivered, os.environ, stop)
-            reports = ReportHandler(bus, store, policies, settings, workloads, notify)
+            reports = ReportHandler(bus, store, policies, settings, workloads, notify, client)
             async with asyncio.TaskGroup() as group:
                 group.create_task(_close_when_stopped(deliverer, stop))
                 outboxes = Outboxes(bus, deliverer, settings, stop, group)
