@@ -279,10 +279,15 @@ async def measure(
         warm = dict(list(events.items())[:1])
         await phase(bus, receiver, warm, None, 60)
         rest = list(events.items())[1:]
+        idle_from = cpu_s(notifier.pid)
+        await asyncio.sleep(args.idle_s)  # what the process costs with nothing to do (timers, polls, heartbeats)
+        idle_ms_per_s = (cpu_s(notifier.pid) - idle_from) * 1000 / args.idle_s
         cpu_before = cpu_s(notifier.pid)
+        paced_from = time.perf_counter()
         load_before = load_average()
         paced = await phase(bus, receiver, dict(rest[: n - 1]), args.rate, 120)
         cpu_paced = cpu_s(notifier.pid)
+        paced_s = time.perf_counter() - paced_from
         burst = await phase(bus, receiver, dict(rest[n - 1 : 2 * n - 1]), None, 300)
         cpu_burst = cpu_s(notifier.pid)
     finally:
@@ -298,6 +303,12 @@ async def measure(
         "burst": burst,
         # The notifier's own CPU (user + system) per alert received, at the paced rate and in the burst.
         "cpu_ms_per_alert_paced": round((cpu_paced - cpu_before) * 1000 / max(1, int(paced["received"])), 3),  # type: ignore[call-overload]
+        "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
+        # The paced phase less what the process costs idle over the same time: the work alerts themselves cause.
+        "cpu_ms_per_alert_paced_over_idle": round(
+            ((cpu_paced - cpu_before) * 1000 - idle_ms_per_s * paced_s) / max(1, int(paced["received"])),  # type: ignore[call-overload]
+            3,
+        ),
         "cpu_ms_per_alert_burst": round((cpu_burst - cpu_paced) * 1000 / max(1, int(burst["received"])), 3),  # type: ignore[call-overload]
         "prepare_s": round(prepare_s, 1),
         "load_average_1m": {"before": load_before, "after": load_average()},
@@ -389,6 +400,7 @@ def main() -> None:
         help="another source tree (e.g. a `git worktree` of main): its notifier runs the same phases first",
     )
     parser.add_argument("--skip-grouped", action="store_true", help="skip the run at the default webhook rate")
+    parser.add_argument("--idle-s", type=float, default=10.0, help="seconds the idle CPU is measured over")
     parser.add_argument("--profile", type=Path, default=None, help="run the notifiers under cProfile, into this dir")
     parser.add_argument("--concurrency", type=int, default=8, help="notifier consumer and outbox concurrency")
     args = parser.parse_args()

@@ -3,7 +3,8 @@ Retry-After, and the rule that decides which waiting groups leave now.
 
 Pure: the time is an argument (monotonic seconds); the shell sleeps until `next_wake` and asks again. A lone alert
 in a quiet period leaves at once; once alerts wait for the rate, a partly filled message lingers while more keep
-arriving (up to a bound), so a storm leaves in the fewest messages.
+arriving (up to a bound) when sending it would spend the last message the rate allows, so a storm leaves in the
+fewest messages and a flow just above the rate is not held back.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def what_leaves(
     now: float,
 ) -> Leaving:
     """Groups decided before leave first (their members are already promised to them); then full messages; the
-    last, partial one leaves at once in a quiet period, and during a storm once arrivals paused for `quiet_s` or
-    its oldest alert waited `max_wait_s`."""
+    last, partial one leaves at once in a quiet period, or when it would not take the last message the destination
+    allows now; otherwise (a storm) once arrivals paused for `quiet_s` or its oldest alert waited `max_wait_s`."""
     resend = min(tokens, resends)
     tokens -= resend
     send = 0
@@ -102,7 +103,7 @@ def what_leaves(
     for chunk in waiting:
         if tokens <= 0:
             break
-        if not chunk.full and throttled:
+        if not chunk.full and throttled and tokens <= 1:
             settle_at = min(last_arrival + pace.quiet_s, chunk.oldest + pace.max_wait_s)
             if now < settle_at:
                 wake_at = settle_at
