@@ -83,16 +83,28 @@ class ReportHandler:
             raise busmod.Retry(f"no workload is known to run {event.digest_ref} yet", wait.workloads_wait_s)
         keys = fingerprint_keys(event, runs)
         found = await asyncio.gather(*(busmod.kv_read(self.notify, key, NotifyFingerprint) for key in keys))
-        previous = {key: fp for key, (fp, _) in zip(keys, found, strict=True) if fp is not None}
+        known = dict(zip(keys, found, strict=True))
+        previous = {key: fp for key, (fp, _) in known.items() if fp is not None}
         decision = drop_stale(decide(event, report, runs, policy, previous, datetime.now(UTC)), previous, event)
         scan_date = (report.scanned_at or event.stored_at).date()
         queued = entries(decision, event, runs, policy, scan_date)
         # Enqueue first, remember second: a crash in between re-decides, and the outbox drops the duplicate ids.
-        for entry in queued:
-            await self.bus.publish(entry.destination, entry, msg_id=msg_id(entry), stream=self.bus.outbox)
-        for key, fp in decision.fingerprints.items():
-            stamped = msgspec.structs.replace(fp, stored_at=event.stored_at)
-            await busmod.kv_update(self.notify, key, NotifyFingerprint, functools.partial(advance, new=stamped))
+        # Each step's writes go together (one flush to the server, not one round trip each).
+        await asyncio.gather(
+            *(self.bus.publish(e.destination, e, msg_id=msg_id(e), stream=self.bus.outbox) for e in queued)
+        )
+        await asyncio.gather(
+            *(
+                busmod.kv_change(
+                    self.notify,
+                    key,
+                    NotifyFingerprint,
+                    functools.partial(advance, new=msgspec.structs.replace(fp, stored_at=event.stored_at)),
+                    known=known.get(key),  # the revision read above: no second read unless someone wrote since
+                )
+                for key, fp in decision.fingerprints.items()
+            )
+        )
         log.info(
             "report decided",
             digest=event.digest_ref,
