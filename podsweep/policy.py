@@ -74,9 +74,11 @@ class WebhookDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag
     url: HttpUrl | SecretRef
     hmac_key: SecretRef
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
-    # Messages per second (and how many may leave back to back); alerts beyond it leave grouped (docs/webhooks.md).
-    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 10.0
-    burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    # Messages per second (and how many may leave back to back), then alerts wait (docs/webhooks.md, "Storms").
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 50.0
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+    # Waiting alerts leave as one `podsweep.breach.group` body: opt in once the receiver reads that type.
+    group_alerts: bool = False
     max_body_bytes: Annotated[int, msgspec.Meta(ge=16384, le=786432)] = 262144  # a grouped body is split to fit
 
 
@@ -88,6 +90,7 @@ class SlackDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
     rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # about what incoming webhooks accept
     burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    group_alerts: bool = True  # waiting alerts leave as one message (people read it)
 
 
 class TeamsDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="teams"):
@@ -98,6 +101,7 @@ class TeamsDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
     rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # about what incoming webhooks accept
     burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    group_alerts: bool = True  # waiting alerts leave as one message (people read it)
 
 
 DojoSeverity = Literal["Info", "Low", "Medium", "High", "Critical"]

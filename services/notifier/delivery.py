@@ -34,7 +34,7 @@ from podsweep.objectstore import ObjectMissing, ObjectStore, ObjectTooLarge
 from podsweep.policy import DefectDojoDestination, Destination, WebhookDestination
 from schemas import subjects
 from schemas.alerts import GroupClaim, GroupMember, GroupRecord
-from schemas.events import AlertOutcome
+from schemas.events import AlertOutcome, AlertSent
 from services.notifier import destinations, grouping, messages, pace
 from services.notifier.destinations import EntryMismatch, HttpRequest, describe
 from services.notifier.outbox import OutboxEntry, audit
@@ -402,7 +402,11 @@ class Pacer:
         try:
             claim = msgspec.json.decode(raw, type=GroupClaim)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            return True  # an upload-era marker or garbage: treat as never grouped
+            if _was_delivered(raw):  # a delivered marker written before alerts were grouped: never resend
+                await self.d.record([held.entry], held.delivery.deliveries, "delivered", "")
+                held.settled.set_result(None)
+                return False
+            return True  # garbage: treat as never grouped
         group_id = claim.group
         record = await self._record(group_id)
         if record is not None and record.delivered:
@@ -496,7 +500,12 @@ class Pacer:
             kind = kind_of(dest)
             cluster = next(iter(self.free.values())).entry.cluster
             max_bytes = dest.max_body_bytes if isinstance(dest, WebhookDestination) else 0
-            chunks = grouping.split(members, lambda ms: messages.group_fits(kind, ms, cluster, max_bytes), limit=tokens)
+            if getattr(dest, "group_alerts", False):
+                chunks = grouping.split(
+                    members, lambda ms: messages.group_fits(kind, ms, cluster, max_bytes), limit=tokens
+                )
+            else:  # one message per alert, at the destination's rate
+                chunks = [[m] for m in members[:tokens]]
         keys = list(self.free)
         waiting, start = [], 0
         for chunk in chunks:
@@ -675,6 +684,15 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
             return
         total += len(chunk)
     response.close()
+
+
+def _was_delivered(raw: bytes) -> bool:
+    """Whether this is what a notifier before grouping wrote under `<destination>.<alert id>` once the alert was
+    delivered (its AlertSent record)."""
+    try:
+        return msgspec.json.decode(raw, type=AlertSent).outcome == "delivered"
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
 
 
 def kind_of(dest: Destination) -> str:
