@@ -368,6 +368,7 @@ class Pacer:
         self.free: dict[str, Held] = {}  # by alert key, in arrival order
         self.resends: dict[str, Resend] = {}
         self.in_flight: dict[str, Resend] = {}  # groups being sent: a member redelivered meanwhile joins its group
+        self.owners: dict[str, Resend] = {}  # alert key → the group this process is claiming or sending it in
         self.records: dict[str, GroupRecord] = {}
         self.bucket: pace.Bucket | None = None
         self.throttled = False
@@ -383,6 +384,10 @@ class Pacer:
         assert entry.alert is not None
         now = time.monotonic()
         held = Held(entry, delivery, settled, now, grouping.member(entry.alert), touched=now)
+        owner = self.owners.get(entry.key)
+        if owner is not None:  # delivered again while its group is being sent from here: settled with that group
+            owner.held.append(held)
+            return settled
         if delivery.deliveries > 1 and not await self._claimed(held):
             return settled
         old = self.free.pop(entry.key, None)
@@ -455,7 +460,8 @@ class Pacer:
                 try:
                     await asyncio.wait(
                         waits,
-                        timeout=min(timeout, 5.0) if timeout is not None else 5.0,
+                        # Never longer than a third of the ack wait: held alerts are kept alive in each round.
+                        timeout=min(timeout if timeout is not None else 5.0, 5.0, self.ack_wait_s / 3),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                 finally:
@@ -520,9 +526,11 @@ class Pacer:
         if sent:
             self.bucket = pace.take(self.bucket, rules, now, sent)
         for group_id in list(self.resends)[: leaving.resends]:
-            self._start(self._resend(dest, self.resends.pop(group_id)))
+            self._start(self._send(dest, self._own(self.resends.pop(group_id))))
         for chunk in chunks[: leaving.chunks]:
-            self._start(self._send_new(dest, [self.free.pop(m.id) for m in chunk]))
+            held = [self.free.pop(m.id) for m in chunk]
+            group = Resend(grouping.group_key(self.destination, [h.entry.key for h in held]), None, held)
+            self._start(self._send_new(dest, self._own(group)))
         if not self.free and not self.resends:
             return None
         if len(self.sending) >= settings.outbox_concurrency:
@@ -545,9 +553,10 @@ class Pacer:
 
     async def _keep_alive(self, now: float) -> None:
         """Reset the ack wait of alerts held for a third of it, so a paced alert is not redelivered meanwhile."""
+        groups = {id(g): g for g in [*self.resends.values(), *self.owners.values()]}.values()
         stale = [
             h
-            for h in [*self.free.values(), *(h for r in self.resends.values() for h in r.held)]
+            for h in [*self.free.values(), *(h for g in groups for h in g.held)]
             if now - h.touched > self.ack_wait_s / 3 and h.delivery.in_progress is not None
         ]
         for held in stale:
@@ -563,9 +572,22 @@ class Pacer:
         await self._settle_failed(everyone, "unknown", reason)
 
     # -- sending ------------------------------------------------------------------------------------------------
-    async def _send_new(self, dest: Destination, held: list[Held]) -> None:
+    def _own(self, group: Resend) -> Resend:
+        for h in group.held:
+            self.owners[h.entry.key] = group
+        return group
+
+    def _release(self, group: Resend) -> list[Held]:
+        """Stop owning the group's members; what it holds now (with members delivered again meanwhile)."""
+        held = list(group.held)
+        for h in held:
+            if self.owners.get(h.entry.key) is group:
+                del self.owners[h.entry.key]
+        return held
+
+    async def _send_new(self, dest: Destination, group: Resend) -> None:
         """Claim the members, record the group (when more than one), then send it."""
-        group_id = grouping.group_key(self.destination, [h.entry.key for h in held])
+        held, group_id = list(group.held), group.group_id
         created_at = datetime.now(UTC).replace(microsecond=0)
         claim = _encoder.encode(GroupClaim(group=group_id))
         record: GroupRecord | None = None
@@ -578,14 +600,12 @@ class Pacer:
                 await self.d.delivered.put(record_key(self.destination, group_id), _encoder.encode(record))
                 self._remember(record)
         except Exception as exc:  # NATS trouble: nothing was sent; the members come back and are decided again
-            for h in held:
+            for h in self._release(group):
                 if not h.settled.done():
                     h.settled.set_exception(busmod.Retry(f"group {group_id} not recorded: {type(exc).__name__}"))
             return
-        await self._send(dest, Resend(group_id, record, held))
-
-    async def _resend(self, dest: Destination, resend: Resend) -> None:
-        await self._send(dest, resend)
+        group.record = record
+        await self._send(dest, group)
 
     async def _send(self, dest: Destination, group: Resend) -> None:
         self.in_flight[group.group_id] = group
@@ -593,6 +613,7 @@ class Pacer:
             await self._send_once(dest, group)
         finally:
             self.in_flight.pop(group.group_id, None)
+            self._release(group)
 
     async def _send_once(self, dest: Destination, group: Resend) -> None:
         held = group.held
@@ -620,9 +641,18 @@ class Pacer:
             await self._settle_failed(held, kind, f"{describe(dest)}: hmac_key: {exc}")
             return
         status, retry_after, error = await self.d.post(request, dest, group.group_id, attempt)
+        if 200 <= (status or 0) < 300:  # before anyone can look: a member delivered again finds it delivered
+            self._remember(
+                GroupRecord(
+                    id=group.group_id,
+                    cluster=held[0].entry.cluster,
+                    created_at=group.record.created_at if group.record is not None else datetime.now(UTC),
+                    delivered=True,
+                )
+            )
         # From here on, a member redelivered meanwhile finds the outcome (the cached record) or a new resend.
         self.in_flight.pop(group.group_id, None)
-        held = list(group.held)
+        held = self._release(group)
         now = datetime.now(UTC)
         if status is not None and 200 <= status < 300:
             grouped = group.record is not None and len(group.record.members) > 1
