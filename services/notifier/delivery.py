@@ -372,6 +372,7 @@ class Pacer:
         self.records: dict[str, GroupRecord] = {}
         self.bucket: pace.Bucket | None = None
         self.throttled = False
+        self.last_sent = -1e9  # when the last message left (monotonic)
         self.last_arrival = 0.0
         self.arrived = asyncio.Event()  # a new alert: wakes the loop unless alerts already wait for the rate
         self.wake = asyncio.Event()  # a send finished, or a group to resend came back: always wakes the loop
@@ -500,13 +501,14 @@ class Pacer:
             return None
         # At most outbox_concurrency messages in flight per destination: a slow receiver gets grouped messages.
         tokens = min(pace.available(self.bucket, rules, now), settings.outbox_concurrency - len(self.sending))
+        groups = bool(getattr(dest, "group_alerts", False))
         chunks: list[list[GroupMember]] = []
         if tokens > 0 and self.free:
             members = [h.member for h in self.free.values()]
             kind = kind_of(dest)
             cluster = next(iter(self.free.values())).entry.cluster
             max_bytes = dest.max_body_bytes if isinstance(dest, WebhookDestination) else 0
-            if getattr(dest, "group_alerts", False):
+            if groups:
                 chunks = grouping.split(
                     members, lambda ms: messages.group_fits(kind, ms, cluster, max_bytes), limit=tokens
                 )
@@ -517,14 +519,17 @@ class Pacer:
         for chunk in chunks:
             start += len(chunk)
             oldest = self.free[keys[start - len(chunk)]].arrived
-            waiting.append(pace.Waiting(oldest=oldest, full=start < len(keys)))
+            # Without grouping nothing is gained by waiting: every message counts as full.
+            waiting.append(pace.Waiting(oldest=oldest, full=start < len(keys) or not groups))
         if not chunks and keys:  # not split (nothing may leave now): at least one message waits
             waiting.append(pace.Waiting(oldest=self.free[keys[0]].arrived, full=False))
-        leaving = pace.what_leaves(rules, tokens, len(self.resends), waiting, self.throttled, self.last_arrival, now)
+        storm = pace.in_storm(rules, self.throttled, self.last_sent, now)
+        leaving = pace.what_leaves(rules, tokens, len(self.resends), waiting, storm, self.last_arrival, now)
         self.throttled = leaving.throttled
         sent = leaving.resends + leaving.chunks
         if sent:
             self.bucket = pace.take(self.bucket, rules, now, sent)
+            self.last_sent = now
         for group_id in list(self.resends)[: leaving.resends]:
             self._start(self._send(dest, self._own(self.resends.pop(group_id))))
         for chunk in chunks[: leaving.chunks]:

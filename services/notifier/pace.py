@@ -69,6 +69,12 @@ def next_token_at(bucket: Bucket, pace: Pace, now: float) -> float:
     return now + (1.0 - current.tokens) / pace.rate_per_s
 
 
+def in_storm(pace: Pace, throttled: bool, last_sent: float, now: float) -> bool:
+    """A storm: alerts waited for the rate at the last look, or a message left less than `quiet_s` ago (the
+    destination is busy even if nothing waits this instant). Otherwise a new alert is the first of a quiet period."""
+    return throttled or now - last_sent < pace.quiet_s
+
+
 class Waiting(msgspec.Struct, frozen=True, kw_only=True):
     """One message-to-be, as split to fit: `oldest` is when its first alert arrived; `full` says the next alert in
     line did not fit in it."""

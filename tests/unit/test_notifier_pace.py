@@ -120,3 +120,16 @@ def test_what_leaves(
     expected: pace.Leaving,
 ) -> None:
     assert pace.what_leaves(SLACK, tokens, resends, waiting, throttled, last_arrival, now) == expected
+
+
+@pytest.mark.parametrize(
+    ("throttled", "last_sent", "now", "storm"),
+    [
+        pytest.param(False, -1e9, 10.0, False, id="never-sent-is-quiet"),
+        pytest.param(False, 5.0, 10.0, False, id="last-message-long-ago-is-quiet"),
+        pytest.param(False, 9.0, 10.0, True, id="a-message-just-left-is-a-storm"),
+        pytest.param(True, -1e9, 10.0, True, id="alerts-waited-for-the-rate"),
+    ],
+)
+def test_in_storm(throttled: bool, last_sent: float, now: float, storm: bool) -> None:
+    assert pace.in_storm(SLACK, throttled, last_sent, now) is storm
