@@ -5,8 +5,12 @@ aiohttp receiver on loopback that verifies every signature. Every event breaches
 of its own digest. Two phases of N events each: `paced` (a steady rate: latency as an operator sees it) and
 `burst` (all at once: alerts per second, and latency under a backlog). Baseline in the same run: a bare signed
 POST from this process to the same receiver (the floor under the notifier's work: S3, KV, outbox, HTTP).
-Run: .venv/bin/python bench/alert_latency.py [--events 1000] [--rate 25]. The last line is one JSON object; it
-also gives the notifier's CPU milliseconds per alert and the load average, since the machine is shared.
+With --compare-with DIR, the notifier of another source tree (e.g. `git worktree add DIR main`) runs the same phases
+first, on its own stream of the same servers: CPU milliseconds per alert (the notifier process's user + system time
+over the alerts received) old and new in one run. A third run allows the webhook 10 messages/s with grouping on,
+so a burst leaves grouped (skip with --skip-grouped).
+Run: .venv/bin/python bench/alert_latency.py [--events 1000] [--rate 25] [--compare-with DIR]. The last line is one
+JSON object, with the load average, since the machine is shared.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from podsweep import embedded
 from podsweep.config import NatsSettings, S3Settings
 from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
-from schemas.alerts import AlertPayload
 from schemas.events import ReportStored, SeverityCounts, Workload
 from schemas.report import Finding, Report
 from schemas.state import WORKLOADS_BUCKET, DigestWorkloads, WorkloadRun
@@ -44,7 +47,20 @@ from services.notifier import signing
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = b"bench-hmac-key-0123456789abcdef"
-_payload = msgspec.json.Decoder(AlertPayload)
+
+
+class _Member(msgspec.Struct):
+    scan_id: str
+
+
+class _Received(msgspec.Struct):
+    """A single alert (`scan_id`) or a grouped one (`members`), whichever the notifier under test sends."""
+
+    scan_id: str = ""
+    members: list[_Member] = []
+
+
+_received = msgspec.json.Decoder(_Received)
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
@@ -78,11 +94,12 @@ class Receiver:
         except signing.SignatureError:
             self.bad_signatures += 1
             return web.Response(status=401)
-        scan_id = _payload.decode(body).scan_id
-        if scan_id in self.received:
-            self.duplicates += 1
-        else:
-            self.received[scan_id] = at
+        received = _received.decode(body)
+        for scan_id in [m.scan_id for m in received.members] if received.members else [received.scan_id]:
+            if scan_id in self.received:
+                self.duplicates += 1
+            else:
+                self.received[scan_id] = at
         if self.expected and len(self.received) >= self.expected:
             self.done.set()
         return web.Response(status=204)
@@ -196,26 +213,113 @@ async def baseline(url: str, n: int) -> dict[str, float]:
     return quantiles(latencies)
 
 
+async def measure(
+    args: argparse.Namespace,
+    data: Path,
+    name: str,
+    cwd: Path,
+    policy_text: str,
+    servers: tuple[embedded.EmbeddedNats, embedded.EmbeddedSeaweed],
+    receiver: Receiver,
+    offset: int,
+) -> dict[str, object]:
+    """One notifier (from the source tree `cwd`) through the warm-up, paced and burst phases, on its own stream, KV
+    prefix and digests of the shared servers."""
+    nats, s3 = servers
+    root = f"bench{name.replace('-', '')}"
+    nats_settings = NatsSettings(
+        url=nats.url, user=nats.user, password=nats.password, subject_root=root, stream=root.upper(), kv_prefix=root
+    )
+    s3_settings = S3Settings(
+        endpoint_url=s3.endpoint_url,
+        bucket="podsweep-bench",
+        access_key_id=s3.identity.access_key_id,
+        secret_access_key=s3.identity.secret_access_key,
+    )
+    policy = data / f"policy-{name}.yaml"
+    policy.write_text(policy_text)
+    bus = await busmod.connect(nats_settings, "bench")
+    await busmod.ensure_stream(bus)
+    store = ObjectStore(s3_settings)
+    await store.ensure_bucket()
+    n = args.events
+    names = [
+        (f"registry.example.com/bench/app@sha256:{offset + i:064x}", f"scan-{offset + i:07d}") for i in range(2 * n)
+    ]
+    t0 = time.perf_counter()
+    events = await prepare(bus, store, names)
+    prepare_s = time.perf_counter() - t0
+    env = {
+        **os.environ,
+        "PODSWEEP_LOG_LEVEL": args.log_level,
+        "PODSWEEP_LOG_FORMAT": "json",
+        "PODSWEEP_CLUSTER": "bench",
+        "PODSWEEP_NATS_URL": nats.url,
+        "PODSWEEP_NATS_USER": nats.user,
+        "PODSWEEP_NATS_PASSWORD": nats.password,
+        "PODSWEEP_NATS_SUBJECT_ROOT": root,
+        "PODSWEEP_NATS_STREAM": root.upper(),
+        "PODSWEEP_NATS_KV_PREFIX": root,
+        "PODSWEEP_S3_ENDPOINT_URL": s3.endpoint_url,
+        "PODSWEEP_S3_BUCKET": "podsweep-bench",
+        "PODSWEEP_S3_ACCESS_KEY_ID": s3.identity.access_key_id,
+        "PODSWEEP_S3_SECRET_ACCESS_KEY": s3.identity.secret_access_key,
+        "PODSWEEP_CONSUMER_CONCURRENCY": str(args.concurrency),
+        "PODSWEEP_NOTIFIER_POLICY_FILE": str(policy),
+        "PODSWEEP_NOTIFIER_OUTBOX_CONCURRENCY": str(args.concurrency),
+        "BENCH_HOOK_KEY": KEY.decode(),
+    }
+    log = (data / f"notifier-{name}.log").open("wb")
+    profile = ["-m", "cProfile", "-o", str(args.profile / f"notifier-{name}.prof")] if args.profile else []
+    notifier = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
+        [sys.executable, *profile, "-m", "podsweep", "run", "notifier"], cwd=cwd, env=env, stdout=log, stderr=log
+    )
+    try:
+        # Warm up: one event through every path, so the consumers exist and connections are open.
+        warm = dict(list(events.items())[:1])
+        await phase(bus, receiver, warm, None, 60)
+        rest = list(events.items())[1:]
+        idle_from = cpu_s(notifier.pid)
+        await asyncio.sleep(args.idle_s)  # what the process costs with nothing to do (timers, polls, heartbeats)
+        idle_ms_per_s = (cpu_s(notifier.pid) - idle_from) * 1000 / args.idle_s
+        cpu_before = cpu_s(notifier.pid)
+        paced_from = time.perf_counter()
+        load_before = load_average()
+        paced = await phase(bus, receiver, dict(rest[: n - 1]), args.rate, 120)
+        cpu_paced = cpu_s(notifier.pid)
+        paced_s = time.perf_counter() - paced_from
+        burst = await phase(bus, receiver, dict(rest[n - 1 : 2 * n - 1]), None, 300)
+        cpu_burst = cpu_s(notifier.pid)
+    finally:
+        notifier.terminate()
+        try:
+            notifier.wait(20)
+        except subprocess.TimeoutExpired:
+            notifier.kill()
+        await bus.close()
+    return {
+        "tree": str(cwd),
+        "paced": paced,
+        "burst": burst,
+        # The notifier's own CPU (user + system) per alert received, at the paced rate and in the burst.
+        "cpu_ms_per_alert_paced": round((cpu_paced - cpu_before) * 1000 / max(1, int(paced["received"])), 3),  # type: ignore[call-overload]
+        "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
+        # The paced phase less what the process costs idle over the same time: the work alerts themselves cause.
+        "cpu_ms_per_alert_paced_over_idle": round(
+            ((cpu_paced - cpu_before) * 1000 - idle_ms_per_s * paced_s) / max(1, int(paced["received"])),  # type: ignore[call-overload]
+            3,
+        ),
+        "cpu_ms_per_alert_burst": round((cpu_burst - cpu_paced) * 1000 / max(1, int(burst["received"])), 3),  # type: ignore[call-overload]
+        "prepare_s": round(prepare_s, 1),
+        "load_average_1m": {"before": load_before, "after": load_average()},
+    }
+
+
 async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
     nats = embedded.start_nats(data / "nats")
     s3 = embedded.start_seaweedfs(data / "s3")
-    notifier: subprocess.Popen[bytes] | None = None
     runner: web.AppRunner | None = None
     try:
-        nats_settings = NatsSettings(
-            url=nats.url,
-            user=nats.user,
-            password=nats.password,
-            subject_root="bench",
-            stream="BENCH",
-            kv_prefix="bench",
-        )
-        s3_settings = S3Settings(
-            endpoint_url=s3.endpoint_url,
-            bucket="podsweep-bench",
-            access_key_id=s3.identity.access_key_id,
-            secret_access_key=s3.identity.secret_access_key,
-        )
         receiver = Receiver()
         app = web.Application()
         app.router.add_post("/hook", receiver.handle)
@@ -225,98 +329,60 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
         port = embedded.free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         url = f"http://127.0.0.1:{port}"
-
-        policy = data / "policy.yaml"
-        policy.write_text(
-            "version: 1\ndefaults: {threshold: {max_critical: 0}, destinations: [hook]}\n"
-            f'destinations:\n  - {{name: hook, kind: webhook, url: "{url}/hook", hmac_key: {{env: BENCH_HOOK_KEY}}}}\n'
-        )
-        bus = await busmod.connect(nats_settings, "bench")
-        await busmod.ensure_stream(bus)
-        store = ObjectStore(s3_settings)
-        await store.ensure_bucket()
-        n = args.events
-        names = [(f"registry.example.com/bench/app@sha256:{i:064x}", f"scan-{i:06d}") for i in range(2 * n)]
-        t0 = time.perf_counter()
-        events = await prepare(bus, store, names)
-        prepare_s = time.perf_counter() - t0
-
-        env = {
-            **os.environ,
-            "PODSWEEP_LOG_LEVEL": args.log_level,
-            "PODSWEEP_LOG_FORMAT": "json",
-            "PODSWEEP_CLUSTER": "bench",
-            "PODSWEEP_NATS_URL": nats.url,
-            "PODSWEEP_NATS_USER": nats.user,
-            "PODSWEEP_NATS_PASSWORD": nats.password,
-            "PODSWEEP_NATS_SUBJECT_ROOT": "bench",
-            "PODSWEEP_NATS_STREAM": "BENCH",
-            "PODSWEEP_NATS_KV_PREFIX": "bench",
-            "PODSWEEP_S3_ENDPOINT_URL": s3.endpoint_url,
-            "PODSWEEP_S3_BUCKET": "podsweep-bench",
-            "PODSWEEP_S3_ACCESS_KEY_ID": s3.identity.access_key_id,
-            "PODSWEEP_S3_SECRET_ACCESS_KEY": s3.identity.secret_access_key,
-            "PODSWEEP_CONSUMER_CONCURRENCY": str(args.concurrency),
-            "PODSWEEP_NOTIFIER_POLICY_FILE": str(policy),
-            "PODSWEEP_NOTIFIER_OUTBOX_CONCURRENCY": str(args.concurrency),
-            "BENCH_HOOK_KEY": KEY.decode(),
-        }
-        log = (data / "notifier.log").open("wb")
-        notifier = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
-            [sys.executable, "-m", "podsweep", "run", "notifier"], cwd=REPO, env=env, stdout=log, stderr=log
-        )
-        # Warm up: one event through every path, so the consumers exist and connections are open.
-        warm = dict(list(events.items())[:1])
-        await phase(bus, receiver, warm, None, 60)
-        rest = list(events.items())[1:]
-        pids = {
-            "notifier": notifier.pid,
-            "nats": nats.process.proc.pid,
-            "s3": s3.process.proc.pid,
-            "bench": os.getpid(),
-        }
-        cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
-        load_before = load_average()
-        paced = await phase(bus, receiver, dict(rest[: n - 1]), args.rate, 120)
-        burst = await phase(bus, receiver, dict(rest[n - 1 : 2 * n - 1]), None, 300)
-        alerts = paced["received"] + burst["received"]  # type: ignore[operator]
-        cpu_ms_per_alert = {
-            name: round((cpu_s(pid) - cpu_before[name]) * 1000 / max(1, alerts), 2) for name, pid in pids.items()
-        }
+        hook = f'  - {{name: hook, kind: webhook, url: "{url}/hook", hmac_key: {{env: BENCH_HOOK_KEY}}'
+        head = "version: 1\ndefaults: {threshold: {max_critical: 0}, destinations: [hook]}\ndestinations:\n"
+        # Apples to apples: a rate high enough that nothing waits; then 10 messages/s, waiting alerts grouped.
+        ungrouped = head + hook + ", rate_per_s: 1000, burst: 1000}\n"
+        grouped = head + hook + ", rate_per_s: 10, burst: 10, group_alerts: true}\n"
+        servers = (nats, s3)
+        results: dict[str, object] = {}
+        if args.compare_with is not None:
+            results["old"] = await measure(
+                args, data, "old", args.compare_with, head + hook + "}\n", servers, receiver, 0
+            )
+        results["new"] = await measure(args, data, "new", REPO, ungrouped, servers, receiver, 10_000_000)
+        if not args.skip_grouped:
+            results["new_grouped"] = await measure(
+                args, data, "new-grouped", REPO, grouped, servers, receiver, 20_000_000
+            )
         base = await baseline(url, 500)
-        await bus.close()
-        return {
+        new = results["new"]
+        assert isinstance(new, dict)
+        summary: dict[str, object] = {
             "bench": "alert_latency",
-            "events_per_phase": n - 1,
-            "paced": paced,
-            "burst": burst,
+            "events_per_phase": args.events - 1,
+            **results,
             "baseline_direct_post": base,
-            "p50_ms": paced["p50_ms"],
-            "p99_ms": paced["p99_ms"],
-            "alerts_per_s": burst["alerts_per_s"],
-            "target": {"p50_ms": 50, "p99_ms": 250},
+            "p50_ms": new["paced"]["p50_ms"],
+            "p99_ms": new["paced"]["p99_ms"],
+            "alerts_per_s": new["burst"]["alerts_per_s"],
+            "cpu_ms_per_alert": new["cpu_ms_per_alert_paced"],
+            "target": {"p50_ms": 50, "p99_ms": 250, "cpu_ms_per_alert": 1.0},
             "bad_signatures": receiver.bad_signatures,
             "duplicates": receiver.duplicates,
-            "prepare_s": round(prepare_s, 1),
-            "cpu_ms_per_alert": cpu_ms_per_alert,  # bench = publisher + receiver + this script
-            "load_average_1m": {"before": load_before, "after": load_average()},
             "concurrency": args.concurrency,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
         }
+        old = results.get("old")
+        if isinstance(old, dict):
+            summary["cpu_ms_per_alert_old"] = old["cpu_ms_per_alert_paced"]
+            summary["cpu_ratio_old_to_new"] = round(
+                old["cpu_ms_per_alert_paced"] / max(1e-9, new["cpu_ms_per_alert_paced"]), 2
+            )
+        return summary
     finally:
-        if notifier is not None:
-            notifier.terminate()
-            try:
-                notifier.wait(20)
-            except subprocess.TimeoutExpired:
-                notifier.kill()
         if runner is not None:
             await runner.cleanup()
-        if args.keep is not None and (data / "notifier.log").exists():
-            args.keep.write_bytes((data / "notifier.log").read_bytes())
+        if args.keep is not None:
+            keep_logs(data, args.keep)
         s3.stop()
         nats.stop()
+
+
+def keep_logs(data: Path, into: Path) -> None:
+    for log in data.glob("notifier-*.log"):
+        (into / log.name).write_bytes(log.read_bytes())
 
 
 def main() -> None:
@@ -326,7 +392,16 @@ def main() -> None:
         "--rate", type=float, default=25.0, help="events per second in the paced phase (below capacity)"
     )
     parser.add_argument("--log-level", default="warning", help="the notifier's log level (info: per-event timings)")
-    parser.add_argument("--keep", type=Path, default=None, help="copy the notifier's log here")
+    parser.add_argument("--keep", type=Path, default=None, help="copy the notifiers' logs into this directory")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        help="another source tree (e.g. a `git worktree` of main): its notifier runs the same phases first",
+    )
+    parser.add_argument("--skip-grouped", action="store_true", help="skip the run at the default webhook rate")
+    parser.add_argument("--idle-s", type=float, default=10.0, help="seconds the idle CPU is measured over")
+    parser.add_argument("--profile", type=Path, default=None, help="run the notifiers under cProfile, into this dir")
     parser.add_argument("--concurrency", type=int, default=8, help="notifier consumer and outbox concurrency")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as tmp:

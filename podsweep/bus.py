@@ -173,6 +173,8 @@ class Delivery:
     stream_seq: int
     deliveries: int
     headers: Mapping[str, str]
+    # Resets the ack wait: for a handler that holds its event a while (the notifier pacing a destination).
+    in_progress: Callable[[], Awaitable[None]] | None = None
 
 
 # A handler that returns a future hands its event over: the message is acked when the future resolves and retried
@@ -841,7 +843,9 @@ async def _handle(
             await msg.term()
             processed.add(1, {"service": service, "subject": name, "outcome": "invalid"})
             return
-        delivery = Delivery(subject=name, stream_seq=stream_seq, deliveries=deliveries, headers=headers)
+        delivery = Delivery(
+            subject=name, stream_seq=stream_seq, deliveries=deliveries, headers=headers, in_progress=msg.in_progress
+        )
         try:
             later = await route.handle(event, delivery)
         except Exception as exc:

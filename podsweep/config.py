@@ -134,6 +134,10 @@ class NotifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     retry_max_attempts: int = 8
     retry_max_after_s: float = 3600.0  # a longer Retry-After gives up
     delivered_ttl_h: float = 168.0  # how long "already delivered" markers are kept (beyond any redelivery)
+    # In a storm (alerts wait for a destination's rate), a partly filled grouped message leaves once no alert
+    # arrived for group_quiet_s, or once its oldest alert waited group_max_wait_s.
+    group_quiet_s: float = 2.0
+    group_max_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.outbox_ack_wait_s < 6:
@@ -142,6 +146,10 @@ class NotifierSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             raise ValueError("outbox_concurrency, retry_max_attempts and workloads_wait_deliveries must be >= 1")
         if min(self.retry_base_s, self.retry_cap_s, self.policy_poll_s, self.delivered_ttl_h) <= 0:
             raise ValueError("retry_base_s, retry_cap_s, policy_poll_s and delivered_ttl_h must be > 0")
+        if not 0 < self.group_quiet_s <= self.group_max_wait_s:
+            raise ValueError(
+                f"group_quiet_s {self.group_quiet_s} must be > 0 and at most group_max_wait_s {self.group_max_wait_s}"
+            )
 
 
 class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

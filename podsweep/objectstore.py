@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, urlencode, urlsplit
 
+import aiohttp
 import boto3
 import botocore.exceptions
 from botocore.config import Config
@@ -217,6 +218,45 @@ class ObjectStore:
     async def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """The object's bytes; ObjectMissing when absent, ObjectTooLarge past `max_bytes` (never read whole)."""
         return await asyncio.to_thread(self._get_sync, key, max_bytes)
+
+    async def fetch(self, client: aiohttp.ClientSession, key: str, max_bytes: int) -> bytes | None:
+        """The object's bytes (None when absent) over a caller's aiohttp session and a presigned GET valid for a
+        minute: for a hot path, a fraction of boto3's CPU per read. Falls back to `get` when the credentials are not
+        static keys (no signer of our own). ObjectTooLarge past `max_bytes`, never read whole."""
+        signer = self.signer()
+        if signer is None:
+            return await self.get_if_exists(key, max_bytes)
+        url = signer.presign("GET", checked_key(key), 60, datetime.now(UTC))
+        try:
+            async with client.get(url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                return await self._fetched(response, key, max_bytes)
+        except (aiohttp.ClientError, TimeoutError):
+            requests_counter.add(1, {"operation": "GetObject", "outcome": "error"})
+            raise
+
+    async def _fetched(self, response: aiohttp.ClientResponse, key: str, max_bytes: int) -> bytes | None:
+        requests_counter.add(
+            1,
+            {
+                "operation": "GetObject",
+                "outcome": "ok" if response.status < 400 else f"http_{response.status // 100}xx",
+            },
+        )
+        if response.status == 404:
+            return None
+        if response.status != 200:
+            raise RuntimeError(f"s3: GET {key} in bucket {self.bucket} answered HTTP {response.status}")
+        if (response.content_length or 0) > max_bytes:
+            raise ObjectTooLarge(f"s3: {key} is {response.content_length} bytes, over the cap of {max_bytes}")
+        data = await response.content.read(max_bytes + 1)
+        while len(data) <= max_bytes and not response.content.at_eof():
+            more = await response.content.read(max_bytes + 1 - len(data))
+            if not more:
+                break
+            data += more
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(f"s3: {key} is over the cap of {max_bytes} bytes")
+        return data
 
     async def get_if_exists(self, key: str, max_bytes: int | None = None) -> bytes | None:
         try:

@@ -74,6 +74,12 @@ class WebhookDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag
     url: HttpUrl | SecretRef
     hmac_key: SecretRef
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    # Messages per second (and how many may leave back to back), then alerts wait (docs/webhooks.md, "Storms").
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 50.0
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+    # Waiting alerts leave as one `podsweep.breach.group` body: opt in once the receiver reads that type.
+    group_alerts: bool = False
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=16384, le=786432)] = 262144  # a grouped body is split to fit
 
 
 class SlackDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="slack"):
@@ -82,6 +88,9 @@ class SlackDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="
     name: K8sLabelName
     url: SecretRef
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # about what incoming webhooks accept
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    group_alerts: bool = True  # waiting alerts leave as one message (people read it)
 
 
 class TeamsDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="teams"):
@@ -90,6 +99,9 @@ class TeamsDestination(_Spec, frozen=True, kw_only=True, tag_field="kind", tag="
     name: K8sLabelName
     url: SecretRef
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # about what incoming webhooks accept
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    group_alerts: bool = True  # waiting alerts leave as one message (people read it)
 
 
 DojoSeverity = Literal["Info", "Low", "Medium", "High", "Critical"]

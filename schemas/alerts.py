@@ -124,3 +124,70 @@ class NotifyFingerprint(msgspec.Struct, frozen=True, kw_only=True):
     scan_id: ScanId | None = None
     # `stored_at` of the report this was concluded from: an older report delivered late never overwrites it.
     stored_at: datetime | None = None
+
+
+GROUP_TYPE = "podsweep.breach.group"
+
+
+class GroupCve(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One CVE named in a grouped alert: its worst severity among the members, how many members it affects, and the
+    key of its page in the bucket's static index (`index/cve/<id>.html`; empty for an id that cannot be a key)."""
+
+    id: ShortText
+    severity: Severity
+    workloads: int
+    page_key: ShortText = ""
+
+
+class GroupMember(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One alerted workload in a grouped alert: who, which image, and the findings that made it breach (new first,
+    at most `MAX_GROUP_MEMBER_CVES` ids; `more` counts the rest). `id` is the member's own alert key."""
+
+    id: AlertKey
+    namespace: K8sLabelName
+    workload: Workload
+    digest_ref: DigestRef
+    image: ImageRef
+    counts: SeverityCounts
+    new_count: int = 0
+    cves: list[ShortText] = []
+    severities: list[Severity] = []  # the severity of each id in `cves`, in the same order
+    more: int = 0
+    scan_id: ScanId
+    report_key: ObjectKey
+
+
+MAX_GROUP_MEMBER_CVES = 10
+
+
+class GroupPayload(msgspec.Struct, frozen=True, kw_only=True):
+    """The generic webhook body of a grouped alert (version 1): several workloads breached at once, more than the
+    destination's rate allows to send one by one. `id` is the group's idempotency key, derived from its members'
+    alert keys; every member appears in exactly one delivered group per destination."""
+
+    v: int = 1
+    type: Literal["podsweep.breach.group"] = "podsweep.breach.group"
+    id: AlertKey
+    cluster: ClusterName
+    cves: list[GroupCve]
+    members: list[GroupMember]
+    created_at: datetime
+
+
+class GroupRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A group decided for one destination (KV bucket `delivered`, key `<destination>.g.<id>`), written before its
+    first POST so a restarted notifier resends exactly these members under the same key; `delivered` once a 2xx
+    came back. A one-member group keeps no members (its outbox entry is the whole message)."""
+
+    id: AlertKey
+    cluster: ClusterName
+    members: list[GroupMember] = []
+    created_at: datetime
+    delivered: bool = False
+
+
+class GroupClaim(msgspec.Struct, frozen=True, kw_only=True):
+    """Which group an alert belongs to for one destination (KV bucket `delivered`, key `<destination>.<alert id>`),
+    written before the group's record and its POST: a redelivered alert with a claim is sent in that group only."""
+
+    group: AlertKey

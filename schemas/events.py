@@ -217,6 +217,7 @@ class AlertSent(Event, frozen=True, kw_only=True):
     outcome: AlertOutcome = "delivered"
     error: Text = ""
     sent_at: datetime
+    group: ShortText | None = None  # the grouped message that carried it (its idempotency key), if any
 
 
 class DeadLetter(Event, frozen=True, kw_only=True):

@@ -33,6 +33,7 @@ DOCUMENTS: dict[str, Any] = {
     "state.workloads": state.DigestWorkloads,
     "state.lease": state.DispatcherLease,
     "alert.webhook": alerts.AlertPayload,  # the generic webhook body (docs/webhooks.md)
+    "alert.webhook-group": alerts.GroupPayload,  # the generic webhook body of a grouped alert (docs/webhooks.md)
     "state.notify": alerts.NotifyFingerprint,
     "state.summary": index.DigestSummary,  # KV summaries: the latest report of a digest, compact
     "index.summary": index.SummaryIndex,  # index/summary.json

@@ -7,6 +7,7 @@ builds holds secrets (URLs, tokens), so it is never logged; `describe` names a d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import msgspec
 
@@ -17,9 +18,10 @@ from podsweep.policy import (
     TeamsDestination,
     WebhookDestination,
 )
+from schemas.alerts import GroupMember
 from services.notifier import messages
 from services.notifier.outbox import OutboxEntry
-from services.notifier.signing import IDEMPOTENCY_HEADER, signed_headers
+from services.notifier.signing import EVENT_HEADER, IDEMPOTENCY_HEADER, signed_headers
 
 
 class HttpRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,4 +90,34 @@ def http_request(
         headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: entry.key}
     else:  # pragma: no cover - the Destination union is exhaustive
         raise EntryMismatch(f"destination kind {type(dest).__name__} is not supported")
+    return HttpRequest(url=url, headers=headers, timeout_s=timeout, body=body)
+
+
+def group_request(
+    dest: Destination,
+    group_id: str,
+    cluster: str,
+    members: Sequence[GroupMember],
+    created_at: datetime,
+    *,
+    url: str,
+    hmac_keys: Sequence[bytes] = (),
+    now_s: int,
+    timeout_cap_s: float,
+) -> HttpRequest:
+    """The request for a group of several alerts to `dest`: the body names every member and carries the group's
+    idempotency key; a generic webhook's body is signed like a single alert's."""
+    timeout = min(dest.timeout_s, timeout_cap_s)
+    if isinstance(dest, WebhookDestination):
+        body = messages.group_webhook_body(group_id, cluster, members, created_at)
+        headers = signed_headers(hmac_keys, body, group_id, now_s)
+        headers[EVENT_HEADER] = "alert-group"
+    elif isinstance(dest, SlackDestination):
+        body = messages.encode(messages.slack_group_message(group_id, cluster, members, created_at))
+        headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: group_id}
+    elif isinstance(dest, TeamsDestination):
+        body = messages.encode(messages.teams_group_message(group_id, cluster, members, created_at))
+        headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: group_id}
+    else:
+        raise EntryMismatch(f"destination {describe(dest)} takes report uploads, not grouped alerts")
     return HttpRequest(url=url, headers=headers, timeout_s=timeout, body=body)

@@ -12,7 +12,7 @@ import os
 import time
 from datetime import UTC, datetime
 
-import httpx
+import aiohttp
 import msgspec
 from nats.js.kv import KeyValue
 
@@ -21,7 +21,7 @@ from podsweep import bus as busmod
 from podsweep.config import ConsumerSettings, Settings
 from podsweep.health import HEALTH
 from podsweep.natsaccess import Bucket, Durable, NatsAccess
-from podsweep.objectstore import ObjectMissing, ObjectStore
+from podsweep.objectstore import ObjectStore
 from podsweep.policy import Policy
 from podsweep.service import open_service
 from schemas import subjects
@@ -31,7 +31,7 @@ from schemas.refs import digest_hex
 from schemas.report import Report
 from schemas.state import DELIVERED_BUCKET, NOTIFY_BUCKET, WORKLOADS_BUCKET, DigestWorkloads
 from services.notifier.decide import decide
-from services.notifier.delivery import Deliverer
+from services.notifier.delivery import Deliverer, session
 from services.notifier.outbox import OutboxEntry, advance, drop_stale, entries, fingerprint_keys, msg_id
 from services.notifier.policysource import PolicySource
 
@@ -59,7 +59,9 @@ class ReportHandler:
         settings: Settings,
         workloads: KeyValue,
         notify: KeyValue,
+        client: aiohttp.ClientSession,
     ) -> None:
+        self.client = client
         self.bus = bus
         self.store = store
         self.policies = policies
@@ -81,16 +83,28 @@ class ReportHandler:
             raise busmod.Retry(f"no workload is known to run {event.digest_ref} yet", wait.workloads_wait_s)
         keys = fingerprint_keys(event, runs)
         found = await asyncio.gather(*(busmod.kv_read(self.notify, key, NotifyFingerprint) for key in keys))
-        previous = {key: fp for key, (fp, _) in zip(keys, found, strict=True) if fp is not None}
+        known = dict(zip(keys, found, strict=True))
+        previous = {key: fp for key, (fp, _) in known.items() if fp is not None}
         decision = drop_stale(decide(event, report, runs, policy, previous, datetime.now(UTC)), previous, event)
         scan_date = (report.scanned_at or event.stored_at).date()
         queued = entries(decision, event, runs, policy, scan_date)
         # Enqueue first, remember second: a crash in between re-decides, and the outbox drops the duplicate ids.
-        for entry in queued:
-            await self.bus.publish(entry.destination, entry, msg_id=msg_id(entry), stream=self.bus.outbox)
-        for key, fp in decision.fingerprints.items():
-            stamped = msgspec.structs.replace(fp, stored_at=event.stored_at)
-            await busmod.kv_update(self.notify, key, NotifyFingerprint, functools.partial(advance, new=stamped))
+        # Each step's writes go together (one flush to the server, not one round trip each).
+        await asyncio.gather(
+            *(self.bus.publish(e.destination, e, msg_id=msg_id(e), stream=self.bus.outbox) for e in queued)
+        )
+        await asyncio.gather(
+            *(
+                busmod.kv_change(
+                    self.notify,
+                    key,
+                    NotifyFingerprint,
+                    functools.partial(advance, new=msgspec.structs.replace(fp, stored_at=event.stored_at)),
+                    known=known.get(key),  # the revision read above: no second read unless someone wrote since
+                )
+                for key, fp in decision.fingerprints.items()
+            )
+        )
         log.info(
             "report decided",
             digest=event.digest_ref,
@@ -109,13 +123,12 @@ class ReportHandler:
 
     async def _report(self, event: ReportStored) -> Report:
         """The report this event is about: its history copy (latest.json may already be a newer scan)."""
-        data = await self.store.get_if_exists(event.history_key, self.max_report_bytes)
+        data = await self.store.fetch(self.client, event.history_key, self.max_report_bytes)
         key = event.history_key
         if data is None:
             key = event.report_key
-            try:
-                data = await self.store.get(key, self.max_report_bytes)
-            except ObjectMissing:
+            data = await self.store.fetch(self.client, key, self.max_report_bytes)
+            if data is None:
                 raise RuntimeError(
                     f"report {event.history_key} (and {event.report_key}) is not in bucket {self.store.bucket}; "
                     "the parser stores it before publishing report.stored: check the bucket name"
@@ -133,7 +146,9 @@ def outbox_consumer_settings(settings: Settings) -> ConsumerSettings:
         max_deliver=n.retry_max_attempts + 1,
         backoff_s=[n.retry_base_s],
         ack_wait_s=n.outbox_ack_wait_s,
-        batch=max(n.outbox_concurrency * 2, 16),
+        # Alerts are handed to the destination's pacer at once (it settles them later): pull many, so a storm's
+        # alerts gather in a few rounds; uploads still take a handler each.
+        batch=max(n.outbox_concurrency * 2, 256),
         concurrency=n.outbox_concurrency,
     )
 
@@ -177,6 +192,11 @@ async def _watch_policy(policies: PolicySource, outboxes: Outboxes, every_s: flo
         await aio.sleep_unless(stop, every_s)
 
 
+async def _close_when_stopped(deliverer: Deliverer, stop: asyncio.Event) -> None:
+    await stop.wait()
+    await deliverer.close()
+
+
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     policies = PolicySource(settings.notifier.policy_file)
     policies.load()  # an invalid policy stops the start, naming its line and key
@@ -187,11 +207,11 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         workloads = await bus.kv(WORKLOADS_BUCKET)
         notify = await bus.kv(NOTIFY_BUCKET)
         delivered = await bus.kv(DELIVERED_BUCKET, ttl_s=settings.notifier.delivered_ttl_h * 3600)
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        async with httpx.AsyncClient(follow_redirects=False, limits=limits, trust_env=False) as client:
-            deliverer = Deliverer(bus, store, policies, settings, client, delivered, os.environ)
-            reports = ReportHandler(bus, store, policies, settings, workloads, notify)
+        async with session(settings) as client:
+            deliverer = Deliverer(bus, store, policies, settings, client, delivered, os.environ, stop)
+            reports = ReportHandler(bus, store, policies, settings, workloads, notify, client)
             async with asyncio.TaskGroup() as group:
+                group.create_task(_close_when_stopped(deliverer, stop))
                 outboxes = Outboxes(bus, deliverer, settings, stop, group)
                 outboxes.ensure(policies.refresh())
                 group.create_task(_watch_policy(policies, outboxes, settings.notifier.policy_poll_s, stop))

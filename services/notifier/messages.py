@@ -6,15 +6,17 @@ Slack's mrkdwn and kept out of Adaptive Card markdown (TextRun), and never reach
 
 from __future__ import annotations
 
-from datetime import date
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
 from typing import Literal
 
 import msgspec
 
 from podsweep.policy import DefectDojoDestination
-from schemas.alerts import AlertFinding, AlertPayload
+from schemas.alerts import AlertFinding, AlertPayload, GroupMember, GroupPayload
 from schemas.events import SEVERITIES
 from schemas.refs import digest_hex
+from services.notifier import grouping
 from services.notifier.decide import ReportUpload
 
 _ENCODER = msgspec.json.Encoder()
@@ -309,3 +311,130 @@ def defectdojo_headers(token: str) -> dict[str, str]:
 
 def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grouped alerts: several workloads in one message, within each kind's limits
+
+SLACK_MAX_BLOCKS = 50  # Slack refuses a message with more blocks
+SLACK_MAX_CHARS = 40_000  # Slack's limit on a message's text; applied to all of a message's texts together
+TEAMS_MAX_BYTES = 27_000  # Teams refuses a workflow message over 28 KB; room for the envelope
+_SLACK_MAX_CVE_LINES = 25
+
+
+def group_payload(group_id: str, cluster: str, members: Sequence[GroupMember], created_at: datetime) -> GroupPayload:
+    return GroupPayload(
+        id=group_id, cluster=cluster, cves=grouping.cves(members), members=list(members), created_at=created_at
+    )
+
+
+def group_webhook_body(group_id: str, cluster: str, members: Sequence[GroupMember], created_at: datetime) -> bytes:
+    return encode(group_payload(group_id, cluster, members, created_at))
+
+
+def _member_cves(m: GroupMember) -> str:
+    more = f" +{m.more}" if m.more else ""
+    return ", ".join(m.cves) + more
+
+
+def _group_headline(members: Sequence[GroupMember], cluster: str) -> str:
+    return f"{len(members)} workloads breach vulnerability policy in {cluster}"
+
+
+def slack_group_message(
+    group_id: str, cluster: str, members: Sequence[GroupMember], created_at: datetime
+) -> SlackMessage:
+    """A header, the CVEs (worst first, each with its page's key in the index), then one line per workload packed
+    into sections, and the group key."""
+    found = grouping.cves(members)
+    cve_lines = [
+        f"• *{c.severity}* {slack_escape(c.id)} · {c.workloads} workloads"
+        + (f" · `{slack_escape(c.page_key)}`" if c.page_key else "")
+        for c in found[:_SLACK_MAX_CVE_LINES]
+    ]
+    if len(found) > _SLACK_MAX_CVE_LINES:
+        cve_lines.append(f"…and {len(found) - _SLACK_MAX_CVE_LINES} more CVEs (each workload line names its own)")
+    headline = _group_headline(members, cluster)
+    blocks: list[SlackBlock] = [
+        SlackHeader(text=SlackText(type="plain_text", text=_truncate(headline, _SLACK_HEADER_LIMIT))),
+        SlackSection(text=SlackText(type="mrkdwn", text=_truncate("\n".join(cve_lines), _SLACK_SECTION_LIMIT))),
+        SlackDivider(),
+    ]
+    chunk: list[str] = []
+    size = 0
+    for m in members:
+        line = _truncate(
+            f"• {slack_escape(m.namespace)} / {slack_escape(m.workload.kind)} {slack_escape(m.workload.name)}"
+            f" · {slack_escape(m.image)} · {slack_escape(_member_cves(m))}",
+            1200,
+        )
+        if chunk and size + 1 + len(line) > _SLACK_SECTION_LIMIT:
+            blocks.append(SlackSection(text=SlackText(type="mrkdwn", text="\n".join(chunk))))
+            chunk, size = [], 0
+        size += len(line) + (1 if chunk else 0)
+        chunk.append(line)
+    if chunk:
+        blocks.append(SlackSection(text=SlackText(type="mrkdwn", text="\n".join(chunk))))
+    blocks.append(
+        SlackContext(elements=[SlackText(type="mrkdwn", text=f"group {group_id} · {created_at:%Y-%m-%d %H:%M:%SZ}")])
+    )
+    return SlackMessage(text=slack_escape(headline), blocks=blocks)
+
+
+def slack_fits(message: SlackMessage) -> bool:
+    return len(message.blocks) <= SLACK_MAX_BLOCKS and slack_chars(message) <= SLACK_MAX_CHARS
+
+
+def slack_chars(message: SlackMessage) -> int:
+    """Every character of text a message carries (its fallback text and each block's)."""
+    total = len(message.text)
+    for block in message.blocks:
+        if isinstance(block, SlackHeader | SlackSection):
+            total += len(block.text.text)
+        elif isinstance(block, SlackContext):
+            total += sum(len(e.text) for e in block.elements)
+    return total
+
+
+def teams_group_message(
+    group_id: str, cluster: str, members: Sequence[GroupMember], created_at: datetime
+) -> TeamsMessage:
+    found = grouping.cves(members)
+    body: list[CardElement] = [
+        TextBlock(text="podsweep: vulnerability policy breach", size="Medium", weight="Bolder", color="Attention"),
+        RichTextBlock(inlines=[TextRun(text=_group_headline(members, cluster))]),
+    ]
+    body += [
+        RichTextBlock(
+            inlines=[
+                TextRun(text=c.severity, weight="Bolder", color=_SEVERITY_COLOR.get(c.severity, "Default")),
+                TextRun(text=f" {c.id} · {c.workloads} workloads" + (f" · {c.page_key}" if c.page_key else "")),
+            ]
+        )
+        for c in found[:_SLACK_MAX_CVE_LINES]
+    ]
+    body += [
+        RichTextBlock(
+            inlines=[
+                TextRun(text=f"{m.namespace} / {m.workload.kind} {m.workload.name}", weight="Bolder"),
+                TextRun(text=f" · {m.image} · {_member_cves(m)}"),
+            ]
+        )
+        for m in members
+    ]
+    body.append(RichTextBlock(inlines=[TextRun(text=f"group {group_id}")]))
+    return TeamsMessage(attachments=[TeamsAttachment(content=AdaptiveCard(body=body))])
+
+
+def group_fits(kind: str, members: Sequence[GroupMember], cluster: str, max_body_bytes: int) -> bool:
+    """Whether these members fit one message of this kind (the key and time do not change the size)."""
+    placeholder, at = "0" * 32, _PLACEHOLDER_TIME
+    if kind == "slack":
+        return slack_fits(slack_group_message(placeholder, cluster, members, at))
+    if kind == "teams":
+        return len(encode(teams_group_message(placeholder, cluster, members, at))) <= TEAMS_MAX_BYTES
+    return len(group_webhook_body(placeholder, cluster, members, at)) + _TIME_SLACK <= max_body_bytes
+
+
+_PLACEHOLDER_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+_TIME_SLACK = 16  # a real `created_at` may carry fractional seconds

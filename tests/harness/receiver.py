@@ -48,6 +48,10 @@ class Receiver:
         self.delay_s = 0.0
         self.release = asyncio.Event()
         self.on_arrival: Callable[[Arrival], None] | None = None  # called as each request arrives, before answering
+        # Slack-like throttling per path: (seconds between messages, Retry-After): a request sooner than that after
+        # the last accepted one is answered 429 with that Retry-After.
+        self.rate_limit: dict[str, tuple[float, str]] = {}
+        self._last_accepted: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
 
     def accepted(self, path: str | None = None) -> list[Arrival]:
@@ -98,6 +102,10 @@ class Receiver:
         steps = self.plan.get(request.path, [])
         step = steps.pop(0) if steps else 200
         headers: dict[str, str] = {}
+        if request.path in self.rate_limit:
+            interval, retry_after = self.rate_limit[request.path]
+            if arrival.at - self._last_accepted.get(request.path, -1e9) < interval:
+                step = ("retry-after", 429, retry_after)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if isinstance(step, tuple) and step[0] == "hold":
@@ -118,6 +126,8 @@ class Receiver:
         transport = request.transport
         arrival.aborted = transport is None or transport.is_closing()
         arrival.status = status
+        if 200 <= status < 300 and not arrival.aborted:
+            self._last_accepted[request.path] = arrival.at
         return web.Response(status=status, headers=headers, text="{}", content_type="application/json")
 
 

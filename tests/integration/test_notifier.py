@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -27,10 +28,11 @@ from podsweep import bus as busmod
 from podsweep.config import ConsumerSettings, NatsSettings, NotifierSettings, S3Settings, Settings
 from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
-from schemas.alerts import AlertPayload, NotifyFingerprint
+from schemas.alerts import AlertFinding, AlertPayload, GroupPayload, NotifyFingerprint, Threshold
 from schemas.events import SEVERITIES, AlertSent, DeadLetter, ReportStored, SeverityCounts, Workload
 from schemas.report import Finding, Report
 from schemas.state import NOTIFY_BUCKET, WORKLOADS_BUCKET, DigestWorkloads, WorkloadRun
+from services.notifier import grouping, messages
 from services.notifier.decide import fingerprint_key
 from services.notifier.main import main
 from tests.harness.receiver import Arrival, Receiver, dojo_contract
@@ -265,6 +267,17 @@ def payload(arrival: Arrival) -> AlertPayload:
     return msgspec.json.decode(arrival.body, type=AlertPayload)
 
 
+def alert_ids(arrivals: list[Arrival]) -> list[str]:
+    """The alert ids that generic webhook messages carry: a lone alert's own, or each member's of a group."""
+    out: list[str] = []
+    for a in arrivals:
+        if json.loads(a.body).get("type") == "podsweep.breach.group":
+            out += [m.id for m in msgspec.json.decode(a.body, type=GroupPayload).members]
+        else:
+            out.append(payload(a).id)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Delivery
 
@@ -399,11 +412,15 @@ async def test_a_hanging_receiver_delays_no_other_destination(world: World, rece
     async with in_process(main, settings=settings):
         for n in range(3):
             await world.report(make_report(digest(10 + n), f"scan-001{n}", [finding("CVE-2026-0010")]))
-        await eventually(lambda: len(receiver.accepted("/fast")) == 3, what="the fast destination")
+        await eventually(lambda: len(alert_ids(receiver.accepted("/fast"))) == 3, what="the fast destination")
         # Every fast delivery was answered while the slow destination's first request was still held.
         assert [a.status for a in receiver.arrivals if a.path == "/slow"] == [0]
         receiver.release.set()
-        await eventually(lambda: len(receiver.accepted("/slow")) == 3, what="the slow destination")
+        await eventually(lambda: len(alert_ids(receiver.accepted("/slow"))) == 3, what="the slow destination")
+    # One message in flight at a time (outbox_concurrency 1), each alert alone: a generic webhook groups only when
+    # its destination says group_alerts.
+    assert sorted(alert_ids(receiver.accepted("/slow"))) == sorted(alert_ids(receiver.accepted("/fast")))
+    assert len(receiver.accepted("/slow")) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,7 +621,7 @@ async def test_notifier_killed_mid_delivery_loses_nothing_and_sends_nothing_twic
     env = _env(world)
     first = await start_notifier(env, tmp_path / "notifier-1.log")
     try:
-        await eventually(lambda: len(receiver.accepted()) >= 4, within=120, what="some deliveries")
+        await eventually(lambda: len(receiver.accepted()) >= 1, within=120, what="a first delivery")
         killed = asyncio.Event()
 
         def kill_on_arrival(_: Arrival) -> None:  # the process dies while this request is in flight, however slow
@@ -624,7 +641,7 @@ async def test_notifier_killed_mid_delivery_loses_nothing_and_sends_nothing_twic
     receiver.delay_s = 0.0
     second = await start_notifier(env, tmp_path / "notifier-2.log")
     try:
-        await eventually(lambda: len(receiver.accepted()) >= count, within=60, what="every alert")
+        await eventually(lambda: len(alert_ids(receiver.accepted())) >= count, within=60, what="every alert")
         assert await world.outbox_settled() == count, "an alert was enqueued twice"
     finally:
         second.send_signal(signal.SIGTERM)
@@ -634,9 +651,266 @@ async def test_notifier_killed_mid_delivery_loses_nothing_and_sends_nothing_twic
             second.kill()
             await second.wait()
     keys = [a.key for a in receiver.accepted()]
-    assert len(set(keys)) == count
-    assert len(keys) == count, "an alert was accepted twice"
+    assert len(set(keys)) == len(keys), "a message was accepted twice"
+    ids = alert_ids(receiver.accepted())
+    assert len(set(ids)) == count and len(ids) == count, "an alert was accepted twice"
     assert all(a.verified for a in receiver.arrivals)
     assert second.returncode == 0
     logs = (tmp_path / "notifier-1.log").read_text() + (tmp_path / "notifier-2.log").read_text()
     assert "alert delivered" in logs and HOOK_KEY not in logs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Alert storms: many workloads breach at once, more than a destination's rate allows one by one
+
+STORM_CVE = "CVE-2026-2000"
+STORM_PAGE = f"index/cve/{STORM_CVE}.html"
+SLACK_RATE = (1.0, "1")  # the Slack-like receiver: one message per second, else 429 with Retry-After: 1
+# The storm's reports reach the notifier with pauses of seconds on a busy shared machine; a partial message waits
+# out more than those pauses, so what the test counts is the grouping, not the machine's hiccups.
+STORM_LINGER = {"group_quiet_s": 8.0, "group_max_wait_s": 60.0}
+HOOK_MAX_BYTES = 131_072
+_name_re = re.compile(r"app-\d{5}")
+
+
+def storm_policy(receiver: Receiver, rules: str = "") -> str:
+    return policy_yaml(
+        "  - {name: chat, kind: slack, url: {env: PODSWEEP_TEST_SLACK_URL}, rate_per_s: 1, burst: 1}\n"
+        f'  - {{name: hook, kind: webhook, url: "{receiver.url}/hook", hmac_key: {{env: PODSWEEP_TEST_HOOK_KEY}},'
+        f" rate_per_s: 2, burst: 1, group_alerts: true, max_body_bytes: {HOOK_MAX_BYTES}}}\n",
+        rules,
+    )
+
+
+async def storm(world: World, first: int, digests: int, workloads: int) -> dict[str, str]:
+    """`workloads` workloads (namespaces team-0 and team-1, alternately) over `digests` digests, each report
+    breaching with STORM_CVE: reports in S3 and runs in KV as the parser leaves them, then every report.stored
+    published at once. Returns workload name → namespace."""
+    kv = await world.bus.kv(WORKLOADS_BUCKET)
+    by_digest: dict[int, list[WorkloadRun]] = {}
+    names: dict[str, str] = {}
+    for w in range(workloads):
+        name, namespace = f"app-{first + w:05d}", f"team-{w % 2}"
+        names[name] = namespace
+        run_ = WorkloadRun(
+            namespace=namespace, workload=Workload(kind="Deployment", name=name), image="r.example.com/app:1.4"
+        )
+        by_digest.setdefault(w % digests, []).append(run_)
+    limit = asyncio.Semaphore(16)
+    stored_at = datetime.now(UTC)
+
+    async def one(d: int) -> busmod.Outgoing:
+        async with limit:
+            ref = digest(first + d)
+            report = make_report(ref, f"storm-{first + d:05d}", [finding(STORM_CVE)])
+            history = storage.history_report_key(ref, stored_at)
+            await world.store.put(history, msgspec.json.encode(report))
+            await kv.put(ref.rsplit(":", 1)[1], msgspec.json.encode(DigestWorkloads(digest_ref=ref, runs=by_digest[d])))
+            event = ReportStored(
+                cluster="c1",
+                scan_id=f"storm-{first + d:05d}",
+                digest_ref=ref,
+                report_key=storage.latest_report_key(ref),
+                history_key=history,
+                counts=report.counts,
+                fixable=report.fixable,
+                stored_at=stored_at,
+            )
+            return busmod.Outgoing(subjects.REPORT_STORED, event, f"report:{event.scan_id}")
+
+    events = await asyncio.gather(*(one(d) for d in range(digests)))
+    await world.bus.publish_many(events)
+    return names
+
+
+def named(arrivals: list[Arrival]) -> list[str]:
+    """Every workload name the messages carry, once per mention (a workload named twice shows up twice)."""
+    out: list[str] = []
+    for a in arrivals:
+        body = json.loads(a.body)
+        if "blocks" in body:  # Slack: a workload is named in one section (a group's lines, a lone alert's summary)
+            out += [m for b in body["blocks"] if b["type"] == "section" for m in _name_re.findall(b["text"]["text"])]
+        elif body.get("type") == "podsweep.breach.group":
+            group = msgspec.json.decode(a.body, type=GroupPayload)
+            assert group.id == a.key and group.cves[0].page_key == STORM_PAGE
+            out += [m.workload.name for m in group.members]
+        else:
+            alone = msgspec.json.decode(a.body, type=AlertPayload)
+            assert alone.id == a.key
+            out.append(alone.workload.name)
+    return out
+
+
+def fewest_slack_messages(workloads: int) -> tuple[int, int]:
+    """The fewest Slack messages that can name `workloads` workloads (bounds from below and above): Slack's limits
+    (50 blocks, 3,000 characters per section, 40,000 characters in all) over one line per workload, after the fixed
+    parts of a message (header, CVE list, fallback text, context: measured on a message of one workload)."""
+    member = grouping.member(alert_payload("team-0", "app-00000"))
+    one = messages.slack_group_message("0" * 32, "c1", [member], T0)
+    line = one.blocks[3].text.text  # type: ignore[union-attr]
+    fixed = messages.slack_chars(one) - len(line)
+    by_chars_hi = (messages.SLACK_MAX_CHARS - fixed) // len(line)  # newlines not counted: at most this many
+    by_chars_lo = (messages.SLACK_MAX_CHARS - fixed - 8) // (len(line) + 1)  # with them, and a longer headline
+    by_blocks = (messages.SLACK_MAX_BLOCKS - 4) * ((2900 + 1) // (len(line) + 1))
+    return -(-workloads // min(by_chars_hi, by_blocks)), -(-workloads // min(by_chars_lo, by_blocks))
+
+
+def fewest_webhook_messages(workloads: int) -> tuple[int, int]:
+    """The same for the generic webhook: max_body_bytes over the members' JSON, after the fixed part of a body."""
+    member = grouping.member(alert_payload("team-0", "app-00000"))
+    size = len(msgspec.json.encode(member))
+    fixed = len(messages.group_webhook_body("0" * 32, "c1", [member], T0)) - size
+    hi = (HOOK_MAX_BYTES - fixed) // size
+    lo = (HOOK_MAX_BYTES - fixed - 16 - 8) // (size + 1)
+    return -(-workloads // hi), -(-workloads // lo)
+
+
+def alert_payload(namespace: str, name: str) -> AlertPayload:
+    ref = digest(10_000)
+    return AlertPayload(
+        id="0" * 32,
+        cluster="c1",
+        digest_ref=ref,
+        image="r.example.com/app:1.4",
+        namespace=namespace,
+        workload=Workload(kind="Deployment", name=name),
+        rule="defaults",
+        threshold=Threshold(max_critical=0),
+        reasons=["1 CRITICAL (more than 0)"],
+        counts=SeverityCounts(CRITICAL=1),
+        new_count=1,
+        findings=[AlertFinding(id=STORM_CVE, package="openssl", installed_version="1.2.3", severity="CRITICAL")],
+        scan_id="storm-10000",
+        report_key=storage.latest_report_key(ref),
+        created_at=T0,
+    )
+
+
+def shape(receiver: Receiver, path: str) -> list[tuple[int, int, float]]:
+    """(status, workloads named, seconds since the first) of each request on `path`: what a failed count shows."""
+    arrivals = [a for a in receiver.arrivals if a.path == path]
+    return [(a.status, len(named([a])), round(a.at - arrivals[0].at, 2)) for a in arrivals]
+
+
+def check_storm(receiver: Receiver, names: dict[str, str], path: str, resent: bool = False) -> list[Arrival]:
+    """Every workload exactly once over the accepted messages on `path`; one idempotency key per message. With
+    `resent`, a message accepted again under the same key (a kill after the receiver's answer and before the
+    delivered marker: at-least-once) counts once, and must name exactly the same workloads."""
+    accepted = receiver.accepted(path)
+    if resent:
+        by_key: dict[str, list[Arrival]] = {}
+        for a in accepted:
+            by_key.setdefault(a.key, []).append(a)
+        for key, copies in by_key.items():
+            assert len({tuple(sorted(named([c]))) for c in copies}) == 1, f"{path}: key {key} named other workloads"
+        accepted = [copies[0] for copies in by_key.values()]
+    mentioned = named(accepted)
+    assert sorted(mentioned) == sorted(names), f"{path}: workloads missing or named twice"
+    assert len({a.key for a in accepted}) == len(accepted), f"{path}: an idempotency key was accepted twice"
+    return accepted
+
+
+async def test_a_storm_leaves_grouped_in_the_fewest_messages_each_workload_once(
+    world: World, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000 workloads over 300 digests breach at once. The Slack-like receiver answers 429 + Retry-After beyond one
+    message per second. The first message of a quiet period leaves at once with what has arrived, so the count is
+    the fewest the limits allow, or one more (that first message may be partly filled)."""
+    monkeypatch.setenv("PODSWEEP_TEST_SLACK_URL", f"{receiver.url}/slack")
+    receiver.rate_limit["/slack"] = SLACK_RATE
+    world.policy_path.write_text(storm_policy(receiver))
+    settings = msgspec.structs.replace(world.settings, notifier=notifier_settings(world.policy_path, **STORM_LINGER))
+    async with in_process(main, settings=settings):
+        await until(lambda: has(world.deliveries_ready(), 1), what="the notifier consuming")
+        names = await storm(world, 20_000, 300, 2000)
+        await eventually(lambda: len(named(receiver.accepted("/slack"))) >= 2000, within=120, what="the Slack storm")
+        await eventually(lambda: len(named(receiver.accepted("/hook"))) >= 2000, within=60, what="the webhook storm")
+        await world.outbox_settled()
+    slack = check_storm(receiver, names, "/slack")
+    hook = check_storm(receiver, names, "/hook")
+    assert all(a.verified for a in hook), "a grouped webhook body was not signed"
+    assert all(STORM_PAGE in a.body.decode() for a in slack if len(named([a])) > 1), "a group without the CVE page"
+    lo, hi = fewest_slack_messages(2000)
+    assert lo <= len(slack) <= hi + 1, (lo, hi, shape(receiver, "/slack"))
+    lo, hi = fewest_webhook_messages(2000)
+    assert lo <= len(hook) <= hi + 1, (lo, hi, shape(receiver, "/hook"), shape(receiver, "/slack"))
+    sent = await world.audit(subjects.ALERT_SENT)
+    assert sorted((s.destination, s.workload.name) for s in sent) == sorted(
+        (d, n) for d in ("chat", "hook") for n in names
+    )
+
+
+async def test_each_destination_hears_only_of_its_own_workloads_in_a_storm(
+    world: World, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PODSWEEP_TEST_SLACK_URL", f"{receiver.url}/slack")
+    rules = (
+        "rules:\n"
+        "  - {name: a, match: {namespaces: [team-0]}, destinations: [chat]}\n"
+        "  - {name: b, match: {namespaces: [team-1]}, destinations: [hook]}\n"
+    )
+    world.policy_path.write_text(storm_policy(receiver, rules))
+    async with in_process(main, settings=world.settings):
+        await until(lambda: has(world.deliveries_ready(), 1), what="the notifier consuming")
+        names = await storm(world, 30_000, 10, 40)
+        await eventually(lambda: len(named(receiver.accepted())) >= 40, what="every workload at its destination")
+        await world.outbox_settled()
+    assert sorted(named(receiver.accepted("/slack"))) == sorted(n for n, ns in names.items() if ns == "team-0")
+    assert sorted(named(receiver.accepted("/hook"))) == sorted(n for n, ns in names.items() if ns == "team-1")
+
+
+async def test_notifier_killed_mid_storm_still_names_each_workload_once(
+    world: World, receiver: Receiver, tmp_path: Path
+) -> None:
+    """kill -9 while a grouped message is in flight. Its group was recorded before the POST, so the next process
+    resends exactly those members under the same key; the others are grouped afresh. Each process's first message
+    leaves at once, so the count may exceed the fewest by two, never more."""
+    receiver.rate_limit["/slack"] = SLACK_RATE
+    receiver.delay_s = 0.3  # each delivery stays in flight at the receiver for a while
+    world.policy_path.write_text(storm_policy(receiver))
+    env = {
+        **_env(world),
+        "PODSWEEP_TEST_SLACK_URL": f"{receiver.url}/slack",
+        "PODSWEEP_TEST_HOOK_KEY": HOOK_KEY,
+        **{f"PODSWEEP_NOTIFIER_{k.upper()}": str(v) for k, v in STORM_LINGER.items()},
+    }
+    names = await storm(world, 40_000, 300, 2000)
+    first = await start_notifier(env, tmp_path / "notifier-1.log")
+    try:
+        killed = asyncio.Event()
+
+        def kill_on_second_group(arrival: Arrival) -> None:
+            grouped = len(_name_re.findall(arrival.body.decode())) > 1
+            if grouped and arrival.path == "/slack" and len(receiver.accepted("/slack")) >= 1 and not killed.is_set():
+                first.send_signal(signal.SIGKILL)
+                killed.set()
+
+        receiver.on_arrival = kill_on_second_group
+        await asyncio.wait_for(killed.wait(), 120)
+    finally:
+        receiver.on_arrival = None
+        with contextlib.suppress(ProcessLookupError):
+            first.kill()
+        await first.wait()
+    await eventually(lambda: any(a.aborted for a in receiver.arrivals), what="the kill interrupting a delivery")
+    receiver.delay_s = 0.0
+    second = await start_notifier(env, tmp_path / "notifier-2.log")
+    try:
+        await eventually(lambda: len(named(receiver.accepted("/slack"))) >= 2000, within=120, what="the Slack storm")
+        await eventually(lambda: len(named(receiver.accepted("/hook"))) >= 2000, within=60, what="the webhook storm")
+        await world.outbox_settled()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(second.wait(), 20)
+        except TimeoutError:
+            second.kill()
+            await second.wait()
+    slack = check_storm(receiver, names, "/slack", resent=True)
+    hook = check_storm(receiver, names, "/hook", resent=True)
+    interrupted = [a for a in receiver.arrivals if a.aborted and a.path == "/slack"]
+    assert interrupted and interrupted[0].key in {a.key for a in slack}, "the interrupted group was not resent as is"
+    assert all(a.verified for a in hook)
+    assert len(slack) <= fewest_slack_messages(2000)[1] + 2
+    assert len(hook) <= fewest_webhook_messages(2000)[1] + 2
+    assert second.returncode == 0

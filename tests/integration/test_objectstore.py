@@ -7,6 +7,7 @@ import gzip
 import os
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 
@@ -38,6 +39,19 @@ async def test_object_over_the_cap_is_refused_without_reading_it_whole(store: Ob
     with pytest.raises(ObjectTooLarge, match="cap of 1000"):
         await store.get("big.json", max_bytes=1000)
     assert len(await store.get("big.json", max_bytes=10_000)) == 10_000
+
+
+async def test_fetch_over_a_shared_session_reads_bounded_and_says_missing(store: ObjectStore) -> None:
+    await store.put("reports/sha256/cc/latest.json", b'{"ok": true}')
+    await store.put("reports/sha256/cc/big.json", b"x" * 10_000)
+    async with aiohttp.ClientSession() as client:
+        assert await store.fetch(client, "reports/sha256/cc/latest.json", 1000) == b'{"ok": true}'
+        assert await store.fetch(client, "reports/sha256/cc/missing.json", 1000) is None
+        with pytest.raises(ObjectTooLarge, match="cap of 1000"):
+            await store.fetch(client, "reports/sha256/cc/big.json", 1000)
+        assert len(await store.fetch(client, "reports/sha256/cc/big.json", 10_000) or b"") == 10_000
+        with pytest.raises(ValueError, match="not a podsweep key"):
+            await store.fetch(client, "../etc/passwd", 1000)
 
 
 async def test_presigned_put_works_over_plain_http_for_its_key_only(store: ObjectStore) -> None:

@@ -34,6 +34,14 @@ def test_defaults_need_nothing() -> None:
         ),
         pytest.param({"PODSWEEP_TELEMETRY_TRACES": "otlp"}, ["otlp_endpoint"], id="otlp-without-endpoint"),
         pytest.param({"PODSWEEP_S3_BUCKET": "Bad_Bucket"}, ["s3.bucket", "bucket name"], id="bad-bucket"),
+        pytest.param(
+            {"PODSWEEP_NOTIFIER_GROUP_QUIET_S": "40"},
+            ["notifier.group_quiet_s", "PODSWEEP_NOTIFIER_GROUP_QUIET_S", "at most group_max_wait_s 30"],
+            id="storm-quiet-longer-than-the-longest-wait",
+        ),
+        pytest.param(
+            {"PODSWEEP_NOTIFIER_GROUP_QUIET_S": "0"}, ["notifier.group_quiet_s", "must be > 0"], id="storm-quiet-zero"
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_the_variable(env: dict[str, str], names: list[str]) -> None:
