@@ -316,9 +316,11 @@ class SbomRescan(msgspec.Struct, frozen=True, kw_only=True):
 def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
     """An unpinned Job of the trivy and podsweep images that rescans stored SBOMs: no node's images, no target image.
 
-    `podsweep download` fetches every SBOM, one init container per item runs `trivy sbom` on it, and `podsweep
-    upload` sends the reports. A failing item fails the whole Job (containers run without a shell, so nothing
-    can swallow an exit code); the dispatcher then retries that batch's digests in smaller batches or on nodes.
+    `podsweep download` fetches every SBOM, the trivy image's binary is copied into the work emptyDir, one container
+    of the podsweep image (`podsweep sbom-rescan`, services/dispatcher/sbomrescan.py) runs `trivy sbom` on each SBOM
+    in turn, and `podsweep upload` sends the reports. A failing item stops the batch and fails the Job (containers
+    run without a shell, so nothing can swallow an exit code); its log's last line names the item, which the Job's
+    `FallbackToLogsOnError` makes the termination message the watcher reads.
     """
     batch = msgspec.convert(msgspec.to_builtins(batch), SbomRescan)
     listing = [
@@ -333,8 +335,34 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
     trivy_mounts: list[Manifest] = [_WORK_MOUNT, {**in_mount, "readOnly": True}, _OUT_MOUNT]
     if options.db_claim is not None:
         trivy_mounts.append(_DB_MOUNT)
-    security = _helper_security(options.helper_uid)
+    count = len(batch.items)
 
+    rescan = _helper_container(
+        jobs.RESCAN_CONTAINER,
+        options.uploader_image,
+        ["podsweep", "sbom-rescan"],
+        trivy_mounts,
+        options,
+        args=[
+            "--count",
+            str(count),
+            "--trivy",
+            TRIVY,
+            "--in-dir",
+            IN_DIR,
+            "--out-dir",
+            OUT_DIR,
+            "--work-dir",
+            WORK_DIR,
+            "--",
+            *_vuln_flags(options, ignore_unfixed=options.ignore_unfixed),
+        ],
+    )
+    # The working directory is podsweep's; Trivy's own environment is set by sbom-rescan (nothing inherited).
+    rescan["workingDir"] = WORK_DIR
+    rescan["resources"] = options.scan_resources.manifest()
+    # A failed run's last log line names its item (the termination message the watcher reads).
+    rescan["terminationMessagePolicy"] = "FallbackToLogsOnError"
     init_containers: list[Manifest] = [
         _helper_container(
             "download",
@@ -342,29 +370,14 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
             ["podsweep", "download"],
             [in_mount],
             options,
-            args=[f"{IN_DIR}/{n}.cdx.json=PODSWEEP_SBOM_{n}_URL" for n in range(len(batch.items))],
+            args=[f"{IN_DIR}/{n}.cdx.json=PODSWEEP_SBOM_{n}_URL" for n in range(count)],
             env=[{"name": f"PODSWEEP_SBOM_{n}_URL", "value": i.sbom_get_url} for n, i in enumerate(batch.items)],
-        )
+        ),
+        _helper_container(
+            "install-trivy", options.trivy_image, ["cp", options.trivy_binary, TRIVY], [_WORK_MOUNT], options
+        ),
+        rescan,
     ]
-    for n, _item in enumerate(batch.items):
-        args = ["sbom", "--format", "json", "--output", f"{OUT_DIR}/{n}.json"]
-        args += _vuln_flags(options, ignore_unfixed=options.ignore_unfixed)
-        args.append(f"{IN_DIR}/{n}.cdx.json")
-        init_containers.append(
-            {
-                "name": f"rescan-{n}",
-                "image": options.trivy_image,
-                "imagePullPolicy": "IfNotPresent",
-                "command": [options.trivy_binary],
-                "args": args,
-                # The trivy image is podsweep's choice, its environment too; the working directory is podsweep's.
-                "workingDir": WORK_DIR,
-                "env": [{"name": "TMPDIR", "value": WORK_DIR}, {"name": "HOME", "value": WORK_DIR}],
-                "volumeMounts": trivy_mounts,
-                "resources": options.scan_resources.manifest(),
-                "securityContext": security,
-            }
-        )
     uploader = _uploader(
         options,
         [f"{OUT_DIR}/{n}.json=PODSWEEP_RAW_{n}_URL" for n in range(len(batch.items))],

@@ -1,0 +1,81 @@
+"""`podsweep sbom-rescan`: inside an SBOM rescan Job, one process runs `trivy sbom` on each downloaded SBOM in turn.
+
+One container per batch instead of one per digest: the per-container start (and its status updates) was most of a
+batched rescan's cost. Never a shell: each Trivy starts from an argv list whose paths are podsweep's own
+(`<in>/<n>.cdx.json`, `<out>/<n>.json`), with an environment of podsweep's choosing and nothing inherited.
+
+Per-item outcome: before each item, and when one fails, the process logs one line of its own (`sbom rescan item`,
+with `item` and `state`); Trivy's output goes to a file, never to the log, so nothing an SBOM holds can forge such a
+line. The Job's container uses `FallbackToLogsOnError`, so a failed run's termination message is its log's tail, and
+the watcher (services/watcher/jobstatus.py) names the item of the last such line: the first failure stops the batch,
+as one failing container per item did before (that item ScanError, the others BatchAborted).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from podsweep import logs
+from schemas import jobs
+
+log = logs.get("podsweep.sbom_rescan")
+
+EXIT_OK = 0
+EXIT_ITEM_FAILED = 1
+EXIT_BAD_INPUT = 2
+MARK = jobs.RESCAN_ITEM_EVENT  # the event of the lines the watcher reads (schemas.jobs.RescanItemLine)
+TRIVY_OUTPUT_TAIL = 600  # characters of a failed Trivy's output quoted (escaped, on one line) in the log
+
+
+def sbom_path(in_dir: str, n: int) -> str:
+    return f"{in_dir}/{n}.cdx.json"
+
+
+def report_path(out_dir: str, n: int) -> str:
+    return f"{out_dir}/{n}.json"
+
+
+def item_argv(trivy: str, trivy_flags: Sequence[str], in_dir: str, out_dir: str, n: int) -> list[str]:
+    """The argv of item `n`'s Trivy: JSON report to `<out>/<n>.json` from `<in>/<n>.cdx.json`."""
+    return [trivy, "sbom", "--format", "json", "--output", report_path(out_dir, n), *trivy_flags, sbom_path(in_dir, n)]
+
+
+Runner = Callable[[list[str], dict[str, str], Path], int]
+
+
+def _run_trivy(argv: list[str], env: dict[str, str], output: Path) -> int:
+    with output.open("wb") as sink:
+        return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, check=False).returncode
+
+
+def run(
+    count: int,
+    *,
+    trivy: str,
+    trivy_flags: Sequence[str],
+    in_dir: str,
+    out_dir: str,
+    work_dir: str,
+    runner: Runner = _run_trivy,
+) -> int:
+    """Scan items 0..count-1 in order; stop at the first failure. Exit 0 all scanned, 1 an item failed, 2 bad input."""
+    if not 1 <= count <= 1000:
+        log.error("sbom rescan refused", error=f"--count is {count} (1 to 1000)")
+        return EXIT_BAD_INPUT
+    env = {"TMPDIR": work_dir, "HOME": work_dir}  # nothing inherited: Trivy reads TRIVY_* and proxy variables
+    output = Path(work_dir) / "trivy-output.txt"
+    for n in range(count):
+        log.info(MARK, item=n, state="running")
+        try:
+            code = runner(item_argv(trivy, trivy_flags, in_dir, out_dir, n), env, output)
+        except OSError as exc:
+            log.error(MARK, item=n, state="failed", error=f"trivy did not start: {exc.strerror or exc}")
+            return EXIT_ITEM_FAILED
+        if code != 0:
+            said = output.read_text(errors="replace")[-TRIVY_OUTPUT_TAIL:] if output.exists() else ""
+            log.error(MARK, item=n, state="failed", exit_code=code, trivy_said=repr(said))
+            return EXIT_ITEM_FAILED
+    log.info(MARK, item=count - 1, state="done", scanned=count)
+    return EXIT_OK

@@ -1,0 +1,102 @@
+"""`podsweep sbom-rescan`: every item's Trivy from an argv list of podsweep's paths, in order, with nothing
+inherited; the first failure stops the batch and its log line names the item, which the watcher reads back."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import pytest
+
+from podsweep import logs
+from schemas import jobs
+from services.dispatcher import sbomrescan
+
+
+class Recorder:
+    def __init__(self, codes: dict[int, int] | None = None, said: str = "") -> None:
+        self.codes, self.said = codes or {}, said
+        self.calls: list[tuple[list[str], dict[str, str]]] = []
+
+    def __call__(self, argv: list[str], env: dict[str, str], output: Path) -> int:
+        self.calls.append((argv, env))
+        output.write_text(self.said)
+        return self.codes.get(len(self.calls) - 1, 0)
+
+
+def _run(tmp_path: Path, count: int, runner: Recorder) -> tuple[int, str]:
+    logs.configure("info", "json")
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = sbomrescan.run(
+            count,
+            trivy="/podsweep/trivy",
+            trivy_flags=["--server", "http://trivy:4954"],
+            in_dir="/podsweep/in",
+            out_dir="/podsweep/out",
+            work_dir=str(tmp_path),
+            runner=runner,
+        )
+    return code, err.getvalue()
+
+
+def test_every_item_runs_in_order_with_podsweeps_paths_and_a_clean_environment(tmp_path: Path) -> None:
+    runner = Recorder()
+    code, text = _run(tmp_path, 3, runner)
+    assert code == sbomrescan.EXIT_OK
+    assert [argv for argv, _ in runner.calls] == [
+        [
+            "/podsweep/trivy",
+            "sbom",
+            "--format",
+            "json",
+            "--output",
+            f"/podsweep/out/{n}.json",
+            "--server",
+            "http://trivy:4954",
+            f"/podsweep/in/{n}.cdx.json",
+        ]
+        for n in range(3)
+    ]
+    assert all(env == {"TMPDIR": str(tmp_path), "HOME": str(tmp_path)} for _, env in runner.calls)
+    assert jobs.failed_rescan_item(text, 3) is None, "a run that finished names no item"
+
+
+def test_the_first_failure_stops_the_batch_and_its_line_names_the_item(tmp_path: Path) -> None:
+    forged = '\n{"event": "sbom rescan item", "item": 0, "state": "failed"}\n'
+    runner = Recorder(codes={1: 1}, said="error in package" + forged)
+    code, text = _run(tmp_path, 4, runner)
+    assert code == sbomrescan.EXIT_ITEM_FAILED
+    assert len(runner.calls) == 2, "nothing after the failed item runs"
+    assert jobs.failed_rescan_item(text, 4) == 1, "Trivy's own output cannot name another item"
+    last = json.loads(text.splitlines()[-1])
+    assert (last["item"], last["state"], last["exit_code"]) == (1, "failed", 1)
+
+
+def test_a_trivy_that_cannot_start_fails_its_item(tmp_path: Path) -> None:
+    def missing(argv: list[str], env: dict[str, str], output: Path) -> int:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    logs.configure("info", "json")
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = sbomrescan.run(
+            2, trivy="/nope", trivy_flags=[], in_dir="/i", out_dir="/o", work_dir=str(tmp_path), runner=missing
+        )
+    assert code == sbomrescan.EXIT_ITEM_FAILED
+    assert jobs.failed_rescan_item(err.getvalue(), 2) == 0
+
+
+@pytest.mark.parametrize("count", [0, -1, 1001])
+def test_a_count_out_of_bounds_is_bad_input(tmp_path: Path, count: int) -> None:
+    runner = Recorder()
+    assert _run(tmp_path, count, runner)[0] == sbomrescan.EXIT_BAD_INPUT
+    assert runner.calls == []
+
+
+def test_a_real_process_is_started_without_a_shell(tmp_path: Path) -> None:
+    out = tmp_path / "said.txt"
+    assert sbomrescan._run_trivy(["/bin/sh", "-c", "echo $HOME; exit 3"], {"HOME": "/h"}, out) == 3
+    assert out.read_text() == "/h\n"
