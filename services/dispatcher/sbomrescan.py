@@ -14,6 +14,7 @@ as one failing container per item did before (that item ScanError, the others Ba
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,11 @@ EXIT_ITEM_FAILED = 1
 EXIT_BAD_INPUT = 2
 MARK = jobs.RESCAN_ITEM_EVENT  # the event of the lines the watcher reads (schemas.jobs.RescanItemLine)
 TRIVY_OUTPUT_TAIL = 600  # characters of a failed Trivy's output quoted (escaped, on one line) in the log
+# A Trivy server loses a scan's blob when another client scanning an SBOM of the same packages at the same moment
+# deletes it after its own scan ("layer cache missing", seen with two batches in parallel): a second try puts it
+# again. An SBOM Trivy cannot read fails both times.
+ATTEMPTS = 2
+RETRY_PAUSE_S = 1.0
 
 
 def sbom_path(in_dir: str, n: int) -> str:
@@ -59,8 +65,10 @@ def run(
     out_dir: str,
     work_dir: str,
     runner: Runner = _run_trivy,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Scan items 0..count-1 in order; stop at the first failure. Exit 0 all scanned, 1 an item failed, 2 bad input."""
+    """Scan items 0..count-1 in order, each tried up to ATTEMPTS times; stop at the first item that fails every try.
+    Exit 0 all scanned, 1 an item failed, 2 bad input."""
     if not 1 <= count <= 1000:
         log.error("sbom rescan refused", error=f"--count is {count} (1 to 1000)")
         return EXIT_BAD_INPUT
@@ -68,13 +76,20 @@ def run(
     output = Path(work_dir) / "trivy-output.txt"
     for n in range(count):
         log.info(MARK, item=n, state="running")
-        try:
-            code = runner(item_argv(trivy, trivy_flags, in_dir, out_dir, n), env, output)
-        except OSError as exc:
-            log.error(MARK, item=n, state="failed", error=f"trivy did not start: {exc.strerror or exc}")
-            return EXIT_ITEM_FAILED
-        if code != 0:
+        argv = item_argv(trivy, trivy_flags, in_dir, out_dir, n)
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                code = runner(argv, env, output)
+            except OSError as exc:
+                log.error(MARK, item=n, state="failed", error=f"trivy did not start: {exc.strerror or exc}")
+                return EXIT_ITEM_FAILED
+            if code == 0:
+                break
             said = output.read_text(errors="replace")[-TRIVY_OUTPUT_TAIL:] if output.exists() else ""
+            if attempt < ATTEMPTS:
+                log.warning("sbom rescan item retried", item=n, exit_code=code, trivy_said=repr(said))
+                sleep(RETRY_PAUSE_S)
+                continue
             log.error(MARK, item=n, state="failed", exit_code=code, trivy_said=repr(said))
             return EXIT_ITEM_FAILED
     log.info(MARK, item=count - 1, state="done", scanned=count)
