@@ -69,10 +69,11 @@ def sbom_rescan_command(
     out_dir: Annotated[str, typer.Option(help="Where the reports go.")],
     work_dir: Annotated[str, typer.Option(help="Trivy's TMPDIR and HOME, and its captured output.")],
 ) -> None:
-    """Run `trivy sbom` on each SBOM of a rescan batch in turn (what an SBOM rescan Job runs). Exit 0 all scanned,
-    1 an item failed (its log line names it), 2 bad input."""
+    """Download a rescan batch's SBOMs, run `trivy sbom` on each in turn, upload the reports (what an SBOM rescan Job
+    runs; URLs from PODSWEEP_SBOM_<n>_URL and PODSWEEP_RAW_<n>_URL). Exit 0 done, 1 an item or a transfer failed (an
+    item's log line names it), 2 bad input."""
     logs.configure("info", "json")
-    code = sbomrescan.run(
+    code = sbomrescan.rescan_batch(
         count, trivy=trivy, trivy_flags=trivy_flags, in_dir=in_dir, out_dir=out_dir, work_dir=work_dir
     )
     raise typer.Exit(code)

@@ -1,7 +1,8 @@
-"""`podsweep sbom-rescan`: inside an SBOM rescan Job, one process runs `trivy sbom` on each downloaded SBOM in turn.
+"""`podsweep sbom-rescan`: an SBOM rescan Job's one container: downloads every SBOM of the batch, runs `trivy sbom` on
+each in turn, uploads every report (presigned URLs from the environment, as `podsweep download` / `upload` take them).
 
-One container per batch instead of one per digest: the per-container start (and its status updates) was most of a
-batched rescan's cost. Never a shell: each Trivy starts from an argv list whose paths are podsweep's own
+One container and one Python start per batch instead of a container per digest and two more for the transfers: the
+per-container starts (and their status updates) were most of a batched rescan's cost. Never a shell: each Trivy starts from an argv list whose paths are podsweep's own
 (`<in>/<n>.cdx.json`, `<out>/<n>.json`), with an environment of podsweep's choosing and nothing inherited.
 
 Per-item outcome: before each item, and when one fails, the process logs one line of its own (`sbom rescan item`,
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from podsweep import logs
 from schemas import jobs
+from services.dispatcher import upload
 
 log = logs.get("podsweep.sbom_rescan")
 
@@ -41,6 +43,59 @@ def sbom_path(in_dir: str, n: int) -> str:
 
 def report_path(out_dir: str, n: int) -> str:
     return f"{out_dir}/{n}.json"
+
+
+def sbom_url_env(n: int) -> str:
+    """The environment variable holding item `n`'s presigned SBOM GET URL."""
+    return f"PODSWEEP_SBOM_{n}_URL"
+
+
+def raw_url_env(n: int) -> str:
+    """The environment variable holding item `n`'s report upload URL."""
+    return f"PODSWEEP_RAW_{n}_URL"
+
+
+Transfer = Callable[[Sequence[str]], int]
+
+
+def rescan_batch(
+    count: int,
+    *,
+    trivy: str,
+    trivy_flags: Sequence[str],
+    in_dir: str,
+    out_dir: str,
+    work_dir: str,
+    download: Transfer = upload.download,
+    send: Transfer = upload.run,
+    runner: Runner | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Download every SBOM, scan them (`run`), upload every report. A failed transfer names no item (the watcher
+    then blames none: BatchAborted for all); exit codes as `run`, a transfer's own (1 failed, 2 bad input) too."""
+    if not 1 <= count <= 1000:
+        log.error("sbom rescan refused", error=f"--count is {count} (1 to 1000)")
+        return EXIT_BAD_INPUT
+    code = download([f"{sbom_path(in_dir, n)}={sbom_url_env(n)}" for n in range(count)])
+    if code != 0:
+        log.error("sbom rescan: the SBOMs were not downloaded", exit_code=code)
+        return code
+    code = run(
+        count,
+        trivy=trivy,
+        trivy_flags=trivy_flags,
+        in_dir=in_dir,
+        out_dir=out_dir,
+        work_dir=work_dir,
+        runner=runner or _run_trivy,
+        sleep=sleep,
+    )
+    if code != 0:
+        return code
+    code = send([f"{report_path(out_dir, n)}={raw_url_env(n)}" for n in range(count)])
+    if code != 0:
+        log.error("sbom rescan: the reports were not uploaded", exit_code=code)
+    return code
 
 
 def item_argv(trivy: str, trivy_flags: Sequence[str], in_dir: str, out_dir: str, n: int) -> list[str]:

@@ -169,10 +169,10 @@ _RESCAN_CONTAINER = re.compile(r"^rescan-([0-9]{1,4})$")
 def _failed_items(pods: Sequence[ScanPod]) -> tuple[int, ...]:
     """The batch items at fault: the one the `rescan` container's last item line names when it exited non-zero or
     was OOM-killed (its termination message is its log's tail), or, in Jobs made before one container ran every
-    item, those whose own `rescan-<n>` container did."""
+    item, those whose own `rescan-<n>` init container did."""
     failed: set[int] = set()
     for pod in pods:
-        for cs in pod.status.init_container_statuses:
+        for cs in pod.status.init_container_statuses + pod.status.container_statuses:
             terminated = cs.state.terminated
             if terminated is None or (terminated.exit_code == 0 and terminated.reason != "OOMKilled"):
                 continue
@@ -236,7 +236,9 @@ def _failure_from_pods(pods: Sequence[ScanPod]) -> tuple[FailureReason, str] | N
                 if terminated.reason == "OOMKilled":
                     found.setdefault("OOMKilled", f"container {cs.name} was OOM-killed")
                 elif terminated.exit_code != 0:
-                    reason: FailureReason = "ScanError" if kind == "init" else "UploadFailed"
+                    # The batch container scans (and transfers): its failure is a scan's, like an init container's.
+                    scans = kind == "init" or cs.name == jobs.RESCAN_CONTAINER
+                    reason: FailureReason = "ScanError" if scans else "UploadFailed"
                     found.setdefault(reason, f"container {cs.name} exited {terminated.exit_code}: {terminated.message}")
         disruption = next((c for c in status.conditions if c.type == "DisruptionTarget" and c.status == "True"), None)
         pod_reasons = {status.reason, disruption.reason if disruption else ""}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from contextlib import redirect_stderr
 from pathlib import Path
 
@@ -116,3 +117,53 @@ def test_a_real_process_is_started_without_a_shell(tmp_path: Path) -> None:
     out = tmp_path / "said.txt"
     assert sbomrescan._run_trivy(["/bin/sh", "-c", "echo $HOME; exit 3"], {"HOME": "/h"}, out) == 3
     assert out.read_text() == "/h\n"
+
+
+def test_a_batch_downloads_every_sbom_scans_and_uploads_every_report(tmp_path: Path) -> None:
+    moved: list[list[str]] = []
+
+    def transfer(args: Sequence[str]) -> int:
+        moved.append(list(args))
+        return 0
+
+    runner = Recorder()
+    code = sbomrescan.rescan_batch(
+        2,
+        trivy="/t",
+        trivy_flags=[],
+        in_dir="/i",
+        out_dir="/o",
+        work_dir=str(tmp_path),
+        download=transfer,
+        send=transfer,
+        runner=runner,
+    )
+    assert code == 0
+    assert moved == [
+        ["/i/0.cdx.json=PODSWEEP_SBOM_0_URL", "/i/1.cdx.json=PODSWEEP_SBOM_1_URL"],
+        ["/o/0.json=PODSWEEP_RAW_0_URL", "/o/1.json=PODSWEEP_RAW_1_URL"],
+    ]
+    assert len(runner.calls) == 2
+
+
+@pytest.mark.parametrize(("download", "send", "scans"), [(1, 0, 0), (0, 1, 2), (2, 0, 0)])
+def test_a_failed_transfer_fails_the_batch_and_names_no_item(
+    tmp_path: Path, download: int, send: int, scans: int
+) -> None:
+    runner = Recorder()
+    logs.configure("info", "json")
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = sbomrescan.rescan_batch(
+            2,
+            trivy="/t",
+            trivy_flags=[],
+            in_dir="/i",
+            out_dir="/o",
+            work_dir=str(tmp_path),
+            download=lambda _: download,
+            send=lambda _: send,
+            runner=runner,
+        )
+    assert code == max(download, send) and len(runner.calls) == scans
+    assert jobs.failed_rescan_item(err.getvalue(), 2) is None

@@ -46,11 +46,11 @@ def _batch_job(conditions: list[dict[str, Any]], mode: str = "sbom") -> kubeobje
     )
 
 
-def _reasons(init: list[dict[str, Any]]) -> list[str | None]:
+def _reasons(init: list[dict[str, Any]], app: list[dict[str, Any]] | None = None) -> list[str | None]:
     the_job = _batch_job([cond("Failed", "BackoffLimitExceeded")])
     scans = jobstatus.scan_jobs(the_job)
     assert isinstance(scans, tuple)
-    current = jobstatus.outcome(the_job, [scan_pod(phase="Failed", init=init)])
+    current = jobstatus.outcome(the_job, [scan_pod(phase="Failed", init=init, app=app)])
     events = [jobstatus.scan_event(s, current, "c", T0) for s in scans]
     return [e.reason if isinstance(e, ScanFailed) else None for e in events]
 
@@ -74,12 +74,19 @@ def _reasons(init: list[dict[str, Any]]) -> list[str | None]:
             id="two-items-failed",
         ),
         pytest.param([cs("download", terminated(1))], ["BatchAborted"] * 3, id="the-download-failed"),
+    ],
+)
+def test_a_failed_batch_blames_only_the_items_whose_own_container_failed(
+    init: list[dict[str, Any]], reasons: list[str]
+) -> None:
+    assert _reasons(init) == reasons
+
+
+@pytest.mark.parametrize(
+    ("app", "reasons"),
+    [
         pytest.param(
-            [
-                cs("download", terminated(0)),
-                cs("install-trivy", terminated(0)),
-                cs("rescan", terminated(1, message=_lines(1))),
-            ],
+            [cs("rescan", terminated(1, message=_lines(1)))],
             ["BatchAborted", "ScanError", "BatchAborted"],
             id="one-container-names-the-item-that-failed",
         ),
@@ -103,12 +110,15 @@ def _reasons(init: list[dict[str, Any]]) -> list[str | None]:
             ["BatchAborted"] * 3,
             id="done-names-nothing",
         ),
+        pytest.param(
+            [cs("rescan", terminated(1, message="upload failed\n"))],
+            ["BatchAborted"] * 3,
+            id="a-transfer-failed-names-nothing",
+        ),
     ],
 )
-def test_a_failed_batch_blames_only_the_items_whose_own_container_failed(
-    init: list[dict[str, Any]], reasons: list[str]
-) -> None:
-    assert _reasons(init) == reasons
+def test_the_batch_container_names_the_item_it_failed_on(app: list[dict[str, Any]], reasons: list[str]) -> None:
+    assert _reasons([cs("install-trivy", terminated(0))], app) == reasons
 
 
 def test_a_failed_node_scan_names_no_batch_items() -> None:
