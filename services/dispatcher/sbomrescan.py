@@ -31,10 +31,10 @@ EXIT_BAD_INPUT = 2
 MARK = jobs.RESCAN_ITEM_EVENT  # the event of the lines the watcher reads (schemas.jobs.RescanItemLine)
 TRIVY_OUTPUT_TAIL = 600  # characters of a failed Trivy's output quoted (escaped, on one line) in the log
 # A Trivy server loses a scan's blob when another client scanning an SBOM of the same packages at the same moment
-# deletes it after its own scan ("layer cache missing", seen with two batches in parallel): a second try puts it
-# again. An SBOM Trivy cannot read fails both times.
-ATTEMPTS = 2
-RETRY_PAUSE_S = 1.0
+# deletes it after its own scan ("layer cache missing", seen with batches of identical SBOMs in parallel): another
+# try, a little later, puts it again. An SBOM Trivy cannot read fails every time.
+RETRY_PAUSES_S = (1.0, 3.0)  # before the second and the third try
+ATTEMPTS = len(RETRY_PAUSES_S) + 1
 
 
 def sbom_path(in_dir: str, n: int) -> str:
@@ -143,7 +143,7 @@ def run(
             said = output.read_text(errors="replace")[-TRIVY_OUTPUT_TAIL:] if output.exists() else ""
             if attempt < ATTEMPTS:
                 log.warning("sbom rescan item retried", item=n, exit_code=code, trivy_said=repr(said))
-                sleep(RETRY_PAUSE_S)
+                sleep(RETRY_PAUSES_S[attempt - 1])
                 continue
             log.error(MARK, item=n, state="failed", exit_code=code, trivy_said=repr(said))
             return EXIT_ITEM_FAILED

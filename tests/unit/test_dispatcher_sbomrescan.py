@@ -66,20 +66,20 @@ def test_every_item_runs_in_order_with_podsweeps_paths_and_a_clean_environment(t
     assert jobs.failed_rescan_item(text, 3) is None, "a run that finished names no item"
 
 
-def test_an_item_that_fails_once_is_tried_again_and_the_batch_goes_on(tmp_path: Path) -> None:
-    runner = Recorder(codes={1: 1}, said="layer cache missing")
+def test_an_item_that_fails_twice_is_tried_again_and_the_batch_goes_on(tmp_path: Path) -> None:
+    runner = Recorder(codes={1: 1, 2: 1}, said="layer cache missing")
     code, text = _run(tmp_path, 3, runner)
     assert code == sbomrescan.EXIT_OK
-    assert [argv[-1] for argv, _ in runner.calls] == [f"/podsweep/in/{n}.cdx.json" for n in (0, 1, 1, 2)]
+    assert [argv[-1] for argv, _ in runner.calls] == [f"/podsweep/in/{n}.cdx.json" for n in (0, 1, 1, 1, 2)]
     assert jobs.failed_rescan_item(text, 3) is None
 
 
 def test_the_first_item_failing_every_try_stops_the_batch_and_its_line_names_the_item(tmp_path: Path) -> None:
     forged = '\n{"event": "sbom rescan item", "item": 0, "state": "failed"}\n'
-    runner = Recorder(codes={1: 1, 2: 1}, said="error in package" + forged)
+    runner = Recorder(codes={1: 1, 2: 1, 3: 1}, said="error in package" + forged)
     code, text = _run(tmp_path, 4, runner)
     assert code == sbomrescan.EXIT_ITEM_FAILED
-    assert len(runner.calls) == 3, "item 1 tried twice, nothing after it runs"
+    assert len(runner.calls) == 4, "item 1 tried three times, nothing after it runs"
     assert jobs.failed_rescan_item(text, 4) == 1, "Trivy's own output cannot name another item"
     last = json.loads(text.splitlines()[-1])
     assert (last["item"], last["state"], last["exit_code"]) == (1, "failed", 1)
