@@ -83,6 +83,14 @@ NEW_CVE = "CVE-2020-28500"
 _alert = msgspec.json.Decoder(AlertPayload)
 
 
+class _ScanEvent(msgspec.Struct, frozen=True):
+    job: str
+    mode: str = "node"
+
+
+_scan_event = msgspec.json.Decoder(_ScanEvent)
+
+
 def _ref(n: int) -> str:
     return f"registry.example.com/zeroday/app{n}@sha256:{hashlib.sha256(f'zd-{n}'.encode()).hexdigest()}"
 
@@ -253,6 +261,14 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         await standin.start()
         limits_kv = await bus.kv(LIMITS_BUCKET)
+        # Every scan's Job as its events name it (a failed Job is deleted, so listing Jobs at the end misses it).
+        scan_jobs: dict[str, tuple[str, float]] = {}  # job name -> (mode, first seen, monotonic)
+
+        async def on_scan(msg: Any) -> None:
+            event = _scan_event.decode(msg.data)
+            scan_jobs.setdefault(event.job, (event.mode, time.monotonic()))
+
+        scan_sub = await bus.nc.subscribe(bus.subject("scan.>"), cb=on_scan)
 
         def alerts_after(since: float) -> list[tuple[AlertPayload, float]]:
             return [(_alert.decode(a.body), a.at) for a in receiver.accepted("/hook") if a.at >= since]
@@ -302,13 +318,17 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 await _wait(rescans_done, args.timeout, "every digest rescanned on v2", every_s=2.0)
                 after = await _jobs(client, scans_ns)
         finally:
+            await scan_sub.unsubscribe()
             await standin.stop()
             await bus.close()
 
         unexpected = [(p.digest_ref, p.workload.name) for p, _ in alerts_after(t0) if p.digest_ref not in affected_refs]
-        new_jobs = [j for j in after if j["metadata"]["name"] not in before]
-        node_jobs = [j for j in after if j["metadata"]["annotations"].get(jobs.MODE_ANNOTATION) == "node"]
-        rescan_jobs = [j for j in new_jobs if j["metadata"]["annotations"].get(jobs.MODE_ANNOTATION) == "sbom"]
+        listed = {j["metadata"]["name"]: j["metadata"]["annotations"].get(jobs.MODE_ANNOTATION) for j in after}
+        node_jobs = {n for n, m in listed.items() if m == "node"} | {
+            n for n, (m, _) in scan_jobs.items() if m == "node"
+        }
+        rescan_jobs = {n for n, m in listed.items() if m == "sbom" and n not in before}
+        rescan_jobs |= {n for n, (m, at) in scan_jobs.items() if m == "sbom" and at >= t0 and n not in before}
         alerted_digests = {ref for ref, _ in reached if ref in affected_refs}
         print(
             json.dumps(
