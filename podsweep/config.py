@@ -189,6 +189,7 @@ class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     sbom_batch_size: int = 50  # digests per SBOM rescan Job
     sbom_batch_window_s: float = 1.0  # how long due SBOM rescans gather before a partial batch starts
     rescan_gone_for_s: float = 604800.0  # digests no node runs any more are rescanned from their SBOM this long
+    vulndb_poll_s: float = 300.0  # how often the leader asks the Trivy server which DB it serves; 0: never
     scan_requests_cpu: str = "100m"
     scan_requests_memory: str = "256Mi"
     scan_limits_cpu: str = ""
@@ -211,8 +212,8 @@ class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
             raise ValueError(f"leader_lease_s {self.leader_lease_s} must be between 1 and 3600 seconds")
         if not 1 <= self.sbom_batch_size <= 100:
             raise ValueError(f"sbom_batch_size {self.sbom_batch_size} must be between 1 and 100")
-        if self.sbom_batch_window_s < 0 or self.rescan_gone_for_s < 0:
-            raise ValueError("sbom_batch_window_s and rescan_gone_for_s must not be negative")
+        if self.sbom_batch_window_s < 0 or self.rescan_gone_for_s < 0 or self.vulndb_poll_s < 0:
+            raise ValueError("sbom_batch_window_s, rescan_gone_for_s and vulndb_poll_s must not be negative")
         if not 60 <= self.job_deadline_s <= 86400:
             raise ValueError(f"job_deadline_s {self.job_deadline_s} must be between 60 and 86400 seconds")
         if self.deadline_grace_s < 0 or self.ttl_after_finished_s < 0 or self.failure_memory_s < 0:

@@ -248,6 +248,20 @@ class RescanRequested(Event, frozen=True, kw_only=True):
     requested_at: datetime
 
 
+class DbUpdated(Event, frozen=True, kw_only=True):
+    """The Trivy server's vulnerability DB changed to a newer one: every digest with a usable SBOM is rescanned from it.
+    Published by the leading dispatcher, which polls the server's `/version`; its message id is derived from the new
+    DB's `updated_at`, so a second replica or a restart noticing the same DB publishes it once."""
+
+    cluster: ClusterName
+    previous_updated_at: datetime | None = None  # the DB seen before (None: none recorded)
+    previous_schema_version: int | None = None
+    updated_at: datetime  # the DB's own UpdatedAt, as the server reports it
+    schema_version: int  # the DB's schema version ("VulnerabilityDB.Version")
+    trivy_version: ShortText = ""  # the server's Trivy version
+    detected_at: datetime
+
+
 class RescanAccepted(Event, frozen=True, kw_only=True):
     """The dispatcher's answer to a RescanRequested: how many digests it made due, and which it has never seen."""
 

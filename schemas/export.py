@@ -27,11 +27,13 @@ DOCUMENTS: dict[str, Any] = {
     "dead": events.DeadLetter,
     "rescan.requested": events.RescanRequested,
     "rescan.accepted": events.RescanAccepted,
+    "db.updated": events.DbUpdated,
     "admission.decided": admission.AdmissionDecided,  # the admission gate's audit of a warn/deny/bypass
     "report": report.Report,  # reports/sha256/<hex>/latest.json
     "state.digest": state.DigestScanState,
     "state.workloads": state.DigestWorkloads,
     "state.lease": state.DispatcherLease,
+    "state.vulndb": state.VulnDbSeen,
     "alert.webhook": alerts.AlertPayload,  # the generic webhook body (docs/webhooks.md)
     "alert.webhook-group": alerts.GroupPayload,  # the generic webhook body of a grouped alert (docs/webhooks.md)
     "state.notify": alerts.NotifyFingerprint,

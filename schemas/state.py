@@ -99,6 +99,19 @@ class DispatcherLease(msgspec.Struct, frozen=True, kw_only=True):
 LEADER_KEY = "leader"
 
 
+class VulnDbSeen(msgspec.Struct, frozen=True, kw_only=True):
+    """The newest vulnerability DB the dispatcher saw the Trivy server serve, under VULNDB_KEY in LIMITS_BUCKET: a
+    restart or a new leader compares with it, so one DB update triggers one rescan."""
+
+    v: int = 1
+    updated_at: datetime
+    schema_version: int
+    seen_at: datetime
+
+
+VULNDB_KEY = "vulndb"
+
+
 class WorkloadRun(msgspec.Struct, frozen=True, kw_only=True):
     """A workload that runs a digest, learned from `podsweep.image.seen` (one per workload and image as written)."""
 

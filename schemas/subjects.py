@@ -16,6 +16,7 @@ ALERT_SENT = "alert.sent"
 ALERT_FAILED = "alert.failed"
 RESCAN_REQUESTED = "rescan.requested"
 RESCAN_ACCEPTED = "rescan.accepted"
+DB_UPDATED = "db.updated"  # the vulnerability DB the scans use changed (the dispatcher polls the Trivy server)
 ADMISSION_DECIDED = "admission.decided"
 DEAD = "dead"  # dead letters: <root>.dead.<service>
 OUTBOX = "outbox"  # the notifier's per-destination outbox: <root>-outbox.<destination>, see outbox_root

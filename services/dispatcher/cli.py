@@ -20,7 +20,7 @@ from podsweep import discovery, logs
 from podsweep.config import ConfigError, Settings
 from schemas import subjects
 from schemas.events import RescanAccepted, RescanRequested
-from services.dispatcher import rescans, upload
+from services.dispatcher import rescans, sbomrescan, upload
 
 _ACCEPTED = msgspec.json.Decoder(RescanAccepted)
 
@@ -59,6 +59,24 @@ def download_command(
     logs.configure("info", "json")
     policy = upload.RetryPolicy(attempts=attempts, max_wait_s=max_wait, timeout_s=timeout)
     raise typer.Exit(upload.download(files, policy=policy))
+
+
+def sbom_rescan_command(
+    trivy_flags: Annotated[list[str], typer.Argument(help="Trivy flags for every item (after --).")],
+    count: Annotated[int, typer.Option(min=1, max=1000, help="Items: <in>/0.cdx.json to <in>/<count-1>.cdx.json.")],
+    trivy: Annotated[str, typer.Option(help="The trivy binary.")],
+    in_dir: Annotated[str, typer.Option(help="Where the SBOMs are.")],
+    out_dir: Annotated[str, typer.Option(help="Where the reports go.")],
+    work_dir: Annotated[str, typer.Option(help="Trivy's TMPDIR and HOME, and its captured output.")],
+) -> None:
+    """Download a rescan batch's SBOMs, run `trivy sbom` on each in turn, upload the reports (what an SBOM rescan Job
+    runs; URLs from PODSWEEP_SBOM_<n>_URL and PODSWEEP_RAW_<n>_URL). Exit 0 done, 1 an item or a transfer failed (an
+    item's log line names it), 2 bad input."""
+    logs.configure("info", "json")
+    code = sbomrescan.rescan_batch(
+        count, trivy=trivy, trivy_flags=trivy_flags, in_dir=in_dir, out_dir=out_dir, work_dir=work_dir
+    )
+    raise typer.Exit(code)
 
 
 def rescan_command(
@@ -149,3 +167,4 @@ upload_app = typer.Typer(add_completion=False)
 upload_app.command("upload")(upload_command)
 upload_app.command("download")(download_command)
 upload_app.command("rescan")(rescan_command)
+upload_app.command("sbom-rescan", hidden=True)(sbom_rescan_command)

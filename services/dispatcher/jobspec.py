@@ -19,7 +19,7 @@ import msgspec
 from schemas import jobs, storage
 from schemas.events import Severity
 from schemas.refs import DigestRef, ImageRef, K8sLabelName, K8sName, NodeName, ScanId
-from services.dispatcher import scanenv
+from services.dispatcher import sbomrescan, scanenv
 
 Manifest = dict[str, Any]
 _MANIFEST = msgspec.json.Decoder(dict[str, Any])
@@ -316,9 +316,11 @@ class SbomRescan(msgspec.Struct, frozen=True, kw_only=True):
 def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
     """An unpinned Job of the trivy and podsweep images that rescans stored SBOMs: no node's images, no target image.
 
-    `podsweep download` fetches every SBOM, one init container per item runs `trivy sbom` on it, and `podsweep
-    upload` sends the reports. A failing item fails the whole Job (containers run without a shell, so nothing
-    can swallow an exit code); the dispatcher then retries that batch's digests in smaller batches or on nodes.
+    An init container copies the trivy image's binary into the work emptyDir; then one container of the podsweep
+    image (`podsweep sbom-rescan`, services/dispatcher/sbomrescan.py) downloads every SBOM, runs `trivy sbom` on each
+    in turn and uploads the reports. A failing item stops the batch and fails the Job (containers run without a
+    shell, so nothing can swallow an exit code); its log's last line names the item, which the container's
+    `FallbackToLogsOnError` makes the termination message the watcher reads.
     """
     batch = msgspec.convert(msgspec.to_builtins(batch), SbomRescan)
     listing = [
@@ -330,51 +332,48 @@ def build_sbom_rescan_job(batch: SbomRescan, options: JobOptions) -> Manifest:
         jobs.BATCH_ANNOTATION: msgspec.json.encode(listing).decode(),
     }
     in_mount = {"name": "in", "mountPath": IN_DIR}
-    trivy_mounts: list[Manifest] = [_WORK_MOUNT, {**in_mount, "readOnly": True}, _OUT_MOUNT]
+    trivy_mounts: list[Manifest] = [_WORK_MOUNT, in_mount, _OUT_MOUNT]
     if options.db_claim is not None:
         trivy_mounts.append(_DB_MOUNT)
-    security = _helper_security(options.helper_uid)
+    count = len(batch.items)
 
-    init_containers: list[Manifest] = [
-        _helper_container(
-            "download",
-            options.uploader_image,
-            ["podsweep", "download"],
-            [in_mount],
-            options,
-            args=[f"{IN_DIR}/{n}.cdx.json=PODSWEEP_SBOM_{n}_URL" for n in range(len(batch.items))],
-            env=[{"name": f"PODSWEEP_SBOM_{n}_URL", "value": i.sbom_get_url} for n, i in enumerate(batch.items)],
-        )
-    ]
-    for n, _item in enumerate(batch.items):
-        args = ["sbom", "--format", "json", "--output", f"{OUT_DIR}/{n}.json"]
-        args += _vuln_flags(options, ignore_unfixed=options.ignore_unfixed)
-        args.append(f"{IN_DIR}/{n}.cdx.json")
-        init_containers.append(
-            {
-                "name": f"rescan-{n}",
-                "image": options.trivy_image,
-                "imagePullPolicy": "IfNotPresent",
-                "command": [options.trivy_binary],
-                "args": args,
-                # The trivy image is podsweep's choice, its environment too; the working directory is podsweep's.
-                "workingDir": WORK_DIR,
-                "env": [{"name": "TMPDIR", "value": WORK_DIR}, {"name": "HOME", "value": WORK_DIR}],
-                "volumeMounts": trivy_mounts,
-                "resources": options.scan_resources.manifest(),
-                "securityContext": security,
-            }
-        )
-    uploader = _uploader(
+    rescan = _helper_container(
+        jobs.RESCAN_CONTAINER,
+        options.uploader_image,
+        ["podsweep", "sbom-rescan"],
+        trivy_mounts,
         options,
-        [f"{OUT_DIR}/{n}.json=PODSWEEP_RAW_{n}_URL" for n in range(len(batch.items))],
-        [{"name": f"PODSWEEP_RAW_{n}_URL", "value": i.raw_put_url} for n, i in enumerate(batch.items)],
+        args=[
+            "--count",
+            str(count),
+            "--trivy",
+            TRIVY,
+            "--in-dir",
+            IN_DIR,
+            "--out-dir",
+            OUT_DIR,
+            "--work-dir",
+            WORK_DIR,
+            "--",
+            *_vuln_flags(options, ignore_unfixed=options.ignore_unfixed),
+        ],
+        # The presigned URLs travel in env, not args, so they never show in a process list on the node.
+        env=[{"name": sbomrescan.sbom_url_env(n), "value": i.sbom_get_url} for n, i in enumerate(batch.items)]
+        + [{"name": sbomrescan.raw_url_env(n), "value": i.raw_put_url} for n, i in enumerate(batch.items)],
+    )
+    # The working directory is podsweep's; Trivy's own environment is set by sbom-rescan (nothing inherited).
+    rescan["workingDir"] = WORK_DIR
+    rescan["resources"] = options.scan_resources.manifest()
+    # A failed run's last log line names its item (the termination message the watcher reads).
+    rescan["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    install = _helper_container(
+        "install-trivy", options.trivy_image, ["cp", options.trivy_binary, TRIVY], [_WORK_MOUNT], options
     )
     pod_spec = _pod_spec(
         options,
         pod_security={"seccompProfile": {"type": "RuntimeDefault"}, "runAsNonRoot": True},
-        init_containers=init_containers,
-        uploader=uploader,
+        init_containers=[install],
+        uploader=rescan,
         volumes=_volumes(
             options, {"work": options.work_size_limit, "in": options.out_size_limit, "out": options.out_size_limit}
         ),

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import nats.js.errors
@@ -28,6 +29,7 @@ from podsweep.runtime import kubeconfig_path
 from podsweep.service import open_service
 from schemas import storage, subjects
 from schemas.events import (
+    DbUpdated,
     ImageGone,
     ImageSeen,
     ReportQuarantined,
@@ -40,8 +42,9 @@ from schemas.events import (
 )
 from schemas.refs import digest_hex
 from schemas.state import LIMITS_BUCKET, SCANS_BUCKET, WORKLOADS_BUCKET, DigestWorkloads, LimiterState
-from services.dispatcher import gauges, plan, rescans
+from services.dispatcher import gauges, plan, rescans, vulndb
 from services.dispatcher.batching import Gathering
+from services.dispatcher.dbpoll import DbPoller
 from services.dispatcher.digests import Digests, MirroredStates, utcnow
 from services.dispatcher.launcher import Launcher
 from services.dispatcher.leadership import Leadership, identity, while_leading
@@ -55,7 +58,7 @@ DURABLE = "dispatcher"
 # What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
 NATS = NatsAccess(
     service=SERVICE,
-    publishes=(subjects.RESCAN_ACCEPTED,),
+    publishes=(subjects.RESCAN_ACCEPTED, subjects.DB_UPDATED),
     durables=(
         Durable(
             DURABLE,
@@ -68,6 +71,7 @@ NATS = NatsAccess(
                 subjects.RESCAN_REQUESTED,
                 subjects.REPORT_QUARANTINED,
                 subjects.REPORT_STORED,
+                subjects.DB_UPDATED,
             ),
         ),
     ),
@@ -251,6 +255,48 @@ class Dispatcher:
             unknown=len(unknown),
         )
 
+    async def on_db_updated(self, updated: DbUpdated, _: busmod.Delivery) -> None:
+        """A newer vulnerability DB: every digest with a usable SBOM is due now (by compare-and-set, as a rescan
+        request makes it), in the order its timers fire: running digests run by the most workloads first, digests
+        no node runs last. Claims, batches and every limit apply; digests without a usable SBOM keep their due time."""
+        if not self.states.mirror.ready:
+            raise busmod.Retry("the scan states are not mirrored yet", delay=2.0)  # the order needs them all
+        now, policy = utcnow(), self.cfg.policy
+        runs = await self._workload_counts()
+        candidates = [
+            (key, runs.get(key, 0), bool(state.nodes_seen))
+            for key, state in self.states.documents()
+            if plan.rescannable_from_sbom(state, now, policy)
+        ]
+        due = 0
+        for rank, key in enumerate(vulndb.order_for_rescan(candidates)):
+            answer = (
+                await self.digests.decide(
+                    key, lambda old: plan.make_due(old, now, policy) if old is not None else (None, None)
+                )
+            )[3]
+            if answer == "made_due":
+                due += 1
+                # One microsecond apart: the timers fire, and the batches fill, in this order.
+                self.schedule.set_timer(key, now + timedelta(microseconds=rank))
+        self.schedule.wake.set()
+        log.info(
+            "vulnerability DB updated: SBOM rescans due",
+            updated_at=updated.updated_at.isoformat(),
+            candidates=len(candidates),
+            due=due,
+        )
+
+    async def _workload_counts(self) -> dict[str, int]:
+        """Digest key -> how many workloads run it (WORKLOADS bucket, read only)."""
+        found, unreadable = await busmod.kv_documents(self.workloads, DigestWorkloads)
+        for key in unreadable:
+            log.warning("rescan order skipped an unreadable workloads document", key=key)
+        return {
+            digest_hex(d.digest_ref): len({(r.namespace, r.workload.kind, r.workload.name) for r in d.runs})
+            for d in found
+        }
+
     async def _requested_keys(self, request: RescanRequested) -> tuple[list[str], list[str]]:
         """The digest keys a request names, and the digests it names that this dispatcher has never seen."""
         if request.all:
@@ -336,6 +382,15 @@ async def _lead(
         asyncio.create_task(dispatcher.limiter_key.mirror.follow(stop), name="dispatcher-limiter-watch"),
         asyncio.create_task(dispatcher.states.mirror.follow(stop), name="dispatcher-scans-watch"),
     ]
+    if cfg.vulndb_poll_s > 0 and cfg.jobs.trivy_server is not None:
+        poller = DbPoller(
+            bus=bus,
+            kv=await bus.kv(LIMITS_BUCKET),
+            server=cfg.jobs.trivy_server,
+            cluster=settings.cluster,
+            interval_s=cfg.vulndb_poll_s,
+        )
+        background.append(asyncio.create_task(poller.run(stop), name="dispatcher-vulndb-poll"))
     routes: dict[str, busmod.Route[Any]] = {
         subjects.IMAGE_SEEN: busmod.Route(ImageSeen, dispatcher.on_image_seen),
         subjects.IMAGE_GONE: busmod.Route(ImageGone, dispatcher.on_image_gone),
@@ -345,6 +400,7 @@ async def _lead(
         subjects.REPORT_QUARANTINED: busmod.Route(ReportQuarantined, dispatcher.on_report_quarantined),
         subjects.REPORT_STORED: busmod.Route(ReportStored, dispatcher.on_report_stored),
         subjects.RESCAN_REQUESTED: busmod.Route(RescanRequested, dispatcher.on_rescan_requested),
+        subjects.DB_UPDATED: busmod.Route(DbUpdated, dispatcher.on_db_updated),
     }
     limits = cfg.limits
     log.info(

@@ -610,6 +610,13 @@ def confirm_batch_item(
     return msgspec.structs.replace(state, claim_expires_at=now + policy.claim_ttl)
 
 
+def rescannable_from_sbom(state: DigestScanState, now: datetime, policy: Policy) -> bool:
+    """Whether a new vulnerability DB makes this digest due: it has a usable SBOM and is still covered (a node runs
+    it, or it stopped less than `rescan_gone_for` ago). Digests without one keep their due time: a DB update never
+    causes node scans (`podsweep rescan --all` does)."""
+    return _sbom_usable(state, policy) and _still_covered(state, now, policy)
+
+
 RescanAnswer = Literal["made_due", "in_flight", "not_covered"]
 
 

@@ -26,6 +26,7 @@ class Configured(msgspec.Struct, frozen=True, kw_only=True):
     leader_lease_s: float = 15.0
     sbom_batch_size: int = 50
     sbom_batch_window_s: float = 1.0
+    vulndb_poll_s: float = 0.0  # 0: the DB is not watched (standalone mode, or switched off)
 
 
 def _seconds(value: float) -> timedelta:
@@ -110,4 +111,6 @@ def configure(settings: Settings) -> Configured:
         sweep_jitter_ratio=section.sweep_jitter_ratio,
         sbom_batch_size=section.sbom_batch_size,
         sbom_batch_window_s=section.sbom_batch_window_s,
+        # Only a Trivy server can be asked which DB it serves; a DB claim is the operator's to watch.
+        vulndb_poll_s=section.vulndb_poll_s if section.trivy_server else 0.0,
     )

@@ -1,8 +1,9 @@
 """What a podsweep scan Job's state means: started, completed or failed (with a FailureReason), as events.
 
 A node scan Job runs one scan; an SBOM rescan Job runs a batch: one failing item fails the Job (see
-services/dispatcher/jobspec.py), and each item gets its own event. The item whose `rescan-<n>` container failed gets
-that failure; the others get BatchAborted (their reports were never uploaded, their SBOMs are not at fault).
+services/dispatcher/jobspec.py), and each item gets its own event. The item the `rescan` container's termination
+message names (schemas.jobs.failed_rescan_item) gets that failure; the others get BatchAborted (their reports were
+never uploaded, their SBOMs are not at fault).
 
 A Job whose pod the API server refused to create (its FailedCreate event: a missing ServiceAccount, a quota, a Pod
 Security level) has no pod at all and never gets one: it fails as PodCreateRejected with the API server's message.
@@ -166,13 +167,20 @@ _RESCAN_CONTAINER = re.compile(r"^rescan-([0-9]{1,4})$")
 
 
 def _failed_items(pods: Sequence[ScanPod]) -> tuple[int, ...]:
-    """The batch items whose own rescan container exited non-zero or was OOM-killed."""
+    """The batch items at fault: the one the `rescan` container's last item line names when it exited non-zero or
+    was OOM-killed (its termination message is its log's tail), or, in Jobs made before one container ran every
+    item, those whose own `rescan-<n>` init container did."""
     failed: set[int] = set()
     for pod in pods:
-        for cs in pod.status.init_container_statuses:
-            match = _RESCAN_CONTAINER.match(cs.name)
+        for cs in pod.status.init_container_statuses + pod.status.container_statuses:
             terminated = cs.state.terminated
-            if match and terminated is not None and (terminated.exit_code != 0 or terminated.reason == "OOMKilled"):
+            if terminated is None or (terminated.exit_code == 0 and terminated.reason != "OOMKilled"):
+                continue
+            if cs.name == jobs.RESCAN_CONTAINER:
+                item = jobs.failed_rescan_item(terminated.message, _MAX_BATCH)
+                if item is not None:
+                    failed.add(item)
+            elif match := _RESCAN_CONTAINER.match(cs.name):
                 failed.add(int(match[1]))
     return tuple(sorted(failed))
 
@@ -228,7 +236,9 @@ def _failure_from_pods(pods: Sequence[ScanPod]) -> tuple[FailureReason, str] | N
                 if terminated.reason == "OOMKilled":
                     found.setdefault("OOMKilled", f"container {cs.name} was OOM-killed")
                 elif terminated.exit_code != 0:
-                    reason: FailureReason = "ScanError" if kind == "init" else "UploadFailed"
+                    # The batch container scans (and transfers): its failure is a scan's, like an init container's.
+                    scans = kind == "init" or cs.name == jobs.RESCAN_CONTAINER
+                    reason: FailureReason = "ScanError" if scans else "UploadFailed"
                     found.setdefault(reason, f"container {cs.name} exited {terminated.exit_code}: {terminated.message}")
         disruption = next((c for c in status.conditions if c.type == "DisruptionTarget" and c.status == "True"), None)
         pod_reasons = {status.reason, disruption.reason if disruption else ""}

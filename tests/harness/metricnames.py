@@ -11,9 +11,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("podsweep", "services")
 UNIT_SUFFIX = {"s": "seconds", "By": "bytes", "ms": "milliseconds"}
 KINDS = frozenset({"counter", "up_down_counter", "histogram", "gauge", "observable_gauge", "observable_counter"})
-# A gauge the dashboard and rules read that another branch adds (the dispatcher's reading of the Trivy server's
-# /version): accepted until it lands; delete the entry once instruments() finds it.
-AWAITED = frozenset({"podsweep_vulndb_updated_timestamp_seconds"})
 
 
 def instruments() -> dict[str, tuple[str, str]]:
@@ -48,8 +45,8 @@ def exposed(name: str, kind: str, unit: str) -> set[str]:
 
 
 def exposed_names() -> set[str]:
-    """Every sample name podsweep's /metrics can show (a counter only after its first increment), and AWAITED."""
-    names: set[str] = set(AWAITED)
+    """Every sample name podsweep's /metrics can show (a counter only after its first increment)."""
+    names: set[str] = set()
     for name, (kind, unit) in instruments().items():
         names |= exposed(name, kind, unit)
     return names

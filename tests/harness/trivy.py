@@ -6,6 +6,7 @@ it started. The DB comes from tests/fixtures/advisories/ through tests/harness/t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -61,11 +63,14 @@ def find_trivy() -> Path:
     return Path(found)
 
 
-def build_db(cache_dir: Path, advisories: Sequence[Path] = (BASE_ADVISORIES,)) -> Path:
+def build_db(
+    cache_dir: Path, advisories: Sequence[Path] = (BASE_ADVISORIES,), updated_at: datetime | None = None
+) -> Path:
     """Make `cache_dir` a Trivy cache dir whose db/ holds exactly `advisories`; returns cache_dir for --cache-dir.
 
     The DB is built once per advisories content under the shared test cache and copied, so concurrent sessions never
-    share a bolt file that Trivy might lock.
+    share a bolt file that Trivy might lock. Its UpdatedAt is when the cached DB was built (so a DB built from more
+    advisories may look older); `updated_at` stamps the copy instead, as a DB update would (what `/version` says).
     """
     key = "+".join(p.stem for p in advisories)
     built = default_cache_dir() / "trivy-db" / key
@@ -78,6 +83,12 @@ def build_db(cache_dir: Path, advisories: Sequence[Path] = (BASE_ADVISORIES,)) -
     staging = cache_dir / "db.new"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(built / "db", staging)
+    if updated_at is not None:
+        metadata = json.loads((staging / "metadata.json").read_text())
+        stamp = updated_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        metadata["UpdatedAt"] = stamp
+        metadata["NextUpdate"] = (updated_at + timedelta(days=36500)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        (staging / "metadata.json").write_text(json.dumps(metadata))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return cache_dir
@@ -143,10 +154,11 @@ class TrivyServer:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
 
-    def restart(self, with_db: Sequence[Path] = (BASE_ADVISORIES,)) -> None:
-        """Stop, rebuild the DB from `with_db` (e.g. base + extra: a new CVE appears), start on the same port."""
+    def restart(self, with_db: Sequence[Path] = (BASE_ADVISORIES,), updated_at: datetime | None = None) -> None:
+        """Stop, rebuild the DB from `with_db` (e.g. base + extra: a new CVE appears), start on the same port;
+        `updated_at` stamps the DB (see build_db)."""
         self.stop()
-        build_db(self.cache_dir, with_db)
+        build_db(self.cache_dir, with_db, updated_at)
         self.start()
 
 

@@ -12,7 +12,7 @@ import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,24 @@ from podsweep.config import (
 from podsweep.embedded import free_port
 from podsweep.kube import Kube, KubeError
 from schemas import jobs, storage, subjects
-from schemas.events import DeadLetter, FailureReason, ReportStored, SeverityCounts
+from schemas.events import DbUpdated, DeadLetter, FailureReason, ReportStored, SeverityCounts, Workload
 from schemas.refs import digest_hex
 from schemas.state import (
     LEADER_KEY,
     LIMITER_KEY,
     LIMITS_BUCKET,
     SCANS_BUCKET,
+    WORKLOADS_BUCKET,
     DigestScanState,
+    DigestWorkloads,
     DispatcherLease,
     LimiterState,
+    WorkloadRun,
 )
 from services.dispatcher import jobspec
 from services.dispatcher.leadership import identity
 from services.dispatcher.main import main
+from services.dispatcher.plan import scan_id_for
 from services.dispatcher.settings import job_options
 from tests.harness import replicas as replicas_mod
 from tests.harness.events import digest_ref, image_seen
@@ -774,3 +778,76 @@ async def test_after_a_restart_that_lost_the_limiter_the_jobs_still_there_count_
             assert limiter is not None and {s.scan_id for s in limiter.slots} == {kept.scan_id, third.scan_id}
     finally:
         await bus.close()
+
+
+async def test_a_db_update_makes_sbom_digests_due_most_run_first_not_running_last_and_leaves_the_others(
+    kube: KubeControlPlane,
+    kube_api: Kube,
+    kube_namespace: str,
+    nats_settings: NatsSettings,
+    s3_settings: S3Settings,
+    kubelet_standin: StartStandin,
+) -> None:
+    (node,) = await prepare_namespace(kube_api, kube_namespace, 1)
+    await kubelet_standin(namespace=kube_namespace, execute=False)
+    settings = dispatcher_settings(
+        kube,
+        kube_namespace,
+        nats_settings,
+        s3_settings,
+        sbom_batch_size=10,
+        sbom_batch_window_s=5.0,  # all four in one batch, however slow the machine
+        sweep_interval_s=60.0,
+        vulndb_poll_s=0.0,
+    )
+    names = ["one", "three", "two", "gone", "no-sbom"]
+    refs = {name: digest_ref(kube_namespace, n) for n, name in enumerate(names)}
+    runs = {"one": 1, "three": 3, "two": 2, "gone": 5, "no-sbom": 9}  # not running beats any number of workloads
+    now = datetime.now(UTC)
+    async with observer(kube_api, kube_namespace, nats_settings) as (_watcher, bus):
+        scans, workloads = await bus.kv(SCANS_BUCKET), await bus.kv(WORKLOADS_BUCKET)
+        for name, ref in refs.items():
+            state = DigestScanState(
+                digest_ref=ref,
+                status="done",
+                scan_seq=1,
+                scan_id=scan_id_for(ref, 1),
+                nodes_seen=[] if name == "gone" else [node],
+                last_seen_at=now,
+                last_scan_at=now - timedelta(hours=1),
+                next_due_at=now + timedelta(days=1),
+                not_running_since=now - timedelta(minutes=5) if name == "gone" else None,
+                sbom_key=None if name == "no-sbom" else storage.history_sbom_key(ref, now - timedelta(hours=1)),
+                sbom_trivy_version=None if name == "no-sbom" else "0.76.0",
+            )
+            await scans.put(digest_hex(ref), msgspec.json.encode(state))
+            doc = DigestWorkloads(
+                digest_ref=ref,
+                runs=[
+                    WorkloadRun(namespace="apps", workload=Workload(kind="Deployment", name=f"w{i}"), image="app:1")
+                    for i in range(runs[name])
+                ],
+            )
+            await workloads.put(digest_hex(ref), msgspec.json.encode(doc))
+        async with in_process(main, settings=settings):
+            update = DbUpdated(cluster="default", updated_at=now, schema_version=2, detected_at=now)
+            await bus.publish(subjects.DB_UPDATED, update, msg_id="db-updated-1")
+
+            async def batch() -> bool:
+                return any(
+                    j["metadata"]["annotations"].get(jobs.MODE_ANNOTATION) == "sbom"
+                    for j in await _jobs(kube_api, kube_namespace)
+                )
+
+            await eventually(batch, 30, "an SBOM rescan Job")
+            (job,) = await _jobs(kube_api, kube_namespace)
+            after = await states(bus, list(refs.values()))
+    listing = msgspec.json.decode(job["metadata"]["annotations"][jobs.BATCH_ANNOTATION])
+    assert [i["digest_ref"] for i in listing] == [refs[n] for n in ("three", "two", "one", "gone")]
+    untouched = after[refs["no-sbom"]]
+    assert untouched is not None and untouched.next_due_at == now + timedelta(days=1), "no SBOM: no node scan now"
+
+
+async def _jobs(kube_api: Kube, namespace: str) -> list[dict[str, Any]]:
+    listing = msgspec.json.decode(await kube_api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs"))
+    return list(listing["items"])

@@ -4,7 +4,8 @@ containers with real Trivy against a real Trivy server, real NATS and S3, and a 
 Node scans store a report and an SBOM and alert on the critical fixture CVE; after a new advisory reaches the Trivy
 server, `podsweep rescan` makes the digests due and one unpinned batch Job rescans them from their SBOMs (no node
 Job), each affected workload hears once about only the new finding and an unchanged digest stays quiet; a digest
-scaled to zero is rescanned until its time runs out. A bad SBOM upload (truncated, not CycloneDX, oversized) is
+scaled to zero is rescanned until its time runs out. With the DB watch on, the Trivy server moving to a newer DB is
+enough: db.updated, SBOM rescans only, and exactly the affected owners alerted once. A bad SBOM upload (truncated, not CycloneDX, oversized) is
 quarantined with its reason, the report of the same scan is stored, and that digest's next scan is a node scan.
 
 Set PODSWEEP_WRITE_TRIVY_FIXTURES=1 to copy the Trivy output of the first test into tests/fixtures/trivy/.
@@ -42,10 +43,10 @@ from podsweep.kube import Kube
 from podsweep.objectstore import ObjectStore
 from schemas import jobs, storage, subjects
 from schemas.alerts import AlertPayload
-from schemas.events import ReportQuarantined, ReportStored, RescanAccepted
+from schemas.events import DbUpdated, ReportQuarantined, ReportStored, RescanAccepted
 from schemas.refs import digest_hex
 from schemas.report import Report
-from schemas.state import SCANS_BUCKET, DigestScanState
+from schemas.state import LIMITS_BUCKET, SCANS_BUCKET, VULNDB_KEY, DigestScanState, VulnDbSeen
 from services.dispatcher import jobspec, rescans
 from services.dispatcher.cli import request_rescan
 from services.dispatcher.main import main as dispatcher_main
@@ -77,6 +78,7 @@ _report = msgspec.json.Decoder(Report)
 _stored = msgspec.json.Decoder(ReportStored)
 _quarantined = msgspec.json.Decoder(ReportQuarantined)
 _alert = msgspec.json.Decoder(AlertPayload)
+_db_updated = msgspec.json.Decoder(DbUpdated)
 _SBOM_URL_KEY = re.compile(r"sbom/sha256/([0-9a-f]{64})/")  # in the upload URL's query (key=...)
 
 # How an SBOM is damaged on the node before the uploader sends it: from the scan's `out` dir, the bytes to upload.
@@ -231,7 +233,10 @@ def _pod(name: str, node: str, image: str) -> dict[str, Any]:
 
 class MakeWorld(Protocol):
     def __call__(
-        self, images: Mapping[str, tuple[str, FixtureKind]], damage: Mapping[str, Damage] | None = None
+        self,
+        images: Mapping[str, tuple[str, FixtureKind]],
+        damage: Mapping[str, Damage] | None = None,
+        dispatcher: Mapping[str, Any] | None = None,
     ) -> contextlib.AbstractAsyncContextManager[World]: ...
 
 
@@ -248,12 +253,14 @@ def make_world(
     monkeypatch: pytest.MonkeyPatch,
 ) -> MakeWorld:
     """The four services in this process, a kwok node running one pod per image, a stand-in executing the Jobs;
-    `damage` names (by pod) the digests whose first SBOM the stand-in spoils."""
+    `damage` names (by pod) the digests whose first SBOM the stand-in spoils; `dispatcher` overrides its settings."""
     monkeypatch.setenv("RESCAN_HOOK_KEY", HOOK_KEY)  # the policy names the variable, never the key
 
     @contextlib.asynccontextmanager
     async def start(
-        images: Mapping[str, tuple[str, FixtureKind]], damage: Mapping[str, Damage] | None = None
+        images: Mapping[str, tuple[str, FixtureKind]],
+        damage: Mapping[str, Damage] | None = None,
+        dispatcher: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[World]:
         scans = f"scans-{secrets.token_hex(3)}"
         await create_namespace(kube_api, scans)
@@ -315,6 +322,8 @@ def make_world(
                     "max_active_per_node": 4,  # every pod here is on one node: scan them at once
                     "sbom_batch_window_s": 1.0,
                     "rescan_gone_for_s": GONE_FOR_S,
+                    "vulndb_poll_s": 0.0,  # rescans here come from `podsweep rescan` unless a test says otherwise
+                    **(dispatcher or {}),
                 },
                 DispatcherSettings,
             ),
@@ -533,3 +542,77 @@ async def test_bad_sbom_upload_is_quarantined_with_its_reason_and_the_digest_goe
         # This time the stand-in left the SBOMs alone: kept, so the digests' next rescans can come from them.
         assert all(second[name].sbom_key is not None for name in images)
         assert len(world.quarantined) == len(images), "nothing else was quarantined"
+
+
+async def test_a_newer_trivy_db_rescans_from_sboms_with_no_command_and_alerts_exactly_the_affected_owners(
+    make_world: MakeWorld, trivy_server: TrivyServer
+) -> None:
+    async with make_world(IMAGES, dispatcher={"vulndb_poll_s": 0.5}) as world:
+        updates: list[DbUpdated] = []
+
+        async def on_updated(msg: Any) -> None:
+            updates.append(_db_updated.decode(msg.data))
+
+        sub = await world.bus.nc.subscribe(world.bus.subject(subjects.DB_UPDATED), cb=on_updated)
+        try:
+            await _db_update_rescans(world, trivy_server, updates)
+        finally:
+            await sub.unsubscribe()
+            await asyncio.to_thread(trivy_server.restart, (BASE_ADVISORIES,))
+
+
+async def _db_update_rescans(world: World, trivy_server: TrivyServer, updates: list[DbUpdated]) -> None:
+    # 1. Node scans on DB v1 store a report and an SBOM per digest; the leader has recorded the DB it saw.
+    first = {name: await world.scanned(name, 1, timeout_s=90, sbom=True) for name in IMAGES}
+    for name in IMAGES:
+        await world.alert_for_scan(name, str(first[name].scan_id))
+    limits = await world.bus.kv(LIMITS_BUCKET)
+
+    async def recorded() -> VulnDbSeen | None:
+        return (await busmod.kv_read(limits, VULNDB_KEY, VulnDbSeen))[0]
+
+    v1 = await wait_until(recorded, 30, "the dispatcher recording the Trivy server's DB")
+    assert updates == [], "the first DB seen is recorded, not announced"
+
+    # 2. The server moves to v2 (one advisory more: lodash CVE-2020-28500), and nobody types a command.
+    v2_at = datetime.now(UTC).replace(microsecond=0)
+    await asyncio.to_thread(trivy_server.restart, (BASE_ADVISORIES, EXTRA_ADVISORIES), v2_at)
+
+    async def announced() -> DbUpdated | None:
+        return updates[0] if updates else None
+
+    update = await wait_until(announced, 30, "db.updated after the server's DB changed")
+    assert (update.previous_updated_at, update.updated_at) == (v1.updated_at, v2_at)
+    assert (update.cluster, update.schema_version, update.trivy_version) == ("e2e", 2, "0.76.0")
+
+    second = {name: await world.scanned(name, 2) for name in IMAGES}
+    every = await world.scan_jobs()
+    node_jobs = [j for j in every if j["metadata"]["annotations"][jobs.MODE_ANNOTATION] == "node"]
+    rescan_jobs = [j for j in every if j["metadata"]["annotations"][jobs.MODE_ANNOTATION] == "sbom"]
+    assert len(node_jobs) == len(IMAGES), "no node Job after the first scans"
+    assert 1 <= len(rescan_jobs) <= len(IMAGES)
+    rescanned = {
+        i["scan_id"]
+        for j in rescan_jobs
+        for i in msgspec.json.decode(j["metadata"]["annotations"][jobs.BATCH_ANNOTATION])
+    }
+    assert rescanned == {second[n].scan_id for n in IMAGES}
+    for job in rescan_jobs:
+        pod_spec = job["spec"]["template"]["spec"]
+        names = [c["name"] for c in pod_spec["initContainers"] + pod_spec["containers"]]
+        assert names == ["install-trivy", "rescan"], "one container scans the whole batch"
+
+    # 3. Exactly the digests with lodash gain the CVE; their owners hear of it once, the other owner not at all.
+    new_cve = next(iter(EXTRA_FINDINGS[FixtureKind.COMBINED]))
+    affected = {"app", "worker"}
+    for name in IMAGES:
+        stored = (await world.stored_count(name, 2))[-1]
+        assert stored.mode == "sbom" and stored.scan_id == second[name].scan_id
+        latest = _report.decode(await world.store.get(storage.latest_report_key(world.refs[name])))
+        assert (new_cve.vulnerability_id in {f.id for f in latest.findings}) == (name in affected), name
+    for name in affected:
+        alert = await world.alert_for_scan(name, str(second[name].scan_id))
+        assert [f[0] for f in _new_findings(alert)] == [new_cve.vulnerability_id], name
+    await world.notifier_caught_up()
+    assert {name: len(world.alerts(name)) for name in IMAGES} == {"app": 2, "worker": 2, "base": 1}
+    assert len(updates) == 1, "one DB update, announced once"

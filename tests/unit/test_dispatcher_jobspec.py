@@ -310,7 +310,19 @@ def test_sbom_rescan_is_unpinned_non_root_and_lists_its_batch() -> None:
     assert "nodeName" not in pod and "affinity" not in pod and "tolerations" not in pod
     assert pod["securityContext"]["runAsNonRoot"] is True
     containers = _containers(manifest)
-    assert [n for n in containers if n.startswith("rescan-")] == ["rescan-0", "rescan-1", "rescan-2"]
+    assert list(containers) == ["install-trivy", "rescan"], "one container scans the whole batch"
+    rescan = containers["rescan"]
+    assert rescan["command"] == ["podsweep", "sbom-rescan"]
+    assert rescan["args"][:2] == ["--count", "3"]
+    env = {e["name"]: e["value"] for e in rescan["env"]}
+    assert env == {
+        **{f"PODSWEEP_SBOM_{n}_URL": i["sbom_get_url"] for n, i in enumerate(items)},
+        **{f"PODSWEEP_RAW_{n}_URL": i["raw_put_url"] for n, i in enumerate(items)},
+    }
+    assert rescan["terminationMessagePolicy"] == "FallbackToLogsOnError", "its log's tail names a failed item"
+    assert rescan["securityContext"]["readOnlyRootFilesystem"] is True
+    assert rescan["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
     assert all(c["securityContext"]["runAsUser"] != 0 for c in containers.values())
     assert all(c.get("imagePullPolicy") != "Never" for c in containers.values())
     listing = msgspec.json.decode(manifest["metadata"]["annotations"][jobs.BATCH_ANNOTATION])

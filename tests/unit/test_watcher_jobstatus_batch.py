@@ -30,6 +30,13 @@ from tests.unit.test_watcher_jobstatus import (
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
 
+def _lines(item: int, last: str = "failed") -> str:
+    """The tail of a `podsweep sbom-rescan` log: every item before `item` started, then `item` in state `last`."""
+    lines = [msgspec.json.encode({"event": jobs.RESCAN_ITEM_EVENT, "item": n, "state": "running"}) for n in range(item)]
+    lines.append(msgspec.json.encode({"event": jobs.RESCAN_ITEM_EVENT, "item": item, "state": last, "level": "x"}))
+    return "\n".join(line.decode() for line in lines) + "\n"
+
+
 def _batch_job(conditions: list[dict[str, Any]], mode: str = "sbom") -> kubeobjects.Job:
     listing = [batch_item("s-aaaaaaaaaa", REF), batch_item("s-bbbbbbbbbb", REF_B), batch_item("s-cccccccccc", REF)]
     return job(
@@ -39,11 +46,11 @@ def _batch_job(conditions: list[dict[str, Any]], mode: str = "sbom") -> kubeobje
     )
 
 
-def _reasons(init: list[dict[str, Any]]) -> list[str | None]:
+def _reasons(init: list[dict[str, Any]], app: list[dict[str, Any]] | None = None) -> list[str | None]:
     the_job = _batch_job([cond("Failed", "BackoffLimitExceeded")])
     scans = jobstatus.scan_jobs(the_job)
     assert isinstance(scans, tuple)
-    current = jobstatus.outcome(the_job, [scan_pod(phase="Failed", init=init)])
+    current = jobstatus.outcome(the_job, [scan_pod(phase="Failed", init=init, app=app)])
     events = [jobstatus.scan_event(s, current, "c", T0) for s in scans]
     return [e.reason if isinstance(e, ScanFailed) else None for e in events]
 
@@ -73,6 +80,45 @@ def test_a_failed_batch_blames_only_the_items_whose_own_container_failed(
     init: list[dict[str, Any]], reasons: list[str]
 ) -> None:
     assert _reasons(init) == reasons
+
+
+@pytest.mark.parametrize(
+    ("app", "reasons"),
+    [
+        pytest.param(
+            [cs("rescan", terminated(1, message=_lines(1)))],
+            ["BatchAborted", "ScanError", "BatchAborted"],
+            id="one-container-names-the-item-that-failed",
+        ),
+        pytest.param(
+            [cs("rescan", terminated(137, reason="OOMKilled", message=_lines(2, last="running")))],
+            ["BatchAborted", "BatchAborted", "OOMKilled"],
+            id="one-container-killed-while-on-an-item",
+        ),
+        pytest.param(
+            [cs("rescan", terminated(1, message=_lines(7)))],
+            ["BatchAborted"] * 3,
+            id="an-item-outside-the-batch-is-not-believed",
+        ),
+        pytest.param(
+            [cs("rescan", terminated(1, message='{"event": "sbom rescan item", "item": 0, "state": "failed"'))],
+            ["BatchAborted"] * 3,
+            id="a-cut-line-names-nothing",
+        ),
+        pytest.param(
+            [cs("rescan", terminated(1, message=_lines(2, last="done")))],
+            ["BatchAborted"] * 3,
+            id="done-names-nothing",
+        ),
+        pytest.param(
+            [cs("rescan", terminated(1, message="upload failed\n"))],
+            ["BatchAborted"] * 3,
+            id="a-transfer-failed-names-nothing",
+        ),
+    ],
+)
+def test_the_batch_container_names_the_item_it_failed_on(app: list[dict[str, Any]], reasons: list[str]) -> None:
+    assert _reasons([cs("install-trivy", terminated(0))], app) == reasons
 
 
 def test_a_failed_node_scan_names_no_batch_items() -> None:
