@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import random
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -24,8 +24,9 @@ import aiohttp
 import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from podsweep import bus as busmod
 from podsweep import logs
@@ -102,6 +103,7 @@ class Held:
     arrived: float
     member: GroupMember
     touched: float = 0.0  # when its ack wait was last reset
+    trace: otel_context.Context | None = None  # the alert's trace as it arrived: its send continues it
 
 
 @dataclass
@@ -354,6 +356,31 @@ class Deliverer:
         )
 
 
+# A grouped message links to at most this many of its alerts' traces (a storm's message names thousands).
+_MAX_LINKS = 64
+
+
+@contextlib.contextmanager
+def _send_trace(held: Sequence[Held]) -> Iterator[None]:
+    """What a send runs under: a lone alert continues its own trace (image.seen to alert.sent is one trace); a group
+    is a trace of its own, linked to its members' traces."""
+    if len(held) == 1 and held[0].trace is not None:
+        token = otel_context.attach(held[0].trace)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+        return
+    links = [
+        Link(context)
+        for context in (trace.get_current_span(h.trace).get_span_context() for h in held[:_MAX_LINKS] if h.trace)
+        if context.is_valid
+    ]
+    with tracer.start_as_current_span("send alert group", context=otel_context.Context(), links=links) as span:
+        span.set_attribute("podsweep.alerts", len(held))
+        yield
+
+
 class Pacer:
     """One destination's alerts: held until its rate lets a message leave, then sent alone or grouped.
 
@@ -384,7 +411,9 @@ class Pacer:
         settled: busmod.Settled = asyncio.get_running_loop().create_future()
         assert entry.alert is not None
         now = time.monotonic()
-        held = Held(entry, delivery, settled, now, grouping.member(entry.alert), touched=now)
+        held = Held(
+            entry, delivery, settled, now, grouping.member(entry.alert), touched=now, trace=otel_context.get_current()
+        )
         owner = self.owners.get(entry.key)
         if owner is not None:  # delivered again while its group is being sent from here: settled with that group
             owner.held.append(held)
@@ -615,7 +644,8 @@ class Pacer:
     async def _send(self, dest: Destination, group: Resend) -> None:
         self.in_flight[group.group_id] = group
         try:
-            await self._send_once(dest, group)
+            with _send_trace(group.held):
+                await self._send_once(dest, group)
         finally:
             self.in_flight.pop(group.group_id, None)
             self._release(group)
