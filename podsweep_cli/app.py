@@ -23,7 +23,7 @@ from podsweep_cli import services
 from services.admission.cli import admissions_command
 from services.dispatcher.cli import upload_app
 from services.notifier.cli import check_command
-from services.parser.cli import report_app
+from services.parser.cli import cve_command, report_app
 
 app = typer.Typer(
     name="podsweep",
@@ -46,6 +46,7 @@ app.add_typer(report_app, name="report")
 report_app.command("admissions")(admissions_command)  # the admission gate's audit, from the stream
 app.add_typer(upload_app)  # `podsweep upload` / `podsweep download`: what the scan Job's containers run
 app.command("check")(check_command)
+app.command("cve")(cve_command)  # who runs a vulnerability or a package, from the inverted index
 
 err = Console(stderr=True)
 ConfigOption = Annotated[

@@ -37,6 +37,11 @@ DOCUMENTS: dict[str, Any] = {
     "state.summary": index.DigestSummary,  # KV summaries: the latest report of a digest, compact
     "index.summary": index.SummaryIndex,  # index/summary.json
     "index.namespace": index.NamespaceIndex,  # index/namespaces/<ns>.json
+    "index.postings": index.DigestPostings,  # index/postings/<hex>.json
+    "index.by-cve": index.CveShard,  # index/by-cve/<shard>.json
+    "index.by-package": index.PackageShard,  # index/by-package/<shard>.json
+    "index.by-digest": index.DigestRunsShard,  # index/by-digest/<2 hex>.json
+    "cli.cve": index.CveAnswer,  # podsweep cve --json
 }
 
 
