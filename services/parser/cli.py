@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -370,7 +371,9 @@ def _read_many(store: ObjectStore, keys: list[str], typ: type[T]) -> dict[str, T
     """Several stored documents at once (absent ones left out); typer.Exit(2) naming the first one unreadable."""
 
     async def read_all() -> list[bytes | None]:
-        return list(await asyncio.gather(*(store.get_if_exists(key, _MAX_SHARD_BYTES) for key in keys)))
+        with ThreadPoolExecutor(min(32, len(keys) or 1)) as pool:  # one GET per thread, all at once
+            asyncio.get_running_loop().set_default_executor(pool)
+            return list(await asyncio.gather(*(store.get_if_exists(key, _MAX_SHARD_BYTES) for key in keys)))
 
     try:
         found = asyncio.run(read_all())
@@ -445,6 +448,9 @@ def cve_command(
 
 
 cve_command.__doc__ = CVE_HELP
+# `podsweep cve` alone (podsweep_cli.entry): the same command, without the rest of the CLI's imports.
+cve_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=CVE_HELP)
+cve_app.command()(cve_command)
 
 
 def _cve_table(answer: CveAnswer) -> Table:
