@@ -24,7 +24,15 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from podsweep import aio, logs
 from podsweep.objectstore import ObjectStore
 from schemas import storage
-from schemas.index import CveShard, DigestPostings, DigestRunsShard, DigestSummary, IndexRevisions, PackageShard
+from schemas.index import (
+    CveShard,
+    DigestPostings,
+    DigestRuns,
+    DigestRunsShard,
+    DigestSummary,
+    IndexRevisions,
+    PackageShard,
+)
 from schemas.state import DigestScanState, DigestWorkloads
 from services.parser import html
 from services.parser.index import IndexModel, vulnerability_samples
@@ -92,6 +100,8 @@ class Indexer:
         self.vulns = VulnIndex()
         self.pending_postings: set[str] = set()  # digests whose summary names a scan the inverted index lacks
         self._unreadable_shards = 0
+        self._stored_runs: dict[str, DigestRuns] = {}  # what the digest shards said at start
+        self._loading = True  # a deleted summary is handled once everything is loaded
         self.changed = asyncio.Event()
         self._watchers: list[KeyValue.KeyWatcher] = []
         self._pumps: list[asyncio.Task[None]] = []
@@ -122,6 +132,9 @@ class Indexer:
             self._pumps.append(asyncio.create_task(self._pump(name, watcher)))
         if checkpoint is None:
             self.model.mark_dirty(True, set(self.model.by_namespace))
+        self.vulns.settle(self._stored_runs)
+        self._stored_runs = {}
+        self._loading = False
         for hex_ in set(self.vulns.scan_of) - set(self.model.summaries):  # deleted while no parser ran
             self.vulns.apply_postings(hex_, None)
         if self.model.summary_dirty or self.model.dirty_namespaces or self.pending_postings or self._vulns_dirty():
@@ -137,6 +150,7 @@ class Indexer:
             log.warning("cve index rebuilt from every digest's postings", unreadable_shards=self._unreadable_shards)
             digests, cves, packages = [], [], []
         self.vulns.load(cves, packages, digests)
+        self._stored_runs = {hex_: runs for shard in digests for hex_, runs in shard.digests.items()}
         log.info(
             "cve index loaded",
             digests=len(self.vulns.scan_of),
@@ -171,7 +185,8 @@ class Indexer:
                 self.model.apply_summary(entry.key, summary, revision, dirty=dirty)
                 if summary is None:
                     self.pending_postings.discard(entry.key)
-                    self.vulns.apply_postings(entry.key, None)
+                    if not self._loading:
+                        self.vulns.apply_postings(entry.key, None)
                 elif summary.scan_id != self.vulns.scan_of.get(entry.key):
                     self.pending_postings.add(entry.key)
             elif name == "workloads":

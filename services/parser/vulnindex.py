@@ -428,6 +428,14 @@ class VulnIndex:
         self.dirty_pages |= pages
 
     # -- restart --------------------------------------------------------------------------------------------------
+    def settle(self, stored: Mapping[str, DigestRuns]) -> None:
+        """After a restart has loaded the shards and KV: dirty only the digests whose runs or nodes differ from what
+        the stored digest shards say (a clean restart writes nothing)."""
+        self.take_dirty()
+        for hex_ in self.scan_of:
+            if self.digest_runs(hex_) != stored.get(hex_):
+                self._who_changed(hex_)
+
     def load(
         self, cve_shards: Iterable[CveShard], package_shards: Iterable[PackageShard], digests: Iterable[DigestRunsShard]
     ) -> None:

@@ -365,6 +365,8 @@ def test_shards_round_trip_through_a_restart_without_dirtying_anything() -> None
         [through_json(model.digest_shard(s)) for s in digest],  # type: ignore[misc]
     )
     restarted.apply_workloads(A, workloads(REF_A, "web"))  # runs come from KV
+    restarted.settle({A: model.digest_runs(A)})  # type: ignore[dict-item]
+    assert restarted.take_dirty() == (set(), set(), set(), set())  # a clean restart writes nothing
     assert restarted.scan_of == {A: "psw-a0000001"}
     assert restarted.lookup_cve("CVE-2024-3094") == model.lookup_cve("CVE-2024-3094")
     assert restarted.lookup_package("liblzma5") == model.lookup_package("liblzma5")
@@ -374,6 +376,9 @@ def test_shards_round_trip_through_a_restart_without_dirtying_anything() -> None
         A, postings(REF_A, "psw-a0000001", T0, [vuln(title="xz backdoor", url="https://x/1")], packages)
     )
     assert restarted.take_dirty() == (set(), set(), set(), set())
+    restarted.apply_workloads(A, workloads(REF_A, "web", "api"))
+    restarted.settle({A: model.digest_runs(A)})  # type: ignore[dict-item]
+    assert restarted.take_dirty() == (set(), set(), {A[:2]}, {"CVE-2024-3094"})  # one that changed while down
 
 
 def test_the_cli_join_over_shards_equals_the_in_memory_lookup() -> None:
