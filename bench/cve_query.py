@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import itertools
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,9 +63,9 @@ def generate(digests: int, workloads: int, findings: int, seed: int = 7) -> Worl
     shared universe, and workloads spread over 200 namespaces."""
     rng = random.Random(seed)
     cve_ids = [f"CVE-{2015 + i % 11}-{10000 + i}" for i in range(20_000)]
-    cve_weights = [1.0 / (rank + 1) ** 0.85 for rank in range(len(cve_ids))]
+    cve_weights = list(itertools.accumulate(1.0 / (rank + 1) ** 0.85 for rank in range(len(cve_ids))))
     names = [f"lib{i}" for i in range(5_000)]
-    name_weights = [1.0 / (rank + 1) ** 0.7 for rank in range(len(names))]
+    name_weights = list(itertools.accumulate(1.0 / (rank + 1) ** 0.7 for rank in range(len(names))))
     hexes = [f"{rng.getrandbits(256):064x}" for _ in range(digests)]
     per_digest = [findings // digests] * digests
     for i in range(findings - sum(per_digest)):
@@ -73,8 +76,8 @@ def generate(digests: int, workloads: int, findings: int, seed: int = 7) -> Worl
         ref = f"registry.example.com/team{n % 97}/app{n}@sha256:{hex_}"
         vulns: dict[tuple[str, str], PostedVuln] = {}
         while len(vulns) < per_digest[n]:
-            cve = rng.choices(cve_ids, cve_weights)[0]
-            package = rng.choices(names, name_weights)[0]
+            cve = rng.choices(cve_ids, cum_weights=cve_weights)[0]
+            package = rng.choices(names, cum_weights=name_weights)[0]
             vulns[(cve, package)] = PostedVuln(
                 id=cve,
                 package=package,
@@ -85,7 +88,7 @@ def generate(digests: int, workloads: int, findings: int, seed: int = 7) -> Worl
                 title=f"{cve} in {package}",
             )
         packages = {v.package: PackageVersion(v.package, v.installed_version, "deb") for v in vulns.values()}
-        for name in rng.choices(names, name_weights, k=30):
+        for name in rng.choices(names, cum_weights=name_weights, k=30):
             packages.setdefault(name, PackageVersion(name, f"2.{rng.randrange(20)}", "deb"))
         world.postings[hex_] = DigestPostings(
             digest_ref=ref,
@@ -183,6 +186,8 @@ async def main() -> None:
     world = generate(args.digests, args.workloads, args.findings)
     generate_s = time.perf_counter() - started
 
+    gc.collect()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     model = VulnIndex()
     for hex_, doc in world.postings.items():
@@ -190,6 +195,7 @@ async def main() -> None:
         model.apply_workloads(hex_, world.workloads[hex_])
         model.apply_running(hex_, world.nodes[hex_], None)
     build_s = time.perf_counter() - started
+    model_rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     cve_dirty, package_dirty, digest_dirty, _ = model.take_dirty()
     reach = Counter({cve: len(by_digest) for cve, by_digest in model.cves.items()})
     # Typical: ids in a handful of digests. Wide: the id nearest 1,000 digests (a log4shell), and the widest.
@@ -330,6 +336,7 @@ async def main() -> None:
         "ratio_cli_vs_s3_scan": round(statistics.median(cli) / statistics.median(s3_base), 4),
         "ratio_lookup_vs_memory_scan": round(statistics.median(lookups) / 1000 / statistics.median(memory_base), 6),
         "model_build_s": round(build_s, 2),
+        "model_rss_mb": round(model_rss_mb),
         "generate_s": round(generate_s, 2),
         "write_index_s": round(write_index_s, 2),
         "index_objects": len(cve_dirty) + len(package_dirty) + len(digest_dirty),
