@@ -285,7 +285,7 @@ async def main() -> None:
                 t = time.perf_counter()
                 await asyncio.to_thread(subprocess.run, [sys.executable, "-c", "pass"], check=True)
                 python_floor.append(time.perf_counter() - t)
-            startup = [await asyncio.to_thread(run_cli, env, "cve", "not-an-id") for _ in range(5)]
+            startup = [await asyncio.to_thread(run_cli, env, "cve", "CVE-1") for _ in range(5)]
             assert all(code == 2 for _, code, _ in startup)
             cli = []
             for cve in typical[: args.cli_runs]:
