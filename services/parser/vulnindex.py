@@ -225,6 +225,12 @@ def answer_package(
     return CveAnswer(kind="package", query=query, digests=len({r.digest_ref for r in rows}), affected=rows)
 
 
+def _shown(run: WorkloadRun) -> WorkloadRun:
+    return WorkloadRun(
+        namespace=run.namespace, workload=run.workload, image=run.image, cluster=run.cluster, containers=run.containers
+    )
+
+
 # -- the model ----------------------------------------------------------------------------------------------------
 
 
@@ -326,7 +332,9 @@ class VulnIndex:
             self.dirty_pages.add(key)
 
     def apply_workloads(self, hex_: str, doc: DigestWorkloads | None) -> None:
-        runs = list(doc.runs) if doc is not None else []
+        """Who runs the digest. Only what the index shows is kept: the hourly refresh of a run's last-seen time
+        changes nothing here, so it rewrites no shard and no page."""
+        runs = [_shown(run) for run in doc.runs] if doc is not None else []
         if self.runs.get(hex_, []) == runs:
             return
         if runs:

@@ -389,3 +389,17 @@ def test_the_cli_join_over_shards_equals_the_in_memory_lookup() -> None:
     shard = model.cve_shard(storage.shard_of("CVE-2024-3094"))
     runs = {**model.digest_shard(A[:2]).digests, **model.digest_shard(B[:2]).digests}
     assert vulnindex.answer_cve("CVE-2024-3094", shard.cves["CVE-2024-3094"], runs) == model.lookup_cve("CVE-2024-3094")
+
+
+def test_the_hourly_refresh_of_a_workload_rewrites_nothing() -> None:
+    model = indexed((A, postings(REF_A, "psw-a0000001", T0, [vuln()])))
+    model.apply_workloads(A, workloads(REF_A, "web"))
+    model.take_dirty()
+    doc = workloads(REF_A, "web")
+    refreshed = msgspec.structs.replace(
+        doc, runs=[msgspec.structs.replace(r, last_seen_at=T0 + timedelta(hours=1)) for r in doc.runs]
+    )
+    model.apply_workloads(A, refreshed)
+    assert model.take_dirty() == (set(), set(), set(), set())
+    model.apply_workloads(A, workloads(REF_A, "web", ns="billing"))  # moved: shown
+    assert model.take_dirty() == (set(), set(), {A[:2]}, {"CVE-2024-3094"})
