@@ -1,6 +1,6 @@
-"""The `podsweep` console script. `podsweep cve` imports only what it reads (S3 and the inverted index's model), so a
-script asking "who runs it?" is not kept waiting for every service's imports; every other command loads the whole
-CLI (podsweep_cli.app), which also lists `cve` in its help."""
+"""The `podsweep` console script. `podsweep cve` imports only what it reads (S3 and the inverted index's model;
+services/parser/cvecli.py), so a script asking "who runs it?" is not kept waiting for every service's imports;
+every other command loads the whole CLI (podsweep_cli.app), which also lists `cve` in its help."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import sys
 
 def main() -> None:
     if sys.argv[1:2] == ["cve"]:
-        from services.parser.cli import cve_app
+        from services.parser import cvecli
 
-        cve_app(sys.argv[2:], prog_name="podsweep cve")
-    else:
-        from podsweep_cli.app import app
+        sys.exit(cvecli.main(sys.argv[2:]))
+    from podsweep_cli.app import app
 
-        app()
+    app()

@@ -2,15 +2,12 @@
 
 `parse` reads only the file it is given. `ls` and `show` read the stored index and reports from S3 (never NATS or
 Kubernetes, never a write). Exit 2 means "not a Trivy report" or unusable configuration; 1 means "not found".
-`podsweep cve` (who runs a vulnerability or a package) reads the inverted index's shards the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -26,19 +23,9 @@ from podsweep.objectstore import ObjectStore
 from podsweep.reports import localfile, normalize, trivy
 from schemas import storage
 from schemas.events import SEVERITIES, Severity, SeverityCounts
-from schemas.index import (
-    CveAnswer,
-    CveShard,
-    DigestRuns,
-    DigestRunsShard,
-    IndexedDigest,
-    NamespaceIndex,
-    PackageShard,
-    SummaryIndex,
-)
-from schemas.refs import DIGEST_REF_RE, DNS_LABEL_PATTERN, vuln_id
+from schemas.index import IndexedDigest, NamespaceIndex, SummaryIndex
+from schemas.refs import DIGEST_REF_RE, DNS_LABEL_PATTERN
 from schemas.report import Report, SourceFormat
-from services.parser import vulnindex
 
 NOT_A_REPORT = 2
 # The stored report has no C0 controls; C1 (U+0080-U+009F) is legal text there but some terminals act on it.
@@ -348,139 +335,3 @@ def show_command(
         cells = (f.id, f.severity, f.package, f.installed_version, f.fixed_version, cvss, f.title[:120])
         table.add_row(*(shown(cell) for cell in cells))
     console.print(table)
-
-
-# -- who runs it: the inverted index --------------------------------------------------------------------------------
-
-FOUND = 0
-_MAX_SHARD_BYTES = 64 * 1024 * 1024
-CVE_HELP = (
-    "Who runs a vulnerability, or a package: cluster, namespace, workload, containers, image, the nodes that run it "
-    "now, the fixed version and since when (the first stored scan of the digest that reported it).\n\n"
-    "podsweep cve CVE-2024-3094 · podsweep cve GHSA-jfh8-c2jp-5v3q · podsweep cve --package liblzma5@5.6.0\n\n"
-    "--package NAME or NAME@VERSION reads the SBOMs' components, so it answers before any advisory names the "
-    "package. The name is matched exactly (any case); VERSION matches the installed version or a prefix of it that "
-    "ends where a version part ends (5.6 matches 5.6.0-0.2). Reads index/ in S3 only: the shard of the id or name, "
-    "and who runs the digests found.\n\n"
-    "Exit status: 0 found; 1 not found (no stored report has it, or no index yet); 2 error (a malformed id or "
-    "package name, unreadable settings, S3 unreachable)."
-)
-
-
-def _read_many(store: ObjectStore, keys: list[str], typ: type[T]) -> dict[str, T]:
-    """Several stored documents at once (absent ones left out); typer.Exit(2) naming the first one unreadable."""
-
-    async def read_all() -> list[bytes | None]:
-        with ThreadPoolExecutor(min(32, len(keys) or 1)) as pool:  # one GET per thread, all at once
-            asyncio.get_running_loop().set_default_executor(pool)
-            return list(await asyncio.gather(*(store.get_if_exists(key, _MAX_SHARD_BYTES) for key in keys)))
-
-    try:
-        found = asyncio.run(read_all())
-    except Exception as exc:  # the S3 client's errors are many; every one is fatal to a read-only command
-        raise _fail(f"s3: cannot read index/ from bucket {store.bucket}: {exc}", BAD_INPUT) from None
-    out: dict[str, T] = {}
-    for key, data in zip(keys, found, strict=True):
-        if data is None:
-            continue
-        try:
-            out[key] = msgspec.json.decode(data, type=typ)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise _fail(f"{key} in bucket {store.bucket} is not a podsweep document ({exc})", BAD_INPUT) from None
-    return out
-
-
-def _runs(store: ObjectStore, hexes: Iterable[str]) -> dict[str, DigestRuns]:
-    keys = sorted({storage.digest_shard_key(hex_[:2]) for hex_ in hexes})
-    runs: dict[str, DigestRuns] = {}
-    for shard in _read_many(store, list(keys), DigestRunsShard).values():
-        runs.update(shard.digests)
-    return runs
-
-
-def cve_command(
-    cve_id: Annotated[
-        str | None, typer.Argument(help="A vulnerability id: CVE-2024-3094, GHSA-…, DLA-…, TEMP-…", show_default=False)
-    ] = None,
-    package: Annotated[
-        str | None,
-        typer.Option("--package", "-p", help="A package name, or NAME@VERSION, from the SBOMs.", show_default=False),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (CveAnswer).")] = False,
-    config: ConfigOption = None,
-) -> None:
-    if (cve_id is None) == (package is None):
-        raise _fail("give a vulnerability id (podsweep cve CVE-2024-3094) or --package NAME[@VERSION], not both", 2)
-    if cve_id is not None:
-        canonical = vuln_id(cve_id)
-        if canonical is None:
-            raise _fail(
-                f"{cve_id[:80]!r} is not a vulnerability id (CVE-YYYY-NNNN, GHSA-xxxx-xxxx-xxxx, or a vendor id such "
-                "as DLA-3449-1)",
-                BAD_INPUT,
-            )
-        _, store = _store(config)
-        key = storage.cve_shard_key(storage.shard_of(canonical))
-        shard = _read_many(store, [key], CveShard).get(key)
-        entry = shard.cves.get(canonical) if shard is not None else None
-        answer = vulnindex.answer_cve(canonical, entry, _runs(store, entry.digests) if entry is not None else {})
-        missing = f"{canonical}: no stored report has it (no digest podsweep scanned reports it)"
-    else:
-        assert package is not None
-        try:
-            name, version = vulnindex.package_query(package)
-        except vulnindex.BadQuery as exc:
-            raise _fail(str(exc), BAD_INPUT) from None
-        _, store = _store(config)
-        wanted = vulnindex.package_key(name)
-        key = storage.package_shard_key(storage.shard_of(wanted))
-        pshard = _read_many(store, [key], PackageShard).get(key)
-        found = pshard.packages.get(wanted, {}) if pshard is not None else {}
-        answer = vulnindex.answer_package(package, found, _runs(store, found), version)
-        missing = f"{package}: no stored SBOM or report of a digest has it"
-    if as_json:
-        typer.echo(msgspec.json.encode(answer).decode())
-    if not answer.affected:
-        raise _fail(missing, NOT_FOUND)
-    if not as_json:
-        Console(soft_wrap=True).print(_cve_table(answer))
-    raise typer.Exit(FOUND)
-
-
-cve_command.__doc__ = CVE_HELP
-# `podsweep cve` alone (podsweep_cli.entry): the same command, without the rest of the CLI's imports.
-cve_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=CVE_HELP)
-cve_app.command()(cve_command)
-
-
-def _cve_table(answer: CveAnswer) -> Table:
-    title = f"{answer.query}: {answer.digests} digests, {len(answer.affected)} workloads"
-    if answer.title:
-        title += f" · {answer.title[:100]}"
-    table = Table(title=shown(title), title_justify="left")
-    columns = ["cluster", "namespace", "workload", "containers", "image", "nodes", "package", "installed"]
-    if answer.kind == "cve":
-        columns += ["fixed", "severity", "since"]
-    for column in columns:
-        table.add_column(column)
-    for row in answer.affected:
-        nodes = (
-            f"not running since {row.not_running_since:%Y-%m-%d %H:%M}"
-            if row.not_running_since is not None
-            else ", ".join(row.nodes) or "-"
-        )
-        cells = [
-            row.cluster or "-",
-            row.namespace or "-",
-            f"{row.workload.kind}/{row.workload.name}" if row.workload is not None else "-",
-            ", ".join(row.containers) or "-",
-            row.image or row.digest_ref,
-            nodes,
-            row.package,
-            row.installed_version,
-        ]
-        if answer.kind == "cve":
-            since = f"{row.since:%Y-%m-%d %H:%M}" if row.since is not None else "-"
-            cells += [row.fixed_version or "-", row.severity or "-", since]
-        table.add_row(*(shown(cell) for cell in cells))
-    return table
