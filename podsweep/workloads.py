@@ -14,6 +14,7 @@ from schemas.events import ImageSeen
 from schemas.state import DigestWorkloads, WorkloadRun
 
 MAX_RUNS = 256  # a digest run by more workloads keeps the most recently seen ones
+MAX_CONTAINERS = 16  # container names kept per workload and image
 REFRESH = timedelta(hours=1)
 
 
@@ -29,15 +30,24 @@ def record_seen(doc: DigestWorkloads | None, seen: ImageSeen) -> DigestWorkloads
         image=seen.image,
         options=seen.options,
         last_seen_at=seen.observed_at,
+        cluster=seen.cluster,
+        containers=[seen.container],
     )
     runs = list(doc.runs) if doc else []
     for i, known in enumerate(runs):
         if _identity(known) != _identity(run):
             continue
+        known_container = seen.container in known.containers and known.cluster == seen.cluster
         fresh = known.last_seen_at is not None and seen.observed_at - known.last_seen_at < REFRESH
-        if known.options == run.options and (fresh or (known.last_seen_at or seen.observed_at) > seen.observed_at):
+        if (
+            known.options == run.options
+            and known_container
+            and (fresh or (known.last_seen_at or seen.observed_at) > seen.observed_at)
+        ):
             return None
-        runs[i] = run
+        containers = sorted({*known.containers, seen.container})[:MAX_CONTAINERS]
+        latest = max(known.last_seen_at or seen.observed_at, seen.observed_at)  # an older sighting adds a container
+        runs[i] = run = msgspec.structs.replace(run, containers=containers, last_seen_at=latest)
         break
     else:
         runs.append(run)

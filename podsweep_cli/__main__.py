@@ -1,3 +1,3 @@
-from podsweep_cli.app import main
+from podsweep_cli.entry import main
 
 main()

@@ -23,6 +23,7 @@ from podsweep_cli import services
 from services.admission.cli import admissions_command
 from services.dispatcher.cli import upload_app
 from services.notifier.cli import check_command
+from services.parser import cvecli
 from services.parser.cli import report_app
 
 app = typer.Typer(
@@ -46,6 +47,18 @@ app.add_typer(report_app, name="report")
 report_app.command("admissions")(admissions_command)  # the admission gate's audit, from the stream
 app.add_typer(upload_app)  # `podsweep upload` / `podsweep download`: what the scan Job's containers run
 app.command("check")(check_command)
+
+
+@app.command(
+    "cve",
+    help=cvecli.SUMMARY + " See `podsweep cve --help`.",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def cve(ctx: typer.Context) -> None:
+    """`podsweep cve` is argparse (services/parser/cvecli.py); the console script runs it without this app."""
+    raise typer.Exit(cvecli.main(ctx.args))
+
 
 err = Console(stderr=True)
 ConfigOption = Annotated[

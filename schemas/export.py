@@ -41,6 +41,11 @@ DOCUMENTS: dict[str, Any] = {
     "index.summary": index.SummaryIndex,  # index/summary.json
     "index.namespace": index.NamespaceIndex,  # index/namespaces/<ns>.json
     "index.search": index.SearchIndex,  # index/search.json
+    "index.postings": index.DigestPostings,  # index/postings/<hex>.json
+    "index.by-cve": index.CveShard,  # index/by-cve/<shard>.json
+    "index.by-package": index.PackageShard,  # index/by-package/<shard>.json
+    "index.by-digest": index.DigestRunsShard,  # index/by-digest/<2 hex>.json
+    "cli.cve": index.CveAnswer,  # podsweep cve --json
 }
 
 

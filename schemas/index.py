@@ -7,23 +7,26 @@ Derived only: every fact here is also in the stored reports and the workloads KV
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.events import ScanMode, SeverityCounts, Workload
+from schemas.events import ScanMode, Severity, SeverityCounts, Workload
 from schemas.refs import (
+    ClusterName,
     DigestRef,
     ImageRef,
     K8sLabelName,
     K8sName,
     KindName,
+    NodeName,
     ObjectKey,
     ScanId,
     ShortText,
     Text,
+    VulnId,
 )
-from schemas.state import ScanStatus
+from schemas.state import ScanStatus, WorkloadRun
 
 
 class DigestSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,3 +151,125 @@ class SearchIndex(msgspec.Struct, frozen=True, kw_only=True):
     generated_at: datetime
     vulnerability_ids: list[ShortText] = []
     digests: list[SearchDigest] = []
+
+
+# -- the inverted index (docs/reports.md): vulnerability id / package name -> digests -> who runs them ------------
+
+
+class PackageVersion(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A package a digest contains (from its CycloneDX SBOM, else from its findings). `name` as the SBOM names it,
+    with its group (`org.apache.logging.log4j:log4j-core`, `@babel/core`) where it has one; `purl_type` from the
+    package URL (apk, deb, npm, pypi, golang, maven, ...)."""
+
+    name: ShortText
+    version: ShortText = ""
+    purl_type: ShortText = ""
+
+
+class PostedVuln(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One vulnerable package of a digest's latest report, as the inverted index keeps it."""
+
+    id: VulnId
+    package: ShortText
+    installed_version: ShortText
+    fixed_version: ShortText = ""
+    severity: Severity
+    pkg_type: ShortText = ""
+    title: Text = ""
+    url: Text = ""
+
+
+class DigestPostings(msgspec.Struct, frozen=True, kw_only=True):
+    """index/postings/<hex>.json: what a digest's latest report and SBOM put in the inverted index. Written by the
+    parser's handler before the summary in KV; the indexer reads it when that summary changes."""
+
+    v: int = 1
+    digest_ref: DigestRef
+    scan_id: ScanId
+    finished_at: datetime
+    sbom: bool = False  # the packages come from an SBOM (else from the findings only)
+    vulns: list[PostedVuln] = []
+    packages: list[PackageVersion] = []
+
+
+class VulnHit(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A vulnerability in one package version of one digest, and since when (the scan that first reported it)."""
+
+    package: ShortText
+    installed_version: ShortText
+    fixed_version: ShortText = ""
+    severity: Severity
+    pkg_type: ShortText = ""
+    since: datetime
+
+
+class CveDigests(msgspec.Struct, frozen=True, kw_only=True):
+    title: Text = ""
+    url: Text = ""
+    digests: dict[str, list[VulnHit]] = {}  # digest hex -> hits
+
+
+class CveShard(msgspec.Struct, frozen=True, kw_only=True):
+    """index/by-cve/<shard>.json: the vulnerability ids whose SHA-256 starts with `shard`, and the digests with each."""
+
+    v: int = 1
+    shard: ShortText
+    cves: dict[str, CveDigests] = {}
+
+
+class PackageShard(msgspec.Struct, frozen=True, kw_only=True):
+    """index/by-package/<shard>.json: package names (lower case) -> digest hex -> the versions it contains."""
+
+    v: int = 1
+    shard: ShortText
+    packages: dict[str, dict[str, list[PackageVersion]]] = {}
+
+
+class DigestRuns(msgspec.Struct, frozen=True, kw_only=True):
+    """Who runs a digest (the workloads KV), on which nodes now (the dispatcher's scan state), and which scan the
+    digest's postings came from."""
+
+    digest_ref: DigestRef
+    scan_id: ScanId | None = None
+    runs: list[WorkloadRun] = []
+    nodes: list[NodeName] = []
+    not_running_since: datetime | None = None
+
+
+class DigestRunsShard(msgspec.Struct, frozen=True, kw_only=True):
+    """index/by-digest/<2 hex>.json: the digests in the inverted index whose hex starts with `shard`."""
+
+    v: int = 1
+    shard: ShortText
+    digests: dict[str, DigestRuns] = {}
+
+
+class Affected(msgspec.Struct, frozen=True, kw_only=True):
+    """One workload (or a digest no known workload runs) that has the vulnerability or the package."""
+
+    digest_ref: DigestRef
+    cluster: ClusterName | None = None
+    namespace: K8sLabelName | None = None
+    workload: Workload | None = None
+    containers: list[K8sLabelName] = []
+    image: ImageRef | None = None
+    nodes: list[NodeName] = []  # the nodes that run the digest now
+    not_running_since: datetime | None = None
+    package: ShortText
+    installed_version: ShortText
+    fixed_version: ShortText = ""
+    severity: Severity | None = None
+    since: datetime | None = None  # the first stored scan of this digest that reported it
+    purl_type: ShortText = ""
+
+
+class CveAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """What `podsweep cve --json` prints: who runs the vulnerability (or the package)."""
+
+    v: int = 1
+    kind: Literal["cve", "package"]
+    query: ShortText
+    title: Text = ""
+    url: Text = ""
+    digests: int = 0
+    affected: list[Affected] = []

@@ -62,6 +62,32 @@ OBJECT_KEY_PATTERN = r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*" + END
 MAX_OBJECT_KEY = 512
 ObjectKey = Annotated[str, msgspec.Meta(pattern=OBJECT_KEY_PATTERN, max_length=MAX_OBJECT_KEY)]
 ClusterName = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, max_length=63)]
+# A vulnerability id as Trivy's databases name it: CVE-2024-3094, GHSA-jfh8-c2jp-5v3q, and the vendor kinds
+# (ALAS2-2023-1, DLA-3449-1, TEMP-0841856-B18BAF, NSWG-ECO-328, RUSTSEC-2021-0001, GO-2024-2687, pyup.io-37863,
+# RHSA-2023:1234, openSUSE-SU-2024:0001-1). A malformed CVE or GHSA id is refused, not read as a vendor id. Strict
+# enough to name a page in index/cve/: no '/', no '..', no space, at most 96 characters.
+VULN_ID_PATTERN = (
+    r"^(?:CVE-[0-9]{4}-[0-9]{4,19}|GHSA(?:-[23456789cfghjmpqrvwx]{4}){3}"
+    r"|(?![Cc][Vv][Ee]-|[Gg][Hh][Ss][Aa]-)[A-Za-z][A-Za-z0-9]{1,23}(?:[-.][A-Za-z0-9]{1,32}){1,6}"
+    r"(?::[0-9]{1,12}(?:-[0-9]{1,6})?)?)" + END
+)
+VULN_ID_RE = re.compile(VULN_ID_PATTERN)
+MAX_VULN_ID = 96
+VulnId = Annotated[str, msgspec.Meta(pattern=VULN_ID_PATTERN, max_length=MAX_VULN_ID)]
+
+
+def vuln_id(text: str) -> str | None:
+    """`text` as the index spells the id (CVE upper case, GHSA's prefix upper and its code lower), or None when it
+    is not a vulnerability id."""
+    text = text.strip()
+    upper = text.upper()
+    if upper.startswith("CVE-"):
+        text = upper
+    elif upper.startswith("GHSA-"):
+        text = "GHSA-" + text[5:].lower()
+    return text if len(text) <= MAX_VULN_ID and VULN_ID_RE.match(text) else None
+
+
 # A notification route from the podsweep.io/notify annotation.
 RouteName = Annotated[str, msgspec.Meta(pattern=DNS_LABEL_PATTERN, max_length=63)]
 # Free text that is displayed, never executed or used as a key: bounded, no control characters.

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from schemas.events import ImageOptions, Workload
-from schemas.refs import DigestRef, ImageRef, K8sLabelName, NodeName, ObjectKey, ScanId, ShortText, Text
+from schemas.refs import ClusterName, DigestRef, ImageRef, K8sLabelName, NodeName, ObjectKey, ScanId, ShortText, Text
 
 ScanStatus = Literal["pending", "running", "done", "failed", "not_scanned"]
 
@@ -120,6 +120,8 @@ class WorkloadRun(msgspec.Struct, frozen=True, kw_only=True):
     image: ImageRef
     options: ImageOptions = ImageOptions()
     last_seen_at: datetime | None = None
+    cluster: ClusterName | None = None  # from the event (absent from documents written before this field)
+    containers: list[K8sLabelName] = []  # the containers that run this image in the workload's pods
 
 
 class DigestWorkloads(msgspec.Struct, frozen=True, kw_only=True):

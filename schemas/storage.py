@@ -5,11 +5,12 @@ This module is the storage layout of docs/architecture.md; change both together.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime
 from typing import NewType
 
-from schemas.refs import DNS_LABEL_PATTERN, MAX_OBJECT_KEY, OBJECT_KEY_PATTERN, digest_hex
+from schemas.refs import DNS_LABEL_PATTERN, MAX_OBJECT_KEY, OBJECT_KEY_PATTERN, digest_hex, vuln_id
 
 _SCAN_ID_RE = re.compile(DNS_LABEL_PATTERN)
 _NAMESPACE_RE = re.compile(DNS_LABEL_PATTERN)
@@ -108,6 +109,58 @@ def namespace_page_key(namespace: str) -> StorageKey:
 
 def digest_page_key(digest_ref: str) -> StorageKey:
     return StorageKey(f"index/digests/{digest_hex(digest_ref)}.html")
+
+
+# -- the inverted index: vulnerability id / package name -> digests, digest -> who runs it (docs/reports.md) --------
+
+_SHARD_RE = re.compile(r"^[0-9a-f]{3}(?!\n)$")
+_PREFIX_RE = re.compile(r"^[0-9a-f]{2}(?!\n)$")
+
+
+def shard_of(name: str) -> str:
+    """The shard (3 hex digits of its SHA-256, 4,096 shards) of a vulnerability id or a package name (lower case):
+    text from scanned images picks a shard, never a key's characters."""
+    return hashlib.sha256(name.encode()).hexdigest()[:3]
+
+
+def _shard(shard: str) -> str:
+    if not _SHARD_RE.match(shard):
+        raise ValueError(f"index shard {shard[:80]!r} is not 3 hex digits")
+    return shard
+
+
+def cve_shard_key(shard: str) -> StorageKey:
+    return StorageKey(f"index/by-cve/{_shard(shard)}.json")
+
+
+def package_shard_key(shard: str) -> StorageKey:
+    return StorageKey(f"index/by-package/{_shard(shard)}.json")
+
+
+def digest_shard_key(prefix: str) -> StorageKey:
+    """Who runs the digests whose hex starts with `prefix` (2 hex digits, 256 shards)."""
+    if not _PREFIX_RE.match(prefix):
+        raise ValueError(f"digest shard {prefix[:80]!r} is not 2 hex digits")
+    return StorageKey(f"index/by-digest/{prefix}.json")
+
+
+def postings_key(digest_ref: str) -> StorageKey:
+    """What the latest report and SBOM of a digest put in the inverted index (written by the handler)."""
+    return StorageKey(f"index/postings/{digest_hex(digest_ref)}.json")
+
+
+def cve_page_key(cve_id: str) -> StorageKey:
+    """index/cve/<id>.html for an id of the strict pattern (refs.VULN_ID_PATTERN) only. The one key that keeps upper
+    case (CVE-2024-3094.html, as people type it); the ':' of RHSA-2023:1234 becomes '_', which no id contains."""
+    canonical = vuln_id(cve_id)
+    if canonical is None or canonical != cve_id:
+        raise ValueError(f"{cve_id[:80]!r} is not a vulnerability id (CVE-YYYY-NNNN, GHSA-xxxx-xxxx-xxxx, ...)")
+    return StorageKey(f"index/cve/{cve_id.replace(':', '_')}.html")
+
+
+def cve_page_name(cve_id: str) -> str:
+    """The file name of a CVE page, relative to index/cve/ (for links between pages)."""
+    return cve_page_key(cve_id).rsplit("/", 1)[1]
 
 
 SUMMARY_KEY = StorageKey("index/summary.json")

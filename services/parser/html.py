@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 
+from schemas import storage
 from schemas.events import SEVERITIES, SeverityCounts
-from schemas.index import DigestSummary, NamespaceIndex, ScanView, SummaryIndex
-from schemas.refs import digest_hex
+from schemas.index import CveAnswer, DigestSummary, NamespaceIndex, ScanView, SummaryIndex
+from schemas.refs import digest_hex, vuln_id
 from schemas.report import Report
 
 _STYLE = """
@@ -218,10 +219,53 @@ def digest_page(report: Report, summary: DigestSummary, images: list[str], names
     for f in sorted(report.findings, key=lambda f: (rank[f.severity], f.id, f.package)):
         cvss = f"{f.cvss:.1f}" if f.cvss is not None else ""
         body.append(
-            f'<tr><td>{_link(f.url, f.id)}</td><td class="{f.severity}">{f.severity}</td><td>{_e(f.package)}</td>'
+            f'<tr><td>{_cve_link(f.id, f.url)}</td><td class="{f.severity}">{f.severity}</td><td>{_e(f.package)}</td>'
             f"<td>{_e(f.installed_version)}</td><td>{_e(f.fixed_version)}</td><td>{cvss}</td>"
             f"<td>{_e(f.title)}</td><td>{_e(f.target)}</td></tr>"
         )
     body.append("</table>")
     name = images[0] if images else report.artifact or summary.digest_ref
     return _page(f"{name}", body, "../index.html")
+
+
+def _cve_link(cve_id: str, url: str) -> str:
+    """A finding's id on a digest page: its page in index/cve/ (who else runs it) when the id is a vulnerability id,
+    and the advisory beside it."""
+    if vuln_id(cve_id) != cve_id:
+        return _link(url, cve_id)
+    advisory = f' <span class="muted">({_link(url, "advisory")})</span>' if url else ""
+    return f'<a href="../cve/{_e(storage.cve_page_name(cve_id))}">{_e(cve_id)}</a>{advisory}'
+
+
+def cve_page(answer: CveAnswer, now: datetime) -> str:
+    """index/cve/<id>.html: every workload that runs a digest with the vulnerability, running ones first."""
+    digests = sorted({row.digest_ref for row in answer.affected})
+    body = [
+        f"<p>{_e(answer.title)}</p>" if answer.title else "",
+        f"<p>{_link(answer.url, answer.url)}</p>" if answer.url else "",
+        f'<p class="muted">{len(digests)} digests, {len(answer.affected)} rows, generated {_when(now)}</p>',
+        "<table><tr><th>cluster</th><th>namespace</th><th>workload</th><th>containers</th><th>image</th>"
+        "<th>digest</th><th>nodes</th><th>package</th><th>installed</th><th>fixed</th><th>severity</th>"
+        "<th>since</th></tr>",
+    ]
+    for row in answer.affected:
+        hex_ = digest_hex(row.digest_ref)
+        workload = f"{row.workload.kind}/{row.workload.name}" if row.workload is not None else "-"
+        namespace = (
+            f'<a href="../namespaces/{_e(row.namespace)}.html">{_e(row.namespace)}</a>' if row.namespace else "-"
+        )
+        nodes = (
+            f'<span class="muted">not running since {_when(row.not_running_since)}</span>'
+            if row.not_running_since is not None
+            else _e(", ".join(row.nodes) or "-")
+        )
+        severity = row.severity or ""
+        body.append(
+            f"<tr><td>{_e(row.cluster or '-')}</td><td>{namespace}</td><td>{_e(workload)}</td>"
+            f"<td>{_e(', '.join(row.containers) or '-')}</td>{_image_cell([row.image or row.digest_ref])}"
+            f'<td><a href="../digests/{_e(hex_)}.html"><code>{_e(hex_[:12])}</code></a></td><td>{nodes}</td>'
+            f"<td>{_e(row.package)}</td><td>{_e(row.installed_version)}</td><td>{_e(row.fixed_version or '-')}</td>"
+            f'<td class="{_e(severity)}">{_e(severity)}</td><td>{_when(row.since)}</td></tr>'
+        )
+    body.append("</table>")
+    return _page(answer.query, body, "../index.html")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -23,10 +24,19 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from podsweep import aio, logs
 from podsweep.objectstore import ObjectStore
 from schemas import storage
-from schemas.index import DigestSummary, IndexRevisions
+from schemas.index import (
+    CveShard,
+    DigestPostings,
+    DigestRuns,
+    DigestRunsShard,
+    DigestSummary,
+    IndexRevisions,
+    PackageShard,
+)
 from schemas.state import DigestScanState, DigestWorkloads
 from services.parser import html
 from services.parser.index import IndexModel, namespace_vulnerability_samples, vulnerability_samples
+from services.parser.vulnindex import VulnIndex
 
 log = logs.get("podsweep.parser.index")
 tracer = trace.get_tracer("podsweep.parser")
@@ -64,13 +74,19 @@ meter.create_observable_gauge(
 )
 
 _DELETED = frozenset({"DEL", "PURGE"})
+T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 _encoder = msgspec.json.Encoder()
 _summary_decoder = msgspec.json.Decoder(DigestSummary)
 _workloads_decoder = msgspec.json.Decoder(DigestWorkloads)
 _scans_decoder = msgspec.json.Decoder(DigestScanState)
+_postings_decoder = msgspec.json.Decoder(DigestPostings)
 HTML = "text/html; charset=utf-8"
 JAVASCRIPT = "text/javascript; charset=utf-8"
 MAX_SUMMARY_BYTES = 256 * 1024 * 1024
+MAX_SHARD_BYTES = 64 * 1024 * 1024
+# Objects read or written at once: the store's calls run in worker threads, a few at a time.
+CONCURRENCY = 16
 
 
 class _Checkpoint(msgspec.Struct, frozen=True):
@@ -96,6 +112,11 @@ class Indexer:
         self.flush_s = flush_s
         self.clock = clock
         self.model = IndexModel()
+        self.vulns = VulnIndex()
+        self.pending_postings: set[str] = set()  # digests whose summary names a scan the inverted index lacks
+        self._unreadable_shards = 0
+        self._stored_runs: dict[str, DigestRuns] = {}  # what the digest shards said at start
+        self._loading = True  # a deleted summary is handled once everything is loaded
         self.changed = asyncio.Event()
         self._watchers: list[KeyValue.KeyWatcher] = []
         self._pumps: list[asyncio.Task[None]] = []
@@ -111,6 +132,7 @@ class Indexer:
                 checkpoint = msgspec.json.decode(data, type=_Checkpoint).revisions
             except msgspec.DecodeError as exc:
                 log.warning("stored index unreadable, rebuilding it", key=storage.SUMMARY_KEY, error=str(exc)[:200])
+        await self._load_vulns()
         for name in self.kv:
             watcher = await self.kv[name].watchall()
             self._watchers.append(watcher)
@@ -125,8 +147,49 @@ class Indexer:
             self._pumps.append(asyncio.create_task(self._pump(name, watcher)))
         if checkpoint is None:
             self.model.mark_dirty(True, set(self.model.by_namespace))
-        if self.model.summary_dirty or self.model.dirty_namespaces:
+        self.vulns.settle(self._stored_runs)
+        self._stored_runs = {}
+        self._loading = False
+        for hex_ in set(self.vulns.scan_of) - set(self.model.summaries):  # deleted while no parser ran
+            self.vulns.apply_postings(hex_, None)
+        if self.model.summary_dirty or self.model.dirty_namespaces or self.pending_postings or self._vulns_dirty():
             self.changed.set()
+
+    async def _load_vulns(self) -> None:
+        """The stored inverted index: a restart re-reads only the postings of digests whose summary moved on."""
+        started = time.perf_counter()
+        digests = await self._read_shards("index/by-digest/", DigestRunsShard)
+        cves = await self._read_shards("index/by-cve/", CveShard)
+        packages = await self._read_shards("index/by-package/", PackageShard)
+        if self._unreadable_shards:  # what it held is unknown: read every digest's postings again
+            log.warning("cve index rebuilt from every digest's postings", unreadable_shards=self._unreadable_shards)
+            digests, cves, packages = [], [], []
+        self.vulns.load(cves, packages, digests)
+        self._stored_runs = {hex_: runs for shard in digests for hex_, runs in shard.digests.items()}
+        log.info(
+            "cve index loaded",
+            digests=len(self.vulns.scan_of),
+            cves=len(self.vulns.cves),
+            packages=len(self.vulns.packages),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    async def _read_shards(self, prefix: str, typ: type[S]) -> list[S]:
+        async def read(key: str) -> S | None:
+            data = await self.store.get_if_exists(key, MAX_SHARD_BYTES)
+            try:
+                return msgspec.json.decode(data, type=typ) if data is not None else None
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("index shard unreadable", key=key, error=str(exc)[:200])
+                self._unreadable_shards += 1
+                return None
+
+        found = await _bounded([read(key) for key in await self.store.list_keys(prefix)])
+        return [doc for doc in found if doc is not None]
+
+    def _vulns_dirty(self) -> bool:
+        v = self.vulns
+        return bool(v.dirty_cve_shards or v.dirty_package_shards or v.dirty_digest_shards or v.dirty_pages)
 
     def _apply(self, name: str, entry: KeyValue.Entry, *, dirty: bool) -> None:
         revision = entry.revision or 0
@@ -135,12 +198,23 @@ class Indexer:
             if name == "summaries":
                 summary = None if deleted else _summary_decoder.decode(entry.value or b"")
                 self.model.apply_summary(entry.key, summary, revision, dirty=dirty)
+                if summary is None:
+                    self.pending_postings.discard(entry.key)
+                    if not self._loading:
+                        self.vulns.apply_postings(entry.key, None)
+                elif summary.scan_id != self.vulns.scan_of.get(entry.key):
+                    self.pending_postings.add(entry.key)
             elif name == "workloads":
                 doc = None if deleted else _workloads_decoder.decode(entry.value or b"")
                 self.model.apply_workloads(entry.key, doc, revision, dirty=dirty)
+                self.vulns.apply_workloads(entry.key, doc)
             else:
                 state = None if deleted else _scans_decoder.decode(entry.value or b"")
                 self.model.apply_scan(entry.key, state, revision, dirty=dirty)
+                if state is None:
+                    self.vulns.apply_running(entry.key, [], None)
+                else:
+                    self.vulns.apply_running(entry.key, state.nodes_seen, state.not_running_since)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("kv entry skipped by the index", bucket=name, key=entry.key[:80], error=str(exc)[:200])
 
@@ -172,17 +246,78 @@ class Indexer:
             while getattr(self.model.revisions, name) < last_seq and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # the watcher callbacks run on this loop; polling a counter is enough
 
+    async def _read_postings(self) -> None:
+        """The postings of every digest whose summary named a new scan (the handler wrote them before it)."""
+        pending, self.pending_postings = self.pending_postings, set()
+
+        async def read(hex_: str) -> None:
+            key = storage.postings_key(f"x@sha256:{hex_}")
+            try:
+                data = await self.store.get_if_exists(key, MAX_SHARD_BYTES)
+                doc = _postings_decoder.decode(data) if data is not None else None
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("postings unreadable, digest left out of the cve index", key=key, error=str(exc)[:200])
+                return
+            except Exception:
+                self.pending_postings.add(hex_)  # the store failed: the next flush reads it again
+                raise
+            if doc is not None and hex_ in self.model.summaries:
+                self.vulns.apply_postings(hex_, doc)
+
+        await _bounded([read(hex_) for hex_ in sorted(pending)])
+
+    async def _write_vulns(self, cve: set[str], package: set[str], digest: set[str], pages: set[str]) -> int:
+        """The dirty shards, then the CVE pages (a page of an id no digest has any more is deleted)."""
+        now = self.clock()
+
+        async def shard(key: str, doc: msgspec.Struct, empty: bool) -> None:
+            if empty:
+                await self.store.delete(key)
+            else:
+                await self.store.put(key, _encoder.encode(doc))
+
+        async def page(cve_id: str) -> None:
+            key = storage.cve_page_key(cve_id)
+            answer = self.vulns.lookup_cve(cve_id)
+            if not answer.affected:
+                await self.store.delete(key)
+            else:
+                await self.store.put(key, html.cve_page(answer, now).encode(), HTML)
+
+        writes = []
+        for s in sorted(digest):
+            runs = self.vulns.digest_shard(s)
+            writes.append(shard(storage.digest_shard_key(s), runs, not runs.digests))
+        for s in sorted(cve):
+            doc = self.vulns.cve_shard(s)
+            writes.append(shard(storage.cve_shard_key(s), doc, not doc.cves))
+        for s in sorted(package):
+            pdoc = self.vulns.package_shard(s)
+            writes.append(shard(storage.package_shard_key(s), pdoc, not pdoc.packages))
+        await _bounded(writes)  # shards before pages: a page links nothing the shards do not hold
+        await _bounded([page(cve_id) for cve_id in sorted(pages)])
+        return len(writes) + len(pages)
+
     async def flush(self) -> None:
-        """Write the dirty namespace pages, then index.html, then summary.json (whose revisions mark them done)."""
+        """Write the inverted index's dirty shards and CVE pages, the dirty namespace pages, then index.html, then
+        summary.json (whose revisions mark them done)."""
         self.changed.clear()
+        try:
+            await self._read_postings()
+        except Exception as exc:
+            self.changed.set()
+            log.warning("postings read failed, will retry", error=f"{type(exc).__name__}: {exc}"[:300])
+            return
         summary_dirty, namespaces, revisions = self.model.take_dirty()
-        if not summary_dirty and not namespaces:
+        vulns = self.vulns.take_dirty()
+        if not summary_dirty and not namespaces and not any(vulns):
             return
         started = time.perf_counter()
         written = 0
         try:
             with tracer.start_as_current_span("index flush") as span:
                 span.set_attribute("podsweep.index.namespaces", len(namespaces))
+                written += await self._write_vulns(*vulns)
                 now = self.clock()
                 for ns in sorted(namespaces):
                     doc = self.model.namespace_index(ns, now)
@@ -202,13 +337,22 @@ class Indexer:
                 written += 4
         except Exception as exc:
             self.model.mark_dirty(True, namespaces)
+            self.vulns.mark_dirty(*vulns)
             self.changed.set()
             log.warning("index flush failed, will retry", error=f"{type(exc).__name__}: {exc}"[:300])
             return
         elapsed = time.perf_counter() - started
         flush_seconds.record(elapsed)
         pages_written.add(written)
-        log.info("index written", namespaces=len(namespaces), digests=len(index.digests), seconds=round(elapsed, 3))
+        log.info(
+            "index written",
+            namespaces=len(namespaces),
+            digests=len(index.digests),
+            cve_shards=len(vulns[0]),
+            package_shards=len(vulns[1]),
+            cve_pages=len(vulns[3]),
+            seconds=round(elapsed, 3),
+        )
 
     async def close(self) -> None:
         if self in _indexers:
@@ -219,3 +363,14 @@ class Indexer:
         for pump in self._pumps:
             pump.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
+
+
+async def _bounded(calls: list[Coroutine[Any, Any, T]], limit: int = CONCURRENCY) -> list[T]:
+    """Run store calls `limit` at a time, in order of the list; the first failure propagates."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(call: Coroutine[Any, Any, T]) -> T:
+        async with gate:
+            return await call
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))

@@ -27,11 +27,11 @@ from podsweep.service import open_service
 from podsweep.workloads import record_seen
 from schemas import storage, subjects
 from schemas.events import ImageSeen, QuarantinedObject, QuarantineKind, ReportStored, ScanCompleted
-from schemas.index import DigestSummary
+from schemas.index import DigestSummary, PackageVersion
 from schemas.refs import digest_hex
 from schemas.report import Report
 from schemas.state import SCANS_BUCKET, SUMMARIES_BUCKET, WORKLOADS_BUCKET, DigestScanState, DigestWorkloads
-from services.parser import html, sbom, stored
+from services.parser import html, sbom, stored, vulnindex
 from services.parser.indexer import HTML, Indexer
 
 SERVICE = "parser"
@@ -125,6 +125,7 @@ class Parser:
         sbom_key = kept.key if kept is not None else None
         new_summary = stored.digest_summary(event, report, out, sbom_key)
         await self._digest_page(report, new_summary)
+        await self._postings(event, report, kept.packages if kept is not None else None)  # before the summary
         await busmod.kv_update(self.summaries, hex_, DigestSummary, lambda old: stored.newer_summary(old, new_summary))
         await self.bus.publish(subjects.REPORT_STORED, out, msg_id=stored.stored_msg_id(event.scan_id))
         reports_stored.add(1, {"mode": event.mode})
@@ -230,7 +231,23 @@ class Parser:
             await self.store.put(key, data, kind)
             await self.store.put(storage.latest_sbom_key(event.digest_ref), data, kind)
         log.info("sbom stored", digest=event.digest_ref, key=key, components=info.components)
-        return stored.KeptSbom(key, info.trivy_version or report.trivy_version or None)
+        return stored.KeptSbom(key, info.trivy_version or report.trivy_version or None, info.packages)
+
+    async def _postings(self, event: ScanCompleted, report: Report, packages: list[PackageVersion] | None) -> None:
+        """What this report puts in the inverted index (the indexer reads it when the summary changes). Without an
+        SBOM from this scan, the packages come from the digest's stored one: the same digest has the same files."""
+        if packages is None:
+            data = await self.store.get_if_exists(storage.latest_sbom_key(event.digest_ref), self.max_sbom)
+            try:
+                packages = sbom.check(data, max_bytes=self.max_sbom).packages if data is not None else None
+            except sbom.SbomError:
+                packages = None  # it was checked when kept; a bad one leaves the findings' packages
+        doc, skipped = vulnindex.postings_of(report, event.digest_ref, event.scan_id, event.finished_at, packages)
+        if skipped:
+            log.warning(
+                "findings left out of the CVE index: not vulnerability ids", digest=event.digest_ref, count=skipped
+            )
+        await self.store.put(storage.postings_key(event.digest_ref), _encoder.encode(doc))
 
     async def _digest_page(self, report: Report, summary: DigestSummary) -> None:
         doc, _ = await busmod.kv_read(self.workloads, digest_hex(summary.digest_ref), DigestWorkloads)

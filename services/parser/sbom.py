@@ -10,7 +10,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from podsweep.reports import trivy
+from podsweep.reports import normalize, trivy
+from schemas.index import PackageVersion
+from services.parser import vulnindex
 
 SPEC_VERSION_PATTERN = r"^1\.[0-9]{1,2}(?!\n)$"
 SbomErrorKind = Literal["oversized", "not-json", "truncated", "bad-gzip", "not-cyclonedx"]
@@ -42,10 +44,13 @@ class Metadata(msgspec.Struct, frozen=True, gc=False):
 
 
 class Component(msgspec.Struct, frozen=True, gc=False):
-    """Every CycloneDX component has a type and a name; the rest is for the rescan to read."""
+    """Every CycloneDX component has a type and a name; its group, version and package URL feed the package index."""
 
     type: str
     name: str
+    group: str = ""
+    version: str = ""
+    purl: str = ""
 
 
 class Bom(msgspec.Struct, frozen=True, gc=False, rename="camel"):
@@ -63,6 +68,24 @@ class SbomInfo(msgspec.Struct, frozen=True):
     spec_version: str
     components: int
     trivy_version: str  # empty when no tool named trivy is listed
+    packages: list[PackageVersion] = []  # the library components, for `podsweep cve --package`
+
+
+# Group joined to the name as the ecosystem writes it: Maven group:artifact, npm @scope/name.
+_GROUP_SEPARATOR = {"maven": ":", "npm": "/"}
+
+
+def _packages(bom: Bom) -> list[PackageVersion]:
+    """Library components (not the OS or an application file): name with its group, version, purl type; text from
+    the scanned image, bounded and without control characters."""
+    out = []
+    for c in bom.components:
+        if c.type not in ("library", "framework") or not c.name:
+            continue
+        kind = vulnindex.purl_type(c.purl)
+        name = f"{c.group}{_GROUP_SEPARATOR.get(kind, '/')}{c.name}" if c.group else c.name
+        out.append(PackageVersion(normalize.short_text(name), normalize.short_text(c.version), kind))
+    return out
 
 
 def _trivy_version(bom: Bom) -> str:
@@ -104,4 +127,9 @@ def check(data: bytes, *, max_bytes: int) -> SbomInfo:
         if "truncated" in message:
             raise SbomError("truncated", "JSON ends before every value is closed (cut off)") from None
         raise SbomError("not-json", message) from None
-    return SbomInfo(spec_version=bom.spec_version, components=len(bom.components), trivy_version=_trivy_version(bom))
+    return SbomInfo(
+        spec_version=bom.spec_version,
+        components=len(bom.components),
+        trivy_version=_trivy_version(bom),
+        packages=_packages(bom),
+    )

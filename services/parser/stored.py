@@ -13,7 +13,7 @@ import msgspec
 from podsweep.reports import normalize
 from schemas import storage
 from schemas.events import SEVERITIES, QuarantinedObject, QuarantineKind, ReportQuarantined, ReportStored, ScanCompleted
-from schemas.index import MAX_SEARCH_IDS, DigestSummary
+from schemas.index import MAX_SEARCH_IDS, DigestSummary, PackageVersion
 from schemas.report import Report
 
 Step = Literal["store", "done", "stale"]
@@ -42,6 +42,7 @@ class KeptSbom(msgspec.Struct, frozen=True):
 
     key: str
     trivy_version: str | None
+    packages: list[PackageVersion] = []  # its library components
 
 
 def report_stored(

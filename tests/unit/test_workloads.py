@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from podsweep.workloads import MAX_RUNS, forget_older_than, record_seen
@@ -67,3 +68,16 @@ def test_forgetting_drops_only_stale_runs() -> None:
     kept = forget_older_than(doc, T0 + timedelta(days=7))
     assert kept is not None and [r.workload.name for r in kept.runs] == ["api"]
     assert forget_older_than(kept, T0) is None
+
+
+def test_a_second_container_of_the_same_image_is_recorded_with_the_cluster() -> None:
+    doc = record_seen(None, seen())
+    assert doc is not None and doc.runs[0].containers == ["app"] and doc.runs[0].cluster == "c1"
+    sidecar = msgspec.structs.replace(seen(at=T0 + timedelta(minutes=1)), container="sidecar")
+    after = record_seen(doc, sidecar)
+    assert after is not None and after.runs[0].containers == ["app", "sidecar"]
+    assert record_seen(after, sidecar) is None  # known now: a resync writes nothing
+    older = msgspec.structs.replace(seen(at=T0 - timedelta(hours=1)), container="init")
+    merged = record_seen(after, older)
+    assert merged is not None and merged.runs[0].containers == ["app", "init", "sidecar"]
+    assert merged.runs[0].last_seen_at == T0 + timedelta(minutes=1)  # an older sighting never moves it back

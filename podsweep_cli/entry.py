@@ -1,0 +1,17 @@
+"""The `podsweep` console script. `podsweep cve` imports only what it reads (S3 and the inverted index's model;
+services/parser/cvecli.py), so a script asking "who runs it?" is not kept waiting for every service's imports;
+every other command loads the whole CLI (podsweep_cli.app), which also lists `cve` in its help."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["cve"]:
+        from services.parser import cvecli
+
+        sys.exit(cvecli.main(sys.argv[2:]))
+    from podsweep_cli.app import app
+
+    app()

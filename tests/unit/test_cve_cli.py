@@ -1,0 +1,47 @@
+"""`podsweep cve` refuses bad input before it reads anything: a clear message and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from podsweep_cli.app import app
+
+# Nothing listens here: a command that got past its input checks would fail with an S3 error, not these messages.
+ENV = {
+    "PODSWEEP_S3_ENDPOINT_URL": "http://127.0.0.1:9",
+    "PODSWEEP_S3_ACCESS_KEY_ID": "k",
+    "PODSWEEP_S3_SECRET_ACCESS_KEY": "s",
+    "PODSWEEP_DATA_DIR": "/nonexistent-podsweep",
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["CVE-24-1"], "is not a vulnerability id"),
+        (["CVE-2024-3094;id"], "is not a vulnerability id"),
+        (["$(id)"], "is not a vulnerability id"),
+        (["../../index"], "is not a vulnerability id"),
+        (["*"], "is not a vulnerability id"),
+        (["--package", "lib*"], "patterns are not supported"),
+        (["--package", "a;rm -rf /"], "is not a package name"),
+        (["--package", "$(id)"], "is not a package name"),
+        (["--package", "../etc/passwd"], "is not a package name"),
+        (["--package", "liblzma5@$(id)"], "is not a version"),
+        ([], "give a vulnerability id"),
+        (["CVE-2024-3094", "--package", "x"], "not both"),
+    ],
+)
+def test_bad_input_gets_a_clear_answer_and_exit_2(args: list[str], says: str) -> None:
+    result = CliRunner().invoke(app, ["cve", *args], env=ENV)
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+
+
+def test_an_unreachable_store_is_an_error_naming_the_bucket_not_a_traceback() -> None:
+    result = CliRunner().invoke(app, ["cve", "CVE-2024-3094"], env={**ENV, "PODSWEEP_S3_BUCKET": "podsweep"})
+    assert result.exit_code == 2, result.output
+    assert "s3: cannot read index/ from bucket podsweep" in result.output and "Traceback" not in result.output
