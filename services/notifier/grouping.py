@@ -8,20 +8,22 @@ with whom and under which idempotency key.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Sequence
 
+from schemas import storage
 from schemas.alerts import MAX_GROUP_MEMBER_CVES, AlertPayload, GroupCve, GroupMember
 from schemas.events import SEVERITIES, Severity
 
-# Only ids of these shapes name a page: anything else from a scanner never reaches an object key.
-_PAGE_ID_RE = re.compile(r"^(?:CVE-[0-9]{4}-[0-9]{4,19}|GHSA(?:-[23456789cfghjmpqrvwx]{4}){3})$")
 _RANK: dict[str, int] = {s: len(SEVERITIES) - i for i, s in enumerate(SEVERITIES)}
 
 
 def cve_page_key(cve_id: str) -> str:
-    """`index/cve/<CVE-ID>.html`, the CVE's page in the static index; empty for an id that is not a CVE or GHSA id."""
-    return f"index/cve/{cve_id}.html" if _PAGE_ID_RE.match(cve_id) else ""
+    """The id's page in the static index (the parser writes it under the same key); empty for an id that is not of
+    the strict pattern, which never reaches an object key."""
+    try:
+        return storage.cve_page_key(cve_id)
+    except ValueError:
+        return ""
 
 
 def member(alert: AlertPayload) -> GroupMember:

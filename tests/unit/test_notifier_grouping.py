@@ -57,7 +57,9 @@ def members(count: int, **extra: Any) -> list[GroupMember]:
         pytest.param("cve-2024-3094", "", id="lower-case-is-not-an-id"),
         pytest.param("CVE-2024-1*", "", id="glob"),
         pytest.param("$(rm -rf /)", "", id="shell"),
-        pytest.param("DLA-3682-1", "", id="other-advisory"),
+        pytest.param("DLA-3682-1", "index/cve/DLA-3682-1.html", id="other-advisory"),
+        pytest.param("RHSA-2023:1234", "index/cve/RHSA-2023_1234.html", id="colon-becomes-underscore"),
+        pytest.param("GHSA-jfh8-c2jp-5v3", "", id="short-ghsa"),
         pytest.param("", "", id="empty"),
     ],
 )
