@@ -1,5 +1,8 @@
 """Which workloads run a digest: a pure update of the DigestWorkloads KV document from `image.seen` events.
 
+One document per digest for the whole fleet: a run is one workload of one cluster, so the same digest run in two
+clusters keeps both clusters' workloads.
+
 The parser writes it (for the per-namespace index); the notifier and admission read it. Writes are rare on
 purpose: a resync that only confirms what is known changes nothing until the last-seen time is an hour old.
 """
@@ -17,8 +20,10 @@ MAX_RUNS = 256  # a digest run by more workloads keeps the most recently seen on
 REFRESH = timedelta(hours=1)
 
 
-def _identity(run: WorkloadRun) -> tuple[str, str, str, str]:
-    return (run.namespace, run.workload.kind, run.workload.name, run.image)
+def _identity(run: WorkloadRun, cluster: str | None) -> tuple[str, str, str, str, str]:
+    """A run is one workload of one cluster running the image; a run written before fleets (no cluster) is taken to
+    be of the cluster that sees it now (it is rewritten with that cluster)."""
+    return (run.cluster or cluster or "", run.namespace, run.workload.kind, run.workload.name, run.image)
 
 
 def record_seen(doc: DigestWorkloads | None, seen: ImageSeen) -> DigestWorkloads | None:
@@ -29,13 +34,18 @@ def record_seen(doc: DigestWorkloads | None, seen: ImageSeen) -> DigestWorkloads
         image=seen.image,
         options=seen.options,
         last_seen_at=seen.observed_at,
+        cluster=seen.cluster,
     )
     runs = list(doc.runs) if doc else []
     for i, known in enumerate(runs):
-        if _identity(known) != _identity(run):
+        if _identity(known, seen.cluster) != _identity(run, seen.cluster):
             continue
         fresh = known.last_seen_at is not None and seen.observed_at - known.last_seen_at < REFRESH
-        if known.options == run.options and (fresh or (known.last_seen_at or seen.observed_at) > seen.observed_at):
+        if (
+            known.cluster is not None
+            and known.options == run.options
+            and (fresh or (known.last_seen_at or seen.observed_at) > seen.observed_at)
+        ):
             return None
         runs[i] = run
         break

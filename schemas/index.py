@@ -11,7 +11,7 @@ from datetime import datetime
 import msgspec
 
 from schemas.events import ScanMode, SeverityCounts, Workload
-from schemas.refs import DigestRef, ImageRef, K8sLabelName, ObjectKey, ScanId, ShortText, Text
+from schemas.refs import ClusterName, DigestRef, ImageRef, K8sLabelName, ObjectKey, ScanId, ShortText, Text
 from schemas.state import ScanStatus
 
 
@@ -37,6 +37,7 @@ class DigestSummary(msgspec.Struct, frozen=True, kw_only=True):
     report_key: ObjectKey
     history_key: ObjectKey
     sbom_key: ObjectKey | None = None  # the stored SBOM of this scan, when it had a valid one
+    cluster: ClusterName | None = None  # the cluster the scan ran in (None: stored before fleets)
 
 
 class IndexRevisions(msgspec.Struct, frozen=True):
@@ -63,6 +64,7 @@ class IndexedDigest(msgspec.Struct, frozen=True, kw_only=True):
     namespaces: list[K8sLabelName] = []
     report: DigestSummary | None = None
     scan: ScanView | None = None
+    clusters: list[ClusterName] = []  # the clusters its workloads run in (a run from before fleets names none)
 
 
 class SummaryIndex(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,8 +89,11 @@ class WorkloadImage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NamespaceWorkload(msgspec.Struct, frozen=True, kw_only=True):
+    """One workload of the namespace in one cluster (a namespace of the same name in two clusters lists both)."""
+
     workload: Workload
     images: list[WorkloadImage] = []
+    cluster: ClusterName | None = None  # None: learned before fleets
 
 
 class NamespaceIndex(msgspec.Struct, frozen=True, kw_only=True):

@@ -235,7 +235,10 @@ class Parser:
     async def _digest_page(self, report: Report, summary: DigestSummary) -> None:
         doc, _ = await busmod.kv_read(self.workloads, digest_hex(summary.digest_ref), DigestWorkloads)
         runs = doc.runs if doc is not None else []
-        page = html.digest_page(report, summary, sorted({r.image for r in runs}), sorted({r.namespace for r in runs}))
+        clusters = sorted({r.cluster for r in runs if r.cluster is not None})
+        page = html.digest_page(
+            report, summary, sorted({r.image for r in runs}), sorted({r.namespace for r in runs}), clusters
+        )
         await self.store.put(storage.digest_page_key(summary.digest_ref), page.encode(), HTML)
 
     async def _quarantine(

@@ -87,6 +87,7 @@ def digest_summary(event: ScanCompleted, report: Report, stored: ReportStored, s
         report_key=stored.report_key,
         history_key=stored.history_key,
         sbom_key=sbom_key,
+        cluster=event.cluster,
     )
 
 
