@@ -55,6 +55,14 @@ def record_seen(doc: DigestWorkloads | None, seen: ImageSeen) -> DigestWorkloads
     return DigestWorkloads(digest_ref=seen.digest_ref, runs=runs[:MAX_RUNS])
 
 
+def adds_run(doc: DigestWorkloads | None, seen: ImageSeen) -> bool:
+    """Whether `seen` is a workload (of its cluster) not recorded as running the digest: its report, if there is
+    one, has not been decided for it yet."""
+    runs = doc.runs if doc is not None else []
+    wanted = (seen.cluster, seen.namespace, seen.workload.kind, seen.workload.name)
+    return not any((r.cluster or seen.cluster, r.namespace, r.workload.kind, r.workload.name) == wanted for r in runs)
+
+
 def forget_older_than(doc: DigestWorkloads, cutoff: datetime) -> DigestWorkloads | None:
     """Drop runs not seen since `cutoff` (a workload deleted long ago); None when nothing was dropped."""
     kept = [r for r in doc.runs if r.last_seen_at is None or r.last_seen_at >= cutoff]

@@ -11,15 +11,17 @@ import pytest
 
 from podsweep import natsaccess
 from podsweep.status import summarize
-from podsweep.workloads import record_seen
-from schemas.events import ImageGone, ImageSeen, ScanFailed, Workload
-from schemas.state import DigestScanState, WorkloadRun, leader_key, limiter_key
+from podsweep.workloads import adds_run, record_seen
+from schemas.events import ImageGone, ImageSeen, ScanFailed, SeverityCounts, Workload
+from schemas.index import DigestSummary
+from schemas.state import DigestScanState, DigestWorkloads, WorkloadRun, leader_key, limiter_key
 from services.dispatcher import plan
 from services.dispatcher.limits import Limits
 from services.dispatcher.plan import Decision, Policy, scan_id_for
 from services.notifier.decide import decide as notify
 from services.notifier.decide import fingerprint_key
 from services.notifier.outbox import entries
+from services.parser.stored import reached_msg_id, report_reached
 from tests.unit.test_notifier_decide import CRIT, DIGEST_REF, NOW, event, report
 from tests.unit.test_notifier_decide import POLICY as ALERT_POLICY
 
@@ -289,3 +291,54 @@ def test_what_is_per_cluster_is_named_per_cluster(cluster: str, durable: str, li
     allowed = natsaccess.permissions(access, natsaccess.Names(clusters=("default", cluster))).publish
     assert f"$JS.API.CONSUMER.MSG.NEXT.PODSWEEP.{durable}" in allowed
     assert "$JS.API.CONSUMER.MSG.NEXT.PODSWEEP.*" not in allowed
+
+
+@pytest.mark.parametrize(
+    ("runs", "sighting", "adds"),
+    [
+        pytest.param([], seen("a", "a1"), True, id="first-workload"),
+        pytest.param([("a", "api")], seen("a", "a2"), False, id="same-workload-another-node"),
+        pytest.param([("a", "api")], seen("b", "b1"), True, id="same-workload-name-in-another-cluster"),
+        pytest.param([(None, "api")], seen("b", "b1"), False, id="run-from-before-fleets-is-the-seers"),
+        pytest.param([("a", "web")], seen("a", "a1"), True, id="another-workload"),
+    ],
+)
+def test_a_workload_new_to_a_digest_is_one_of_its_cluster(
+    runs: list[tuple[str | None, str]], sighting: ImageSeen, adds: bool
+) -> None:
+    doc = DigestWorkloads(
+        digest_ref=REF,
+        runs=[
+            WorkloadRun(namespace="shop", workload=Workload("Deployment", name), image="r/x:1", cluster=cluster)
+            for cluster, name in runs
+        ],
+    )
+    assert adds_run(doc, sighting) is adds
+
+
+def test_a_report_reaching_another_clusters_workload_is_the_summarys_report_naming_both_clusters() -> None:
+    summary = DigestSummary(
+        digest_ref=REF,
+        scan_id=CLAIMED,
+        finished_at=T0,
+        stored_at=T0,
+        report_key=f"reports/sha256/{HEX}/latest.json",
+        history_key=f"reports/sha256/{HEX}/history/20261123t080000000000z.json",
+        counts=SeverityCounts(CRITICAL=1),
+        cluster="a",
+    )
+    reached = report_reached(summary, seen("b", "b1"), T0 + timedelta(hours=1))
+    assert (reached.cluster, reached.reached_cluster, reached.scan_id) == ("a", "b", CLAIMED)
+    assert (reached.report_key, reached.history_key, reached.counts) == (
+        summary.report_key,
+        summary.history_key,
+        summary.counts,
+    )
+    again = report_reached(summary, seen("b", "b2"), T0 + timedelta(hours=2))
+    assert reached_msg_id(again) == reached_msg_id(reached)  # the same workload: one event
+    other = report_reached(summary, seen("c", "c1"), T0)
+    assert reached_msg_id(other) != reached_msg_id(reached)
+    # The notifier decides it like the report it is: the workload it reached is alerted, naming its cluster.
+    runs = [WorkloadRun(namespace="shop", workload=Workload("Deployment", "api"), image="r/x:1", cluster="b")]
+    decision = notify(reached, report(CRIT), runs, ALERT_POLICY, {}, NOW)
+    assert [a.payload.cluster for a in decision.alerts] == ["b"]
