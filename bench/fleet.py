@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+import nats.errors
 import nats.js.errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -114,13 +115,18 @@ async def publish_all(settings: NatsSettings, events: list[ImageSeen]) -> None:
     bus = await busmod.connect(settings, "bench-publish")
     try:
         await busmod.ensure_stream(bus)
-        for chunk in range(0, len(events), 200):
-            await asyncio.gather(
-                *(
-                    bus.publish(subjects.IMAGE_SEEN, e, msg_id=f"seen-{e.cluster}-{chunk + k}")
-                    for k, e in enumerate(events[chunk : chunk + 200])
-                )
-            )
+
+        async def publish(n: int, event: ImageSeen) -> None:
+            for attempt in range(10):  # a loaded machine times a publish out now and then; the msg id dedupes
+                try:
+                    await bus.publish(subjects.IMAGE_SEEN, event, msg_id=f"seen-{event.cluster}-{n}")
+                    return
+                except nats.errors.TimeoutError:
+                    await asyncio.sleep(0.5 * (attempt + 1))
+            raise TimeoutError(f"image.seen {n} of cluster {event.cluster} could not be published")
+
+        for chunk in range(0, len(events), 50):
+            await asyncio.gather(*(publish(chunk + k, e) for k, e in enumerate(events[chunk : chunk + 50])))
     finally:
         await bus.close()
 
