@@ -324,7 +324,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
             secret_access_key=s3_server.identity.secret_access_key,
         )
         results = {}
-        for mode in ("fleet", "per_cluster"):
+        modes = ("per_cluster", "fleet") if args.per_cluster_first else ("fleet", "per_cluster")
+        for mode in modes:
             results[mode] = await run_mode(mode, args, clusters, nats, s3, work)
             print(json.dumps(results[mode]), flush=True)
         for cluster in clusters:
@@ -371,6 +372,9 @@ def main() -> None:
     parser.add_argument("--max-active", type=int, default=100, help="per cluster")
     parser.add_argument("--max-per-node", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800.0, help="per scenario")
+    parser.add_argument(
+        "--per-cluster-first", action="store_true", help="run the baseline first (the machine's load moves)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as work:
         result = asyncio.run(run(args, Path(work)))
