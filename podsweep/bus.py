@@ -13,8 +13,8 @@ import contextlib
 import dataclasses
 import ssl
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -1083,14 +1083,21 @@ class KvMirror(Generic[S]):
     moment ago (a read is stale by the time it is used, too); writes stay compare-and-set, so a lagging mirror only
     costs a failed write and a read. Values are decoded when first asked for, not as they arrive: most of another
     replica's writes are never looked at here, and a key that changed twice in between is decoded once.
+
+    Documents are held as their JSON bytes; `decoded` says how many stay decoded as well (None: all; a bucket of a
+    fleet's digests holds 100,000 keys, whose decoded documents take about three times their bytes), the most
+    recently asked for first. `documents()` decodes one at a time and keeps none of them.
     """
 
-    def __init__(self, kv: KeyValue, typ: type[S], *, quiet: bool = False) -> None:
+    def __init__(self, kv: KeyValue, typ: type[S], *, quiet: bool = False, decoded: int | None = None) -> None:
         self.kv = kv
         self._quiet = quiet  # unreadable documents are the caller's to report
         self._decoder = msgspec.json.Decoder(typ)
-        self._entries: dict[str, tuple[S | None, int]] = {}
-        self._raw: dict[str, tuple[bytes, int]] = {}  # arrived, not decoded yet (always newer than _entries')
+        self._encoder = msgspec.json.Encoder()
+        self._held: dict[str, tuple[bytes | None, int]] = {}  # the last readable value's bytes (None: deleted)
+        self._raw: dict[str, tuple[bytes, int]] = {}  # arrived, not decoded yet (always newer than _held's)
+        self._decoded: OrderedDict[str, tuple[S | None, int]] = OrderedDict()  # the same, decoded
+        self._keep = decoded
         self._unreadable: set[str] = set()
         self.ready = False  # the watch has delivered every key once since it (re)started
         self.high = 0  # the highest revision the watch delivered
@@ -1109,27 +1116,39 @@ class KvMirror(Generic[S]):
         compare-and-set that does not conclude "no change" from it."""
         if key in self._raw:
             self._decode(key)
-        return self._entries.get(key, (None, 0))
+        found = self._decoded.get(key)
+        if found is not None:
+            self._decoded.move_to_end(key)
+            return found
+        data, revision = self._held.get(key, (None, 0))
+        document = self._decoder.decode(data) if data is not None else None  # it decoded once already
+        self._remember(key, document, revision)
+        return document, revision
 
     def revision(self, key: str) -> int:
         """The latest revision seen of `key` (0: none), readable or not, without decoding it."""
         raw = self._raw.get(key)
-        return raw[1] if raw is not None else self._entries.get(key, (None, 0))[1]
+        return raw[1] if raw is not None else self._held.get(key, (None, 0))[1]
 
     def saw(self, key: str, document: S | None, revision: int) -> None:
         """Record a document at a revision (the watch's, or this process's own write); older news is ignored."""
         if revision > self.revision(key):
-            self._entries[key] = (document, revision)
+            self._held[key] = (self._encoder.encode(document) if document is not None else None, revision)
+            self._remember(key, document, revision)
             self._raw.pop(key, None)
             self._unreadable.discard(key)
 
-    def documents(self) -> list[tuple[str, S]]:
-        """Every key with a readable document, as last seen."""
+    def documents(self) -> Iterator[tuple[str, S]]:
+        """Every key with a readable document, as last seen, decoded one at a time (none kept decoded for it)."""
         for key in list(self._raw):
-            self._decode(key)
-        return [
-            (key, doc) for key, (doc, _) in self._entries.items() if doc is not None and key not in self._unreadable
-        ]
+            self._decode(key, keep=False)
+        for key, (data, _) in list(self._held.items()):
+            if data is None or key in self._unreadable:
+                continue
+            found = self._decoded.get(key)
+            document = found[0] if found is not None else self._decoder.decode(data)
+            if document is not None:
+                yield key, document
 
     def unreadable(self) -> list[str]:
         """The keys whose last document could not be decoded (after `documents()` has decoded everything)."""
@@ -1141,7 +1160,14 @@ class KvMirror(Generic[S]):
             self._progress.clear()
             await self._progress.wait()
 
-    def _decode(self, key: str) -> None:
+    def _remember(self, key: str, document: S | None, revision: int) -> None:
+        self._decoded[key] = (document, revision)
+        self._decoded.move_to_end(key)
+        if self._keep is not None:
+            while len(self._decoded) > self._keep:
+                self._decoded.popitem(last=False)
+
+    def _decode(self, key: str, *, keep: bool = True) -> None:
         data, revision = self._raw.pop(key)
         try:
             document = self._decoder.decode(data)
@@ -1155,7 +1181,10 @@ class KvMirror(Generic[S]):
                 )
             self._unreadable.add(key)  # last() keeps the last readable one
             return
-        self._entries[key] = (document, revision)
+        self._held[key] = (data, revision)
+        self._decoded.pop(key, None)
+        if keep:
+            self._remember(key, document, revision)
         self._unreadable.discard(key)
 
     async def follow(self, stop: asyncio.Event) -> None:

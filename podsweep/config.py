@@ -190,6 +190,8 @@ class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     sbom_batch_window_s: float = 1.0  # how long due SBOM rescans gather before a partial batch starts
     rescan_gone_for_s: float = 604800.0  # digests no node runs any more are rescanned from their SBOM this long
     vulndb_poll_s: float = 300.0  # how often the leader asks the Trivy server which DB it serves; 0: never
+    # A fleet: another cluster takes a digest over when its home cluster has not said it runs it for this long.
+    home_stale_s: float = 10800.0
     scan_requests_cpu: str = "100m"
     scan_requests_memory: str = "256Mi"
     scan_limits_cpu: str = ""
@@ -205,7 +207,14 @@ class DispatcherSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
         for name in ("max_active", "max_active_per_node", "max_created_per_minute", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
-        for name in ("rescan_interval_s", "sweep_interval_s", "claim_ttl_s", "backoff_base_s", "backoff_max_s"):
+        for name in (
+            "rescan_interval_s",
+            "sweep_interval_s",
+            "claim_ttl_s",
+            "backoff_base_s",
+            "backoff_max_s",
+            "home_stale_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be more than 0 seconds")
         if not 1 <= self.leader_lease_s <= 3600:

@@ -15,12 +15,26 @@ import msgspec
 
 from schemas import subjects
 
+DEFAULT_CLUSTER = "default"  # schemas.state.DEFAULT_CLUSTER (natsaccess does not import schemas.state)
+
 
 class Durable(msgspec.Struct, frozen=True):
-    """A durable pull consumer on the events stream: its name and the subjects it reads (relative to the root)."""
+    """A durable pull consumer on the events stream: its name and the subjects it reads (relative to the root).
+
+    `per_cluster`: each cluster of a fleet has its own (a service that talks to its cluster's API server), named
+    by `durable_name`."""
 
     name: str
     subjects: tuple[str, ...]
+    per_cluster: bool = False
+
+
+def durable_name(durable: Durable, cluster: str) -> str:
+    """The consumer's name for `cluster`: `<name>_<cluster>` for a per-cluster durable, except in the default cluster,
+    which keeps the name a single-cluster installation always had (its consumer and position survive an upgrade)."""
+    if not durable.per_cluster or cluster == DEFAULT_CLUSTER:
+        return durable.name
+    return f"{durable.name}_{cluster}"
 
 
 class Bucket(msgspec.Struct, frozen=True):
@@ -55,7 +69,11 @@ class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
         return name in self.publishes or (self.consumes and name == dead_letters(self.service))
 
     def durable(self, name: str) -> Durable | None:
-        return next((d for d in self.durables if d.name == name), None)
+        """The durable consumer named `name` (a per-cluster durable under any cluster's name)."""
+        for d in self.durables:
+            if d.name == name or (d.per_cluster and name.startswith(f"{d.name}_")):
+                return d
+        return None
 
     def bucket(self, name: str) -> Bucket | None:
         return next((b for b in self.buckets if b.name == name), None)
@@ -94,6 +112,7 @@ class Names(msgspec.Struct, frozen=True, kw_only=True):
     stream: str = "PODSWEEP"
     kv_prefix: str = "podsweep"
     domain: str = ""
+    clusters: tuple[str, ...] = (DEFAULT_CLUSTER,)  # a fleet: every cluster that reports into this NATS
 
     @property
     def api(self) -> str:
@@ -133,7 +152,8 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
     ]
     for durable in access.durables:
         on = ", ".join(durable.subjects)
-        out.append(Section(f"its durable consumer {durable.name} on {on}", _durable(stream, durable.name, names)))
+        named = dict.fromkeys(durable_name(durable, cluster) for cluster in names.clusters)
+        out.extend(Section(f"its durable consumer {name} on {on}", _durable(stream, name, names)) for name in named)
     if access.replays:
         replay = subjects.replay_stream(stream)
         out.append(

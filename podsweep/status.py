@@ -1,6 +1,7 @@
 """`podsweep status`: what podsweep is doing, read from JetStream (KV state and consumer info) only.
 
-`summarize` is pure; `collect` does the reading.
+`summarize` is pure; `collect` does the reading. A fleet: every cluster's digests (by the cluster that runs them),
+or one cluster's with `cluster` (the digests it is home to or runs).
 """
 
 from __future__ import annotations
@@ -14,9 +15,19 @@ import msgspec
 import nats.js.errors
 
 from podsweep import bus as busmod
-from schemas.state import LEADER_KEY, LIMITS_BUCKET, SCANS_BUCKET, DigestScanState, DispatcherLease, ScanStatus
+from podsweep.natsaccess import Durable, durable_name
+from schemas.state import (
+    DEFAULT_CLUSTER,
+    LIMITS_BUCKET,
+    SCANS_BUCKET,
+    DigestScanState,
+    DispatcherLease,
+    ScanStatus,
+    leader_key,
+)
 
 SERVICES_WITH_CONSUMERS = ("dispatcher", "parser", "notifier")
+_PER_CLUSTER = Durable("dispatcher", (), per_cluster=True)  # services/dispatcher/main.py's EVENTS, by name
 _LATEST = datetime.max.replace(tzinfo=UTC)
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
 
@@ -46,6 +57,19 @@ class StatusReport(msgspec.Struct, frozen=True):
     dispatcher_leader: str = ""  # the lease holder ("" while none holds it)
     # Digests that failed or are not scanned, by their last failure's reason.
     failed_by_reason: dict[str, int] = {}
+    # A fleet: digests each cluster runs (home or elsewhere), and the cluster shown (None: all of them).
+    by_cluster: dict[str, int] = {}
+    cluster: str | None = None
+
+
+def home(state: DigestScanState) -> str:
+    """The cluster whose dispatcher scans the digest (a state from before fleets: the default cluster)."""
+    return state.cluster or DEFAULT_CLUSTER
+
+
+def runs_in(state: DigestScanState) -> list[str]:
+    """Every cluster known to run the digest: its home, then the others."""
+    return [home(state), *(c for c in state.elsewhere if c != home(state))]
 
 
 def summarize(
@@ -53,11 +77,21 @@ def summarize(
     consumers: list[ConsumerLag],
     failures_shown: int = 10,
     lease: DispatcherLease | None = None,
+    cluster: str | None = None,
 ) -> StatusReport:
+    by_cluster = Counter(c for s in states for c in runs_in(s))
+    if cluster is not None:
+        states = [s for s in states if cluster in runs_in(s)]
     by_state = Counter(_status(s) for s in states)
     pending = [s for s in states if s.status == "pending"]
     oldest = min(pending, key=lambda s: s.last_seen_at or _LATEST, default=None)
-    running = Counter(s.node for s in states if s.status == "running" and s.node)
+    # Nodes are named with their cluster when the fleet has several (node names repeat across clusters).
+    fleet = len(by_cluster) > 1
+    running = Counter(
+        f"{home(s)}/{s.node}" if fleet else s.node
+        for s in states
+        if s.status == "running" and s.node and (cluster is None or home(s) == cluster)
+    )
     failed = sorted(
         (s for s in states if _status(s) in ("failed", "not_scanned") or s.failures),
         key=lambda s: s.failures[-1].at if s.failures else (s.last_seen_at or _EARLIEST),
@@ -82,6 +116,8 @@ def summarize(
         ],
         dispatcher_leader=lease.holder if lease is not None else "",
         failed_by_reason=dict(sorted(by_reason.items())),
+        by_cluster=dict(sorted(by_cluster.items())),
+        cluster=cluster,
     )
 
 
@@ -107,13 +143,16 @@ def _reason(state: DigestScanState) -> str:
     return state.failures[-1].reason if state.failures else state.status
 
 
-async def collect(bus: busmod.Bus) -> StatusReport:
+async def collect(bus: busmod.Bus, cluster: str | None = None, own: str = DEFAULT_CLUSTER) -> StatusReport:
+    """The status of the fleet, or of `cluster`; the dispatcher's consumer and lease are those of `cluster`, else of
+    `own` (the cluster this command is configured for)."""
     kv = await bus.kv(SCANS_BUCKET)
     states, _ = await busmod.kv_documents(kv, DigestScanState)  # not a GET per key: `podsweep up` asks every few s
     consumers = []
     for service in SERVICES_WITH_CONSUMERS:
+        durable = durable_name(_PER_CLUSTER, cluster or own) if service == "dispatcher" else service
         try:
-            info = await bus.js.consumer_info(bus.settings.stream, service)
+            info = await bus.js.consumer_info(bus.settings.stream, durable)
         except nats.js.errors.NotFoundError:  # a service that never ran has no consumer yet
             continue
         consumers.append(
@@ -124,5 +163,5 @@ async def collect(bus: busmod.Bus) -> StatusReport:
                 redelivered=int(info.num_redelivered or 0),
             )
         )
-    lease, _ = await busmod.kv_read(await bus.kv(LIMITS_BUCKET), LEADER_KEY, DispatcherLease)
-    return summarize(states, consumers, lease=lease)
+    lease, _ = await busmod.kv_read(await bus.kv(LIMITS_BUCKET), leader_key(cluster or own), DispatcherLease)
+    return summarize(states, consumers, lease=lease, cluster=cluster)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -282,11 +282,19 @@ DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 LEAF_DOMAIN = "hub"
 
 
-def nats_accounts(deploy: Path = DEPLOY_DIR, domain: str = "") -> str:
-    """accounts.conf from every service's NATS declaration, for the names (subject root, stream, KV prefix) of the
-    base's podsweep.yaml; with `domain`, a leaf server's whose clients use that JetStream domain."""
-    nats = load_settings(environ={}, file=deploy / "base" / "podsweep.yaml").nats
-    names = natsaccess.Names(root=nats.subject_root, stream=nats.stream, kv_prefix=nats.kv_prefix, domain=domain)
+def nats_accounts(deploy: Path = DEPLOY_DIR, clusters: Sequence[str] = (), domain: str = "") -> str:
+    """accounts.conf from every service's NATS declaration, for the names (subject root, stream, KV prefix, cluster)
+    of the base's podsweep.yaml, or for every cluster of a fleet given in `clusters`; with `domain`, a leaf server's
+    whose clients use that JetStream domain."""
+    settings = load_settings(environ={}, file=deploy / "base" / "podsweep.yaml")
+    nats = settings.nats
+    names = natsaccess.Names(
+        root=nats.subject_root,
+        stream=nats.stream,
+        kv_prefix=nats.kv_prefix,
+        domain=domain,
+        clusters=tuple(clusters) or (settings.cluster,),
+    )
     return natsaccess.accounts_conf([services.nats_access(name) for name in services.SERVICES], names)
 
 
@@ -294,16 +302,20 @@ def nats_accounts(deploy: Path = DEPLOY_DIR, domain: str = "") -> str:
 def deploy_nats_accounts(
     check: Annotated[bool, typer.Option(help="Exit 1 when the committed file differs from the declarations.")] = False,
     deploy: Annotated[Path, typer.Option(help="The deploy/ directory.")] = DEPLOY_DIR,
+    cluster: Annotated[
+        list[str] | None,
+        typer.Option(help="A fleet: every cluster reporting into this NATS (repeat it); default: podsweep.yaml's."),
+    ] = None,
 ) -> None:
     """Write deploy/base/nats/accounts.conf (one NATS user per service) from what each service declares it does, the
     Helm chart's copy of it, and deploy/nats-leaf/accounts.conf (the same users on a leaf server, for the hub's
     JetStream domain `hub`)."""
     try:
-        text = nats_accounts(deploy)
+        text = nats_accounts(deploy, cluster or ())
         targets = {
             deploy / "base" / "nats" / "accounts.conf": text,
             deploy / "helm" / "podsweep" / "files" / "nats" / "accounts.conf": text,
-            deploy / "nats-leaf" / "accounts.conf": nats_accounts(deploy, LEAF_DOMAIN),
+            deploy / "nats-leaf" / "accounts.conf": nats_accounts(deploy, cluster or (), LEAF_DOMAIN),
         }
     except ConfigError as exc:
         err.print(f"[red]{exc}[/red]")
@@ -336,8 +348,12 @@ def status(
     config: ConfigOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     watch: Annotated[float, typer.Option("--watch", help="Refresh every N seconds (0: once).")] = 0.0,
+    cluster: Annotated[
+        str | None, typer.Option("--cluster", help="A fleet: only the digests this cluster runs (default: all).")
+    ] = None,
 ) -> None:
-    """Digests by scan state, consumer lag per service, oldest pending scan, running scans per node, failures.
+    """Digests by scan state (and by cluster in a fleet), consumer lag per service, oldest pending scan, running scans
+    per node, failures.
 
     Beside a running `podsweep up` (same directory) with nothing configured, reads its embedded NATS."""
     settings = _reader_settings(config)
@@ -348,13 +364,13 @@ def status(
         )
         raise typer.Exit(2)
     try:
-        asyncio.run(_status(settings, json_out, watch))
+        asyncio.run(_status(settings, json_out, watch, cluster))
     except ConnectionError as exc:
         err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(1) from None
 
 
-async def _status(settings: Settings, json_out: bool, watch: float) -> None:
+async def _status(settings: Settings, json_out: bool, watch: float, cluster: str | None = None) -> None:
     from rich.live import Live
 
     from podsweep import bus as busmod
@@ -362,7 +378,7 @@ async def _status(settings: Settings, json_out: bool, watch: float) -> None:
 
     bus = await busmod.connect(settings.nats, "status")
     try:
-        report = await statusmod.collect(bus)
+        report = await statusmod.collect(bus, cluster, settings.cluster)
         if json_out:
             typer.echo(msgspec.json.encode(report).decode())
             return
@@ -372,13 +388,14 @@ async def _status(settings: Settings, json_out: bool, watch: float) -> None:
         with Live(_status_tables(report), refresh_per_second=1) as live:
             while True:
                 await asyncio.sleep(watch)
-                live.update(_status_tables(await statusmod.collect(bus)))
+                live.update(_status_tables(await statusmod.collect(bus, cluster, settings.cluster)))
     finally:
         await bus.close()
 
 
 def _status_tables(report: StatusReport) -> Group:
-    states = Table(title=f"{report.digests} digests")
+    where = f" in cluster {report.cluster}" if report.cluster else ""
+    states = Table(title=f"{report.digests} digests{where}")
     states.add_column("state")
     states.add_column("digests", justify="right")
     for state, n in report.by_state.items():
@@ -409,4 +426,9 @@ def _status_tables(report: StatusReport) -> Group:
         else "nothing pending"
     )
     leader = f"dispatcher leader: {report.dispatcher_leader or 'none'}"
-    return Group(states, lag, nodes, by_reason, failures, oldest, leader)
+    clusters = Table(title="digests by cluster (home or elsewhere)")
+    clusters.add_column("cluster")
+    clusters.add_column("digests", justify="right")
+    for name, n in report.by_cluster.items():
+        clusters.add_row(name, str(n))
+    return Group(states, clusters, lag, nodes, by_reason, failures, oldest, leader)

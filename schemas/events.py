@@ -166,6 +166,19 @@ class ReportStored(Event, frozen=True, kw_only=True):
     sbom_trivy_version: ShortText | None = None
 
 
+class ReportReached(ReportStored, frozen=True, kw_only=True):
+    """A stored report now reaches a workload that was not known to run its digest when it was stored: another
+    cluster of the fleet runs the digest (scanned once, in `cluster`), or a workload started running it later.
+
+    The fields are those of the report's summary (`new` and `fixed` are empty); the notifier decides it like a
+    report.stored, for every workload of the digest, and alerts those its fingerprints say have not had it."""
+
+    reached_cluster: ClusterName  # the cluster of the workload it reached
+    reached_namespace: K8sLabelName
+    reached_workload: Workload
+    reached_at: datetime
+
+
 QuarantineKind = Literal[
     "oversized",  # over the configured cap (before or after gunzip), or JSON nested too deep to decode
     "not-json",

@@ -22,6 +22,7 @@ DOCUMENTS: dict[str, Any] = {
     "scan.failed": events.ScanFailed,
     "report.stored": events.ReportStored,
     "report.quarantined": events.ReportQuarantined,
+    "report.reached": events.ReportReached,
     "alert.sent": events.AlertSent,
     "alert.failed": events.AlertSent,  # the same audit record with outcome "failed"
     "dead": events.DeadLetter,

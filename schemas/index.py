@@ -51,6 +51,7 @@ class DigestSummary(msgspec.Struct, frozen=True, kw_only=True):
     report_key: ObjectKey
     history_key: ObjectKey
     sbom_key: ObjectKey | None = None  # the stored SBOM of this scan, when it had a valid one
+    cluster: ClusterName | None = None  # the cluster the scan ran in (None: stored before fleets)
     # The report's vulnerability ids (CVE, GHSA, ...), worst first, at most MAX_SEARCH_IDS: what index/search.json
     # finds the digest by. Left out of index/summary.json (kept small for the admission gate's start).
     vulnerability_ids: list[ShortText] = []
@@ -84,6 +85,7 @@ class IndexedDigest(msgspec.Struct, frozen=True, kw_only=True):
     namespaces: list[K8sLabelName] = []
     report: DigestSummary | None = None
     scan: ScanView | None = None
+    clusters: list[ClusterName] = []  # the clusters its workloads run in (a run from before fleets names none)
 
 
 class SummaryIndex(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,8 +110,11 @@ class WorkloadImage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NamespaceWorkload(msgspec.Struct, frozen=True, kw_only=True):
+    """One workload of the namespace in one cluster (a namespace of the same name in two clusters lists both)."""
+
     workload: Workload
     images: list[WorkloadImage] = []
+    cluster: ClusterName | None = None  # None: learned before fleets
 
 
 class NamespaceIndex(msgspec.Struct, frozen=True, kw_only=True):

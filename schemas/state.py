@@ -26,11 +26,21 @@ class NodeLeft(msgspec.Struct, frozen=True):
     at: datetime
 
 
+DEFAULT_CLUSTER = "default"  # the cluster name of an installation that names none (and of documents from before)
+
+
 class DigestScanState(msgspec.Struct, frozen=True, kw_only=True):
-    """Per-digest scan state, keyed by the digest's hex. Updated only by compare-and-set on the KV revision."""
+    """Per-digest scan state, keyed by the digest's hex: one per digest for the whole fleet. Updated only by
+    compare-and-set on the KV revision.
+
+    `node`, `nodes_seen`, `failures` and `nodes_left` name nodes of `cluster` (the digest's home: the cluster whose
+    dispatcher claims its scans); `elsewhere` holds the nodes other clusters run it on, from which one takes the
+    digest over when its home runs it no more or stops saying so (services/dispatcher/plan.py).
+    """
 
     v: int = 1
     digest_ref: DigestRef
+    cluster: ClusterName | None = None  # None: written before fleets (its home is the first cluster to decide)
     status: ScanStatus = "pending"
     attempts: int = 0
     scan_id: ScanId | None = None
@@ -54,6 +64,8 @@ class DigestScanState(msgspec.Struct, frozen=True, kw_only=True):
     scan_seq: int = 0
     # A pending or running claim is abandoned after this instant (dispatcher killed, Job lost) and may be resumed.
     claim_expires_at: datetime | None = None
+    # Other clusters that run the digest: a few of their nodes each (enough to take the digest over from).
+    elsewhere: dict[ClusterName, list[NodeName]] = {}
 
 
 # A slot's id and node are only compared and counted, never sent anywhere, so they are bounded but not pattern-checked:
@@ -79,7 +91,13 @@ class LimiterState(msgspec.Struct, frozen=True, kw_only=True):
     created: list[datetime] = []
 
 
-LIMITER_KEY = "active"  # the limiter's key in LIMITS_BUCKET
+LIMITER_KEY = "active"  # the limiter's key in LIMITS_BUCKET (of the default cluster: see limiter_key)
+
+
+def limiter_key(cluster: str) -> str:
+    """The limiter's key of one cluster's dispatcher: limits are per cluster (nodes belong to one). The default
+    cluster keeps the key a single-cluster installation always had."""
+    return LIMITER_KEY if cluster == DEFAULT_CLUSTER else f"{LIMITER_KEY}.{cluster}"
 
 
 class DispatcherLease(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +115,11 @@ class DispatcherLease(msgspec.Struct, frozen=True, kw_only=True):
 
 
 LEADER_KEY = "leader"
+
+
+def leader_key(cluster: str) -> str:
+    """The lease of one cluster's dispatcher replicas (one leader per cluster; see limiter_key for the default)."""
+    return LEADER_KEY if cluster == DEFAULT_CLUSTER else f"{LEADER_KEY}.{cluster}"
 
 
 class VulnDbSeen(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,12 +143,13 @@ class WorkloadRun(msgspec.Struct, frozen=True, kw_only=True):
     image: ImageRef
     options: ImageOptions = ImageOptions()
     last_seen_at: datetime | None = None
-    cluster: ClusterName | None = None  # from the event (absent from documents written before this field)
+    cluster: ClusterName | None = None  # the workload's cluster (None: written before fleets, by its only cluster)
     containers: list[K8sLabelName] = []  # the containers that run this image in the workload's pods
 
 
 class DigestWorkloads(msgspec.Struct, frozen=True, kw_only=True):
-    """Who runs a digest, keyed by digest hex in WORKLOADS_BUCKET. Written by the parser; read by the notifier."""
+    """Who runs a digest, in every cluster of the fleet, keyed by digest hex in WORKLOADS_BUCKET. Written by the
+    parser; read by the notifier."""
 
     v: int = 1
     digest_ref: DigestRef

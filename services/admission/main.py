@@ -322,7 +322,8 @@ class Loader:
         )
 
     def _seen(self, data: bytes) -> None:
-        self.gate.view.apply_seen(_seen_decoder.decode(data))
+        seen = _seen_decoder.decode(data)
+        self.gate.view.apply_seen(seen, here=seen.cluster == self.gate.rules.cluster)
 
     def _stored(self, data: bytes) -> None:
         event = _stored_decoder.decode(data)

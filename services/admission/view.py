@@ -142,11 +142,13 @@ class View:
             findings = known.findings
         self.digests[hex_] = DigestEntry(digest_ref=digest_ref, report=facts, findings=findings)
 
-    def apply_seen(self, seen: ImageSeen) -> None:
+    def apply_seen(self, seen: ImageSeen, *, here: bool = True) -> None:
+        """A digest seen running; a tag maps to it only when it runs `here` (this gate's cluster: in a fleet, a tag
+        names what this cluster runs, while a digest's report is the fleet's)."""
         hex_ = _hex(seen.digest_ref)
         if hex_ not in self.digests:
             self.digests[hex_] = DigestEntry(digest_ref=seen.digest_ref)
-        if "@" in seen.image:
+        if "@" in seen.image or not here:
             return
         known = self.tags.get(seen.image)
         if known is None or known.seen_at is None or seen.observed_at >= known.seen_at:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import NamedTuple, Protocol, TypeVar
 
@@ -38,6 +38,8 @@ retries = meter.create_counter("podsweep_dispatcher_retries", description="Scans
 limit_waits = meter.create_counter(
     "podsweep_dispatcher_limit_waits", description="Claimed scans that waited for a limit, by the limit"
 )
+# Scan states kept decoded in the mirror: the digests whose events came lately (a digest's events come in bursts).
+MIRROR_DECODED = 4096
 WAITING = ("nodes_full", "limited")  # decisions that park a digest until a slot frees
 D = TypeVar("D")
 Made = tuple[Decision, tuple[str, ...], DigestScanState | None]  # a decision, the digest's nodes, the state before
@@ -52,7 +54,7 @@ class ScanStates(Protocol):
 
     def known(self, key: str) -> tuple[DigestScanState | None, int] | None: ...
 
-    def documents(self) -> list[tuple[str, DigestScanState]]: ...
+    def documents(self) -> Iterable[tuple[str, DigestScanState]]: ...
 
     async def read(self, key: str) -> tuple[DigestScanState | None, int]: ...
 
@@ -66,16 +68,18 @@ class ScanStates(Protocol):
 
 
 class MirroredStates:
-    """The scans bucket in NATS KV through a KvMirror; what this replica writes goes into the mirror at once."""
+    """The scans bucket in NATS KV through a KvMirror; what this replica writes goes into the mirror at once. A
+    fleet's digests are many: the mirror keeps their bytes, and only the states of the digests handled lately
+    decoded (MIRROR_DECODED)."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
-        self.mirror = busmod.KvMirror(kv, DigestScanState)
+        self.mirror = busmod.KvMirror(kv, DigestScanState, decoded=MIRROR_DECODED)
 
     def known(self, key: str) -> tuple[DigestScanState | None, int] | None:
         return self.mirror.known(key)
 
-    def documents(self) -> list[tuple[str, DigestScanState]]:
+    def documents(self) -> Iterable[tuple[str, DigestScanState]]:
         return self.mirror.documents()
 
     async def read(self, key: str) -> tuple[DigestScanState | None, int]:

@@ -67,8 +67,9 @@ def must_step_down(last_renewed: float, ttl_s: float, now: float) -> bool:
 class Leadership:
     """The lease's shell: acquire (standing by meanwhile), keep renewing, release on a clean stop."""
 
-    def __init__(self, kv: KeyValue, me: str, ttl_s: float) -> None:
+    def __init__(self, kv: KeyValue, me: str, ttl_s: float, key: str = LEADER_KEY) -> None:
         self.kv = kv
+        self.key = key  # this cluster's lease (schemas.state.leader_key)
         self.me = me
         self.ttl_s = ttl_s
         self.revision = 0  # the revision this replica last wrote (0: not leading)
@@ -85,7 +86,7 @@ class Leadership:
                 if may_take(lease, observed, time.monotonic(), self.me):
                     now = datetime.now(UTC)
                     taken = DispatcherLease(holder=self.me, acquired_at=now, renewed_at=now, ttl_s=self.ttl_s)
-                    written = await busmod.kv_put_if(self.kv, LEADER_KEY, taken, revision)
+                    written = await busmod.kv_put_if(self.kv, self.key, taken, revision)
                     if written is not None:
                         self.revision, self.acquired_at = written, now
                         previous = lease.holder if lease is not None and lease.holder != self.me else ""
@@ -113,7 +114,7 @@ class Leadership:
             try:
                 # A renewal that hangs must not outlast the deadline for standing down.
                 async with asyncio.timeout(max(last + self.ttl_s * 2 / 3 - time.monotonic(), 0.1)):
-                    written = await busmod.kv_put_if(self.kv, LEADER_KEY, renewed, self.revision)
+                    written = await busmod.kv_put_if(self.kv, self.key, renewed, self.revision)
             except Exception as exc:  # retried until the deadline
                 if must_step_down(last, self.ttl_s, time.monotonic()):
                     log.warning("dispatcher lease not renewed; standing down", error=f"{type(exc).__name__}: {exc}")
@@ -136,15 +137,15 @@ class Leadership:
         now = datetime.now(UTC)
         released = DispatcherLease(holder="", acquired_at=self.acquired_at, renewed_at=now, ttl_s=self.ttl_s)
         with contextlib.suppress(Exception):  # not released: the standby waits for it to lapse instead
-            await busmod.kv_put_if(self.kv, LEADER_KEY, released, self.revision)
+            await busmod.kv_put_if(self.kv, self.key, released, self.revision)
         self.revision = 0
 
     async def _read(self) -> tuple[DispatcherLease | None, int]:
         try:
-            return await busmod.kv_read(self.kv, LEADER_KEY, DispatcherLease)
+            return await busmod.kv_read(self.kv, self.key, DispatcherLease)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # taken over once it lapses, like any other
             log.warning("dispatcher lease unreadable; taking it over if it is not renewed", error=str(exc)[:300])
-            entry = await self.kv.get(LEADER_KEY)
+            entry = await self.kv.get(self.key)
             epoch = datetime.fromtimestamp(0, UTC)
             return DispatcherLease(
                 holder="?", acquired_at=epoch, renewed_at=epoch, ttl_s=self.ttl_s

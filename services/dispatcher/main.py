@@ -23,7 +23,7 @@ from podsweep import logs
 from podsweep.config import Settings
 from podsweep.health import HEALTH
 from podsweep.kube import Kube
-from podsweep.natsaccess import Bucket, Durable, NatsAccess
+from podsweep.natsaccess import Bucket, Durable, NatsAccess, durable_name
 from podsweep.objectstore import ObjectStore
 from podsweep.runtime import kubeconfig_path
 from podsweep.service import open_service
@@ -41,7 +41,16 @@ from schemas.events import (
     ScanStarted,
 )
 from schemas.refs import digest_hex
-from schemas.state import LIMITS_BUCKET, SCANS_BUCKET, WORKLOADS_BUCKET, DigestWorkloads, LimiterState
+from schemas.state import (
+    DEFAULT_CLUSTER,
+    LIMITS_BUCKET,
+    SCANS_BUCKET,
+    WORKLOADS_BUCKET,
+    DigestWorkloads,
+    LimiterState,
+    leader_key,
+    limiter_key,
+)
 from services.dispatcher import gauges, plan, rescans, vulndb
 from services.dispatcher.batching import Gathering
 from services.dispatcher.dbpoll import DbPoller
@@ -54,27 +63,28 @@ from services.dispatcher.sightings import Sightings
 from services.dispatcher.slots import MirroredKey
 
 SERVICE = "dispatcher"
-DURABLE = "dispatcher"
+# One consumer per cluster of a fleet (each dispatcher creates Jobs through its own cluster's API server): every
+# cluster's events reach each, which handles only its own cluster's (see `Dispatcher.ours`).
+EVENTS = Durable(
+    "dispatcher",
+    (
+        subjects.IMAGE_SEEN,
+        subjects.IMAGE_GONE,
+        subjects.SCAN_STARTED,
+        subjects.SCAN_COMPLETED,
+        subjects.SCAN_FAILED,
+        subjects.RESCAN_REQUESTED,
+        subjects.REPORT_QUARANTINED,
+        subjects.REPORT_STORED,
+        subjects.DB_UPDATED,
+    ),
+    per_cluster=True,
+)
 # What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
 NATS = NatsAccess(
     service=SERVICE,
     publishes=(subjects.RESCAN_ACCEPTED, subjects.DB_UPDATED),
-    durables=(
-        Durable(
-            DURABLE,
-            (
-                subjects.IMAGE_SEEN,
-                subjects.IMAGE_GONE,
-                subjects.SCAN_STARTED,
-                subjects.SCAN_COMPLETED,
-                subjects.SCAN_FAILED,
-                subjects.RESCAN_REQUESTED,
-                subjects.REPORT_QUARANTINED,
-                subjects.REPORT_STORED,
-                subjects.DB_UPDATED,
-            ),
-        ),
-    ),
+    durables=(EVENTS,),
     buckets=(Bucket(SCANS_BUCKET), Bucket(LIMITS_BUCKET), Bucket(WORKLOADS_BUCKET, writes=False)),
 )
 # A sighting that only adds a node to a digest already claimed, scanned or waiting is written at most this long after
@@ -106,23 +116,32 @@ class Dispatcher:
     async def open(self) -> None:
         self.states = MirroredStates(await self.bus.kv(SCANS_BUCKET))
         self.workloads = await self.bus.kv(WORKLOADS_BUCKET)
-        self.limiter_key = limiter_key = MirroredKey(busmod.KvMirror(await self.bus.kv(LIMITS_BUCKET), LimiterState))
+        limits_mirror = busmod.KvMirror(await self.bus.kv(LIMITS_BUCKET), LimiterState)
+        self.limiter_key = key = MirroredKey(limits_mirror, limiter_key(self.settings.cluster))
         self.digests = Digests(
             settings=self.settings,
             cfg=self.cfg,
             states=self.states,
-            limiter_key=limiter_key,
+            limiter_key=key,
             launcher=self.launcher,
             schedule=self.schedule,
             gathering=self.gathering,
         )
         self.slots = self.digests.slots
-        await limiter_key.read()
+        await key.read()
         await self.digests.count_existing_jobs(self.kube.get)
+
+    def ours(self, cluster: str) -> bool:
+        """Whether an event is this dispatcher's: its cluster's nodes, Jobs and requests. The scan states it writes
+        are the fleet's (one per digest), so what another cluster saw reaches them through that cluster's
+        dispatcher, which alone can create Jobs there."""
+        return cluster == self.settings.cluster
 
     # -- event handlers --------------------------------------------------------------------------------------------
 
     async def on_image_seen(self, seen: ImageSeen, _: busmod.Delivery) -> busmod.Settled | None:
+        if not self.ours(seen.cluster):
+            return None
         key = digest_hex(seen.digest_ref)
         known = self.states.known(key) if self.holding else None
         if known is not None:
@@ -148,6 +167,8 @@ class Dispatcher:
         await self.digests.follow(key, written)
 
     async def on_image_gone(self, gone: ImageGone, _: busmod.Delivery) -> None:
+        if not self.ours(gone.cluster):
+            return
         now = utcnow()
         key = digest_hex(gone.digest_ref)
         await self.sightings.write(key, self._record)  # what this replica holds came first
@@ -157,12 +178,16 @@ class Dispatcher:
             log.info("digest not scanned", digest=gone.digest_ref, reason=decision.state.reason)
 
     async def on_scan_started(self, started: ScanStarted, _: busmod.Delivery) -> None:
+        if not self.ours(started.cluster):
+            return
         self._pods_accepted()
         await self.digests.change(
             digest_hex(started.digest_ref), lambda old: plan.on_started(old, started, self.cfg.policy)
         )
 
     async def on_scan_completed(self, done: ScanCompleted, _: busmod.Delivery) -> None:
+        if not self.ours(done.cluster):
+            return
         if done.raw_key != storage.raw_key(done.digest_ref, done.scan_id):
             raise busmod.Reject(f"raw_key is not the key of scan {done.scan_id} (expected raw/sha256/<hex>/<id>.json)")
         key = digest_hex(done.digest_ref)
@@ -174,13 +199,15 @@ class Dispatcher:
 
     async def on_report_stored(self, stored: ReportStored, _: busmod.Delivery) -> None:
         """The parser kept the scan's SBOM: record it in the digest's state (the dispatcher alone writes states)."""
-        if stored.sbom_key is None:
+        if stored.sbom_key is None or not self.ours(stored.cluster):
             return
         if not stored.sbom_key.startswith(storage.history_sbom_prefix(stored.digest_ref)):
             raise busmod.Reject(f"sbom_key of scan {stored.scan_id} is not under its digest's sbom/.../history/")
         await self.digests.change(digest_hex(stored.digest_ref), lambda old: plan.on_sbom_stored(old, stored))
 
     async def on_scan_failed(self, failed: ScanFailed, _: busmod.Delivery) -> None:
+        if not self.ours(failed.cluster):
+            return
         now = utcnow()
         key = digest_hex(failed.digest_ref)
         scan_failures.add(1, {"reason": failed.reason})
@@ -209,6 +236,8 @@ class Dispatcher:
     async def on_report_quarantined(self, quarantined: ReportQuarantined, _: busmod.Delivery) -> None:
         """The parser found the scan's report missing or unreadable: the scan failed after all (retried with backoff).
         The parser says so with this event; the scan state stays the dispatcher's alone to write."""
+        if not self.ours(quarantined.cluster):
+            return
         now = utcnow()
         active, room = self.digests.view(now)
         policy, limits = self.cfg.policy, self.cfg.limits
@@ -229,7 +258,10 @@ class Dispatcher:
 
     async def on_rescan_requested(self, request: RescanRequested, _: busmod.Delivery) -> None:
         """Make the requested digests due (compare-and-set), answer with rescan.accepted, let the timers claim them.
-        Claims, batches and every limit apply as for any due digest: a request only moves due times."""
+        Claims, batches and every limit apply as for any due digest: a request only moves due times. The dispatcher
+        of the requester's cluster answers; digests another cluster is home to are claimed by its sweep."""
+        if not self.ours(request.cluster):
+            return
         now, policy = utcnow(), self.cfg.policy
         keys, unknown = await self._requested_keys(request)
         due = 0
@@ -343,7 +375,9 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     kube = await Kube.connect(kubeconfig_path(settings))
     try:
         async with open_service(SERVICE, settings, s3=True, access=NATS) as service:
-            lease = Leadership(await service.bus.kv(LIMITS_BUCKET), identity(), cfg.leader_lease_s)
+            lease = Leadership(
+                await service.bus.kv(LIMITS_BUCKET), identity(), cfg.leader_lease_s, leader_key(settings.cluster)
+            )
             HEALTH.set("dispatcher:running", True)  # a standby is as ready as the leader: it takes over on its own
             try:
                 store = service.require_store()
@@ -360,11 +394,12 @@ async def _lead(
     """Consume and dispatch until `stop` (a shutdown, or the lease lost): a fresh replica state each time."""
     dispatcher = Dispatcher(settings=settings, cfg=cfg, bus=bus, kube=kube, store=store)
     await dispatcher.open()
-    mirror = dispatcher.states.mirror
+    mirror, own = dispatcher.states.mirror, settings.cluster
     stop_reporting = gauges.leading(
         lambda: dispatcher.slots.view,
         settings.dispatcher,
-        lambda: (state for _, state in mirror.documents()) if mirror.ready else None,
+        # The digests this cluster is home to: in a fleet each cluster's leader counts its own, so a sum is the fleet.
+        lambda: (s for _, s in mirror.documents() if (s.cluster or DEFAULT_CLUSTER) == own) if mirror.ready else None,
     )
     background = [
         asyncio.create_task(dispatcher.tend(stop), name="dispatcher-tend"),
@@ -405,6 +440,7 @@ async def _lead(
     limits = cfg.limits
     log.info(
         "dispatcher consuming",
+        cluster=settings.cluster,
         namespace=cfg.jobs.namespace,
         max_active=limits.max_active,
         max_active_per_node=limits.max_active_per_node,
@@ -412,7 +448,12 @@ async def _lead(
     )
     try:
         await busmod.consume(
-            bus, service=SERVICE, durable=DURABLE, routes=routes, settings=settings.consumer, stop=stop
+            bus,
+            service=SERVICE,
+            durable=durable_name(EVENTS, settings.cluster),
+            routes=routes,
+            settings=settings.consumer,
+            stop=stop,
         )
     finally:
         if not stop.is_set():

@@ -21,6 +21,16 @@ Claim protocol (two replicas and any restart agree on it):
    `running` one counts as a failure on its node and is retried like `scan.failed`.
 
 `scan.completed` / `scan.failed` / `image.gone` for another `scan_id` than the state's are stale and change nothing.
+
+Fleet (several clusters, one SCANS bucket): a digest has one state for the whole fleet, and a home cluster
+(`state.cluster`, the first to write it): only the home's dispatcher claims it, on a node of its own, so a digest
+is scanned once across the fleet. Another cluster's sightings only note a few of its nodes in `elsewhere` and decide
+nothing ("elsewhere"). That cluster takes the digest over (becomes its home, its noted nodes the state's nodes) when
+no claim is in flight and the home runs it on no node, or has not said it runs it for `home_stale` (its watcher and
+dispatcher are gone: a cluster deleted, or cut off). An expired claim of the old home is then a failed attempt, and
+the new home retries at once on its own nodes. `policy.cluster` is the deciding dispatcher's cluster. A state
+written before fleets (`cluster` None) is the default cluster's to decide on, and the first cluster to see the digest
+again becomes its home (an installation that named its one cluster adopts its states as its watcher resyncs).
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from schemas.events import (
     ScanStarted,
 )
 from schemas.refs import digest_hex
-from schemas.state import DigestScanState, NodeFailure, NodeLeft
+from schemas.state import DEFAULT_CLUSTER, DigestScanState, NodeFailure, NodeLeft
 from services.dispatcher.limits import Limits
 from services.dispatcher.nodes import pick_node
 
@@ -73,7 +83,10 @@ Why = Literal[
     "gave_up",
     "stale",
     "recorded",
+    "elsewhere",  # another cluster is the digest's home: its dispatcher decides
 ]
+# Nodes noted per other cluster (`elsewhere`): enough to take the digest over from; its sightings add more after.
+ELSEWHERE_NODES_KEPT = 8
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,6 +111,10 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     sbom_min_trivy_version: str | None = None
     # Digests no node runs any more keep being rescanned from their SBOM this long after the last one stopped.
     rescan_gone_for: timedelta = timedelta(days=7)
+    # The cluster this dispatcher claims for (its own API server's), and how long a digest's home may go without
+    # saying it runs it (`last_seen_at`, refreshed by its watcher's resyncs) before another cluster takes it over.
+    cluster: str = DEFAULT_CLUSTER
+    home_stale: timedelta = timedelta(hours=3)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -312,6 +329,10 @@ def decide(
     even when no scan is planned. `room` False (no global slot or creation left) plans no scan: a claim that
     would only wait for a slot would expire while it waits, and be written again and again.
     """
+    if (state.cluster or DEFAULT_CLUSTER) != policy.cluster:
+        if not may_take_over(state, now, policy):
+            return Decision(state if changed else None, None, "elsewhere")
+        state, changed = take_over(state, now, policy), True
     keep = state if changed else None
     expires = state.claim_expires_at
     if state.status in ("pending", "running") and expires is not None and now < expires:
@@ -392,15 +413,70 @@ def decide(
 # Decisions that a sighting adding a node (or refreshing `last_seen_at`) cannot change: such a sighting may be held
 # and written together with the digest's next ones (sightings.py). A digest waiting for a node with room
 # ("nodes_full") or for any node at all is not among them: a new node may let it start now.
-HOLDABLE: frozenset[Why] = frozenset({"claimed", "not_due", "backoff", "gave_up", "limited"})
+HOLDABLE: frozenset[Why] = frozenset({"claimed", "not_due", "backoff", "gave_up", "limited", "elsewhere"})
 NODES_LEFT_KEPT = 32
+
+
+def may_take_over(state: DigestScanState, now: datetime, policy: Policy) -> bool:
+    """Whether `policy.cluster` may become the home of a digest another cluster holds: it runs the digest on a node,
+    no claim is in flight, and the home runs it nowhere or has not said so for `home_stale`."""
+    if (state.cluster or DEFAULT_CLUSTER) == policy.cluster or not state.elsewhere.get(policy.cluster):
+        return False
+    expires = state.claim_expires_at
+    if state.status in ("pending", "running") and expires is not None and now < expires:
+        return False
+    if not state.nodes_seen:
+        return True
+    return state.last_seen_at is None or now - state.last_seen_at >= policy.home_stale
+
+
+def take_over(state: DigestScanState, now: datetime, policy: Policy) -> DigestScanState:
+    """`policy.cluster` becomes the digest's home: its noted nodes are the nodes; the old home is forgotten (it runs
+    the digest nowhere, or is gone; its next sighting notes it in `elsewhere` again). A claim the old home let expire
+    is a failed attempt, retried now (here)."""
+    others = {c: n for c, n in state.elsewhere.items() if c != policy.cluster}
+    taken = msgspec.structs.replace(
+        state,
+        cluster=policy.cluster,
+        nodes_seen=list(state.elsewhere[policy.cluster]),
+        elsewhere=others,
+        failures=[],
+        nodes_left=[],
+        last_seen_at=now,
+        not_running_since=None,
+    )
+    if state.status not in ("pending", "running"):
+        return taken
+    detail = f"the claim of cluster {state.cluster} expired without a scan event; cluster {policy.cluster} took over"
+    return msgspec.structs.replace(
+        taken,
+        status="failed",
+        node=None,
+        claim_expires_at=None,
+        next_due_at=now,
+        reason=detail[:4096],
+    )
+
+
+def _saw_elsewhere(state: DigestScanState, seen: ImageSeen) -> tuple[DigestScanState, bool]:
+    """A sighting in a cluster that is not the digest's home: note the node (a few per cluster)."""
+    nodes = state.elsewhere.get(seen.cluster, [])
+    if seen.node in nodes:
+        return state, False
+    elsewhere = {**state.elsewhere, seen.cluster: [*nodes, seen.node][-ELSEWHERE_NODES_KEPT:]}
+    return msgspec.structs.replace(state, elsewhere=elsewhere), True
 
 
 def _saw(state: DigestScanState | None, seen: ImageSeen, now: datetime, policy: Policy) -> tuple[DigestScanState, bool]:
     """The state with `seen` recorded (its node, `last_seen_at`), and whether that changed it."""
     if state is None:
-        state = DigestScanState(digest_ref=seen.digest_ref, status="not_scanned")
+        state = DigestScanState(digest_ref=seen.digest_ref, status="not_scanned", cluster=seen.cluster)
         changed = True
+    elif state.cluster is None:  # written before fleets: its home is the first cluster to see it now
+        state = msgspec.structs.replace(state, cluster=seen.cluster)
+        changed = True
+    elif state.cluster != seen.cluster:
+        return _saw_elsewhere(state, seen)
     else:
         changed = False
     left = next((n for n in state.nodes_left if n.node == seen.node), None)
@@ -474,6 +550,8 @@ def on_gone(state: DigestScanState | None, gone: ImageGone, now: datetime, polic
     bring it back."""
     if state is None:
         return Decision(None, None, "stale")
+    if state.cluster is not None and gone.cluster != state.cluster:
+        return _gone_elsewhere(state, gone)
     if gone.node not in state.nodes_seen:
         left = next((n for n in state.nodes_left if n.node == gone.node), None)
         if left is not None and left.at >= gone.observed_at:
@@ -497,6 +575,18 @@ def on_gone(state: DigestScanState | None, gone: ImageGone, now: datetime, polic
             reason=f"no node runs this digest any more (last on node {gone.node})",
         )
     return Decision(state, None, "recorded")
+
+
+def _gone_elsewhere(state: DigestScanState, gone: ImageGone) -> Decision:
+    """A cluster that is not the digest's home stopped running it on a node: forget the node there."""
+    nodes = state.elsewhere.get(gone.cluster, [])
+    if gone.node not in nodes:
+        return Decision(None, None, "stale")
+    kept = [n for n in nodes if n != gone.node]
+    elsewhere = {c: n for c, n in state.elsewhere.items() if c != gone.cluster}
+    if kept:
+        elsewhere[gone.cluster] = kept
+    return Decision(msgspec.structs.replace(state, elsewhere=elsewhere), None, "recorded")
 
 
 def on_created(state: DigestScanState | None, scan_id: str, now: datetime, policy: Policy) -> DigestScanState | None:
@@ -611,10 +701,12 @@ def confirm_batch_item(
 
 
 def rescannable_from_sbom(state: DigestScanState, now: datetime, policy: Policy) -> bool:
-    """Whether a new vulnerability DB makes this digest due: it has a usable SBOM and is still covered (a node runs
-    it, or it stopped less than `rescan_gone_for` ago). Digests without one keep their due time: a DB update never
-    causes node scans (`podsweep rescan --all` does)."""
-    return _sbom_usable(state, policy) and _still_covered(state, now, policy)
+    """Whether a new vulnerability DB makes this digest due here: this cluster is its home (in a fleet each
+    cluster's dispatcher hears of the update and makes its own digests due), it has a usable SBOM and is still
+    covered (a node runs it, or it stopped less than `rescan_gone_for` ago). Digests without one keep their due
+    time: a DB update never causes node scans (`podsweep rescan --all` does)."""
+    home = (state.cluster or DEFAULT_CLUSTER) == policy.cluster
+    return home and _sbom_usable(state, policy) and _still_covered(state, now, policy)
 
 
 RescanAnswer = Literal["made_due", "in_flight", "not_covered"]

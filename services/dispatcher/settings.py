@@ -96,6 +96,8 @@ def configure(settings: Settings) -> Configured:
         failure_memory=_seconds(section.failure_memory_s),
         sbom_rescans=section.sbom_rescans and section.sbom,
         rescan_gone_for=_seconds(section.rescan_gone_for_s),
+        cluster=settings.cluster,
+        home_stale=_seconds(section.home_stale_s),
     )
     limits = Limits(
         max_active=section.max_active,

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from podsweep import bus as busmod
-from schemas.state import LIMITER_KEY, LimiterState, Slot
+from schemas.state import LimiterState, Slot
 from services.dispatcher import limits as limiter
 from services.dispatcher import livejobs
 
@@ -38,25 +38,27 @@ class LimiterKey(Protocol):
 
 
 class MirroredKey:
-    """The limiter key in NATS KV, seen through a mirror that its watch (and this replica's writes) keep current."""
+    """The limiter key in NATS KV (this cluster's: schemas.state.limiter_key), seen through a mirror that its watch
+    (and this replica's writes) keep current."""
 
-    def __init__(self, mirror: busmod.KvMirror[LimiterState]) -> None:
+    def __init__(self, mirror: busmod.KvMirror[LimiterState], key: str) -> None:
         self.mirror = mirror
+        self.key = key
 
     def last(self) -> tuple[LimiterState | None, int]:
-        return self.mirror.last(LIMITER_KEY)
+        return self.mirror.last(self.key)
 
     def saw(self, state: LimiterState | None, revision: int) -> None:
-        self.mirror.saw(LIMITER_KEY, state, revision)
+        self.mirror.saw(self.key, state, revision)
 
     async def write(
         self, decide: Decide[D], known: tuple[LimiterState | None, int]
     ) -> tuple[LimiterState | None, int, bool, D]:
-        return await busmod.kv_decide(self.mirror.kv, LIMITER_KEY, LimiterState, decide, known=known)
+        return await busmod.kv_decide(self.mirror.kv, self.key, LimiterState, decide, known=known)
 
     async def read(self) -> None:
         """A read now and then covers a watch that fell behind."""
-        self.saw(*await busmod.kv_read(self.mirror.kv, LIMITER_KEY, LimiterState))
+        self.saw(*await busmod.kv_read(self.mirror.kv, self.key, LimiterState))
 
 
 class Slots:

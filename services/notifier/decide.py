@@ -64,9 +64,15 @@ def fingerprint_key(cluster: str, digest_ref: str, namespace: str, workload: Wor
     return f"{cluster}.{digest_hex(digest_ref)}.{namespace}.{workload.kind}.{workload.name}"
 
 
-def alert_key(event: ReportStored, namespace: str, workload: Workload) -> str:
-    """One alert per workload per report: the same event decided twice yields the same key."""
-    return _key("alert", event.cluster, event.digest_ref, event.scan_id, namespace, workload.kind, workload.name)
+def alert_key(event: ReportStored, cluster: str, namespace: str, workload: Workload) -> str:
+    """One alert per workload (of its cluster) per report: the same event decided twice yields the same key."""
+    return _key("alert", cluster, event.digest_ref, event.scan_id, namespace, workload.kind, workload.name)
+
+
+def run_cluster(event: ReportStored, run: WorkloadRun) -> str:
+    """The cluster a workload runs in: the report is the fleet's (scanned once, in one cluster), its workloads each
+    their own cluster's; a run written before fleets is of the cluster that reported it."""
+    return run.cluster or event.cluster
 
 
 def decide(
@@ -86,7 +92,7 @@ def decide(
     alerts: list[Alert] = []
     uploads: dict[str, tuple[DefectDojoDestination, str]] = {}
     fingerprints: dict[str, NotifyFingerprint] = {}
-    for (namespace, kind, name), group in _by_workload(runs):
+    for (cluster, namespace, kind, name), group in _by_workload(event, runs):
         workload = Workload(kind=kind, name=name)
         image = min(run.image for run in group)
         route = next((run.options.notify for run in group if run.options.notify), None)
@@ -103,7 +109,7 @@ def decide(
                     uploads[dest_name] = (dest, title)
             else:
                 alert_to.append(dest_name)
-        key = fingerprint_key(event.cluster, event.digest_ref, namespace, workload)
+        key = fingerprint_key(cluster, event.digest_ref, namespace, workload)
         before = previous.get(key)
         if before is not None and before.scan_id == event.scan_id:
             continue  # this report was decided already (a redelivery after the fingerprint was stored)
@@ -117,7 +123,7 @@ def decide(
         new = [f for f in verdict.counted if finding_hash(f) not in known]
         if before is not None and before.breach and not new:
             continue  # still in breach, nothing new: stay quiet on rescans
-        payload = build_payload(event, report, verdict, rule, namespace, workload, image, route, new, now)
+        payload = build_payload(event, report, verdict, rule, cluster, namespace, workload, image, route, new, now)
         alerts.append(Alert(key=payload.id, destinations=alert_to, payload=payload))
     return Decision(
         alerts=alerts,
@@ -141,6 +147,7 @@ def build_payload(
     report: Report,
     verdict: Verdict,
     rule: PolicyRule,
+    cluster: str,
     namespace: str,
     workload: Workload,
     image: str,
@@ -169,8 +176,8 @@ def build_payload(
         for f in ordered[:MAX_ALERT_FINDINGS]
     ]
     return AlertPayload(
-        id=alert_key(event, namespace, workload),
-        cluster=event.cluster,
+        id=alert_key(event, cluster, namespace, workload),
+        cluster=cluster,
         digest_ref=event.digest_ref,
         image=image,
         namespace=namespace,
@@ -197,10 +204,13 @@ def image_without_digest(image: str) -> str:
     return image.split("@", 1)[0]
 
 
-def _by_workload(runs: Sequence[WorkloadRun]) -> list[tuple[tuple[str, str, str], list[WorkloadRun]]]:
-    groups: dict[tuple[str, str, str], list[WorkloadRun]] = {}
+def _by_workload(
+    event: ReportStored, runs: Sequence[WorkloadRun]
+) -> list[tuple[tuple[str, str, str, str], list[WorkloadRun]]]:
+    groups: dict[tuple[str, str, str, str], list[WorkloadRun]] = {}
     for run in runs:
-        groups.setdefault((run.namespace, run.workload.kind, run.workload.name), []).append(run)
+        key = (run_cluster(event, run), run.namespace, run.workload.kind, run.workload.name)
+        groups.setdefault(key, []).append(run)
     return sorted((k, sorted(v, key=lambda r: (r.image, r.options.notify or ""))) for k, v in groups.items())
 
 

@@ -1,4 +1,5 @@
-"""The notifier service: `report.stored` → decide → per-destination outbox → HTTP delivery.
+"""The notifier service: `report.stored` (and `report.reached`: a stored report reaching a workload new to its
+digest, in any cluster of the fleet) → decide → per-destination outbox → HTTP delivery.
 
 A thin shell: every decision is in decide.py, outbox.py, destinations.py and retry.py. Reads S3 and KV, writes
 the outbox, fingerprints and audit events; never touches Kubernetes.
@@ -26,7 +27,7 @@ from podsweep.policy import Policy
 from podsweep.service import open_service
 from schemas import subjects
 from schemas.alerts import NotifyFingerprint
-from schemas.events import ReportStored
+from schemas.events import ReportReached, ReportStored
 from schemas.refs import digest_hex
 from schemas.report import Report
 from schemas.state import DELIVERED_BUCKET, NOTIFY_BUCKET, WORKLOADS_BUCKET, DigestWorkloads
@@ -40,7 +41,7 @@ SERVICE = "notifier"
 NATS = NatsAccess(
     service=SERVICE,
     publishes=(subjects.ALERT_SENT, subjects.ALERT_FAILED),
-    durables=(Durable(SERVICE, (subjects.REPORT_STORED,)),),
+    durables=(Durable(SERVICE, (subjects.REPORT_STORED, subjects.REPORT_REACHED)),),
     buckets=(Bucket(WORKLOADS_BUCKET, writes=False), Bucket(NOTIFY_BUCKET), Bucket(DELIVERED_BUCKET)),
     outbox=True,
 )
@@ -220,7 +221,10 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                         bus,
                         service=SERVICE,
                         durable=SERVICE,
-                        routes={subjects.REPORT_STORED: busmod.Route(ReportStored, reports.handle)},
+                        routes={
+                            subjects.REPORT_STORED: busmod.Route(ReportStored, reports.handle),
+                            subjects.REPORT_REACHED: busmod.Route(ReportReached, reports.handle),
+                        },
                         settings=settings.consumer,
                         stop=stop,
                     )

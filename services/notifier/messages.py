@@ -110,6 +110,7 @@ def slack_message(payload: AlertPayload, max_findings: int = SLACK_MAX_FINDINGS)
         [
             f"*Workload* {slack_escape(payload.namespace)} / {slack_escape(payload.workload.kind)} "
             f"{slack_escape(payload.workload.name)}",
+            f"*Cluster* {slack_escape(payload.cluster)}",
             f"*Image* {slack_escape(payload.image)}",
             f"*Counted* {_counts(payload)}",
             f"*Breach* {slack_escape('; '.join(payload.reasons))} (rule {slack_escape(payload.rule)})",
@@ -232,6 +233,7 @@ def teams_message(payload: AlertPayload, max_findings: int = TEAMS_MAX_FINDINGS)
                 TextRun(text=f"{payload.namespace} / {wl.kind} {wl.name}"),
             ]
         ),
+        RichTextBlock(inlines=[TextRun(text="Cluster ", weight="Bolder"), TextRun(text=payload.cluster)]),
         RichTextBlock(inlines=[TextRun(text="Image ", weight="Bolder"), TextRun(text=payload.image)]),
         RichTextBlock(inlines=[TextRun(text="Counted ", weight="Bolder"), TextRun(text=_counts(payload))]),
         RichTextBlock(

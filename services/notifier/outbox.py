@@ -16,7 +16,7 @@ from schemas.alerts import AlertKey, AlertPayload, NotifyFingerprint
 from schemas.events import AlertOutcome, AlertSent, ReportStored, Workload
 from schemas.refs import ClusterName, DigestRef, K8sLabelName
 from schemas.state import WorkloadRun
-from services.notifier.decide import Decision, ReportUpload, fingerprint_key
+from services.notifier.decide import Decision, ReportUpload, fingerprint_key, run_cluster
 
 
 class OutboxEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -57,7 +57,7 @@ def entries(
         OutboxEntry(
             key=alert.key,
             destination=destination,
-            cluster=event.cluster,
+            cluster=alert.payload.cluster,
             digest_ref=event.digest_ref,
             namespace=alert.payload.namespace,
             workload=alert.payload.workload,
@@ -68,15 +68,15 @@ def entries(
         for destination in alert.destinations
     ]
     for upload in decision.uploads:
-        owner = routed_workload(policy, runs, upload.destination)
+        owner = routed_workload(policy, runs, upload.destination, event.cluster)
         if owner is None:  # decide() only uploads for a routed workload; nothing to say who it is about otherwise
             continue
-        namespace, workload = owner
+        cluster, namespace, workload = owner
         out.append(
             OutboxEntry(
                 key=upload.key,
                 destination=upload.destination,
-                cluster=event.cluster,
+                cluster=cluster,
                 digest_ref=event.digest_ref,
                 namespace=namespace,
                 workload=workload,
@@ -88,19 +88,24 @@ def entries(
     return out
 
 
-def routed_workload(policy: Policy, runs: Sequence[WorkloadRun], destination: str) -> tuple[str, Workload] | None:
-    """The first workload (by namespace, kind, name) whose rule sends to `destination`."""
-    for run in sorted(runs, key=lambda r: (r.namespace, r.workload.kind, r.workload.name, r.image)):
-        group = [r for r in runs if (r.namespace, r.workload) == (run.namespace, run.workload)]
+def routed_workload(
+    policy: Policy, runs: Sequence[WorkloadRun], destination: str, cluster: str = ""
+) -> tuple[str, str, Workload] | None:
+    """The first workload (by cluster, namespace, kind, name) whose rule sends to `destination`: its cluster
+    (`cluster` for a run written before fleets), namespace and workload."""
+    for run in sorted(
+        runs, key=lambda r: (r.cluster or cluster, r.namespace, r.workload.kind, r.workload.name, r.image)
+    ):
+        group = [r for r in runs if (r.cluster, r.namespace, r.workload) == (run.cluster, run.namespace, run.workload)]
         route = next((r.options.notify for r in sorted(group, key=lambda r: r.image) if r.options.notify), None)
         if destination in rule_for(policy, run.namespace, run.workload, route).destinations:
-            return run.namespace, run.workload
+            return run.cluster or cluster, run.namespace, run.workload
     return None
 
 
 def fingerprint_keys(event: ReportStored, runs: Sequence[WorkloadRun]) -> list[str]:
     """The KV keys whose previous fingerprints `decide` needs for this report."""
-    return sorted({fingerprint_key(event.cluster, event.digest_ref, r.namespace, r.workload) for r in runs})
+    return sorted({fingerprint_key(run_cluster(event, r), event.digest_ref, r.namespace, r.workload) for r in runs})
 
 
 def drop_stale(decision: Decision, previous: Mapping[str, NotifyFingerprint], event: ReportStored) -> Decision:
@@ -117,7 +122,7 @@ def drop_stale(decision: Decision, previous: Mapping[str, NotifyFingerprint], ev
         alerts=[
             a
             for a in decision.alerts
-            if not newer(fingerprint_key(event.cluster, event.digest_ref, a.payload.namespace, a.payload.workload))
+            if not newer(fingerprint_key(a.payload.cluster, event.digest_ref, a.payload.namespace, a.payload.workload))
         ],
         uploads=[],
         fingerprints={k: fp for k, fp in decision.fingerprints.items() if not newer(k)},

@@ -8,7 +8,7 @@ index/search.js (SEARCH_SCRIPT), from its own origin for the search box; the oth
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -142,7 +142,7 @@ def index_page(index: SummaryIndex) -> str:
         body.append(f'<tr><td><a href="namespaces/{_e(ns)}.html">{_e(ns)}</a></td>{cells}</tr>')
     body.append("</table>")
     body.append(f"<h2>Digests</h2><table><tr><th>image</th><th>digest</th>{_COUNT_HEADERS}")
-    body.append("<th>scanned</th><th>namespaces</th></tr>")
+    body.append("<th>scanned</th><th>namespaces</th><th>clusters</th></tr>")
     entries = sorted(index.digests.items(), key=lambda item: (_worst_first(item[1].report), item[0]))
     for hex_, entry in entries:
         report = entry.report
@@ -157,15 +157,18 @@ def index_page(index: SummaryIndex) -> str:
             f"<tr>{image_cell}<td>{digest_cell}</td>"
             f"{_count_cells(report.counts if report else None, report.fixable if report else None, entry.scan)}"
             f"<td>{_when(report.scanned_at or report.finished_at) if report else '-'}</td>"
-            f"<td>{_e(', '.join(entry.namespaces))}</td></tr>"
+            f"<td>{_e(', '.join(entry.namespaces))}</td><td>{_e(', '.join(entry.clusters))}</td></tr>"
         )
     body.append("</table>")
-    return _page("podsweep: vulnerabilities running in the cluster", body, None, search=True)
+    return _page("podsweep: vulnerabilities running in the fleet", body, None, search=True)
 
 
 def namespace_page(index: NamespaceIndex) -> str:
     """index/namespaces/<ns>.html: the namespace's workloads and the digests they run."""
-    body = [f"<table><tr><th>workload</th><th>image</th><th>digest</th>{_COUNT_HEADERS}<th>scanned</th></tr>"]
+    body = [
+        "<table><tr><th>cluster</th><th>workload</th><th>image</th><th>digest</th>"
+        f"{_COUNT_HEADERS}<th>scanned</th></tr>"
+    ]
     for workload in index.workloads:
         for image in workload.images:
             hex_ = digest_hex(image.digest_ref)
@@ -175,7 +178,8 @@ def namespace_page(index: NamespaceIndex) -> str:
                 else f"<code>{_e(hex_[:12])}</code>"
             )
             body.append(
-                f"<tr><td>{_e(workload.workload.kind)}/{_e(workload.workload.name)}</td>{_image_cell([image.image])}"
+                f"<tr><td>{_e(workload.cluster or '-')}</td>"
+                f"<td>{_e(workload.workload.kind)}/{_e(workload.workload.name)}</td>{_image_cell([image.image])}"
                 f"<td>{digest_cell}</td>{_count_cells(image.counts, image.fixable, image.scan)}<td>{_when(image.scanned_at)}</td></tr>"
             )
     body.append("</table>")
@@ -197,17 +201,22 @@ def _not_running_row(report: Report) -> list[str]:
     return [f'<tr><th>running</th><td class="muted">not running since {since}</td></tr>']
 
 
-def digest_page(report: Report, summary: DigestSummary, images: list[str], namespaces: list[str]) -> str:
-    """index/digests/<hex>.html: the latest report of one digest, every finding, worst first."""
+def digest_page(
+    report: Report, summary: DigestSummary, images: list[str], namespaces: list[str], clusters: Sequence[str] = ()
+) -> str:
+    """index/digests/<hex>.html: the latest report of one digest, every finding, worst first. `clusters`: where its
+    workloads run (the fleet's; the scan ran in `summary.cluster`)."""
+    scanned_in = f" in cluster {_e(summary.cluster)}" if summary.cluster else ""
     body = [
         "<table>",
         f"<tr><th>digest</th><td><code>{_e(summary.digest_ref)}</code></td></tr>",
         f"<tr><th>images</th><td>{_e(', '.join(images) or '-')}</td></tr>",
         f"<tr><th>namespaces</th><td>{_e(', '.join(namespaces) or '-')}</td></tr>",
+        f"<tr><th>clusters</th><td>{_e(', '.join(clusters) or '-')}</td></tr>",
         f"<tr><th>artifact</th><td>{_e(report.artifact or '-')}</td></tr>",
         f"<tr><th>os</th><td>{_e(summary.os or '-')}{' (end of support)' if report.eosl else ''}</td></tr>",
         f"<tr><th>scanned</th><td>{_when(report.scanned_at or summary.finished_at)} by trivy "
-        f"{_e(report.trivy_version or '?')} (scan {_e(summary.scan_id)}, {_e(summary.mode)})</td></tr>",
+        f"{_e(report.trivy_version or '?')} (scan {_e(summary.scan_id)}, {_e(summary.mode)}){scanned_in}</td></tr>",
         f"<tr><th>misconfigurations / secrets</th><td>{summary.misconfigurations} / {summary.secrets}</td></tr>",
         *_not_running_row(report),
         "</table>",

@@ -135,6 +135,7 @@ class IndexModel:
                 namespaces=sorted({run.namespace for run in runs}),
                 report=_without_ids(summary),
                 scan=self.scans.get(hex_),
+                clusters=sorted({run.cluster for run in runs if run.cluster is not None}),
             )
         return SummaryIndex(generated_at=now, revisions=revisions, digests=digests)
 
@@ -172,16 +173,16 @@ class IndexModel:
         hexes = self.by_namespace.get(namespace)
         if not hexes:
             return None
-        by_workload: dict[tuple[str, str], NamespaceWorkload] = {}
-        images: dict[tuple[str, str], list[WorkloadImage]] = defaultdict(list)
+        by_workload: dict[tuple[str, str, str], NamespaceWorkload] = {}
+        images: dict[tuple[str, str, str], list[WorkloadImage]] = defaultdict(list)
         for hex_ in sorted(hexes):
             doc = self.workloads[hex_]
             summary = self.summaries.get(hex_)
             for run in doc.runs:
                 if run.namespace != namespace:
                     continue
-                key = (run.workload.kind, run.workload.name)
-                by_workload.setdefault(key, NamespaceWorkload(workload=run.workload))
+                key = (run.cluster or "", run.workload.kind, run.workload.name)
+                by_workload.setdefault(key, NamespaceWorkload(workload=run.workload, cluster=run.cluster))
                 images[key].append(
                     WorkloadImage(
                         image=run.image,
@@ -194,8 +195,14 @@ class IndexModel:
                     )
                 )
         workloads = [
-            NamespaceWorkload(workload=w.workload, images=sorted(images[key], key=lambda i: (i.image, i.digest_ref)))
-            for key, w in sorted(by_workload.items(), key=lambda item: (item[0][0], natural_key(item[0][1])))
+            NamespaceWorkload(
+                workload=w.workload,
+                images=sorted(images[key], key=lambda i: (i.image, i.digest_ref)),
+                cluster=w.cluster,
+            )
+            for key, w in sorted(
+                by_workload.items(), key=lambda item: (item[0][0], item[0][1], natural_key(item[0][2]))
+            )
         ]
         return NamespaceIndex(namespace=namespace, generated_at=now, workloads=workloads)
 

@@ -24,7 +24,7 @@ from podsweep.natsaccess import Bucket, Durable, NatsAccess
 from podsweep.objectstore import ObjectMissing, ObjectStore, ObjectTooLarge
 from podsweep.reports import normalize, trivy
 from podsweep.service import open_service
-from podsweep.workloads import record_seen
+from podsweep.workloads import adds_run, record_seen
 from schemas import storage, subjects
 from schemas.events import ImageSeen, QuarantinedObject, QuarantineKind, ReportStored, ScanCompleted
 from schemas.index import DigestSummary, PackageVersion
@@ -38,7 +38,7 @@ SERVICE = "parser"
 # What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
 NATS = NatsAccess(
     service=SERVICE,
-    publishes=(subjects.REPORT_STORED, subjects.REPORT_QUARANTINED),
+    publishes=(subjects.REPORT_STORED, subjects.REPORT_QUARANTINED, subjects.REPORT_REACHED),
     durables=(Durable(SERVICE, (subjects.SCAN_COMPLETED, subjects.IMAGE_SEEN)),),
     buckets=(Bucket(SUMMARIES_BUCKET), Bucket(WORKLOADS_BUCKET), Bucket(SCANS_BUCKET, writes=False)),
 )
@@ -84,9 +84,31 @@ class Parser:
 
     # -- image.seen ---------------------------------------------------------------------------------------------
     async def seen(self, event: ImageSeen, _: busmod.Delivery) -> None:
-        """Record who runs the digest (a KV write only when something changed: resyncs are mostly reads)."""
-        await busmod.kv_update(
-            self.workloads, digest_hex(event.digest_ref), DigestWorkloads, lambda doc: record_seen(doc, event)
+        """Record who runs the digest (a KV write only when something changed: resyncs are mostly reads). A workload
+        new to a digest whose report is stored (another cluster of the fleet, or one started later) gets that report
+        by report.reached: the notifier decides it for the workload now, not at the next rescan."""
+        hex_ = digest_hex(event.digest_ref)
+        added: list[bool] = []
+
+        def change(doc: DigestWorkloads | None) -> DigestWorkloads | None:
+            added.append(adds_run(doc, event))
+            return record_seen(doc, event)
+
+        wrote = (await busmod.kv_update(self.workloads, hex_, DigestWorkloads, change))[1]
+        if not (wrote and added[-1]):
+            return
+        summary = (await busmod.kv_read(self.summaries, hex_, DigestSummary))[0]
+        if summary is None:  # no report yet: its report.stored will find this workload in the KV
+            return
+        reached = stored.report_reached(summary, event, datetime.now(UTC))
+        await self.bus.publish(subjects.REPORT_REACHED, reached, msg_id=stored.reached_msg_id(reached))
+        log.info(
+            "report reached a workload",
+            digest=event.digest_ref,
+            scan_id=summary.scan_id,
+            cluster=event.cluster,
+            namespace=event.namespace,
+            workload=f"{event.workload.kind}/{event.workload.name}",
         )
 
     # -- scan.completed -----------------------------------------------------------------------------------------
@@ -252,7 +274,10 @@ class Parser:
     async def _digest_page(self, report: Report, summary: DigestSummary) -> None:
         doc, _ = await busmod.kv_read(self.workloads, digest_hex(summary.digest_ref), DigestWorkloads)
         runs = doc.runs if doc is not None else []
-        page = html.digest_page(report, summary, sorted({r.image for r in runs}), sorted({r.namespace for r in runs}))
+        clusters = sorted({r.cluster for r in runs if r.cluster is not None})
+        page = html.digest_page(
+            report, summary, sorted({r.image for r in runs}), sorted({r.namespace for r in runs}), clusters
+        )
         await self.store.put(storage.digest_page_key(summary.digest_ref), page.encode(), HTML)
 
     async def _quarantine(

@@ -1,10 +1,12 @@
-"""What the parser records for one scan: the report.stored event (naming the SBOM kept), the digest's summary, quarantine records.
+"""What the parser records for one scan: the report.stored event (naming the SBOM kept), the digest's summary, quarantine
+records; and report.reached when a workload starts running a digest whose report is stored.
 
 Pure: no I/O and no clock (instants are arguments). main.py decides nothing that is not decided here.
 """
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Literal
 
@@ -12,7 +14,16 @@ import msgspec
 
 from podsweep.reports import normalize
 from schemas import storage
-from schemas.events import SEVERITIES, QuarantinedObject, QuarantineKind, ReportQuarantined, ReportStored, ScanCompleted
+from schemas.events import (
+    SEVERITIES,
+    ImageSeen,
+    QuarantinedObject,
+    QuarantineKind,
+    ReportQuarantined,
+    ReportReached,
+    ReportStored,
+    ScanCompleted,
+)
 from schemas.index import MAX_SEARCH_IDS, DigestSummary, PackageVersion
 from schemas.report import Report
 
@@ -89,6 +100,7 @@ def digest_summary(event: ScanCompleted, report: Report, stored: ReportStored, s
         history_key=stored.history_key,
         sbom_key=sbom_key,
         vulnerability_ids=vulnerability_ids(report),
+        cluster=event.cluster,
     )
 
 
@@ -102,6 +114,33 @@ def vulnerability_ids(report: Report, limit: int = MAX_SEARCH_IDS) -> list[str]:
         if finding.id and r < worst.get(finding.id, len(rank)):
             worst[finding.id] = r
     return sorted(worst, key=lambda id_: (worst[id_], id_))[:limit]
+
+
+def report_reached(summary: DigestSummary, seen: ImageSeen, now: datetime) -> ReportReached:
+    """The digest's latest report, from its summary, for a workload that started running it after it was stored."""
+    return ReportReached(
+        cluster=summary.cluster or seen.cluster,
+        scan_id=summary.scan_id,
+        digest_ref=summary.digest_ref,
+        mode=summary.mode,
+        report_key=summary.report_key,
+        history_key=summary.history_key,
+        counts=summary.counts,
+        fixable=summary.fixable,
+        stored_at=summary.stored_at,
+        sbom_key=summary.sbom_key,
+        reached_cluster=seen.cluster,
+        reached_namespace=seen.namespace,
+        reached_workload=seen.workload,
+        reached_at=now,
+    )
+
+
+def reached_msg_id(reached: ReportReached) -> str:
+    """One report.reached per report and workload (a redelivered sighting publishes the same id)."""
+    who = f"{reached.reached_cluster}/{reached.reached_namespace}/{reached.reached_workload.kind}/"
+    who += reached.reached_workload.name
+    return f"reached:{reached.scan_id}:{hashlib.sha256(who.encode()).hexdigest()[:24]}"
 
 
 def newer_summary(current: DigestSummary | None, candidate: DigestSummary) -> DigestSummary | None:

@@ -361,16 +361,40 @@ async def test_mirror_follows_creates_updates_deletes_and_unreadable_documents(b
         await _until(lambda: mirror.revision("broken") == broken)  # arrived; decoded when first asked for
         assert mirror.known("broken") is None  # cannot say: the caller reads (and sees the error itself)
         assert "broken" in mirror._unreadable
-        assert mirror.documents() == [("later", Counter(2))]
+        assert list(mirror.documents()) == [("later", Counter(2))]
         unreadable = await kv.put("later", b"{not json either")
         await _until(lambda: mirror.revision("later") == unreadable)
         assert mirror.known("later") is None
         assert mirror.last("later") == (Counter(2), revision)  # the last readable one, to start a CAS from
-        assert mirror.documents() == []
+        assert list(mirror.documents()) == []
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
     assert not mirror.ready
+
+
+async def test_a_mirror_keeping_few_decoded_still_answers_for_every_key_and_keeps_none_decoded_for_a_sweep(
+    bus: busmod.Bus,
+) -> None:
+    kv = await bus.kv("fewdecoded")
+    revisions = [await kv.put(f"k{i}", msgspec.json.encode(Counter(i))) for i in range(20)]
+    mirror = busmod.KvMirror(kv, Counter, decoded=3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(mirror.follow(stop))
+    try:
+        await _until(lambda: mirror.ready)
+        assert sorted(mirror.documents(), key=lambda kd: kd[1].n) == [(f"k{i}", Counter(i)) for i in range(20)]
+        assert len(mirror._decoded) == 0  # the sweep's pass decoded them one at a time
+        assert [mirror.known(f"k{i}") for i in range(20)] == [(Counter(i), r) for i, r in enumerate(revisions)]
+        assert list(mirror._decoded) == ["k17", "k18", "k19"]  # the most recently asked for
+        mirror.saw("k0", Counter(100), revisions[-1] + 1)  # this replica's own write
+        assert mirror.known("k0") == (Counter(100), revisions[-1] + 1) and len(mirror._decoded) == 3
+        later = await kv.put("k1", msgspec.json.encode(Counter(101)))
+        await _until(lambda: mirror.revision("k1") == later)
+        assert mirror.known("k1") == (Counter(101), later)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 async def test_mirror_keeps_up_through_flow_control_and_sees_every_latest_value(
@@ -402,7 +426,7 @@ async def test_mirror_keeps_up_through_flow_control_and_sees_every_latest_value(
             latest.update({f"k{i}": revision for i, revision in enumerate(revisions)})
         await _until(lambda: all(mirror.revision(k) == r for k, r in latest.items()), timeout_s=30)
         assert all(mirror.known(k) == (Padded(2, padding), r) for k, r in latest.items())
-        assert len(mirror.documents()) == 300
+        assert len(list(mirror.documents())) == 300
         assert answered  # the server did ask for flow control, and the watch answered
     finally:
         stop.set()

@@ -90,6 +90,14 @@ def test_a_sighting_beats_the_index_and_a_later_sighting_beats_an_earlier_one() 
     assert view.lookup(f"{REPO}:1").digest_ref == ref("b")
 
 
+def test_a_tag_follows_only_this_clusters_sightings_while_every_clusters_digest_is_known() -> None:
+    view = View()
+    view.apply_seen(seen(f"{REPO}:1", "a", NOW - timedelta(hours=1)))
+    view.apply_seen(seen(f"{REPO}:1", "b", NOW), here=False)  # another cluster of the fleet runs the tag as b
+    assert view.lookup(f"{REPO}:1").digest_ref == ref("a")
+    assert view.lookup(ref("b")).entry is not None  # b's report still counts wherever b runs
+
+
 def test_a_digest_known_without_report_has_no_facts_and_is_not_wanted() -> None:
     view = View()
     view.load_index(index_with_two_digests_for_one_tag())

@@ -257,7 +257,7 @@ def test_event_text_other_than_digest_and_node_never_reaches_the_job(
         seen = _SEEN.decode(raw)
     except msgspec.ValidationError:
         return  # dead-lettered by the consumer loop, never planned
-    decision = plan.on_seen(None, seen, seen.observed_at, plan.Policy(), {}, Limits())
+    decision = plan.on_seen(None, seen, seen.observed_at, plan.Policy(cluster="c1"), {}, Limits())
     assert decision.scan is not None and decision.scan.node is not None
     scan = validated_node_scan(
         scan_id=decision.scan.scan_id,

@@ -34,6 +34,7 @@ POLICY = Policy(
     max_attempts=3,
     backoff_base=timedelta(seconds=30),
     backoff_max=timedelta(minutes=5),
+    cluster="prod",
 )
 LIMITS = Limits(max_active_per_node=2)
 DECODE_STATE = msgspec.json.Decoder(DigestScanState)
@@ -55,7 +56,7 @@ def seen(node: str = "n1", ref: str = REF) -> ImageSeen:
 
 
 def state(**fields: object) -> DigestScanState:
-    base: dict[str, object] = {"digest_ref": REF, "nodes_seen": ["n1"], "last_seen_at": T0}
+    base: dict[str, object] = {"digest_ref": REF, "cluster": "prod", "nodes_seen": ["n1"], "last_seen_at": T0}
     return msgspec.convert({**base, **fields}, DigestScanState, from_attributes=True)
 
 
@@ -441,7 +442,7 @@ def test_without_room_in_the_limiter_nothing_is_claimed_and_the_digest_waits(
 def test_a_failure_without_room_records_the_failure_and_claims_no_retry() -> None:
     current = running(node="n1", attempts=1, nodes_seen=["n1", "n2"])
     failed = failed_event(current, reason="DeadlineExceeded")
-    d = plan.on_failed(current, failed, T0, Policy(backoff_base=timedelta(0)), {}, LIMITS, room=False)
+    d = plan.on_failed(current, failed, T0, Policy(backoff_base=timedelta(0), cluster="prod"), {}, LIMITS, room=False)
     assert d.scan is None and d.why == "limited"
     assert d.state is not None and d.state.status == "failed" and d.state.attempts == 1
 

@@ -223,6 +223,8 @@ def test_the_policy_defaults_are_the_documented_ones() -> None:
         sbom_rescans=True,
         sbom_min_trivy_version=None,
         rescan_gone_for=timedelta(days=7),
+        cluster="default",
+        home_stale=timedelta(hours=3),
     )
 
 

@@ -104,13 +104,13 @@ def test_the_same_report_decided_twice_enqueues_the_same_message_ids() -> None:
 @pytest.mark.parametrize(
     ("runs", "destination", "owner"),
     [
-        pytest.param([run()], "dojo", ("payments", API), id="rule-by-namespace"),
-        pytest.param([run("shop", WORKER, notify="team-a")], "teams", ("shop", WORKER), id="rule-by-route"),
+        pytest.param([run()], "dojo", ("", "payments", API), id="rule-by-namespace"),
+        pytest.param([run("shop", WORKER, notify="team-a")], "teams", ("", "shop", WORKER), id="rule-by-route"),
         pytest.param([run("shop", WORKER)], "dojo", None, id="no-workload-routed-there"),
-        pytest.param([run("b", WORKER), run("a", API)], "hook", ("a", API), id="first-by-namespace"),
+        pytest.param([run("b", WORKER), run("a", API)], "hook", ("", "a", API), id="first-by-namespace"),
     ],
 )
-def test_routed_workload(runs: list[WorkloadRun], destination: str, owner: tuple[str, Workload] | None) -> None:
+def test_routed_workload(runs: list[WorkloadRun], destination: str, owner: tuple[str, str, Workload] | None) -> None:
     assert routed_workload(POLICY, runs, destination) == owner
 
 
