@@ -381,6 +381,9 @@ def run(modules: list[str], fraction: float, seed: int, jobs: int, root: Path = 
                 sys.exit(f"mutation: the unit tests {tests} fail on the unchanged {module}; fix them first")
             timeout_s = max(10 * took, 30)
             found = mutants_of(module, original)
+            keys = {m.key for m in found}
+            for stale in sorted(k for k in equivalent if k.startswith(f"{module}:") and k not in keys):
+                print(f"# {EQUIVALENT_FILE.name}: {stale!r} matches no mutant (the line moved?)", file=sys.stderr)
             chosen = _sample(found, fraction, seed)
             counts = {"found": len(found), "mutants": 0, "killed": 0, "survived": 0, "timeouts": 0, "equivalent": 0}
             to_run = [m for m in chosen if m.key not in equivalent]
