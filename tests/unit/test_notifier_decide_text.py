@@ -35,3 +35,15 @@ def test_scanner_text_is_kept_up_to_256_characters(title: str, expected: str) ->
 )
 def test_a_finding_shows_its_package_path_else_its_target(extra: dict[str, str], target: str) -> None:
     assert _payload_finding(**extra).target == target  # type: ignore[attr-defined]
+
+
+def test_an_alert_with_every_finding_listed_omits_none() -> None:
+    (alert,) = decide(event(), report(finding("CVE-1")), [run()], POLICY, {}, NOW).alerts
+    assert alert.payload.omitted == 0 and len(alert.payload.findings) == 1
+
+
+@pytest.mark.parametrize("order", [1, -1], ids=["listed-first", "listed-last"])
+def test_pods_of_one_workload_naming_several_routes_take_the_smallest_name(order: int) -> None:
+    runs = [run(notify="zeta"), run(notify="alpha"), run()][::order]
+    (alert,) = decide(event(), report(finding("CVE-1")), runs, POLICY, {}, NOW).alerts
+    assert alert.payload.route == "alpha"
