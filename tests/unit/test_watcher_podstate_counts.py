@@ -1,0 +1,80 @@
+"""Per-workload holder counts and early announcements: a workload is news on a node only when none of its pods held
+the digest there, however its pods come and go; a container name at the DNS-label limit; a skipped name's bound;
+message ids (bench/mutation.py found these unpinned)."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.events import ImageOptions, Workload
+from services.watcher import podstate
+from services.watcher.podstate import Index
+from tests.unit.test_watcher_podstate import NOW, REF_A, paged_relist, pod, running, state_of
+
+WEB, API = Workload("Deployment", "web"), Workload("Deployment", "api")
+
+
+def _holders(index: Index) -> None:
+    podstate.observe(index, state_of(pod("api-1"), index, API), NOW)
+    podstate.observe(index, state_of(pod("web-1"), index, WEB), NOW)
+    assert podstate.observe(index, state_of(pod("web-2"), index, WEB), NOW) == []
+
+
+def test_a_workload_with_a_pod_left_on_the_node_is_no_news_when_another_of_its_pods_starts() -> None:
+    index = Index("prod")
+    _holders(index)
+    assert podstate.forget(index, "uid-web-1", NOW) == []  # web-2 still holds it
+    assert podstate.observe(index, state_of(pod("web-3"), index, WEB), NOW) == []
+
+
+def test_a_workload_whose_pods_all_left_is_news_again_when_one_comes_back() -> None:
+    index = Index("prod")
+    _holders(index)
+    assert podstate.forget(index, "uid-web-1", NOW) == []
+    assert podstate.forget(index, "uid-web-2", NOW) == []  # api still runs the digest there: nothing is gone
+    back = podstate.observe(index, state_of(pod("web-3"), index, WEB), NOW)
+    assert [(e.workload, e.node) for e in back] == [(WEB, "node-1")]
+
+
+def test_one_new_holder_listed_on_a_page_is_announced_with_that_page() -> None:
+    early, at_end = paged_relist(Index("prod"), [[pod("web-1")]])
+    assert early == [[("seen", REF_A, "node-1")]] and at_end == []
+
+
+def test_a_digest_announced_on_one_page_is_not_announced_again_on_the_next() -> None:
+    early, at_end = paged_relist(Index("prod"), [[pod("web-1")], [pod("web-2")]])
+    assert early == [[("seen", REF_A, "node-1")], []] and at_end == []
+
+
+@pytest.mark.parametrize(("length", "kept"), [(63, True), (64, False)])
+def test_a_container_name_is_a_dns_label_of_at_most_63_characters(length: int, kept: bool) -> None:
+    name = "c" * length
+    images = podstate.images_of(pod(app=((name, f"nginx@sha256:{'a' * 64}", running()),)))
+    assert (len(images.running) == 1) is kept
+    if not kept:
+        assert [(s.container, s.reason) for s in images.skipped] == [("c" * 63, "container name is not a DNS label")]
+
+
+def test_the_name_of_a_skipped_container_is_cut_to_63_characters_and_escaped() -> None:
+    name = "Ünicode_" + "x" * 100
+    images = podstate.images_of(pod(app=((name, f"nginx@sha256:{'a' * 64}", running()),)))
+    assert [s.container for s in images.skipped] == [ascii(name[:63])[1:-1]]
+
+
+def test_a_message_id_is_the_kind_and_40_hex_characters_of_the_event_hash() -> None:
+    index = Index("prod")
+    (seen,) = podstate.observe(index, state_of(pod("web-1"), index, WEB), NOW)
+    (gone,) = podstate.forget(index, "uid-web-1", NOW)
+    for event, kind in ((seen, "seen"), (gone, "gone")):
+        ident = podstate.message_id(event)
+        prefix, _, digest = ident.partition("-")
+        assert prefix == kind and len(digest) == 40 and int(digest, 16) >= 0
+    assert podstate.message_id(seen) != podstate.message_id(gone)
+
+
+def test_options_are_interned_with_the_pod_state() -> None:
+    intern = podstate.Interner()
+    first = podstate.pod_state(pod("a"), podstate.images_of(pod("a")), WEB, ImageOptions(notify="x"), intern)
+    second = podstate.pod_state(pod("b"), podstate.images_of(pod("b")), WEB, ImageOptions(notify="x"), intern)
+    assert isinstance(first, podstate.PodState) and isinstance(second, podstate.PodState)
+    assert first.options is second.options
