@@ -104,4 +104,3 @@ def test_the_quick_look_in_age_order_gives_the_answer_of_the_node_index(
     takes per node (two per idle node at a limit of two), never skip an older wait that fits for a younger one, and
     treat a node missing from the active counts as idle."""
     assert lot(*waits).candidates(active, 2, free) == expected
-
