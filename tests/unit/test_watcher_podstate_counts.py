@@ -78,3 +78,34 @@ def test_options_are_interned_with_the_pod_state() -> None:
     second = podstate.pod_state(pod("b"), podstate.images_of(pod("b")), WEB, ImageOptions(notify="x"), intern)
     assert isinstance(first, podstate.PodState) and isinstance(second, podstate.PodState)
     assert first.options is second.options
+
+
+def _with_options(index: Index, notify: str | None) -> podstate.PodState:
+    p = pod("web-1")
+    result = podstate.pod_state(p, podstate.images_of(p), WEB, ImageOptions(notify=notify), index.intern)
+    assert isinstance(result, podstate.PodState)
+    return result
+
+
+def test_a_pod_whose_options_change_without_its_images_emits_nothing_and_keeps_the_new_options() -> None:
+    """A new notify annotation is no news by itself, but every later event about the pod carries it."""
+    index = Index("prod")
+    podstate.observe(index, _with_options(index, None), NOW)
+    assert podstate.observe(index, _with_options(index, "team-a"), NOW) == []
+    assert [e.options.notify for e in podstate.resync(index, NOW)] == ["team-a"]
+
+
+def test_a_relist_keeps_the_new_options_of_a_pod_whose_images_did_not_change() -> None:
+    index = Index("prod")
+    podstate.observe(index, _with_options(index, None), NOW)
+    assert podstate.reconcile(index, [_with_options(index, "team-a")], NOW) == []
+    assert [e.options.notify for e in podstate.resync(index, NOW)] == ["team-a"]
+
+
+def test_a_pod_whose_workload_is_resolved_anew_with_the_same_images_emits_nothing() -> None:
+    """Only what a pod runs is news; the workload it is filed under is kept as the newest, silently."""
+    index = Index("prod")
+    podstate.observe(index, state_of(pod("web-1"), index, WEB), NOW)
+    assert podstate.observe(index, state_of(pod("web-1"), index, API), NOW) == []
+    assert podstate.reconcile(index, [state_of(pod("web-1"), index, WEB)], NOW) == []
+    assert [e.workload for e in podstate.resync(index, NOW)] == [WEB]
