@@ -88,3 +88,23 @@ def test_of_suppressions_that_lapsed_at_the_same_instant_the_first_listed_is_nam
     second = suppression(expires=lapsed, owner="bob@example.com", reason="second")
     verdict = evaluate(THRESHOLD, [first, second], report(finding()), "x", IMAGE, NOW)
     assert [s.suppression.reason for s in verdict.expired] == ["first"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "destinations:\n  - name: hook\n    kind: webhook\n    url: https://h.example.com/x\n",
+            "policy.yaml:2 destinations[0].hmac_key: required key is missing",
+        ),
+        (
+            "version: 1\nsuppressions:\n  - id: CVE-1\n    owner: o\n    reason: r\n",
+            "policy.yaml:3 suppressions[0].expires: required key is missing",
+        ),
+    ],
+    ids=["destination-without-its-key", "suppression-without-expiry"],
+)
+def test_a_missing_key_is_named_at_the_line_of_the_entry_that_lacks_it(text: str, message: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(text)
+    assert str(caught.value) == message
