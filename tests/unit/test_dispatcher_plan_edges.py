@@ -135,3 +135,18 @@ def test_the_last_32_nodes_left_are_remembered() -> None:
         current = d.state
     assert NODES_LEFT_KEPT == 32
     assert [n.node for n in current.nodes_left] == nodes[-32:]
+
+
+def test_a_policy_allows_a_single_attempt_and_refuses_none() -> None:
+    assert Policy(max_attempts=1).max_attempts == 1
+    with pytest.raises(ValueError, match="max_attempts is 0"):
+        Policy(max_attempts=0)
+
+
+def test_a_rejected_pod_on_the_first_attempt_leaves_no_attempt_counted() -> None:
+    """PodCreateRejected is not an attempt of the scan itself: the count goes back to 0, never below."""
+    claim = running("n1", attempts=1)
+    recorded = plan._record_failure(claim, "n1", "PodCreateRejected", "quota", T0, POLICY)
+    assert recorded.attempts == 0
+    zero = running("n1", attempts=0)
+    assert plan._record_failure(zero, "n1", "PodCreateRejected", "quota", T0, POLICY).attempts == 0
