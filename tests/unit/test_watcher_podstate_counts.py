@@ -109,3 +109,31 @@ def test_a_pod_whose_workload_is_resolved_anew_with_the_same_images_emits_nothin
     assert podstate.observe(index, state_of(pod("web-1"), index, API), NOW) == []
     assert podstate.reconcile(index, [state_of(pod("web-1"), index, WEB)], NOW) == []
     assert [e.workload for e in podstate.resync(index, NOW)] == [WEB]
+
+
+def test_a_relisted_pod_filed_under_another_workload_with_the_same_images_emits_nothing() -> None:
+    index = Index("prod")
+    podstate.observe(index, state_of(pod("web-1"), index, WEB), NOW)
+    assert podstate.reconcile(index, [state_of(pod("web-1"), index, API)], NOW) == []
+
+
+def test_a_container_not_started_yet_is_neither_held_nor_skipped() -> None:
+    """No imageID yet: the runtime has not pulled it; it is reported once it has, not refused now."""
+    images = podstate.images_of(pod(app=(("app", "", {"waiting": {"reason": "ContainerCreating"}}),)))
+    assert (images.running, images.finished, images.skipped) == ((), (), ())
+
+
+def test_a_container_with_a_very_long_spec_image_is_still_judged() -> None:
+    """Inputs too long to memoise go the uncached way, to the same answer."""
+    spec_image = "registry.example.com/" + "a" * 1100 + ":1"
+    images = podstate.images_of(pod(spec_images={"app": spec_image}))
+    assert len(images.running) + len(images.skipped) == 1
+    assert all(isinstance(i, podstate.RunningImage) for i in images.running)
+    assert [i.digest_ref for i in images.running] in ([REF_A], [])
+
+
+@pytest.mark.parametrize(("length", "kept"), [(63, True), (64, False)])
+def test_a_pod_namespace_is_a_dns_label_of_at_most_63_characters(length: int, kept: bool) -> None:
+    p = pod(namespace="n" * length)
+    result = podstate.pod_state(p, podstate.images_of(p), WEB, ImageOptions(), podstate.Interner())
+    assert isinstance(result, podstate.PodState) is kept
