@@ -108,3 +108,7 @@ def test_a_missing_key_is_named_at_the_line_of_the_entry_that_lacks_it(text: str
     with pytest.raises(PolicyError) as caught:
         load_policy(text)
     assert str(caught.value) == message
+
+
+def test_a_policy_without_a_version_is_version_1() -> None:
+    assert load_policy("defaults: {threshold: {max_critical: 0}}\n").version == 1
