@@ -2,7 +2,8 @@
 
 A mutant changes one thing in one module (an operator, a comparison's boundary, a boolean, a number, an `if` whose
 block never runs, a `return` that returns None, a call statement dropped) in a copy of the tree; it is killed when the
-unit tests of its area that import the module fail (or hang). Not part of the test command: a full run takes minutes.
+unit tests of its area that import the module fail, or hang (use ten times the CPU time of the unchanged run, at
+least 30 s: CPU, not wall time, so a loaded machine ends no run early). Not part of the test command: slow.
 Mutants named in bench/mutation_equivalent.txt change no behaviour and are left out of the score.
 
     .venv/bin/python bench/mutation.py [--module services/dispatcher/plan.py ...] [--sample 0.5 --seed 1]
@@ -266,29 +267,43 @@ def _start_child(copy_root: Path, module: str, source: str, tests: list[str]) ->
     return pid
 
 
-def _run_all(copies: list[Path], module: str, sources: list[str], tests: list[str], timeout_s: float) -> list[str]:
-    """'killed', 'survived' or 'timeout' for each source, run in up to len(copies) children at once."""
-    outcomes = [""] * len(sources)
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a running child has used so far, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _run_all(
+    copies: list[Path], module: str, sources: list[str], tests: list[str], cpu_limit_s: float
+) -> list[tuple[str, float]]:
+    """('killed' | 'survived' | 'timeout', CPU seconds) for each source, in up to len(copies) children at once.
+
+    A child is stopped as hung when its own CPU time passes `cpu_limit_s`: wall time would also count the time the
+    child waits for a core on a loaded machine, and end the slowest runs (those that pass every test) as "hung"."""
+    outcomes: list[tuple[str, float]] = [("", 0.0)] * len(sources)
     pending = list(enumerate(sources))
-    running: dict[int, tuple[int, Path, float]] = {}  # pid -> (index, copy, deadline)
+    running: dict[int, tuple[int, Path]] = {}  # pid -> (index, copy)
     free = list(copies)
     while pending or running:
         while pending and free:
             index, source = pending.pop(0)
             copy_root = free.pop()
             pid = _start_child(copy_root, module, source, tests)
-            running[pid] = (index, copy_root, time.monotonic() + timeout_s)
-        for pid, (index, copy_root, deadline) in list(running.items()):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if not done and time.monotonic() > deadline:
+            running[pid] = (index, copy_root)
+        for pid, (index, copy_root) in list(running.items()):
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if not done and _cpu_seconds(pid) > cpu_limit_s:
                 os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                outcomes[index] = "timeout"
+                _, _, usage = os.wait4(pid, 0)
+                outcomes[index] = ("timeout", usage.ru_utime + usage.ru_stime)
             elif done:
                 code = os.waitstatus_to_exitcode(status)
                 if code == 99:
                     sys.exit(f"mutation: {module} was not imported from {copy_root}; check the editable install")
-                outcomes[index] = "survived" if code == 0 else "killed"
+                outcomes[index] = ("survived" if code == 0 else "killed", usage.ru_utime + usage.ru_stime)
             else:
                 continue
             del running[pid]
@@ -360,6 +375,7 @@ def run(modules: list[str], fraction: float, seed: int, jobs: int, root: Path = 
     totals = {"mutants": 0, "killed": 0, "survived": 0, "timeouts": 0, "equivalent": 0}
     per_module: dict[str, dict[str, object]] = {}
     survivors: list[str] = []
+    timed_out: list[str] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="podsweep-mutation-") as scratch:
         copies = [_copy_tree(root, Path(scratch) / f"tree-{i}") for i in range(jobs)]
@@ -374,19 +390,20 @@ def run(modules: list[str], fraction: float, seed: int, jobs: int, root: Path = 
             if not tests:
                 sys.exit(f"mutation: no unit test of area {MODULES[module]!r} imports {module}")
             # The unchanged module, written the way mutants are (unparsed), must pass: it is the baseline.
-            t0 = time.monotonic()
-            (baseline,) = _run_all(copies[:1], module, [ast.unparse(ast.parse(original))], tests, 600)
-            took = time.monotonic() - t0
+            ((baseline, took),) = _run_all(copies[:1], module, [ast.unparse(ast.parse(original))], tests, 600)
             if baseline != "survived":
                 sys.exit(f"mutation: the unit tests {tests} fail on the unchanged {module}; fix them first")
-            timeout_s = max(10 * took, 30)
+            cpu_limit_s = max(10 * took, 30)  # CPU seconds: a mutant that loops is stopped, a slow machine is not
             found = mutants_of(module, original)
+            keys = {m.key for m in found}
+            for stale in sorted(k for k in equivalent if k.startswith(f"{module}:") and k not in keys):
+                print(f"# {EQUIVALENT_FILE.name}: {stale!r} matches no mutant (the line moved?)", file=sys.stderr)
             chosen = _sample(found, fraction, seed)
             counts = {"found": len(found), "mutants": 0, "killed": 0, "survived": 0, "timeouts": 0, "equivalent": 0}
             to_run = [m for m in chosen if m.key not in equivalent]
             counts["equivalent"] = len(chosen) - len(to_run)
-            outcomes = _run_all(copies, module, [mutated_source(original, m) for m in to_run], tests, timeout_s)
-            for mutant, outcome in zip(to_run, outcomes, strict=True):
+            outcomes = _run_all(copies, module, [mutated_source(original, m) for m in to_run], tests, cpu_limit_s)
+            for mutant, (outcome, _) in zip(to_run, outcomes, strict=True):
                 counts["mutants"] += 1
                 if outcome == "survived":
                     counts["survived"] += 1
@@ -395,6 +412,9 @@ def run(modules: list[str], fraction: float, seed: int, jobs: int, root: Path = 
                 else:
                     counts["killed"] += 1
                     counts["timeouts"] += outcome == "timeout"
+                    if outcome == "timeout":
+                        timed_out.append(mutant.key)
+                        print(f"TIMEOUT {mutant.key} (counted as killed)", flush=True)
             for copy_root in copies:
                 (copy_root / module).write_text(original)
             for name in totals:
@@ -419,6 +439,7 @@ def run(modules: list[str], fraction: float, seed: int, jobs: int, root: Path = 
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
         "per_module": per_module,
         "survivors": survivors,
+        "timed_out": timed_out,
     }
 
 

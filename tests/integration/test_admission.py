@@ -30,7 +30,6 @@ import msgspec
 import pytest
 import pytest_asyncio
 import yaml
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from typer.testing import CliRunner
 
 from podsweep import bus as busmod
@@ -47,6 +46,7 @@ from schemas.report import Finding, Report
 from tests.harness.admission import Tls, deployment, make_tls, pod, review, seen
 from tests.harness.kube import KubeControlPlane, KubeControlPlaneError
 from tests.harness.kwok import create_namespace
+from tests.harness.streams import stored_messages
 
 pytestmark = pytest.mark.kube
 
@@ -101,20 +101,8 @@ class Gate:
         return [msgspec.json.decode(d, type=RescanRequested) for d in await self._read(subjects.RESCAN_REQUESTED)]
 
     async def _read(self, name: str) -> list[bytes]:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        sub = await self.bus.js.subscribe(
-            self.bus.subject(name), ordered_consumer=True, config=config, stream=self.nats.stream
-        )
-        out: list[bytes] = []
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=0.3)
-                except TimeoutError:
-                    return out
-                out.append(msg.data)
-        finally:
-            await sub.unsubscribe()
+        """Every event stored on the subject so far: the read ends at its last stream sequence, not at a pause."""
+        return [msg.data for msg in await stored_messages(self.bus.js, self.nats.stream, self.bus.subject(name))]
 
     async def audit_for(self, uid_part: str, timeout_s: float = 10) -> AdmissionDecided:
         deadline = time.monotonic() + timeout_s

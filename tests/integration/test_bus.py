@@ -509,14 +509,20 @@ async def test_batch_publish_carries_the_current_trace_to_every_message(bus: bus
 
 
 async def test_batch_to_a_stream_that_appears_late_is_sent_again_and_stored_once(
-    nats_settings: NatsSettings,
+    nats_settings: NatsSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bus = await busmod.connect(nats_settings, "test")
     try:
         batch = _batch(10, "late")
         publishing = asyncio.create_task(bus.publish_many(batch, attempts=4))
-        await asyncio.sleep(0.2)  # the first round finds no stream: nothing acknowledged
-        assert not publishing.done()
+        said = ""
+        for _ in range(200):  # the first round finds no stream: nothing acknowledged, and the bus says so
+            said += "".join(capsys.readouterr())
+            if "events unacknowledged, sending again" in said:
+                break
+            await asyncio.sleep(0.05)
+        assert "events unacknowledged, sending again" in said
+        assert not publishing.done()  # between rounds, not given up
         await busmod.ensure_stream(bus)
         assert await asyncio.wait_for(publishing, 15) == 10
         assert sorted(msg_id for msg_id, _, _ in await _stored(bus, subjects.IMAGE_GONE)) == sorted(
@@ -637,6 +643,16 @@ async def test_consumer_and_mirror_carry_on_after_the_server_restarts(tmp_path: 
         server.stop()
 
 
+def _suspended_in(task: asyncio.Task[Any]) -> list[str]:
+    """The coroutines a task is suspended in, outermost first (its `cr_await` chain, as a debugger shows it)."""
+    names: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and getattr(awaited, "cr_frame", None) is not None:
+        names.append(awaited.cr_frame.f_code.co_qualname)
+        awaited = awaited.cr_await
+    return names
+
+
 async def test_an_event_handed_over_is_acked_when_its_future_resolves_and_redelivered_when_it_fails(
     bus: busmod.Bus,
 ) -> None:
@@ -682,7 +698,16 @@ async def test_an_event_handed_over_is_acked_when_its_future_resolves_and_redeli
         await asyncio.sleep(0.05)
     assert await pending() == (1, 0)  # node-2 is still held
     stop.set()  # the consumer waits for what it handed over before returning
-    await asyncio.sleep(0.2)
+
+    def draining() -> bool:  # stopped pulling, and awaiting the events handed over (asyncio.wait right in run())
+        chain = _suspended_in(task)
+        return "_PullConsumer.run" in chain and chain[chain.index("_PullConsumer.run") + 1 :][:1] == ["wait"]
+
+    for _ in range(200):
+        if draining():
+            break
+        await asyncio.sleep(0.05)
+    assert draining(), _suspended_in(task)
     assert not task.done()
     by_node["node-2"].set_result(None)
     await asyncio.wait_for(task, 10)

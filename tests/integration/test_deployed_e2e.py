@@ -466,20 +466,24 @@ async def test_kill_9_of_each_service_under_the_deployed_credentials_loses_and_d
 
 async def read_stored(world: DeployedWorld) -> list[ReportStored]:
     """Every report.stored, read as the admission gate reads it: its own NATS user and inbox prefix, an ordered
-    consumer on its replay stream (0.5 s of silence is the end)."""
+    consumer on its replay stream, up to as many as the stream holds on the subject when the read starts (its user
+    may ask for stream info, not read single messages)."""
     config = world.config("admission")
     settings = load_settings(environ=config.env).nats
     bus = await busmod.connect(settings, "admission", admission.NATS)
     replay = await admission.open_replay(bus)
-    sub = await bus.js.subscribe(bus.subject(subjects.REPORT_STORED), ordered_consumer=True, stream=replay.name)
+    subject = bus.subject(subjects.REPORT_STORED)
     out: list[ReportStored] = []
     try:
-        while True:
-            out.append(msgspec.json.decode((await sub.next_msg(timeout=0.5)).data, type=ReportStored))
-    except TimeoutError:
-        pass
+        info = await bus.js.stream_info(replay.name, subjects_filter=subject)
+        held = (info.state.subjects or {}).get(subject, 0)
+        sub = await bus.js.subscribe(subject, ordered_consumer=True, stream=replay.name)
+        try:
+            while len(out) < held:
+                out.append(msgspec.json.decode((await sub.next_msg(timeout=30)).data, type=ReportStored))
+        finally:
+            await sub.unsubscribe()
     finally:
-        await sub.unsubscribe()
         await bus.close()
     return out
 

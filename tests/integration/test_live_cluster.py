@@ -45,6 +45,7 @@ from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id, wait_until
 from tests.harness.scanpod import send_uploads, upload_key
 from tests.harness.standin import KubeletStandin, Pod
+from tests.harness.streams import stored_messages
 
 pytestmark = pytest.mark.kube
 
@@ -159,23 +160,14 @@ class Cluster:
         return expected_image_id(image, "app")
 
     async def scan_failures(self, ref: str) -> list[ScanFailed]:
-        """Every scan.failed stored for the digest."""
+        """Every scan.failed stored for the digest (read up to the last one stored when the read starts)."""
         bus = await busmod.connect(self.settings.nats, "test")
         found: list[ScanFailed] = []
         try:
-            subject = bus.subject(subjects.SCAN_FAILED)
-            sub = await bus.js.subscribe(subject, ordered_consumer=True)
-            try:
-                while True:
-                    try:
-                        msg = await sub.next_msg(timeout=1.0)
-                    except TimeoutError:
-                        break
-                    event = msgspec.json.decode(msg.data, type=ScanFailed)
-                    if event.digest_ref == ref:
-                        found.append(event)
-            finally:
-                await sub.unsubscribe()
+            for msg in await stored_messages(bus.js, bus.settings.stream, bus.subject(subjects.SCAN_FAILED)):
+                event = msgspec.json.decode(msg.data, type=ScanFailed)
+                if event.digest_ref == ref:
+                    found.append(event)
         finally:
             await bus.close()
         return found

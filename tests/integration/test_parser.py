@@ -284,6 +284,22 @@ async def _consumer_idle(h: Harness) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def _index_caught_up(h: Harness) -> bool:
+    """The parser acked every event published so far, and index/summary.json records KV revisions at or past the
+    last write to each bucket it indexes (the indexer writes the pages of a flush before summary.json)."""
+    if not await _consumer_idle(h):
+        return False
+    data = await h.store.get_if_exists(storage.SUMMARY_KEY)
+    if data is None:
+        return False
+    revisions = msgspec.json.decode(data, type=SummaryIndex).revisions
+    for bucket, done in ((SUMMARIES_BUCKET, revisions.summaries), (WORKLOADS_BUCKET, revisions.workloads)):
+        last = (await (await h.bus.kv(bucket)).status()).stream_info.state.last_seq
+        if done < last:
+            return False
+    return True
+
+
 async def test_image_seen_fills_digest_workloads_and_the_namespace_index(
     nats_settings: NatsSettings, s3_settings: S3Settings
 ) -> None:
@@ -478,7 +494,7 @@ async def test_html_index_renders_in_headless_chromium_and_every_relative_link_r
             return bool(index) and all(e.report is not None for e in index.digests.values()) and len(index.digests) == 3
 
         await eventually(all_indexed)
-        await asyncio.sleep(0.5)
+        await eventually(lambda: _index_caught_up(h))  # every event handled, and index/ reflects every KV write
         site = tmp_path / "site"
         for key in await h.store.list_keys("index/"):
             path = site / key

@@ -90,3 +90,16 @@ def test_restoring_before_a_fresher_claim_keeps_the_fresher_one() -> None:
     gathering.add(fresher, now=1.0)
     gathering.restore(refused, now=2.0)
     assert gathering.take() == [fresher]
+
+
+def test_part_of_a_refused_batch_put_back_beside_a_waiting_item_keeps_the_window_of_the_first_arrival() -> None:
+    """Items dropped from a batch before it left are not put back: what comes back joins an item that kept waiting,
+    and the window still runs from the first arrival, not from the refusal."""
+    gathering = Gathering(size=3, window_s=10.0, refused_wait_s=1.0)
+    for n in range(4):
+        gathering.add(_item(n), now=float(n))
+    batch = gathering.take()
+    assert [g.key for g in batch] == [_item(n).key for n in range(3)] and len(gathering) == 1
+    gathering.refused(batch[:1], now=4.0)
+    assert not gathering.ready(9.9)
+    assert gathering.ready(10.0), "the window runs from the first arrival (0), not from the refusal (4)"

@@ -193,3 +193,9 @@ def test_room_agrees_with_the_live_state_and_says_until_when_it_holds(seed: int)
         assert limits.room(state, just_before, cfg, releasing) == got
         after = limits.room(state, got.valid_until + timedelta(microseconds=1), cfg, releasing)
         assert after.free >= got.free
+
+
+def test_the_limits_default_to_the_documented_20_active_2_per_node_30_a_minute() -> None:
+    """docs/dispatcher.md's table; config.py's DispatcherSettings carries the same defaults."""
+    default = Limits()
+    assert (default.max_active, default.max_active_per_node, default.max_created_per_minute) == (20, 2, 30)

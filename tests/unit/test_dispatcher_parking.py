@@ -82,3 +82,25 @@ def test_both_ways_of_looking_choose_the_same_waits(monkeypatch: pytest.MonkeyPa
         with monkeypatch.context() as patched:
             patched.setattr(parking, "QUICK_LOOK", 0)
             assert lot(*waits).candidates(active, 2, free) == expected
+
+
+@pytest.mark.parametrize(
+    ("waits", "active", "free", "expected"),
+    [
+        pytest.param([("a", "n1"), ("b", None)], {}, 1, ["a"], id="the-oldest-wait-has-a-node-and-room"),
+        pytest.param([("a", "n1"), ("b", "n1"), ("c", "n2")], {}, 2, ["a", "b"], id="an-idle-node-takes-two"),
+        pytest.param(
+            [("a", "n1"), ("b", "n1"), ("c", "n1"), ("d", "n2")], {}, 3, ["a", "b", "d"], id="the-third-waits"
+        ),
+        pytest.param([("a", "n1"), ("b", "n1"), ("c", "n2")], {"n1": 1}, 2, ["a", "c"], id="one-slot-left-on-n1"),
+        pytest.param([("a", "n1"), ("b", "n2")], {"n1": 2, "n2": 1}, 1, ["b"], id="a-full-node-is-passed-over"),
+        pytest.param([("a", "n1"), ("b", "n1")], {}, -1, [], id="negative-room-starts-nothing"),
+    ],
+)
+def test_the_quick_look_in_age_order_gives_the_answer_of_the_node_index(
+    waits: list[tuple[str, str | None]], active: dict[str, int], free: int, expected: list[str]
+) -> None:
+    """Whenever the first waits in age order fill the free slots, the quick look answers alone: it must count what it
+    takes per node (two per idle node at a limit of two), never skip an older wait that fits for a younger one, and
+    treat a node missing from the active counts as idle."""
+    assert lot(*waits).candidates(active, 2, free) == expected

@@ -39,3 +39,11 @@ def test_a_claimed_scan_replacing_an_unclaimed_wait_leaves_the_old_nodes_index()
 def test_a_node_with_no_active_job_has_all_its_room_in_the_per_node_index() -> None:
     waits = [(f"full{i}", "busy") for i in range(QUICK_LOOK + 1)] + [("x1", "idle"), ("x2", "idle"), ("x3", "idle")]
     assert lot(*waits).candidates({"busy": 2}, 2, 5) == ["x1", "x2"]
+
+
+def test_unparking_a_key_that_does_not_wait_changes_nothing() -> None:
+    parked = lot(("a", "n1"))
+    parked.unpark("never-parked")
+    parked.unpark("a")
+    parked.unpark("a")
+    assert len(parked) == 0 and parked.candidates({}, 2, 5) == []

@@ -7,7 +7,7 @@ from datetime import date, timedelta
 import msgspec
 
 from services.notifier.decide import decide, fingerprint_key
-from services.notifier.outbox import audit, drop_stale, entries, fingerprint_keys
+from services.notifier.outbox import advance, audit, drop_stale, entries, fingerprint_keys
 from tests.unit.test_notifier_outbox import API, DIGEST, POLICY, T0, WORKER, critical, event, fp, report, run
 
 
@@ -69,3 +69,18 @@ def test_outbox_entries_are_version_one() -> None:
     queued = _queued()
     assert queued and {e.v for e in queued} == {1}
     assert b'"v":1' in msgspec.json.encode(queued[0])
+
+
+def test_a_fingerprint_of_another_report_stored_at_the_same_instant_is_written() -> None:
+    """Only a newer report blocks the write: one stored at the same instant with other findings replaces it."""
+    current = fp(T0, "scan-0001", ("a",))
+    new = fp(T0, "scan-0002", ("a", "b"))
+    assert advance(current, new) == new
+
+
+def test_an_upload_no_given_workload_is_routed_to_is_not_queued() -> None:
+    """The workloads passed in decide who an upload is about; none routed to DefectDojo: nothing to say, no entry."""
+    decision = decide(event(), report(critical()), [run()], POLICY, {}, T0)
+    assert [u.destination for u in decision.uploads] == ["dojo"]
+    queued = entries(decision, event(), [run("elsewhere")], POLICY, date(2026, 11, 23))
+    assert [e.destination for e in queued] == ["hook", "chat"]
