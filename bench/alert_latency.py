@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,16 @@ def cpu_s(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def syscalls(pid: int) -> int:
+    """Read- and write-family system calls a process has made (Linux /proc/<pid>/io: syscr + syscw); -1 elsewhere.
+    Unlike CPU time, hardly moved by what else the machine runs: each NATS round trip or HTTP call costs a few."""
+    try:
+        fields = dict(line.split(": ", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except OSError:
+        return -1
+    return int(fields["syscr"]) + int(fields["syscw"])
 
 
 def load_average() -> float:
@@ -270,7 +281,11 @@ async def measure(
         "BENCH_HOOK_KEY": KEY.decode(),
     }
     log = (data / f"notifier-{name}.log").open("wb")
-    profile = ["-m", "cProfile", "-o", str(args.profile / f"notifier-{name}.prof")] if args.profile else []
+    profile = (
+        ["-m", "cProfile", "-o", str(args.profile / f"notifier-{name}.prof")]
+        if args.profile is not None and args.py_spy is None
+        else []
+    )
     notifier = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
         [sys.executable, *profile, "-m", "podsweep", "run", "notifier"], cwd=cwd, env=env, stdout=log, stderr=log
     )
@@ -283,10 +298,16 @@ async def measure(
         await asyncio.sleep(args.idle_s)  # what the process costs with nothing to do (timers, polls, heartbeats)
         idle_ms_per_s = (cpu_s(notifier.pid) - idle_from) * 1000 / args.idle_s
         cpu_before = cpu_s(notifier.pid)
+        calls_before = syscalls(notifier.pid)
         paced_from = time.perf_counter()
         load_before = load_average()
+        spy = sample_paced(args, name, notifier.pid)
         paced = await phase(bus, receiver, dict(rest[: n - 1]), args.rate, 120)
         cpu_paced = cpu_s(notifier.pid)
+        calls_paced = syscalls(notifier.pid)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+            spy.wait(60)
         paced_s = time.perf_counter() - paced_from
         burst = await phase(bus, receiver, dict(rest[n - 1 : 2 * n - 1]), None, 300)
         cpu_burst = cpu_s(notifier.pid)
@@ -304,6 +325,7 @@ async def measure(
         # The notifier's own CPU (user + system) per alert received, at the paced rate and in the burst.
         "cpu_ms_per_alert_paced": round((cpu_paced - cpu_before) * 1000 / max(1, int(paced["received"])), 3),  # type: ignore[call-overload]
         "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
+        "syscalls_per_alert_paced": round((calls_paced - calls_before) / max(1, int(paced["received"])), 1),  # type: ignore[call-overload]
         # The paced phase less what the process costs idle over the same time: the work alerts themselves cause.
         "cpu_ms_per_alert_paced_over_idle": round(
             ((cpu_paced - cpu_before) * 1000 - idle_ms_per_s * paced_s) / max(1, int(paced["received"])),  # type: ignore[call-overload]
@@ -380,6 +402,18 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
         nats.stop()
 
 
+def sample_paced(args: argparse.Namespace, name: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the notifier's on-CPU stacks through the paced phase only (not start-up, not the burst)."""
+    if args.py_spy is None or args.profile is None:
+        return None
+    out = args.profile / f"notifier-{name}-paced.txt"
+    return subprocess.Popen(
+        [str(args.py_spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def keep_logs(data: Path, into: Path) -> None:
     for log in data.glob("notifier-*.log"):
         (into / log.name).write_bytes(log.read_bytes())
@@ -402,6 +436,12 @@ def main() -> None:
     parser.add_argument("--skip-grouped", action="store_true", help="skip the run at the default webhook rate")
     parser.add_argument("--idle-s", type=float, default=10.0, help="seconds the idle CPU is measured over")
     parser.add_argument("--profile", type=Path, default=None, help="run the notifiers under cProfile, into this dir")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        help="with --profile: sample the paced phase with this py-spy binary (on-CPU stacks, raw) instead of cProfile",
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="notifier consumer and outbox concurrency")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as tmp:

@@ -159,6 +159,8 @@ class Deliverer:
 
     async def close(self) -> None:
         """Wait for every pacer to hand back what it holds (after `stop`)."""
+        for pacer in self.pacers.values():
+            pacer.wake.set()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
@@ -401,8 +403,10 @@ class Pacer:
         self.throttled = False
         self.last_sent = -1e9  # when the last message left (monotonic)
         self.last_arrival = 0.0
-        self.arrived = asyncio.Event()  # a new alert: wakes the loop unless alerts already wait for the rate
-        self.wake = asyncio.Event()  # a send finished, or a group to resend came back: always wakes the loop
+        # Wakes the loop: a send finished, a group to resend came back, the deliverer stops, or a new alert arrived
+        # while none waits for the rate (while alerts wait, an arrival changes nothing before the next token or
+        # linger deadline: one split per round, not one per arrival).
+        self.wake = asyncio.Event()
         self.sending: set[asyncio.Task[None]] = set()
         self.ack_wait_s = deliverer.settings.notifier.outbox_ack_wait_s
 
@@ -425,7 +429,8 @@ class Pacer:
             old.settled.cancel()  # the same alert delivered again (its ack wait ran out): keep the newest delivery
         self.free[entry.key] = held
         self.last_arrival = now
-        self.arrived.set()
+        if not self.throttled:
+            self.wake.set()
         return settled
 
     async def _claimed(self, held: Held) -> bool:
@@ -480,23 +485,14 @@ class Pacer:
             while not self.d.stop.is_set():
                 wake_at = await self._round()
                 self.wake.clear()
-                self.arrived.clear()
+                if self.d.stop.is_set():
+                    break
                 timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
-                # While alerts wait for the rate, an arrival changes nothing before the next token or linger
-                # deadline: only those wake the loop (one split per round, not one per arrival).
-                waits = {asyncio.ensure_future(self.d.stop.wait()), asyncio.ensure_future(self.wake.wait())}
-                if not self.throttled:
-                    waits.add(asyncio.ensure_future(self.arrived.wait()))
-                try:
-                    await asyncio.wait(
-                        waits,
-                        # Never longer than a third of the ack wait: held alerts are kept alive in each round.
-                        timeout=min(timeout if timeout is not None else 5.0, 5.0, self.ack_wait_s / 3),
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                finally:
-                    for waiter in waits:
-                        waiter.cancel()
+                # One event and one timer per round (no task per waiter): a round per alert at a steady rate.
+                # Never longer than a third of the ack wait: held alerts are kept alive in each round.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(timeout if timeout is not None else 5.0, 5.0, self.ack_wait_s / 3)):
+                        await self.wake.wait()
         finally:
             if self.sending:
                 await asyncio.gather(*self.sending, return_exceptions=True)
