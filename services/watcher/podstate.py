@@ -410,6 +410,10 @@ def observe(index: Index, state: PodState, now: datetime) -> list[Event]:
     """A pod was added or changed (watch ADDED/MODIFIED)."""
     previous = index.pods.get(state.uid)
     if previous is not None and previous.running == state.running and previous.finished == state.finished:
+        if (previous.namespace, previous.workload) != (state.namespace, state.workload):
+            moved = _Batch(index)  # its per-workload counts move with it (nothing to emit: what runs is the same)
+            moved.remove(previous)
+            moved.add(state)
         if previous != state:
             index.pods[state.uid] = state  # workload or options changed: keep the newest, nothing to emit
         return []

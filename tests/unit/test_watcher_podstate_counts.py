@@ -36,6 +36,20 @@ def test_a_workload_whose_pods_all_left_is_news_again_when_one_comes_back() -> N
     assert [(e.workload, e.node) for e in back] == [(WEB, "node-1")]
 
 
+def test_a_pod_filed_under_another_workload_takes_its_count_there() -> None:
+    """A pod filed anew (silently) leaves no count under its old workload: when it goes, nothing is held, and the old
+    workload starting there again is news (the leaked count made it look as if it never left)."""
+    index = Index("prod")
+    podstate.observe(index, state_of(pod("web-1"), index, WEB), NOW)
+    assert podstate.observe(index, state_of(pod("web-1"), index, API), NOW) == []
+    assert index.workload_counts == {(REF_A, "node-1", "shop", API): 1}
+    podstate.forget(index, "uid-web-1", NOW)
+    assert index.workload_counts == {}
+    podstate.observe(index, state_of(pod("api-2"), index, API), NOW)
+    back = podstate.observe(index, state_of(pod("web-2"), index, WEB), NOW)
+    assert [(e.workload, e.node) for e in back] == [(WEB, "node-1")]
+
+
 def test_one_new_holder_listed_on_a_page_is_announced_with_that_page() -> None:
     early, at_end = paged_relist(Index("prod"), [[pod("web-1")]])
     assert early == [[("seen", REF_A, "node-1")]] and at_end == []
