@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("cve_id", nargs="?", help="a vulnerability id: CVE-2024-3094, GHSA-…, DLA-…, TEMP-…")
     parser.add_argument("--package", "-p", help="a package name, or NAME@VERSION, from the SBOMs")
+    parser.add_argument("--cluster", help="only the workloads of this cluster of a fleet")
     parser.add_argument("--json", action="store_true", dest="as_json", help="print one JSON object (CveAnswer)")
     parser.add_argument("--config", "-c", help="a TOML or YAML settings file (also PODSWEEP_CONFIG)")
     return parser
@@ -148,7 +149,14 @@ def answer(cve_id: str | None, package: str | None, config: str | None) -> tuple
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)  # usage errors exit 2, as every other error
     try:
+        if args.cluster is not None:
+            vulnindex.cluster_query(args.cluster)
         result, missing = answer(args.cve_id, args.package, args.config)
+        if args.cluster is not None:
+            result, missing = vulnindex.in_cluster(result, args.cluster), f"{missing} in cluster {args.cluster}"
+    except vulnindex.BadQuery as exc:
+        print(exc, file=sys.stderr)
+        return ERROR
     except Failed as exc:
         print(exc, file=sys.stderr)
         return exc.code

@@ -30,7 +30,7 @@ from schemas.index import (
 )
 from schemas.refs import MAX_VULN_ID, VULN_ID_RE
 from schemas.report import Report
-from schemas.state import DigestWorkloads, WorkloadRun
+from schemas.state import DEFAULT_CLUSTER, DigestWorkloads, WorkloadRun
 
 # A package name as a person may ask for it: what package ecosystems use (golang.org/x/text, @babel/core,
 # org.apache.logging.log4j:log4j-core, libstdc++6, python3.11), nothing a shell or a glob reads.
@@ -202,6 +202,24 @@ def _row_order(row: Affected) -> tuple[object, ...]:
         row.package,
         row.installed_version,
     )
+
+
+_CLUSTER_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def cluster_query(cluster: str) -> str:
+    """A cluster name as `podsweep cve --cluster` takes it (checked before anything is read)."""
+    if not _CLUSTER_RE.match(cluster):
+        raise BadQuery(f"{cluster[:80]!r} is not a cluster name (a DNS label: lower case letters, digits, '-')")
+    return cluster
+
+
+def in_cluster(answer: CveAnswer, cluster: str) -> CveAnswer:
+    """The answer for one cluster of a fleet (`podsweep cve --cluster`): its workloads only, and its digests counted.
+    A workload recorded before fleets counts as the default cluster's."""
+    cluster = cluster_query(cluster)
+    kept = [a for a in answer.affected if (a.cluster or DEFAULT_CLUSTER) == cluster]
+    return msgspec.structs.replace(answer, affected=kept, digests=len({a.digest_ref for a in kept}))
 
 
 def answer_cve(cve_id: str, entry: CveDigests | None, runs: Mapping[str, DigestRuns]) -> CveAnswer:

@@ -31,6 +31,7 @@ ENV = {
         (["--package", "liblzma5@$(id)"], "is not a version"),
         ([], "give a vulnerability id"),
         (["CVE-2024-3094", "--package", "x"], "not both"),
+        (["CVE-2024-3094", "--cluster", "../east"], "is not a cluster name"),
     ],
 )
 def test_bad_input_gets_a_clear_answer_and_exit_2(args: list[str], says: str) -> None:

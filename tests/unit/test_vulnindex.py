@@ -11,7 +11,7 @@ import pytest
 from podsweep.reports import normalize
 from schemas import storage
 from schemas.events import Workload
-from schemas.index import DigestPostings, PackageVersion, PostedVuln
+from schemas.index import Affected, CveAnswer, DigestPostings, PackageVersion, PostedVuln
 from schemas.refs import vuln_id
 from schemas.report import Finding, Report
 from schemas.state import DigestWorkloads, WorkloadRun
@@ -403,3 +403,29 @@ def test_the_hourly_refresh_of_a_workload_rewrites_nothing() -> None:
     assert model.take_dirty() == (set(), set(), set(), set())
     model.apply_workloads(A, workloads(REF_A, "web", ns="billing"))  # moved: shown
     assert model.take_dirty() == (set(), set(), {A[:2]}, {"CVE-2024-3094"})
+
+
+def test_one_clusters_answer_keeps_its_workloads_and_counts_its_digests() -> None:
+    def row(digest: str, cluster: str | None, name: str) -> Affected:
+        return Affected(
+            digest_ref=f"registry.example.com/app@sha256:{digest * 64}",
+            cluster=cluster,
+            namespace="shop",
+            workload=Workload("Deployment", name),
+            package="musl",
+            installed_version="1.2.4-r2",
+        )
+
+    answer = CveAnswer(
+        kind="cve",
+        query="CVE-2024-3094",
+        digests=2,
+        affected=[row("a", "east", "api"), row("a", "west", "api"), row("b", "west", "web"), row("c", None, "old")],
+    )
+    west = vulnindex.in_cluster(answer, "west")
+    assert [(a.cluster, a.workload and a.workload.name) for a in west.affected] == [("west", "api"), ("west", "web")]
+    assert west.digests == 2
+    assert [a.workload and a.workload.name for a in vulnindex.in_cluster(answer, "default").affected] == ["old"]
+    assert vulnindex.in_cluster(answer, "north").affected == []
+    with pytest.raises(BadQuery, match="is not a cluster name"):
+        vulnindex.in_cluster(answer, "$(id)")
