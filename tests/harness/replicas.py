@@ -13,10 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -143,3 +143,29 @@ async def in_process(*mains: ServiceMain, settings: Settings, stop_within_s: flo
         for task in tasks:
             if not task.cancelled() and task.exception() is not None:
                 raise AssertionError(f"{task.get_name()} failed") from task.exception()
+
+
+class Watched(Protocol):
+    """A world of service processes (test_e2e.py, test_jscluster.py): what runs, and the tails of their logs."""
+
+    running: dict[str, Replica]
+
+    def tails(self) -> str: ...
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout_s: float, what: str, world: Watched) -> None:
+    """Wait until `check()` holds; fail at once when a service exits on its own (a kill -9 by the test does not
+    count), or after `timeout_s` with every service's log tail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = check()
+        if not isinstance(done, bool):
+            done = await done
+        if done:
+            return
+        for name, replica in world.running.items():
+            if replica.proc.poll() is not None and replica.proc.returncode != -9:
+                raise AssertionError(f"{name} exited with {replica.proc.returncode}:\n{replica.tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{world.tails()}")
+        await asyncio.sleep(0.25)

@@ -5,9 +5,15 @@ delivery taken to mean there is nothing more."""
 
 from __future__ import annotations
 
+import msgspec
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+
+from podsweep import bus as busmod
+from podsweep.config import NatsSettings
+from schemas import subjects
+from schemas.events import ReportStored
 
 
 async def stored_messages(js: JetStreamContext, stream: str, subject: str, timeout_s: float = 30.0) -> list[Msg]:
@@ -26,3 +32,13 @@ async def stored_messages(js: JetStreamContext, stream: str, subject: str, timeo
                 return out
     finally:
         await sub.unsubscribe()
+
+
+async def read_stored(settings: NatsSettings) -> list[ReportStored]:
+    """Every report.stored on the events stream, up to the last one stored when called."""
+    bus = await busmod.connect(settings, "harness-streams")
+    try:
+        messages = await stored_messages(bus.js, settings.stream, bus.subject(subjects.REPORT_STORED))
+    finally:
+        await bus.close()
+    return [msgspec.json.decode(msg.data, type=ReportStored) for msg in messages]

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import itertools
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from podsweep import bus as busmod
 from podsweep.config import (
     ConsumerSettings,
     DispatcherSettings,
@@ -38,17 +36,17 @@ from podsweep.config import (
 from podsweep.embedded import free_port
 from podsweep.kube import Kube
 from podsweep.objectstore import ObjectStore
-from schemas import storage, subjects
+from schemas import storage
 from schemas.alerts import AlertPayload
-from schemas.events import ReportStored
 from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 from tests.harness.receiver import Receiver
+from tests.harness.replicas import eventually
 from tests.harness.scanpod import send_uploads
 from tests.harness.standin import KubeletStandin, Pod
-from tests.harness.streams import stored_messages
+from tests.harness.streams import read_stored
 
 pytestmark = pytest.mark.kube
 
@@ -246,17 +244,6 @@ async def world(
         await traces.stop()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, world: World) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        for name, replica in world.running.items():
-            if replica.proc.poll() is not None and replica.proc.returncode != -9:
-                raise AssertionError(f"{name} exited with {replica.proc.returncode}:\n{replica.tail()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{world.tails()}")
-        await asyncio.sleep(0.25)
-
-
 def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
     return {
         "apiVersion": "v1",
@@ -422,13 +409,3 @@ async def test_kill_9_of_each_service_during_a_200_digest_run_loses_and_duplicat
         assert len({(c.scan_id, c.namespace, c.workload, tuple(f.id for f in c.findings)) for c in copies}) == 1, key
     stored = await read_stored(world.settings.nats)
     assert Counter(e.digest_ref for e in stored) == Counter(refs), "report.stored must be once per digest"
-
-
-async def read_stored(settings: NatsSettings) -> list[ReportStored]:
-    """Every report.stored on the stream, up to the last one stored when called."""
-    bus = await busmod.connect(settings, "e2e-test")
-    try:
-        messages = await stored_messages(bus.js, settings.stream, bus.subject(subjects.REPORT_STORED))
-    finally:
-        await bus.close()
-    return [msgspec.json.decode(msg.data, type=ReportStored) for msg in messages]

@@ -36,7 +36,8 @@ from tests.harness.kube import KubeControlPlane
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 from tests.harness.receiver import Receiver
 from tests.harness.standin import KubeletStandin, Pod
-from tests.integration.test_e2e import HOOK_KEY, bare_pod, e2e_settings, play_scan_pod, read_stored
+from tests.harness.streams import read_stored
+from tests.integration.test_e2e import HOOK_KEY, bare_pod, e2e_settings, play_scan_pod
 
 pytestmark = pytest.mark.kube
 

@@ -16,7 +16,7 @@ import itertools
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,9 +39,9 @@ from podsweep.config import (
 )
 from podsweep.kube import Kube
 from podsweep.objectstore import ObjectStore
-from schemas import storage, subjects
+from schemas import storage
 from schemas.alerts import AlertPayload
-from schemas.events import DeadLetter, ReportStored
+from schemas.events import DeadLetter
 from services.dispatcher import main as dispatcher_main
 from services.dispatcher import upload
 from services.dispatcher.jobspec import RAW_URL_ENV
@@ -50,9 +50,10 @@ from tests.harness.jscluster import HUB_DOMAIN, NatsCluster, start_cluster, star
 from tests.harness.kube import KubeControlPlane, locate_binaries
 from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
 from tests.harness.receiver import Receiver
+from tests.harness.replicas import eventually
 from tests.harness.scanpod import upload_env, upload_key
 from tests.harness.standin import KubeletStandin, Pod
-from tests.harness.streams import stored_messages
+from tests.harness.streams import read_stored
 
 pytestmark = pytest.mark.kube
 
@@ -146,31 +147,6 @@ class World:
         assert by_digest == Counter(refs), by_digest.most_common(3)
         stored = await read_stored(self.service_settings("harness").nats)  # the harness's user, when there is one
         assert Counter(e.digest_ref for e in stored) == Counter(refs), "report.stored must be once per digest"
-
-
-async def read_stored(settings: NatsSettings) -> list[ReportStored]:
-    bus = await busmod.connect(settings, "jscluster-test")
-    try:
-        messages = await stored_messages(bus.js, settings.stream, bus.subject(subjects.REPORT_STORED))
-    finally:
-        await bus.close()
-    return [msgspec.json.decode(msg.data, type=ReportStored) for msg in messages]
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout_s: float, what: str, world: World) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        done = check()
-        if not isinstance(done, bool):
-            done = await done
-        if done:
-            return
-        for name, replica in world.running.items():
-            if replica.proc.poll() is not None and replica.proc.returncode != -9:
-                raise AssertionError(f"{name} exited with {replica.proc.returncode}:\n{replica.tail()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{world.tails()}")
-        await asyncio.sleep(0.25)
 
 
 class Gate:
