@@ -51,12 +51,14 @@ KEY = b"bench-hmac-key-0123456789abcdef"
 
 
 class _Member(msgspec.Struct):
+    id: str
     scan_id: str
 
 
 class _Received(msgspec.Struct):
-    """A single alert (`scan_id`) or a grouped one (`members`), whichever the notifier under test sends."""
+    """A single alert (`id`, `scan_id`) or a grouped one (`members`), whichever the notifier under test sends."""
 
+    id: str = ""
     scan_id: str = ""
     members: list[_Member] = []
 
@@ -81,7 +83,7 @@ def quantiles(values: list[float]) -> dict[str, float]:
 
 class Receiver:
     def __init__(self) -> None:
-        self.received: dict[str, float] = {}
+        self.received: dict[str, tuple[str, float]] = {}  # alert id (one per workload and report) → scan id, when
         self.bad_signatures = 0
         self.duplicates = 0
         self.done = asyncio.Event()
@@ -96,23 +98,26 @@ class Receiver:
             self.bad_signatures += 1
             return web.Response(status=401)
         received = _received.decode(body)
-        for scan_id in [m.scan_id for m in received.members] if received.members else [received.scan_id]:
-            if scan_id in self.received:
+        alerts = (
+            [(m.id, m.scan_id) for m in received.members] if received.members else [(received.id, received.scan_id)]
+        )
+        for alert_id, scan_id in alerts:
+            if alert_id in self.received:
                 self.duplicates += 1
             else:
-                self.received[scan_id] = at
+                self.received[alert_id] = (scan_id, at)
         if self.expected and len(self.received) >= self.expected:
             self.done.set()
         return web.Response(status=204)
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (Linux /proc); NaN elsewhere."""
+def cpu_s(pid: int, which: tuple[int, ...] = (11, 12)) -> float:
+    """User + system CPU seconds a process has used (Linux /proc; `which` (11,) for user only); NaN elsewhere."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(fields[i]) for i in which) / os.sysconf("SC_CLK_TCK")
 
 
 def syscalls(pid: int) -> int:
@@ -149,8 +154,11 @@ def breach(digest_ref: str, scan_id: str) -> Report:
     )
 
 
-async def prepare(bus: busmod.Bus, store: ObjectStore, names: list[tuple[str, str]]) -> dict[str, ReportStored]:
-    """Reports in S3 and workloads in KV, as the parser leaves them, before anything is published."""
+async def prepare(
+    bus: busmod.Bus, store: ObjectStore, names: list[tuple[str, str]], workloads: int = 1
+) -> dict[str, ReportStored]:
+    """Reports in S3 and workloads in KV, as the parser leaves them, before anything is published: `workloads`
+    workloads run each digest."""
     kv = await bus.kv(WORKLOADS_BUCKET)
     limit = asyncio.Semaphore(16)
     events: dict[str, ReportStored] = {}
@@ -161,12 +169,15 @@ async def prepare(bus: busmod.Bus, store: ObjectStore, names: list[tuple[str, st
             at = datetime.now(UTC)
             history = storage.history_report_key(digest_ref, at)
             await store.put(history, msgspec.json.encode(report))
-            run = WorkloadRun(
-                namespace="bench",
-                workload=Workload(kind="Deployment", name=f"app-{scan_id}"),
-                image=digest_ref.split("@")[0] + ":1",
-            )
-            doc = DigestWorkloads(digest_ref=digest_ref, runs=[run])
+            runs = [
+                WorkloadRun(
+                    namespace="bench",
+                    workload=Workload(kind="Deployment", name=f"app-{scan_id}" + (f"-{w}" if w else "")),
+                    image=digest_ref.split("@")[0] + ":1",
+                )
+                for w in range(workloads)
+            ]
+            doc = DigestWorkloads(digest_ref=digest_ref, runs=runs)
             await kv.put(digest_ref.rsplit(":", 1)[1], msgspec.json.encode(doc))
             events[scan_id] = ReportStored(
                 cluster="bench",
@@ -184,10 +195,16 @@ async def prepare(bus: busmod.Bus, store: ObjectStore, names: list[tuple[str, st
 
 
 async def phase(
-    bus: busmod.Bus, receiver: Receiver, events: dict[str, ReportStored], rate: float | None, wait_s: float
+    bus: busmod.Bus,
+    receiver: Receiver,
+    events: dict[str, ReportStored],
+    rate: float | None,
+    wait_s: float,
+    alerts: int | None = None,
 ) -> dict[str, object]:
+    """Publish the events (at `rate`, or all at once) and wait for `alerts` (one per event unless given)."""
     receiver.done.clear()
-    receiver.expected = len(receiver.received) + len(events)
+    receiver.expected = len(receiver.received) + (len(events) if alerts is None else alerts)
     published: dict[str, float] = {}
     started = time.perf_counter()
     for i, (scan_id, event) in enumerate(events.items()):
@@ -199,9 +216,9 @@ async def phase(
         await bus.publish(subjects.REPORT_STORED, event, msg_id=f"report:{scan_id}")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(receiver.done.wait(), wait_s)
-    got = {s: receiver.received[s] for s in published if s in receiver.received}
-    latencies = [got[s] - published[s] for s in got]
-    elapsed = max(got.values()) - started if got else float("nan")
+    got = [(scan_id, at) for scan_id, at in receiver.received.values() if scan_id in published]
+    latencies = [at - published[scan_id] for scan_id, at in got]
+    elapsed = max(at for _, at in got) - started if got else float("nan")
     return {
         "events": len(events),
         "received": len(got),
@@ -259,6 +276,16 @@ async def measure(
     ]
     t0 = time.perf_counter()
     events = await prepare(bus, store, names)
+    # The zero-day storm of issue 22: `storm_workloads` workloads over `storm_digests` digests breach at once, so
+    # a report (one S3 read, one workloads read) reaches several workloads.
+    storm_events: dict[str, ReportStored] = {}
+    per_digest, extra = divmod(args.storm_workloads, args.storm_digests)
+    for i in range(args.storm_digests):
+        storm_name = (
+            f"registry.example.com/bench/storm@sha256:{offset + 5_000_000 + i:064x}",
+            f"storm-{offset + i:07d}",
+        )
+        storm_events |= await prepare(bus, store, [storm_name], per_digest + (1 if i < extra else 0))
     prepare_s = time.perf_counter() - t0
     env = {
         **os.environ,
@@ -298,12 +325,14 @@ async def measure(
         await asyncio.sleep(args.idle_s)  # what the process costs with nothing to do (timers, polls, heartbeats)
         idle_ms_per_s = (cpu_s(notifier.pid) - idle_from) * 1000 / args.idle_s
         cpu_before = cpu_s(notifier.pid)
+        sys_before = cpu_s(notifier.pid, (12,))
         calls_before = syscalls(notifier.pid)
         paced_from = time.perf_counter()
         load_before = load_average()
         spy = sample_paced(args, name, notifier.pid)
         paced = await phase(bus, receiver, dict(rest[: n - 1]), args.rate, 120)
         cpu_paced = cpu_s(notifier.pid)
+        sys_paced = cpu_s(notifier.pid, (12,))
         calls_paced = syscalls(notifier.pid)
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
@@ -311,6 +340,8 @@ async def measure(
         paced_s = time.perf_counter() - paced_from
         burst = await phase(bus, receiver, dict(rest[n - 1 : 2 * n - 1]), None, 300)
         cpu_burst = cpu_s(notifier.pid)
+        storm = await phase(bus, receiver, storm_events, None, 600, alerts=args.storm_workloads)
+        cpu_storm = cpu_s(notifier.pid)
     finally:
         notifier.terminate()
         try:
@@ -324,6 +355,7 @@ async def measure(
         "burst": burst,
         # The notifier's own CPU (user + system) per alert received, at the paced rate and in the burst.
         "cpu_ms_per_alert_paced": round((cpu_paced - cpu_before) * 1000 / max(1, int(paced["received"])), 3),  # type: ignore[call-overload]
+        "sys_cpu_ms_per_alert_paced": round((sys_paced - sys_before) * 1000 / max(1, int(paced["received"])), 3),  # type: ignore[call-overload]
         "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
         "syscalls_per_alert_paced": round((calls_paced - calls_before) / max(1, int(paced["received"])), 1),  # type: ignore[call-overload]
         # The paced phase less what the process costs idle over the same time: the work alerts themselves cause.
@@ -332,6 +364,10 @@ async def measure(
             3,
         ),
         "cpu_ms_per_alert_burst": round((cpu_burst - cpu_paced) * 1000 / max(1, int(burst["received"])), 3),  # type: ignore[call-overload]
+        "storm": storm,
+        # The storm: CPU per alert (a workload told of a breach), and per report stored.
+        "cpu_ms_per_alert_storm": round((cpu_storm - cpu_burst) * 1000 / max(1, int(storm["received"])), 3),  # type: ignore[call-overload]
+        "cpu_ms_per_report_storm": round((cpu_storm - cpu_burst) * 1000 / max(1, args.storm_digests), 3),
         "prepare_s": round(prepare_s, 1),
         "load_average_1m": {"before": load_before, "after": load_average()},
     }
@@ -379,6 +415,7 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
             "p99_ms": new["paced"]["p99_ms"],
             "alerts_per_s": new["burst"]["alerts_per_s"],
             "cpu_ms_per_alert": new["cpu_ms_per_alert_paced"],
+            "cpu_ms_per_alert_storm": new["cpu_ms_per_alert_storm"],
             "target": {"p50_ms": 50, "p99_ms": 250, "cpu_ms_per_alert": 1.0},
             "bad_signatures": receiver.bad_signatures,
             "duplicates": receiver.duplicates,
@@ -408,7 +445,19 @@ def sample_paced(args: argparse.Namespace, name: str, pid: int) -> subprocess.Po
         return None
     out = args.profile / f"notifier-{name}-paced.txt"
     return subprocess.Popen(
-        [str(args.py_spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--output", str(out)],
+        [
+            str(args.py_spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--gil",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -443,6 +492,8 @@ def main() -> None:
         help="with --profile: sample the paced phase with this py-spy binary (on-CPU stacks, raw) instead of cProfile",
     )
     parser.add_argument("--concurrency", type=int, default=8, help="notifier consumer and outbox concurrency")
+    parser.add_argument("--storm-workloads", type=int, default=2000, help="workloads that breach at once in the storm")
+    parser.add_argument("--storm-digests", type=int, default=300, help="the digests they run, one report each")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as tmp:
         result = asyncio.run(run(args, Path(tmp)))

@@ -4,7 +4,13 @@ Real nats-server and SeaweedFS (embedded, in a temp dir) and an aiohttp receiver
 uvloop as the services run. Each operation runs `--calls` times after a warm-up; CPU is this process's user +
 system time (so the POSTs include the receiver's side, the same for both clients). Side by side: boto3's GET against
 the presigned GET over aiohttp (`ObjectStore.fetch`), and httpx's POST against aiohttp's.
-Run: .venv/bin/python bench/notifier_ops.py [--calls 300]. The last line is one JSON object (ms of CPU per call).
+
+Then the same NATS and HTTP calls, and the seven NATS round trips an alert makes in turn (two KV reads, the outbox
+publish, three KV writes, the audit publish), once back to back and once spaced at `--paced-rate` (25/s, as
+bench/alert_latency.py's paced phase): what a call costs when the process sleeps between alerts, the floor under the
+notifier's CPU per alert at that rate.
+Run: .venv/bin/python bench/notifier_ops.py [--calls 300] [--paced-rate 25]. The last line is one JSON object (ms of
+CPU per call).
 """
 
 from __future__ import annotations
@@ -36,16 +42,21 @@ def cpu_s() -> float:
     return t.user + t.system
 
 
-async def per_call(calls: int, op: Callable[[], Awaitable[object]]) -> float:
+async def per_call(calls: int, op: Callable[[], Awaitable[object]], rate: float | None = None) -> float:
+    """CPU ms per call: back to back, or one call every 1/rate seconds (asleep in between, as a quiet notifier)."""
     for _ in range(20):
         await op()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     start = cpu_s()
-    for _ in range(calls):
+    for i in range(calls):
+        if rate:
+            await asyncio.sleep(max(0.0, began + i / rate - loop.time()))
         await op()
     return round((cpu_s() - start) * 1000 / calls, 3)
 
 
-async def run(calls: int, data: Path) -> dict[str, object]:
+async def run(calls: int, paced_rate: float, data: Path) -> dict[str, object]:
     nats = embedded.start_nats(data / "nats")
     s3 = embedded.start_seaweedfs(data / "s3")
     runner: web.AppRunner | None = None
@@ -90,6 +101,28 @@ async def run(calls: int, data: Path) -> dict[str, object]:
             out["js_publish_ms"] = await per_call(calls, lambda: bus.js.publish("ops.x", b"{}", stream="OPS"))
             out["post_httpx_ms"] = await per_call(calls, lambda: client.post(url, content=body))
             out["post_aiohttp_ms"] = await per_call(calls, aiohttp_post)
+
+            async def round_trips() -> None:  # an alert's NATS calls, one after the other
+                await kv.get("hook.k")
+                await kv.get("hook.k")
+                await bus.js.publish("ops.x", b"{}", stream="OPS")
+                await kv.put("hook.k", b"v")
+                await kv.put("hook.k", b"v")
+                await kv.put("hook.k", b"v")
+                await bus.js.publish("ops.x", b"{}", stream="OPS")
+
+            out["seven_round_trips_ms"] = await per_call(calls, round_trips)
+            paced = max(20, calls // 2)
+            out["paced_rate_per_s"] = paced_rate
+            out["kv_get_paced_ms"] = await per_call(paced, lambda: kv.get("hook.k"), paced_rate)
+            out["js_publish_paced_ms"] = await per_call(
+                paced, lambda: bus.js.publish("ops.x", b"{}", stream="OPS"), paced_rate
+            )
+            out["post_aiohttp_paced_ms"] = await per_call(paced, aiohttp_post, paced_rate)
+            out["s3_get_presigned_aiohttp_paced_ms"] = await per_call(
+                paced, lambda: store.fetch(session, key, 1 << 20), paced_rate
+            )
+            out["seven_round_trips_paced_ms"] = await per_call(paced, round_trips, paced_rate)
         await bus.close()
         out["load_average_1m"] = round(os.getloadavg()[0], 2)
         return out
@@ -103,9 +136,10 @@ async def run(calls: int, data: Path) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300, help="calls per operation (after 20 to warm up)")
+    parser.add_argument("--paced-rate", type=float, default=25.0, help="calls per second in the paced runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="podsweep-ops-") as tmp:
-        result = uvloop.run(run(args.calls, Path(tmp)))
+        result = uvloop.run(run(args.calls, args.paced_rate, Path(tmp)))
     print(json.dumps(result))
 
 

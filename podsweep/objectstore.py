@@ -196,6 +196,23 @@ class ObjectStore:
             self._client.put_object, Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
         )
 
+    async def put_new(self, key: str, body: bytes, content_type: str = "application/json") -> bool:
+        """Write `key` only if no object is there yet (If-None-Match: *): False when one is, which stays as it was."""
+        try:
+            await asyncio.to_thread(
+                self._client.put_object,
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentType=content_type,
+                IfNoneMatch="*",
+            )
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "412"}:
+                return False
+            raise
+        return True
+
     def _get_sync(self, key: str, max_bytes: int | None) -> bytes:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=key)

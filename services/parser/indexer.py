@@ -3,7 +3,8 @@
 Watches both buckets (so every parser replica's writes are seen), and the dispatcher's scans bucket (read only) so a
 digest without a report shows the state `podsweep status` counts and why its last scan failed; marks the pages a change touches, and writes
 them at most every `index_flush_s` and once more on stop. index/summary.json is written last and records the KV
-revisions it reflects: a restarted parser re-indexes only entries newer than that, and never reads a report.
+revisions it reflects: a restarted parser re-indexes only entries newer than that. It reads a report only for a
+digest stored before the inverted index existed (no postings): it builds them once from the stored report and SBOM.
 Never decides what a report says; never writes KV.
 """
 
@@ -32,9 +33,12 @@ from schemas.index import (
     DigestSummary,
     IndexRevisions,
     PackageShard,
+    PackageVersion,
 )
+from schemas.refs import digest_hex
+from schemas.report import Report
 from schemas.state import DigestScanState, DigestWorkloads
-from services.parser import html
+from services.parser import html, sbom, vulnindex
 from services.parser.index import IndexModel, namespace_vulnerability_samples, vulnerability_samples
 from services.parser.vulnindex import VulnIndex
 
@@ -81,6 +85,7 @@ _summary_decoder = msgspec.json.Decoder(DigestSummary)
 _workloads_decoder = msgspec.json.Decoder(DigestWorkloads)
 _scans_decoder = msgspec.json.Decoder(DigestScanState)
 _postings_decoder = msgspec.json.Decoder(DigestPostings)
+_report_decoder = msgspec.json.Decoder(Report)
 HTML = "text/html; charset=utf-8"
 JAVASCRIPT = "text/javascript; charset=utf-8"
 MAX_SUMMARY_BYTES = 256 * 1024 * 1024
@@ -104,8 +109,11 @@ class Indexer:
         flush_s: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         scans: KeyValue | None = None,
+        max_report_bytes: int = 64 * 1024 * 1024,
+        max_sbom_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.store = store
+        self.max_report_bytes, self.max_sbom_bytes = max_report_bytes, max_sbom_bytes
         self.kv = {"summaries": summaries, "workloads": workloads}
         if scans is not None:
             self.kv["scans"] = scans
@@ -254,7 +262,11 @@ class Indexer:
             key = storage.postings_key(f"x@sha256:{hex_}")
             try:
                 data = await self.store.get_if_exists(key, MAX_SHARD_BYTES)
-                doc = _postings_decoder.decode(data) if data is not None else None
+                summary = self.model.summaries.get(hex_)
+                if data is None and summary is not None:
+                    doc = await self._backfill(summary)
+                else:
+                    doc = _postings_decoder.decode(data) if data is not None else None
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("postings unreadable, digest left out of the cve index", key=key, error=str(exc)[:200])
                 return
@@ -265,6 +277,36 @@ class Indexer:
                 self.vulns.apply_postings(hex_, doc)
 
         await _bounded([read(hex_) for hex_ in sorted(pending)])
+
+    async def _backfill(self, summary: DigestSummary) -> DigestPostings | None:
+        """The postings of a digest whose latest report was stored before the inverted index existed, built once
+        from that report (its history copy) and its SBOM, and stored unless the handler stored newer ones first."""
+        key = storage.postings_key(summary.digest_ref)
+        data = await self.store.get_if_exists(summary.history_key, self.max_report_bytes)
+        if data is None:
+            log.warning("no postings and no report: digest left out of the cve index", report=summary.history_key)
+            return None
+        try:
+            report = _report_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("stored report unreadable: digest left out of the cve index", report=summary.history_key,
+                        error=str(exc)[:200])  # fmt: skip
+            return None
+        packages: list[PackageVersion] | None = None
+        if summary.sbom_key is not None:
+            raw = await self.store.get_if_exists(summary.sbom_key, self.max_sbom_bytes)
+            with contextlib.suppress(sbom.SbomError):  # it was checked when kept
+                packages = sbom.check(raw, max_bytes=self.max_sbom_bytes).packages if raw is not None else None
+        doc = await postings_for(
+            self.store, report, summary.digest_ref, summary.scan_id, summary.finished_at, packages, self.max_sbom_bytes
+        )
+        if not await self.store.put_new(key, _encoder.encode(doc)):
+            self.pending_postings.add(
+                digest_hex(summary.digest_ref)
+            )  # the handler stored newer ones meanwhile: read those
+            return None
+        log.info("postings built for a digest stored before the cve index", digest=summary.digest_ref, key=key)
+        return doc
 
     async def _write_vulns(self, cve: set[str], package: set[str], digest: set[str], pages: set[str]) -> int:
         """The dirty shards, then the CVE pages (a page of an id no digest has any more is deleted)."""
@@ -363,6 +405,29 @@ class Indexer:
         for pump in self._pumps:
             pump.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
+
+
+async def postings_for(
+    store: ObjectStore,
+    report: Report,
+    digest_ref: str,
+    scan_id: str,
+    finished_at: datetime,
+    packages: list[PackageVersion] | None,
+    max_sbom_bytes: int,
+) -> DigestPostings:
+    """What a report puts in the inverted index. Without an SBOM from its scan, the packages come from the digest's
+    stored one: the same digest has the same files."""
+    if packages is None:
+        data = await store.get_if_exists(storage.latest_sbom_key(digest_ref), max_sbom_bytes)
+        try:
+            packages = sbom.check(data, max_bytes=max_sbom_bytes).packages if data is not None else None
+        except sbom.SbomError:
+            packages = None  # it was checked when kept; a bad one leaves the findings' packages
+    doc, skipped = vulnindex.postings_of(report, digest_ref, scan_id, finished_at, packages)
+    if skipped:
+        log.warning("findings left out of the CVE index: not vulnerability ids", digest=digest_ref, count=skipped)
+    return doc
 
 
 async def _bounded(calls: list[Coroutine[Any, Any, T]], limit: int = CONCURRENCY) -> list[T]:

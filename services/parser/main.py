@@ -31,8 +31,8 @@ from schemas.index import DigestSummary, PackageVersion
 from schemas.refs import digest_hex
 from schemas.report import Report
 from schemas.state import SCANS_BUCKET, SUMMARIES_BUCKET, WORKLOADS_BUCKET, DigestScanState, DigestWorkloads
-from services.parser import html, sbom, stored, vulnindex
-from services.parser.indexer import HTML, Indexer
+from services.parser import html, sbom, stored
+from services.parser.indexer import HTML, Indexer, postings_for
 
 SERVICE = "parser"
 # What it does on NATS (podsweep/natsaccess.py): deploy/base/nats/accounts.conf is generated from this.
@@ -256,19 +256,10 @@ class Parser:
         return stored.KeptSbom(key, info.trivy_version or report.trivy_version or None, info.packages)
 
     async def _postings(self, event: ScanCompleted, report: Report, packages: list[PackageVersion] | None) -> None:
-        """What this report puts in the inverted index (the indexer reads it when the summary changes). Without an
-        SBOM from this scan, the packages come from the digest's stored one: the same digest has the same files."""
-        if packages is None:
-            data = await self.store.get_if_exists(storage.latest_sbom_key(event.digest_ref), self.max_sbom)
-            try:
-                packages = sbom.check(data, max_bytes=self.max_sbom).packages if data is not None else None
-            except sbom.SbomError:
-                packages = None  # it was checked when kept; a bad one leaves the findings' packages
-        doc, skipped = vulnindex.postings_of(report, event.digest_ref, event.scan_id, event.finished_at, packages)
-        if skipped:
-            log.warning(
-                "findings left out of the CVE index: not vulnerability ids", digest=event.digest_ref, count=skipped
-            )
+        """What this report puts in the inverted index (the indexer reads it when the summary changes)."""
+        doc = await postings_for(
+            self.store, report, event.digest_ref, event.scan_id, event.finished_at, packages, self.max_sbom
+        )
         await self.store.put(storage.postings_key(event.digest_ref), _encoder.encode(doc))
 
     async def _digest_page(self, report: Report, summary: DigestSummary) -> None:
@@ -309,7 +300,15 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         summaries = await bus.kv(SUMMARIES_BUCKET)
         workloads = await bus.kv(WORKLOADS_BUCKET)
         scans = await bus.kv(SCANS_BUCKET)
-        indexer = Indexer(store, summaries, workloads, settings.parser.index_flush_s, scans=scans)
+        indexer = Indexer(
+            store,
+            summaries,
+            workloads,
+            settings.parser.index_flush_s,
+            scans=scans,
+            max_report_bytes=int(settings.parser.max_report_mb * MB),
+            max_sbom_bytes=int(settings.parser.max_sbom_mb * MB),
+        )
         await indexer.start()
         parser = Parser(bus, store, settings, summaries, workloads, scans)
         try:

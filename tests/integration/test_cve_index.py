@@ -16,7 +16,7 @@ from podsweep.config import NatsSettings, S3Settings
 from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
 from schemas.events import ScanCompleted
-from schemas.index import CveAnswer, CveShard
+from schemas.index import CveAnswer, CveShard, DigestPostings
 from schemas.state import SCANS_BUCKET, DigestScanState
 from tests.integration.test_parser import (
     T0,
@@ -170,6 +170,47 @@ async def test_podsweep_cve_shows_who_runs_a_cve_once_a_report_has_it_and_packag
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_digest_stored_before_the_cve_index_existed_is_indexed_from_its_stored_report_and_sbom(
+    nats_settings: NatsSettings, s3_settings: S3Settings
+) -> None:
+    app = digest_ref(510)
+    settings = make_settings(nats_settings, s3_settings)
+    store = ObjectStore(s3_settings)
+
+    async def indexed(cve_id: str) -> bool:
+        data = await store.get_if_exists(storage.cve_shard_key(storage.shard_of(cve_id)))
+        return data is not None and cve_id in msgspec.json.decode(data, type=CveShard).cves
+
+    async with running(settings) as h:
+        await h.publish(seen(app, "shop", "web", "registry.example.com/team/app:2.0"), subjects.IMAGE_SEEN, "c10")
+        await h.upload(app, scan_id(510), RESCAN, sbom=SBOM)
+        await h.complete(completed(app, scan_id(510), T0, sbom=True))
+        await eventually(lambda: indexed(NEW_CVE))
+    # What a parser from before the inverted index left behind: reports, summaries and SBOMs, no postings, no shards.
+    gone = [key for prefix in ("index/postings/", "index/by-", "index/cve/") for key in await store.list_keys(prefix)]
+    assert storage.postings_key(app) in gone
+    for key in gone:
+        await store.delete(key)
+    code, _, err = await cve(s3_settings, NEW_CVE)
+    assert code == 1, err
+
+    async with running(settings) as h:
+        await eventually(lambda: indexed(NEW_CVE))
+        postings = await h.get_json(storage.postings_key(app), DigestPostings)
+        assert (postings.scan_id, postings.finished_at, postings.sbom) == (scan_id(510), T0, True)
+    code, out, err = await cve(s3_settings, NEW_CVE, "--json")
+    assert code == 0, (out, err)
+    [row] = msgspec.json.decode(out, type=CveAnswer).affected
+    assert (row.namespace, row.workload and row.workload.name, row.fixed_version, row.since) == (
+        "shop",
+        "web",
+        "4.17.21",
+        T0,
+    )
+    code, out, _ = await cve(s3_settings, "--package", "musl", "--json")  # from the SBOM: no finding names musl
+    assert code == 0 and [r.digest_ref for r in msgspec.json.decode(out, type=CveAnswer).affected] == [app]
 
 
 async def test_a_cve_in_a_bucket_without_an_index_is_not_found_and_bad_input_is_an_error(

@@ -34,6 +34,12 @@ async def test_round_trip_and_bucket_creation_is_idempotent(store: ObjectStore) 
         await store.get("raw/missing.json")
 
 
+async def test_put_new_writes_only_where_no_object_is(store: ObjectStore) -> None:
+    assert await store.put_new("index/postings/aa.json", b"first")
+    assert not await store.put_new("index/postings/aa.json", b"second")
+    assert await store.get("index/postings/aa.json") == b"first"
+
+
 async def test_object_over_the_cap_is_refused_without_reading_it_whole(store: ObjectStore) -> None:
     await store.put("big.json", b"x" * 10_000)
     with pytest.raises(ObjectTooLarge, match="cap of 1000"):
