@@ -329,7 +329,7 @@ async def measure(
         calls_before = syscalls(notifier.pid)
         paced_from = time.perf_counter()
         load_before = load_average()
-        spy = sample_paced(args, name, notifier.pid)
+        spy = sample(args, name, notifier.pid) if args.py_spy_phase == "paced" else None
         paced = await phase(bus, receiver, dict(rest[: n - 1]), args.rate, 120)
         cpu_paced = cpu_s(notifier.pid)
         sys_paced = cpu_s(notifier.pid, (12,))
@@ -340,8 +340,12 @@ async def measure(
         paced_s = time.perf_counter() - paced_from
         burst = await phase(bus, receiver, dict(rest[n - 1 : 2 * n - 1]), None, 300)
         cpu_burst = cpu_s(notifier.pid)
+        spy = sample(args, name, notifier.pid) if args.py_spy_phase == "storm" else None
         storm = await phase(bus, receiver, storm_events, None, 600, alerts=args.storm_workloads)
         cpu_storm = cpu_s(notifier.pid)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
     finally:
         notifier.terminate()
         try:
@@ -395,9 +399,8 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
         servers = (nats, s3)
         results: dict[str, object] = {}
         if args.compare_with is not None:
-            results["old"] = await measure(
-                args, data, "old", args.compare_with, head + hook + "}\n", servers, receiver, 0
-            )
+            old_policy = ungrouped if args.old_rate else head + hook + "}\n"
+            results["old"] = await measure(args, data, "old", args.compare_with, old_policy, servers, receiver, 0)
         results["new"] = await measure(args, data, "new", REPO, ungrouped, servers, receiver, 10_000_000)
         if not args.skip_grouped:
             results["new_grouped"] = await measure(
@@ -439,11 +442,11 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, object]:
         nats.stop()
 
 
-def sample_paced(args: argparse.Namespace, name: str, pid: int) -> subprocess.Popen[bytes] | None:
-    """py-spy sampling the notifier's on-CPU stacks through the paced phase only (not start-up, not the burst)."""
+def sample(args: argparse.Namespace, name: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the notifier's on-CPU stacks through one phase only (`--py-spy-phase`)."""
     if args.py_spy is None or args.profile is None:
         return None
-    out = args.profile / f"notifier-{name}-paced.txt"
+    out = args.profile / f"notifier-{name}-{args.py_spy_phase}.txt"
     return subprocess.Popen(
         [
             str(args.py_spy),
@@ -482,6 +485,11 @@ def main() -> None:
         default=None,
         help="another source tree (e.g. a `git worktree` of main): its notifier runs the same phases first",
     )
+    parser.add_argument(
+        "--old-rate",
+        action="store_true",
+        help="give the --compare-with tree the same webhook rate as the new one (a tree that knows rate_per_s)",
+    )
     parser.add_argument("--skip-grouped", action="store_true", help="skip the run at the default webhook rate")
     parser.add_argument("--idle-s", type=float, default=10.0, help="seconds the idle CPU is measured over")
     parser.add_argument("--profile", type=Path, default=None, help="run the notifiers under cProfile, into this dir")
@@ -489,8 +497,9 @@ def main() -> None:
         "--py-spy",
         type=Path,
         default=None,
-        help="with --profile: sample the paced phase with this py-spy binary (on-CPU stacks, raw) instead of cProfile",
+        help="with --profile: sample one phase with this py-spy binary (on-CPU stacks, raw) instead of cProfile",
     )
+    parser.add_argument("--py-spy-phase", choices=("paced", "storm"), default="paced", help="the phase py-spy samples")
     parser.add_argument("--concurrency", type=int, default=8, help="notifier consumer and outbox concurrency")
     parser.add_argument("--storm-workloads", type=int, default=2000, help="workloads that breach at once in the storm")
     parser.add_argument("--storm-digests", type=int, default=300, help="the digests they run, one report each")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import random
 import time
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
@@ -409,6 +410,7 @@ class Pacer:
         self.wake = asyncio.Event()
         self.sending: set[asyncio.Task[None]] = set()
         self.ack_wait_s = deliverer.settings.notifier.outbox_ack_wait_s
+        self.kept_alive_at = -1e9  # when held alerts were last looked over (monotonic)
 
     # -- intake -------------------------------------------------------------------------------------------------
     async def add(self, entry: OutboxEntry, delivery: busmod.Delivery) -> busmod.Settled:
@@ -529,25 +531,24 @@ class Pacer:
         groups = bool(getattr(dest, "group_alerts", False))
         chunks: list[list[GroupMember]] = []
         if tokens > 0 and self.free:
-            members = [h.member for h in self.free.values()]
             kind = kind_of(dest)
             cluster = next(iter(self.free.values())).entry.cluster
             max_bytes = dest.max_body_bytes if isinstance(dest, WebhookDestination) else 0
             if groups:
+                members = [h.member for h in self.free.values()]
                 chunks = grouping.split(
                     members, lambda ms: messages.group_fits(kind, ms, cluster, max_bytes), limit=tokens
                 )
-            else:  # one message per alert, at the destination's rate
-                chunks = [[m] for m in members[:tokens]]
-        keys = list(self.free)
+            else:  # one message per alert, at the destination's rate (only the first `tokens` are looked at)
+                chunks = [[h.member] for h in itertools.islice(self.free.values(), tokens)]
         waiting, start = [], 0
         for chunk in chunks:
             start += len(chunk)
-            oldest = self.free[keys[start - len(chunk)]].arrived
+            oldest = self.free[chunk[0].id].arrived  # a member's id is its alert's key
             # Without grouping nothing is gained by waiting: every message counts as full.
-            waiting.append(pace.Waiting(oldest=oldest, full=start < len(keys) or not groups))
-        if not chunks and keys:  # not split (nothing may leave now): at least one message waits
-            waiting.append(pace.Waiting(oldest=self.free[keys[0]].arrived, full=False))
+            waiting.append(pace.Waiting(oldest=oldest, full=start < len(self.free) or not groups))
+        if not chunks and self.free:  # not split (nothing may leave now): at least one message waits
+            waiting.append(pace.Waiting(oldest=next(iter(self.free.values())).arrived, full=False))
         storm = pace.in_storm(rules, self.throttled, self.last_sent, now)
         leaving = pace.what_leaves(rules, tokens, len(self.resends), waiting, storm, self.last_arrival, now)
         self.throttled = leaving.throttled
@@ -582,7 +583,13 @@ class Pacer:
             log.error("alert send failed unexpectedly", destination=self.destination, error=repr(task.exception()))
 
     async def _keep_alive(self, now: float) -> None:
-        """Reset the ack wait of alerts held for a third of it, so a paced alert is not redelivered meanwhile."""
+        """Reset the ack wait of alerts held for a third of it, so a paced alert is not redelivered meanwhile.
+
+        Looks them over at most every sixth of the ack wait (so none waits more than half of it), not in every round:
+        in a storm a round comes with every send, and thousands are held."""
+        if now - self.kept_alive_at < self.ack_wait_s / 6:
+            return
+        self.kept_alive_at = now
         groups = {id(g): g for g in [*self.resends.values(), *self.owners.values()]}.values()
         stale = [
             h
