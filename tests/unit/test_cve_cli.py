@@ -42,7 +42,16 @@ def test_bad_input_gets_a_clear_answer_and_exit_2(args: list[str], says: str) ->
     assert "Traceback" not in result.output
 
 
-def test_an_unreachable_store_is_an_error_naming_the_bucket_not_a_traceback() -> None:
-    result = CliRunner().invoke(app, ["cve", "CVE-2024-3094"], env={**ENV, "PODSWEEP_S3_BUCKET": "podsweep"})
+@pytest.mark.parametrize(
+    ("path_style", "says"),
+    [
+        ("true", "s3: cannot reach http://127.0.0.1:9 (bucket podsweep, key index/by-cve/"),  # stdlib GETs
+        ("false", "s3: cannot read index/ from bucket podsweep"),  # virtual-hosted: boto3's
+    ],
+    ids=["presigned_get", "boto3"],
+)
+def test_an_unreachable_store_is_an_error_naming_the_bucket_not_a_traceback(path_style: str, says: str) -> None:
+    env = {**ENV, "PODSWEEP_S3_BUCKET": "podsweep", "PODSWEEP_S3_PATH_STYLE": path_style}
+    result = CliRunner().invoke(app, ["cve", "CVE-2024-3094"], env=env)
     assert result.exit_code == 2, result.output
-    assert "s3: cannot read index/ from bucket podsweep" in result.output and "Traceback" not in result.output
+    assert says in result.output and "Traceback" not in result.output
