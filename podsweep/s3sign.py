@@ -106,9 +106,9 @@ def path_style_root(
     endpoint_url: str, region: str, bucket: str, path_style: bool, environ: Mapping[str, str], aws_config: bool
 ) -> str | None:
     """The bucket's root URL (trailing slash) as botocore addresses it path style, or None where only botocore can
-    say: virtual-hosted addressing, an endpoint with user info, a query, an explicit default port (the Host sent
-    would not be the host signed) or an unusual path; AWS outside the commercial partition's plain regions, or with
-    anything set in `environ` or a shared config file (`aws_config`) that can move botocore's endpoint."""
+    say: virtual-hosted addressing; an endpoint with user info, a query, an unusual path, an upper-case host or an
+    explicit default port (the Host sent would not be the host signed); AWS outside the commercial partition's plain
+    regions, or with anything set in `environ` or a shared config file (`aws_config`) that can move its endpoint."""
     if not path_style:
         return None
     if endpoint_url:
@@ -118,6 +118,7 @@ def path_style_root(
             default_port is None
             or not parts.netloc
             or "@" in parts.netloc
+            or parts.netloc != parts.netloc.lower()  # botocore signs the host lower-cased; http.client sends it as is
             or parts.netloc.endswith(default_port)
             or parts.query
             or parts.fragment

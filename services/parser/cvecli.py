@@ -246,7 +246,7 @@ def _print_table(result: CveAnswer) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from services.parser.cli import shown
+    from services.parser.richtext import shown
 
     title = f"{result.query}: {result.digests} digests, {len(result.affected)} workloads"
     if result.title:

@@ -1,11 +1,18 @@
-"""`podsweep cve` refuses bad input before it reads anything: a clear message and exit 2, never a traceback."""
+"""`podsweep cve` refuses bad input before it reads anything: a clear message and exit 2, never a traceback; and it
+imports only what it reads with."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from podsweep_cli.app import app
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Nothing listens here: a command that got past its input checks would fail with an S3 error, not these messages.
 ENV = {
@@ -55,3 +62,14 @@ def test_an_unreachable_store_is_an_error_naming_the_bucket_not_a_traceback(path
     result = CliRunner().invoke(app, ["cve", "CVE-2024-3094"], env=env)
     assert result.exit_code == 2, result.output
     assert says in result.output and "Traceback" not in result.output
+
+
+def test_the_cve_command_loads_neither_boto3_nor_aiohttp_nor_asyncio() -> None:
+    """What `podsweep cve` imports before it reads (its table's rich comes later, and only for a table)."""
+    probe = (
+        "import sys; from services.parser import cvecli; "
+        "print(' '.join(m for m in ('boto3', 'botocore', 'aiohttp', 'asyncio', 'yaml', 'podsweep.embedded') "
+        "if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.split() == []
