@@ -168,7 +168,15 @@ def _runs(index: _Index, hexes: Iterable[str]) -> dict[str, DigestRuns]:
     """Who runs each digest: the digest shards they fall in, read at once; only these digests' entries decoded."""
     by_key: dict[str, list[str]] = {}
     for hex_ in hexes:
-        by_key.setdefault(storage.digest_shard_key(hex_[:2]), []).append(hex_)
+        try:
+            shard_key = storage.digest_shard_key(hex_[:2])
+        except ValueError:
+            raise Failed(
+                f"a shard of index/ in bucket {index.bucket} is not a podsweep document (it names a digest "
+                f"{hex_[:80]!r}, not a SHA-256 hex)",
+                ERROR,
+            ) from None
+        by_key.setdefault(shard_key, []).append(hex_)
     keys = sorted(by_key)
     runs: dict[str, DigestRuns] = {}
     for key, data in zip(keys, index.read(keys), strict=True):

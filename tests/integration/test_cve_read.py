@@ -132,6 +132,22 @@ async def test_a_refused_signature_names_the_key_and_the_status(indexed: S3Setti
     assert not any("Traceback" in line for line in err)
 
 
+async def test_a_shard_naming_a_digest_that_is_not_a_hex_is_an_error_not_a_traceback(s3_settings: S3Settings) -> None:
+    store = ObjectStore(s3_settings)
+    await store.ensure_bucket()
+    shard = storage.shard_of(CVE)
+    hits = [{"package": "xz-utils", "installed_version": "5.6.0", "severity": "CRITICAL", "since": T0.isoformat()}]
+    doc = {"shard": shard, "cves": {CVE: {"digests": {"../../etc": hits}}}}
+    await store.put(storage.cve_shard_key(shard), msgspec.json.encode(doc))
+    for path_style in (True, False):
+        code, _, err = await cve(s3_settings, CVE, path_style=path_style)
+        assert code == 2, err
+        assert err[0] == (
+            f"a shard of index/ in bucket {s3_settings.bucket} is not a podsweep document (it names a digest "
+            "'../../etc', not a SHA-256 hex)"
+        ), err
+
+
 class _Failing(BaseHTTPRequestHandler):
     """An S3 endpoint in trouble: every GET is a 500 with an S3 error body."""
 
