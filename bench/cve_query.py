@@ -3,7 +3,13 @@ over a generated index of 10,000 digests, 50,000 workloads and 200,000 findings;
 scanning every digest's stored report for the id (what jq over every VulnerabilityReport does), from S3 and from
 memory.
 
-Run: .venv/bin/python bench/cve_query.py [--digests N] [--cli-runs N]. The last line is one JSON object.
+With --compare-with DIR, the `podsweep cve` of another source tree (e.g. `git worktree add DIR main`) answers the
+same queries against the same bucket, each query old then new, so both meet the same load: its figures are the
+`old_`-prefixed keys of the same JSON line. The CLI runs with bytecode caching on (as an installed package does), after
+one warm-up run per tree.
+
+Run: .venv/bin/python bench/cve_query.py [--digests N] [--cli-runs N] [--compare-with DIR]. The last line is one JSON
+object, with the load average, since the machine is shared.
 """
 
 from __future__ import annotations
@@ -164,12 +170,38 @@ async def baseline_s3(store: ObjectStore, cve: str, reports: int) -> tuple[float
     return time.perf_counter() - started, hits
 
 
-def run_cli(env: dict[str, str], *args: str) -> tuple[float, int, str]:
+def run_cli(env: dict[str, str], root: Path, *args: str) -> tuple[float, int, str]:
+    """`podsweep cve …` of the source tree at `root`, in its own process."""
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "podsweep_cli", *args], env=env, capture_output=True, text=True, check=False, cwd=ROOT
+        [sys.executable, "-m", "podsweep_cli", *args],
+        env={**env, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=root,
     )
     return time.perf_counter() - started, proc.returncode, proc.stdout
+
+
+class CliTimes(msgspec.Struct):
+    startup: list[float] = []
+    typical: list[float] = []
+    wide: list[tuple[str, float, int]] = []
+    package: list[float] = []
+
+
+def cli_figures(times: CliTimes, wide: str, widest: str, prefix: str) -> dict[str, object]:
+    wide_s = [s for cve, s, _ in times.wide if cve == wide]
+    widest_s = [s for cve, s, _ in times.wide if cve == widest]
+    return {
+        f"{prefix}cli_p50_s": round(statistics.median(times.typical), 3),
+        f"{prefix}cli_p99_s": round(percentile(times.typical, 0.99), 3),
+        f"{prefix}cli_package_p50_s": round(statistics.median(times.package), 3),
+        f"{prefix}cli_imports_p50_s": round(statistics.median(times.startup), 3),
+        f"{prefix}cli_wide_p50_s": round(statistics.median(wide_s), 3),
+        f"{prefix}cli_widest_p50_s": round(statistics.median(widest_s), 3),
+    }
 
 
 async def main() -> None:
@@ -179,6 +211,7 @@ async def main() -> None:
     parser.add_argument("--findings", type=int, default=200_000)
     parser.add_argument("--cli-runs", type=int, default=20)
     parser.add_argument("--baseline-runs", type=int, default=3)
+    parser.add_argument("--compare-with", type=Path, help="another source tree whose `podsweep cve` runs alongside")
     args = parser.parse_args()
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32))
 
@@ -279,53 +312,58 @@ async def main() -> None:
                 "PODSWEEP_S3_PATH_STYLE": "true",
                 "PODSWEEP_DATA_DIR": str(Path(work) / "no-up-here"),
             }
+            env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: the modules' bytecode is cached
+            trees = {"": ROOT} if args.compare_with is None else {"old_": args.compare_with.resolve(), "": ROOT}
+            for root in trees.values():  # the warm-up writes each tree's bytecode
+                assert (await asyncio.to_thread(run_cli, env, root, "cve", typical[0], "--json"))[1] == 0
             # The floor: the interpreter alone, and `podsweep cve` refusing a malformed id (its imports, no S3).
             python_floor = []
             for _ in range(5):
                 t = time.perf_counter()
                 await asyncio.to_thread(subprocess.run, [sys.executable, "-c", "pass"], check=True)
                 python_floor.append(time.perf_counter() - t)
-            startup = [await asyncio.to_thread(run_cli, env, "cve", "CVE-1") for _ in range(5)]
-            assert all(code == 2 for _, code, _ in startup)
-            cli = []
+            times = {prefix: CliTimes() for prefix in trees}
+            for _ in range(5):
+                for prefix, root in trees.items():
+                    seconds, code, _ = await asyncio.to_thread(run_cli, env, root, "cve", "CVE-1")
+                    assert code == 2
+                    times[prefix].startup.append(seconds)
             for cve in typical[: args.cli_runs]:
-                seconds, code, out = await asyncio.to_thread(run_cli, env, "cve", cve, "--json")
-                assert code == 0, (code, out)
-                assert len(json.loads(out)["affected"]) == len(model.lookup_cve(cve).affected)
-                cli.append(seconds)
-            cli_wide = []
+                for prefix, root in trees.items():
+                    seconds, code, out = await asyncio.to_thread(run_cli, env, root, "cve", cve, "--json")
+                    assert code == 0, (code, out)
+                    assert len(json.loads(out)["affected"]) == len(model.lookup_cve(cve).affected)
+                    times[prefix].typical.append(seconds)
             for cve in (wide, widest) * 3:
-                seconds, code, out = await asyncio.to_thread(run_cli, env, "cve", cve, "--json")
-                assert code == 0
-                cli_wide.append((cve, seconds, len(json.loads(out)["affected"])))
-            cli_package = []
+                answers = set()
+                for prefix, root in trees.items():
+                    seconds, code, out = await asyncio.to_thread(run_cli, env, root, "cve", cve, "--json")
+                    assert code == 0
+                    times[prefix].wide.append((cve, seconds, len(json.loads(out)["affected"])))
+                    answers.add(out)
+                assert len(answers) == 1, "the two trees answered differently"
             for name in rare_packages[: args.cli_runs // 2]:
-                seconds, code, out = await asyncio.to_thread(run_cli, env, "cve", "--package", name, "--json")
-                assert code == 0
-                cli_package.append(seconds)
-            missing = await asyncio.to_thread(run_cli, env, "cve", "CVE-2099-99999")
+                for prefix, root in trees.items():
+                    seconds, code, out = await asyncio.to_thread(run_cli, env, root, "cve", "--package", name, "--json")
+                    assert code == 0
+                    times[prefix].package.append(seconds)
+            missing = await asyncio.to_thread(run_cli, env, ROOT, "cve", "CVE-2099-99999")
             assert missing[1] == 1
         finally:
             s3.stop()
 
-    wide_s = [s for cve, s, _ in cli_wide if cve == wide]
-    widest_s = [s for cve, s, _ in cli_wide if cve == widest]
-    result = {
+    cli = times[""].typical
+    result: dict[str, object] = {
         "digests": args.digests,
         "workloads": sum(len(w.runs) for w in world.workloads.values()),
         "findings": sum(len(p.vulns) for p in world.postings.values()),
         "cves": len(model.cves),
         "package_names": len(model.packages),
-        "cli_p50_s": round(statistics.median(cli), 3),
-        "cli_p99_s": round(percentile(cli, 0.99), 3),
-        "cli_package_p50_s": round(statistics.median(cli_package), 3),
-        "cli_imports_p50_s": round(statistics.median(s for s, _, _ in startup), 3),
+        **{key: value for prefix in trees for key, value in cli_figures(times[prefix], wide, widest, prefix).items()},
         "python_startup_p50_s": round(statistics.median(python_floor), 3),
         "cli_wide_digests": reach[wide],
-        "cli_wide_rows": next(rows for cve, _, rows in cli_wide if cve == wide),
-        "cli_wide_p50_s": round(statistics.median(wide_s), 3),
+        "cli_wide_rows": next(rows for cve, _, rows in times[""].wide if cve == wide),
         "cli_widest_digests": reach[widest],
-        "cli_widest_p50_s": round(statistics.median(widest_s), 3),
         "lookup_p50_ms": round(statistics.median(lookups), 4),
         "lookup_p99_ms": round(percentile(lookups, 0.99), 4),
         "package_lookup_p50_ms": round(statistics.median(package_lookups), 4),
@@ -342,6 +380,7 @@ async def main() -> None:
         "index_objects": len(cve_dirty) + len(package_dirty) + len(digest_dirty),
         "cve_shard_bytes_mean": round(shard_bytes["cve"]),
         "digest_shard_bytes_mean": round(shard_bytes["digest"]),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result))
 

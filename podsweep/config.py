@@ -12,10 +12,12 @@ import tomllib
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import msgspec
-import yaml
+
+if TYPE_CHECKING:
+    import yaml
 
 ENV_PREFIX = "PODSWEEP_"
 SECRET_FIELDS = frozenset({"secret_access_key", "creds_file_contents", "hmac_key", "token", "password"})
@@ -436,12 +438,19 @@ def _read_file(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"config: file {str(path)!r} cannot be read: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except tomllib.TOMLDecodeError as exc:  # says where (line, column), never the text there
-        raise ConfigError(f"config: {path}: not valid TOML: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path}: not valid YAML: {_yaml_problem(exc)}") from None
+    data: Any
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:  # says where (line, column), never the text there
+            raise ConfigError(f"config: {path}: not valid TOML: {exc}") from None
+    else:
+        import yaml  # only for a YAML file: a command configured by the environment does not load PyYAML
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -451,6 +460,8 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What PyYAML found and where, without the snippet of the file it quotes (that line may hold a password)."""
+    import yaml
+
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

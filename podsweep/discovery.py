@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
-from podsweep import embedded
 from podsweep.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from podsweep import embedded
 
 FILE = "up.json"
 T = TypeVar("T")
@@ -48,6 +50,8 @@ def describe(
     settings: Settings, data_dir: Path, pid: int, nats: embedded.EmbeddedNats | None, s3: embedded.EmbeddedS3 | None
 ) -> UpServers:
     """What to write for the servers `up` started, with the names `settings` (already pointing at them) use."""
+    from podsweep import embedded  # here, not at the top: a CLI command that only reads (`podsweep cve`) needs none
+
     root = data_dir.absolute()
     return UpServers(
         pid=pid,
@@ -72,6 +76,8 @@ def describe(
 
 
 def write(data_dir: Path, servers: UpServers) -> Path:
+    from podsweep import embedded
+
     path = data_dir / FILE
     embedded.write_private(path, msgspec.json.encode(servers))
     return path
@@ -120,6 +126,8 @@ def apply(settings: Settings) -> Settings:
     found = read(Path(settings.data_dir))
     if found is None or not _running(found.pid):
         return settings
+    from podsweep import embedded  # its credential files' types; the module itself is for `up`
+
     if found.nats is not None and not settings.nats.url:
         user = _credentials(found.nats.credentials_file, embedded.NatsUser)
         nats = msgspec.structs.replace(

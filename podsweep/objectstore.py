@@ -1,21 +1,17 @@
 """The one S3 client: any S3-compatible endpoint, bucket creation, bounded reads, presigned URLs for one key.
 
 boto3 is synchronous; every call runs in a worker thread so the event loop never blocks on storage. Presigning with
-static keys is our own SigV4 query signer (botocore's builds a request object per URL); it must never sign anything but one
-key and one method.
+static keys is our own SigV4 query signer (podsweep/s3sign.py; botocore's builds a request object per URL); it must never
+sign anything but one key and one method.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
-import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from urllib.parse import quote, urlencode, urlsplit
+from datetime import UTC, datetime
+from urllib.parse import urlencode
 
 import aiohttp
 import boto3
@@ -24,6 +20,7 @@ from botocore.config import Config
 from opentelemetry import metrics
 
 from podsweep.config import S3Settings
+from podsweep.s3sign import QuerySigner as QuerySigner  # where the static-key signer lives; imported from here too
 from schemas.storage import StorageKey, checked_key
 
 requests_counter = metrics.get_meter("podsweep.objectstore").create_counter(
@@ -56,82 +53,6 @@ class StoredObject:
     key: str
     size: int
     etag: str
-
-
-_ALGORITHM = "AWS4-HMAC-SHA256"
-
-
-class QuerySigner:
-    """SigV4 query-string presigning for static credentials, the same URL botocore's S3 presign makes.
-
-    `base` is the URL of the bucket's root with a trailing slash as botocore addresses it (path or virtual-hosted);
-    the signing key is derived once per UTC day. Only `host` is signed and the payload is UNSIGNED-PAYLOAD, as in
-    botocore's presigned PUT and GET: the URL is good for one method on one key until it expires.
-    """
-
-    def __init__(self, base: str, region: str, access_key_id: str, secret_access_key: str) -> None:
-        parts = urlsplit(base)
-        if not parts.scheme or not parts.netloc or not parts.path.endswith("/"):
-            raise ValueError(f"s3: cannot presign under {base!r} (expected scheme://host/[bucket/])")
-        self._origin = f"{parts.scheme}://{parts.netloc}"
-        self._host = parts.netloc
-        self._prefix = parts.path
-        self._region = region
-        self._access_key_id = access_key_id
-        self._secret = secret_access_key.encode()
-        self._day = ""
-        self._key = b""
-
-    def presign_post(
-        self, bucket: str, key: StorageKey, expires_s: int, max_bytes: int, now: datetime
-    ) -> tuple[str, dict[str, str]]:
-        """A browser-style POST upload (SigV4 POST policy) of at most `max_bytes` to exactly `key`, until `expires_s`
-        seconds from `now`: the bucket's URL and the form fields to send before the file.
-
-        The only S3 upload that bounds an unknown size: a presigned PUT can sign an exact Content-Length only, and
-        `content-length-range` exists in POST policies alone. SeaweedFS refuses a larger body with 400 EntityTooLarge.
-        """
-        checked_key(key)
-        if max_bytes < 1:
-            raise ValueError(f"s3: an upload bound of {max_bytes} bytes allows nothing")
-        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-        day = stamp[:8]
-        credential = f"{self._access_key_id}/{day}/{self._region}/s3/aws4_request"
-        expiration = (now.astimezone(UTC) + timedelta(seconds=int(expires_s))).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        fields = {"key": key, "x-amz-algorithm": _ALGORITHM, "x-amz-credential": credential, "x-amz-date": stamp}
-        conditions: list[object] = [{"bucket": bucket}, ["content-length-range", 0, max_bytes]]
-        conditions += [{name: value} for name, value in fields.items()]
-        policy = base64.b64encode(json.dumps({"expiration": expiration, "conditions": conditions}).encode()).decode()
-        signature = hmac.new(self._signing_key(day), policy.encode(), hashlib.sha256).hexdigest()
-        return f"{self._origin}{self._prefix}", {**fields, "policy": policy, "x-amz-signature": signature}
-
-    def _signing_key(self, day: str) -> bytes:
-        if day != self._day:
-            key = hmac.digest(b"AWS4" + self._secret, day.encode(), "sha256")
-            for part in (self._region, "s3", "aws4_request"):
-                key = hmac.digest(key, part.encode(), "sha256")
-            self._day, self._key = day, key
-        return self._key
-
-    def presign(self, method: str, key: StorageKey, expires_s: int, now: datetime) -> str:
-        """A URL for `method` on exactly `key`, valid `expires_s` seconds from `now` (an aware UTC instant).
-
-        The key is checked again (a NewType can be forged with a cast): an empty key would sign the bucket's root."""
-        checked_key(key)
-        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-        day = stamp[:8]
-        path = self._prefix + quote(key, safe="/~")
-        credential = f"{self._access_key_id}/{day}/{self._region}/s3/aws4_request"
-        # Already in sorted order, as the canonical query string requires.
-        query = (
-            f"X-Amz-Algorithm={_ALGORITHM}&X-Amz-Credential={quote(credential, safe='-_.~')}"
-            f"&X-Amz-Date={stamp}&X-Amz-Expires={int(expires_s)}&X-Amz-SignedHeaders=host"
-        )
-        canonical = f"{method}\n{path}\n{query}\nhost:{self._host}\n\nhost\nUNSIGNED-PAYLOAD"
-        scope = f"{day}/{self._region}/s3/aws4_request"
-        to_sign = f"{_ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
-        return f"{self._origin}{path}?{query}&X-Amz-Signature={signature}"
 
 
 class ObjectStore:

@@ -14,7 +14,6 @@ from typing import Annotated, TypeVar
 import msgspec
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from podsweep import discovery
@@ -26,15 +25,9 @@ from schemas.events import SEVERITIES, Severity, SeverityCounts
 from schemas.index import IndexedDigest, NamespaceIndex, SummaryIndex
 from schemas.refs import DIGEST_REF_RE, DNS_LABEL_PATTERN
 from schemas.report import Report, SourceFormat
+from services.parser.richtext import shown
 
 NOT_A_REPORT = 2
-# The stored report has no C0 controls; C1 (U+0080-U+009F) is legal text there but some terminals act on it.
-_C1 = dict.fromkeys(range(0x80, 0xA0))
-
-
-def shown(value: str) -> str:
-    """Text from a scanned image, safe to hand to rich: no markup, no C1 control characters."""
-    return escape(value.translate(_C1))
 
 
 report_app = typer.Typer(no_args_is_help=True, help="Read Trivy reports: a local file, or the ones podsweep stored.")

@@ -8,21 +8,24 @@ a script asking "who runs it?" waits for its answer, not for a CLI framework's i
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
-from podsweep import discovery
-from podsweep.config import ConfigError
-from podsweep.objectstore import ObjectStore
+from podsweep import discovery, s3sign
+from podsweep.config import ConfigError, S3Settings
+from podsweep.s3read import PresignedReader, ReadFailed
 from schemas import storage
-from schemas.index import CveAnswer, CveShard, DigestRuns, DigestRunsShard, PackageShard
+from schemas.index import CveAnswer, CveDigests, DigestRuns, PackageVersion
 from schemas.refs import vuln_id
 from services.parser import vulnindex
+
+if TYPE_CHECKING:
+    from podsweep.objectstore import ObjectStore
 
 FOUND, NOT_FOUND, ERROR = 0, 1, 2
 MAX_SHARD_BYTES = 64 * 1024 * 1024
@@ -68,7 +71,61 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _store(config: str | None) -> ObjectStore:
+class _Index:
+    """Where index/ is read from: plain GETs signed here and sent with the stdlib (static keys and a path-style
+    address podsweep builds exactly: podsweep/s3sign.py), else ObjectStore (boto3), imported only then, for the
+    credentials and addressing that only botocore resolves (the environment chain, IRSA, virtual-hosted)."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.bucket = settings.bucket
+        self._reader: PresignedReader | None = None
+        self._store: ObjectStore | None = None
+        root = s3sign.path_style_root(
+            settings.endpoint_url,
+            settings.region,
+            settings.bucket,
+            settings.path_style,
+            os.environ,
+            _aws_config_exists(),
+        )
+        if root is not None and settings.access_key_id and settings.secret_access_key:
+            signer = s3sign.QuerySigner(root, settings.region, settings.access_key_id, settings.secret_access_key)
+            self._reader = PresignedReader(signer, settings.bucket)
+        else:
+            from podsweep.objectstore import ObjectStore
+
+            self._store = ObjectStore(settings)
+
+    def read(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Each key's bytes, None when absent; Failed when the store cannot be read."""
+        if self._reader is not None:
+            try:
+                return self._reader.get_many(keys, MAX_SHARD_BYTES)
+            except ReadFailed as exc:
+                raise Failed(str(exc), ERROR) from None
+        assert self._store is not None
+        return _read_with_boto3(self._store, keys)
+
+
+def _aws_config_exists() -> bool:
+    return os.path.exists(os.path.expanduser("~/.aws/config"))
+
+
+def _read_with_boto3(store: ObjectStore, keys: Sequence[str]) -> list[bytes | None]:
+    import asyncio
+
+    async def read_all() -> list[bytes | None]:
+        with ThreadPoolExecutor(min(32, len(keys) or 1)) as pool:  # one GET per thread, all at once
+            asyncio.get_running_loop().set_default_executor(pool)
+            return list(await asyncio.gather(*(store.get_if_exists(key, MAX_SHARD_BYTES) for key in keys)))
+
+    try:
+        return asyncio.run(read_all())
+    except Exception as exc:  # the S3 client's errors are many; every one is fatal to a read-only command
+        raise Failed(f"s3: cannot read index/ from bucket {store.bucket}: {exc}", ERROR) from None
+
+
+def _index(config: str | None) -> _Index:
     try:
         settings = discovery.load_for_cli(config)
     except ConfigError as exc:
@@ -78,37 +135,58 @@ def _store(config: str | None) -> ObjectStore:
             "note: no S3 endpoint or credentials configured and no running `podsweep up` here; using the AWS defaults",
             file=sys.stderr,
         )
-    return ObjectStore(settings.s3)
+    return _Index(settings.s3)
 
 
-def _read_many(store: ObjectStore, keys: Sequence[str], typ: type[T]) -> dict[str, T]:
-    """Several stored documents at once (absent ones left out)."""
+class _CveShardView(msgspec.Struct):
+    """A CveShard with its entries left undecoded: only the one asked for is decoded (and validated)."""
 
-    async def read_all() -> list[bytes | None]:
-        with ThreadPoolExecutor(min(32, len(keys) or 1)) as pool:  # one GET per thread, all at once
-            asyncio.get_running_loop().set_default_executor(pool)
-            return list(await asyncio.gather(*(store.get_if_exists(key, MAX_SHARD_BYTES) for key in keys)))
+    cves: dict[str, msgspec.Raw] = {}
 
+
+class _PackageShardView(msgspec.Struct):
+    packages: dict[str, msgspec.Raw] = {}
+
+
+class _DigestRunsShardView(msgspec.Struct):
+    digests: dict[str, msgspec.Raw] = {}
+
+
+def _decoded(index: _Index, key: str, data: bytes, typ: type[T]) -> T:
     try:
-        found = asyncio.run(read_all())
-    except Exception as exc:  # the S3 client's errors are many; every one is fatal to a read-only command
-        raise Failed(f"s3: cannot read index/ from bucket {store.bucket}: {exc}", ERROR) from None
-    out: dict[str, T] = {}
-    for key, data in zip(keys, found, strict=True):
+        return msgspec.json.decode(data, type=typ)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise Failed(f"{key} in bucket {index.bucket} is not a podsweep document ({exc})", ERROR) from None
+
+
+def _shard(index: _Index, key: str, view: type[T]) -> T | None:
+    [data] = index.read([key])
+    return _decoded(index, key, data, view) if data is not None else None
+
+
+def _runs(index: _Index, hexes: Iterable[str]) -> dict[str, DigestRuns]:
+    """Who runs each digest: the digest shards they fall in, read at once; only these digests' entries decoded."""
+    by_key: dict[str, list[str]] = {}
+    for hex_ in hexes:
+        try:
+            shard_key = storage.digest_shard_key(hex_[:2])
+        except ValueError:
+            raise Failed(
+                f"a shard of index/ in bucket {index.bucket} is not a podsweep document (it names a digest "
+                f"{hex_[:80]!r}, not a SHA-256 hex)",
+                ERROR,
+            ) from None
+        by_key.setdefault(shard_key, []).append(hex_)
+    keys = sorted(by_key)
+    runs: dict[str, DigestRuns] = {}
+    for key, data in zip(keys, index.read(keys), strict=True):
         if data is None:
             continue
-        try:
-            out[key] = msgspec.json.decode(data, type=typ)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise Failed(f"{key} in bucket {store.bucket} is not a podsweep document ({exc})", ERROR) from None
-    return out
-
-
-def _runs(store: ObjectStore, hexes: Iterable[str]) -> dict[str, DigestRuns]:
-    keys = sorted({storage.digest_shard_key(hex_[:2]) for hex_ in hexes})
-    runs: dict[str, DigestRuns] = {}
-    for shard in _read_many(store, keys, DigestRunsShard).values():
-        runs.update(shard.digests)
+        shard = _decoded(index, key, data, _DigestRunsShardView).digests
+        for hex_ in by_key[key]:
+            raw = shard.get(hex_)
+            if raw is not None:
+                runs[hex_] = _decoded(index, key, raw, DigestRuns)
     return runs
 
 
@@ -126,23 +204,25 @@ def answer(cve_id: str | None, package: str | None, config: str | None) -> tuple
                 "as DLA-3449-1)",
                 ERROR,
             )
-        store = _store(config)
+        index = _index(config)
         key = storage.cve_shard_key(storage.shard_of(canonical))
-        shard = _read_many(store, [key], CveShard).get(key)
-        entry = shard.cves.get(canonical) if shard is not None else None
-        runs = _runs(store, entry.digests) if entry is not None else {}
+        shard = _shard(index, key, _CveShardView)
+        raw = shard.cves.get(canonical) if shard is not None else None
+        entry = _decoded(index, key, raw, CveDigests) if raw is not None else None
+        runs = _runs(index, entry.digests) if entry is not None else {}
         return vulnindex.answer_cve(canonical, entry, runs), f"{canonical}: no stored report has it"
     assert package is not None
     try:
         name, version = vulnindex.package_query(package)
     except vulnindex.BadQuery as exc:
         raise Failed(str(exc), ERROR) from None
-    store = _store(config)
+    index = _index(config)
     wanted = vulnindex.package_key(name)
     key = storage.package_shard_key(storage.shard_of(wanted))
-    pshard = _read_many(store, [key], PackageShard).get(key)
-    found = pshard.packages.get(wanted, {}) if pshard is not None else {}
-    result = vulnindex.answer_package(package, found, _runs(store, found), version)
+    pshard = _shard(index, key, _PackageShardView)
+    raw = pshard.packages.get(wanted) if pshard is not None else None
+    found = _decoded(index, key, raw, dict[str, list[PackageVersion]]) if raw is not None else {}
+    result = vulnindex.answer_package(package, found, _runs(index, found), version)
     return result, f"{package}: no stored SBOM or report of a digest has it"
 
 
@@ -174,7 +254,7 @@ def _print_table(result: CveAnswer) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from services.parser.cli import shown
+    from services.parser.richtext import shown
 
     title = f"{result.query}: {result.digests} digests, {len(result.affected)} workloads"
     if result.title:

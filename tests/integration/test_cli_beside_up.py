@@ -93,6 +93,12 @@ def test_report_ls_finds_the_running_up(running_up: RunningUp) -> None:
     assert "AWS defaults" not in result.stderr
 
 
+def test_cve_reads_the_running_ups_bucket(running_up: RunningUp) -> None:
+    result = _cli(running_up.workdir, "cve", "CVE-2024-3094")  # no index yet: not found, rather than an error
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "CVE-2024-3094: no stored report has it\n"
+
+
 def test_the_discovery_file_is_private_and_holds_no_secret(running_up: RunningUp) -> None:
     path = Path(running_up.settings.data_dir) / discovery.FILE
     assert path.stat().st_mode & 0o077 == 0
