@@ -130,6 +130,20 @@ def syscalls(pid: int) -> int:
     return int(fields["syscr"]) + int(fields["syscw"])
 
 
+def sleeps(pid: int) -> int:
+    """How often a process has gone to sleep waiting (voluntary context switches, all threads; Linux /proc); -1
+    elsewhere. Each wait for an answer is one, and on a quiet core each wake-up starts from cold caches."""
+    try:
+        return sum(
+            int(line.split()[1])
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for line in (task / "status").read_text().splitlines()
+            if line.startswith("voluntary_ctxt_switches:")
+        )
+    except OSError:
+        return -1
+
+
 def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -327,6 +341,7 @@ async def measure(
         cpu_before = cpu_s(notifier.pid)
         sys_before = cpu_s(notifier.pid, (12,))
         calls_before = syscalls(notifier.pid)
+        sleeps_before = sleeps(notifier.pid)
         paced_from = time.perf_counter()
         load_before = load_average()
         spy = sample(args, name, notifier.pid) if args.py_spy_phase == "paced" else None
@@ -334,6 +349,7 @@ async def measure(
         cpu_paced = cpu_s(notifier.pid)
         sys_paced = cpu_s(notifier.pid, (12,))
         calls_paced = syscalls(notifier.pid)
+        sleeps_paced = sleeps(notifier.pid)
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
             spy.wait(60)
@@ -362,6 +378,7 @@ async def measure(
         "sys_cpu_ms_per_alert_paced": round((sys_paced - sys_before) * 1000 / max(1, int(paced["received"])), 3),  # type: ignore[call-overload]
         "idle_cpu_ms_per_s": round(idle_ms_per_s, 2),
         "syscalls_per_alert_paced": round((calls_paced - calls_before) / max(1, int(paced["received"])), 1),  # type: ignore[call-overload]
+        "sleeps_per_alert_paced": round((sleeps_paced - sleeps_before) / max(1, int(paced["received"])), 1),  # type: ignore[call-overload]
         # The paced phase less what the process costs idle over the same time: the work alerts themselves cause.
         "cpu_ms_per_alert_paced_over_idle": round(
             ((cpu_paced - cpu_before) * 1000 - idle_ms_per_s * paced_s) / max(1, int(paced["received"])),  # type: ignore[call-overload]

@@ -1,11 +1,14 @@
 """The leader's watch on the Trivy server's vulnerability DB: polls `GET /version`, and when the DB is newer than the
 one recorded (LIMITS_BUCKET, key `vulndb`) publishes `db.updated` and records it. vulndb.py decides; this only does
-the I/O. A server that is down or answers nonsense costs a warning and the next poll, never the dispatcher.
+the I/O. A server that is down or answers nonsense costs a warning and the next poll, never the dispatcher: the
+same failure again is a warning once an hour (the PodsweepVulnDBStale alert is what pages), and the first good answer
+after failures says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 
 import httpx
@@ -24,6 +27,7 @@ from services.dispatcher.schedule import wait_for
 
 log = logs.get("podsweep.dispatcher")
 REQUEST_TIMEOUT_S = 10.0
+REPEAT_WARNING_S = 3600.0  # the same failure again is warned about at most this often (info in between)
 _latest: dict[str, float] = {}  # "updated_at" -> unix seconds of the DB this process last recorded, while leading
 
 
@@ -58,6 +62,9 @@ class DbPoller:
 
     def __init__(self, *, bus: busmod.Bus, kv: KeyValue, server: str, cluster: str, interval_s: float) -> None:
         self.bus, self.kv, self.server, self.cluster, self.interval_s = bus, kv, server, cluster, interval_s
+        self.failing: str | None = None  # the failure of the last poll, if it failed
+        self.failed_polls = 0
+        self.warned_at = 0.0  # when that failure was last a warning (monotonic)
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("watching the vulnerability DB", server=self.server, interval_s=self.interval_s)
@@ -65,18 +72,36 @@ class DbPoller:
             try:
                 while not stop.is_set():
                     try:
-                        await self.poll_once(client)
+                        change = await self.poll_once(client)
                     except Exception as exc:  # the next poll tries again; the dispatcher goes on
-                        log.warning(
-                            "vulnerability DB version not read, will poll again",
-                            server=self.server,
-                            error=f"{type(exc).__name__}: {str(exc)[:300]}",
-                            retry_in_s=self.interval_s,
-                        )
+                        self._failed(f"{type(exc).__name__}: {str(exc)[:300]}")
+                    else:
+                        if change is not None:
+                            self._answered()
                     if await wait_for(stop, self.interval_s):
                         return
             finally:
                 _latest.clear()
+
+    def _failed(self, error: str) -> None:
+        self.failed_polls += 1
+        now = time.monotonic()
+        again = error == self.failing and now - self.warned_at < REPEAT_WARNING_S
+        if not again:
+            self.warned_at = now
+        self.failing = error
+        (log.info if again else log.warning)(
+            "vulnerability DB version not read, will poll again",
+            server=self.server,
+            error=error,
+            failed_polls=self.failed_polls,
+            retry_in_s=self.interval_s,
+        )
+
+    def _answered(self) -> None:
+        if self.failing is not None:
+            log.info("vulnerability DB version read again", server=self.server, failed_polls=self.failed_polls)
+        self.failing, self.failed_polls = None, 0
 
     async def poll_once(self, client: httpx.AsyncClient) -> vulndb.Change | None:
         """One poll: None when the answer could not be used (logged), else what the DB did."""
@@ -84,9 +109,7 @@ class DbPoller:
         now = utcnow()
         current = vulndb.read_version(body, now)
         if isinstance(current, vulndb.Unreadable):
-            log.warning(
-                "vulnerability DB version unreadable, will poll again", server=self.server, reason=current.reason
-            )
+            self._failed(f"unreadable answer: {current.reason}")
             return None
         try:
             last, revision = await busmod.kv_read(self.kv, VULNDB_KEY, VulnDbSeen)

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+import structlog
 from aiohttp import web
 
 from podsweep import bus as busmod
@@ -142,3 +143,40 @@ async def test_a_server_that_is_down_is_a_connect_error_the_loop_catches(nats_se
 
 async def _past(fake: FakeTrivy, requests: int) -> bool | None:
     return True if fake.requests >= requests else None
+
+
+async def test_a_failure_that_repeats_is_warned_about_once_and_the_first_answer_after_it_is_said(
+    nats_settings: NatsSettings, fake_trivy: FakeTrivy
+) -> None:
+    fake_trivy.status = 503
+    bus = await busmod.connect(nats_settings, "test")
+    stop = asyncio.Event()
+    try:
+        poller = DbPoller(bus=bus, kv=await bus.kv(LIMITS_BUCKET), server=fake_trivy.url, cluster="c", interval_s=0.05)
+        with structlog.testing.capture_logs() as logged:
+            task = asyncio.create_task(poller.run(stop))
+            await wait_until(lambda: _past(fake_trivy, 5), 30, "five failed polls")
+            fake_trivy.status, fake_trivy.body = 200, b"not json"  # another failure: warned about at once
+            requests = fake_trivy.requests
+            await wait_until(lambda: _past(fake_trivy, requests + 3), 30, "three unreadable answers")
+            fake_trivy.body = _answer(V1)
+            await wait_until(
+                lambda: _async(any(e["event"] == "vulnerability DB version read again" for e in logged)),
+                30,
+                "a good answer",
+            )
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    finally:
+        stop.set()
+        await bus.close()
+    failures = [e for e in logged if e["event"] == "vulnerability DB version not read, will poll again"]
+    warned = [e["error"] for e in failures if e["log_level"] == "warning"]
+    assert len(failures) >= 8 and len(warned) == 2, warned
+    assert warned[0].startswith("HTTPStatusError: HTTP 503") and warned[1].startswith("unreadable answer:")
+    [back] = [e for e in logged if e["event"] == "vulnerability DB version read again"]
+    assert back["failed_polls"] == len(failures)
+
+
+async def _async(value: bool) -> bool | None:
+    return True if value else None
