@@ -523,6 +523,8 @@ async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
     )
     if bus.access is not None and stream.name == bus.outbox.name and not bus.access.outbox:
         raise refuse(bus.access, f"declares the outbox stream {stream.name}")
+    if bus.access is not None and stream.name == bus.events.name and not bus.access.declares_stream:
+        raise refuse(bus.access, f"declares the events stream {stream.name}")
     name = stream.name
     try:
         info = await settled("stream info", lambda: bus.js.stream_info(name), stream=name)

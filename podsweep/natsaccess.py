@@ -53,7 +53,8 @@ class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
     `outbox`: it owns the outbox stream (schemas/subjects.py, outbox_stream) and every consumer on it;
     `listens`: event subjects it hears with a plain (core NATS) subscription, as they are published, without a consumer
     (`podsweep rescan` waiting for rescan.accepted); `inspects`: other services' durables whose lag it reads
-    (consumer info only: `podsweep status`).
+    (consumer info only: `podsweep status`); `declares_stream`: it creates the events stream when missing, as every
+    service does when it starts (the operator commands only use it).
     """
 
     service: str
@@ -64,6 +65,7 @@ class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
     outbox: bool = False
     listens: tuple[str, ...] = ()
     inspects: tuple[Durable, ...] = ()
+    declares_stream: bool = True
 
     @property
     def consumes(self) -> bool:
@@ -164,13 +166,14 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
     events = [subjects.subject(names.root, n) for n in access.publishes]
     if access.consumes:
         events.append(subjects.subject(names.root, dead_letters(access.service)))
-    out = [
-        Section("the events it publishes", tuple(events)),
-        Section(
-            f"the {stream} stream: read it, create it when missing (never update it)",
-            (f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}"),
-        ),
-    ]
+    out = [Section("the events it publishes", tuple(events))]
+    if access.declares_stream:
+        out.append(
+            Section(
+                f"the {stream} stream: read it, create it when missing (never update it)",
+                (f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}"),
+            )
+        )
     for durable in access.durables:
         on = ", ".join(durable.subjects)
         named = dict.fromkeys(durable_name(durable, cluster) for cluster in names.clusters)

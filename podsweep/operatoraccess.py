@@ -33,4 +33,5 @@ OPERATOR = NatsAccess(
         Durable("parser", ()),
         Durable("notifier", ()),
     ),
+    declares_stream=False,  # it publishes to the stream the services made, and never makes it
 )

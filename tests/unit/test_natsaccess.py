@@ -187,6 +187,7 @@ def test_an_inspected_durable_gets_its_info_in_every_cluster_and_nothing_else() 
         pytest.param(
             lambda bus: bus.publish(subjects.IMAGE_SEEN, Bucket("x"), msg_id="x"), "publishes image.seen", id="publish"
         ),
+        pytest.param(lambda bus: busmod.ensure_stream(bus), "declares the events stream", id="stream"),
     ],
 )
 async def test_the_operator_bus_refuses_what_its_declaration_does_not_list(
@@ -210,6 +211,11 @@ def test_the_operator_publishes_and_listens_to_what_the_dispatcher_consumes_and_
     assert set(OPERATOR.listens) <= set(dispatcher.publishes)
     assert all(not b.writes for b in OPERATOR.buckets), "the operator writes no state"
     assert not OPERATOR.durables and not OPERATOR.replays and not OPERATOR.outbox
+
+
+def test_a_user_that_does_not_declare_the_stream_may_not_create_or_read_it() -> None:
+    access = NatsAccess(service="op", publishes=("a.b",), declares_stream=False)
+    assert natsaccess.permissions(access, NAMES).publish == ("t.root.a.b",)
 
 
 def test_accounts_conf_has_the_operator_user() -> None:
