@@ -23,11 +23,13 @@ import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -247,6 +249,24 @@ class Bus:
         if self.access is not None and name not in self.access.replays:
             raise refuse(self.access, f"replays {name} with an ordered consumer")
 
+    def check_kv(self, name: str) -> None:
+        if self.access is not None and self.access.bucket(name) is None:
+            raise refuse(self.access, f"opens KV bucket {name}")
+
+    async def listen(self, name: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
+        """A plain subscription to the event subject `name` as it is published (no consumer: nothing is replayed or
+        acknowledged); the caller unsubscribes."""
+        if self.access is not None and name not in self.access.listens:
+            raise refuse(self.access, f"listens to {name}")
+        return await self.nc.subscribe(self.subject(name), cb=cb)
+
+    async def consumer_info(self, durable: str) -> ConsumerInfo:
+        """The info (lag) of a durable consumer on the events stream: the user's own, or one it inspects."""
+        if self.access is not None and not self.access.may_inspect(durable):
+            raise refuse(self.access, f"reads the info of durable {durable}")
+        info: ConsumerInfo = await self.js.consumer_info(self.events.name, durable)
+        return info
+
     async def publish(
         self,
         name: str,
@@ -384,8 +404,7 @@ class Bus:
         the value and a few headers, instead of a JSON API answer carrying base64 and the stored headers, which
         nats-py parses with the email parser (about twice the CPU per read).
         """
-        if self.access is not None and self.access.bucket(name) is None:
-            raise refuse(self.access, f"opens KV bucket {name}")
+        self.check_kv(name)
         bucket = self.kv_bucket(name)
         try:
             kv = await settled("kv open", lambda: self.js.key_value(bucket), bucket=bucket)
@@ -504,6 +523,8 @@ async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
     )
     if bus.access is not None and stream.name == bus.outbox.name and not bus.access.outbox:
         raise refuse(bus.access, f"declares the outbox stream {stream.name}")
+    if bus.access is not None and stream.name == bus.events.name and not bus.access.declares_stream:
+        raise refuse(bus.access, f"declares the events stream {stream.name}")
     name = stream.name
     try:
         info = await settled("stream info", lambda: bus.js.stream_info(name), stream=name)

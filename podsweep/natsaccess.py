@@ -50,7 +50,11 @@ class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
     `publishes`: event subjects relative to the root (dead letters, `dead.<service>`, come with any consumer);
     `durables`: its durable pull consumers on the events stream; `buckets`: the KV buckets it opens;
     `replays`: subjects it follows with ordered consumers of its own (ephemeral, unacknowledged: the admission view);
-    `outbox`: it owns the outbox stream (schemas/subjects.py, outbox_stream) and every consumer on it.
+    `outbox`: it owns the outbox stream (schemas/subjects.py, outbox_stream) and every consumer on it;
+    `listens`: event subjects it hears with a plain (core NATS) subscription, as they are published, without a consumer
+    (`podsweep rescan` waiting for rescan.accepted); `inspects`: other services' durables whose lag it reads
+    (consumer info only: `podsweep status`); `declares_stream`: it creates the events stream when missing, as every
+    service does when it starts (the operator commands only use it).
     """
 
     service: str
@@ -59,6 +63,9 @@ class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
     buckets: tuple[Bucket, ...] = ()
     replays: tuple[str, ...] = ()
     outbox: bool = False
+    listens: tuple[str, ...] = ()
+    inspects: tuple[Durable, ...] = ()
+    declares_stream: bool = True
 
     @property
     def consumes(self) -> bool:
@@ -70,22 +77,38 @@ class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
 
     def durable(self, name: str) -> Durable | None:
         """The durable consumer named `name` (a per-cluster durable under any cluster's name)."""
-        for d in self.durables:
-            if d.name == name or (d.per_cluster and name.startswith(f"{d.name}_")):
-                return d
-        return None
+        return _named(self.durables, name)
+
+    def may_inspect(self, name: str) -> bool:
+        """Whether this user may read the info (lag) of the durable named `name`: its own, or one it inspects."""
+        return _named(self.durables, name) is not None or _named(self.inspects, name) is not None
 
     def bucket(self, name: str) -> Bucket | None:
         return next((b for b in self.buckets if b.name == name), None)
+
+
+def _named(durables: Sequence[Durable], name: str) -> Durable | None:
+    for d in durables:
+        if d.name == name or (d.per_cluster and name.startswith(f"{d.name}_")):
+            return d
+    return None
 
 
 class Undeclared(PermissionError):
     """The code did something on NATS its service's declaration does not list (a bug: the deployed NATS refuses it)."""
 
 
+# Who declares what, when it is not a service (services/<name>/main.py): the operator commands' user.
+DECLARED_IN = {"operator": "podsweep/operatoraccess.py"}
+
+
+def declared_in(service: str) -> str:
+    return DECLARED_IN.get(service, f"services/{service}/main.py")
+
+
 def refuse(access: NatsAccess, what: str) -> Undeclared:
     return Undeclared(
-        f"nats: {access.service} {what}, which its NATS declaration (NATS in services/{access.service}/main.py) "
+        f"nats: {access.service} {what}, which its NATS declaration (NATS in {declared_in(access.service)}) "
         "does not list: add it there, then run `podsweep deploy nats-accounts` so deploy/base/nats/accounts.conf "
         "allows it"
     )
@@ -143,13 +166,14 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
     events = [subjects.subject(names.root, n) for n in access.publishes]
     if access.consumes:
         events.append(subjects.subject(names.root, dead_letters(access.service)))
-    out = [
-        Section("the events it publishes", tuple(events)),
-        Section(
-            f"the {stream} stream: read it, create it when missing (never update it)",
-            (f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}"),
-        ),
-    ]
+    out = [Section("the events it publishes", tuple(events))]
+    if access.declares_stream:
+        out.append(
+            Section(
+                f"the {stream} stream: read it, create it when missing (never update it)",
+                (f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}"),
+            )
+        )
     for durable in access.durables:
         on = ", ".join(durable.subjects)
         named = dict.fromkeys(durable_name(durable, cluster) for cluster in names.clusters)
@@ -182,6 +206,14 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
                 ),
             )
         )
+    for durable in access.inspects:
+        named = dict.fromkeys(durable_name(durable, cluster) for cluster in names.clusters)
+        out.append(
+            Section(
+                f"the lag of {durable.name}'s durable consumer: its info, nothing else",
+                tuple(f"{api}.CONSUMER.INFO.{stream}.{name}" for name in named),
+            )
+        )
     for bucket in access.buckets:
         kv = f"{names.kv_prefix}-{bucket.name}"
         reads = (
@@ -203,9 +235,10 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
 
 
 def permissions(access: NatsAccess, names: Names) -> Permissions:
-    """Everything `access` may publish to and subscribe to: its sections, and its own inbox prefix."""
+    """Everything `access` may publish to and subscribe to: its sections, its own inbox prefix and what it listens to."""
     publish = tuple(subject for section in sections(access, names) for subject in section.subjects)
-    return Permissions(publish=publish, subscribe=(f"{inbox_prefix(access.service)}.>",))
+    listens = tuple(subjects.subject(names.root, n) for n in access.listens)
+    return Permissions(publish=publish, subscribe=(f"{inbox_prefix(access.service)}.>", *listens))
 
 
 def _durable(stream: str, name: str, names: Names) -> tuple[str, ...]:
@@ -221,7 +254,7 @@ def _durable(stream: str, name: str, names: Names) -> tuple[str, ...]:
 
 
 def password_variable(service: str) -> str:
-    """The nats-server's environment variable with this service's password (deploy/base/nats.yaml)."""
+    """The nats-server's environment variable with this user's password (deploy/base/nats.yaml)."""
     return f"PODSWEEP_NATS_{service.upper()}_PASSWORD"
 
 
@@ -230,9 +263,11 @@ HEADER = """\
 # services/<name>/main.py, podsweep/natsaccess.py): do not edit; change the declaration and run it again.
 # `podsweep deploy nats-accounts --check` (in scripts/test.sh) fails when this file is stale.
 #
-# One user per podsweep service, all in the PODSWEEP account (they share the events stream and the KV buckets).
-# Passwords come from the environment (the nats-<service> Secrets). Anything not listed is denied: no user may
-# delete, purge or update a stream, or touch a consumer but its own. A user subscribes to its own inbox prefix only.
+# One user per podsweep service, and `operator` for the commands people and CronJobs run (podsweep rescan, status,
+# check: podsweep/operatoraccess.py), all in the PODSWEEP account (they share the events stream and the KV buckets).
+# Passwords come from the environment (the nats-<user> Secrets). Anything not listed is denied: no user may delete,
+# purge or update a stream, or touch a consumer but its own. A user subscribes to its own inbox prefix (and to the
+# events it listens to) only.
 """
 
 

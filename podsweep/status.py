@@ -15,7 +15,8 @@ import msgspec
 import nats.js.errors
 
 from podsweep import bus as busmod
-from podsweep.natsaccess import Durable, durable_name
+from podsweep.natsaccess import durable_name
+from podsweep.operatoraccess import OPERATOR
 from schemas.state import (
     DEFAULT_CLUSTER,
     LIMITS_BUCKET,
@@ -26,8 +27,6 @@ from schemas.state import (
     leader_key,
 )
 
-SERVICES_WITH_CONSUMERS = ("dispatcher", "parser", "notifier")
-_PER_CLUSTER = Durable("dispatcher", (), per_cluster=True)  # services/dispatcher/main.py's EVENTS, by name
 _LATEST = datetime.max.replace(tzinfo=UTC)
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
 
@@ -149,15 +148,14 @@ async def collect(bus: busmod.Bus, cluster: str | None = None, own: str = DEFAUL
     kv = await bus.kv(SCANS_BUCKET)
     states, _ = await busmod.kv_documents(kv, DigestScanState)  # not a GET per key: `podsweep up` asks every few s
     consumers = []
-    for service in SERVICES_WITH_CONSUMERS:
-        durable = durable_name(_PER_CLUSTER, cluster or own) if service == "dispatcher" else service
+    for durable in OPERATOR.inspects:  # every service's durable, by the operator user's declaration
         try:
-            info = await bus.js.consumer_info(bus.settings.stream, durable)
+            info = await bus.consumer_info(durable_name(durable, cluster or own))
         except nats.js.errors.NotFoundError:  # a service that never ran has no consumer yet
             continue
         consumers.append(
             ConsumerLag(
-                service=service,
+                service=durable.name,
                 pending=int(info.num_pending or 0),
                 in_flight=int(info.num_ack_pending or 0),
                 redelivered=int(info.num_redelivered or 0),

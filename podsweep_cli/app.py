@@ -17,6 +17,7 @@ from rich.table import Table
 
 from podsweep import __version__, discovery, embedded, logs, natsaccess, preflight, progress, runtime
 from podsweep.config import ConfigError, Settings, load_settings
+from podsweep.operatoraccess import CONNECTION, OPERATOR
 from podsweep.policy import EXAMPLE_POLICY
 from podsweep.status import StatusReport
 from podsweep_cli import services
@@ -295,7 +296,8 @@ def nats_accounts(deploy: Path = DEPLOY_DIR, clusters: Sequence[str] = (), domai
         domain=domain,
         clusters=tuple(clusters) or (settings.cluster,),
     )
-    return natsaccess.accounts_conf([services.nats_access(name) for name in services.SERVICES], names)
+    users = [*(services.nats_access(name) for name in services.SERVICES), OPERATOR]
+    return natsaccess.accounts_conf(users, names)
 
 
 @deploy_app.command("nats-accounts")
@@ -376,7 +378,7 @@ async def _status(settings: Settings, json_out: bool, watch: float, cluster: str
     from podsweep import bus as busmod
     from podsweep import status as statusmod
 
-    bus = await busmod.connect(settings.nats, "status")
+    bus = await busmod.connect(settings.nats, CONNECTION, OPERATOR)
     try:
         report = await statusmod.collect(bus, cluster, settings.cluster)
         if json_out:

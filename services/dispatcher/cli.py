@@ -14,10 +14,12 @@ from typing import Annotated
 
 import msgspec
 import typer
+from nats.aio.msg import Msg
 
 from podsweep import bus as busmod
 from podsweep import discovery, logs
 from podsweep.config import ConfigError, Settings
+from podsweep.operatoraccess import CONNECTION, OPERATOR
 from schemas import subjects
 from schemas.events import RescanAccepted, RescanRequested
 from services.dispatcher import rescans, sbomrescan, upload
@@ -134,22 +136,22 @@ def rescan_command(
 
 
 async def request_rescan(settings: Settings, request: RescanRequested, timeout_s: float) -> RescanAccepted | None:
-    """Publish the request on the stream and wait for the dispatcher's rescan.accepted with the same request_id."""
-    bus = await busmod.connect(settings.nats, "rescan")
+    """Publish the request on the stream and wait for the dispatcher's rescan.accepted with the same request_id, as
+    the operator user (podsweep/operatoraccess.py)."""
+    bus = await busmod.connect(settings.nats, CONNECTION, OPERATOR)
     try:
         answered: asyncio.Future[RescanAccepted] = asyncio.get_running_loop().create_future()
 
-        async def on_reply(msg: object) -> None:
-            data = getattr(msg, "data", b"")
+        async def on_reply(msg: Msg) -> None:
             try:
-                accepted = _ACCEPTED.decode(data)
+                accepted = _ACCEPTED.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 return
             if accepted.request_id == request.request_id and not answered.done():
                 answered.set_result(accepted)
 
         # Subscribed before publishing: the answer cannot come before we listen.
-        sub = await bus.nc.subscribe(bus.subject(subjects.RESCAN_ACCEPTED), cb=on_reply)
+        sub = await bus.listen(subjects.RESCAN_ACCEPTED, on_reply)
         try:
             await bus.publish(subjects.RESCAN_REQUESTED, request, msg_id=f"rescan-{request.request_id}")
             try:

@@ -263,17 +263,19 @@ async def _workloads(settings: Settings, only: list[str] | None, required: bool)
     import nats.js.errors
 
     from podsweep import bus as busmod
+    from podsweep.operatoraccess import CONNECTION, OPERATOR
 
     if not settings.nats.url:
         if required:
             raise CannotDecide("config: nats.url (PODSWEEP_NATS_URL) is needed to find the workloads")
         return []
     try:
-        bus = await busmod.connect(settings.nats, "check")
+        bus = await busmod.connect(settings.nats, CONNECTION, OPERATOR)
     except ConnectionError as exc:
         raise CannotDecide(str(exc)) from None
     try:
-        try:
+        bus.check_kv(WORKLOADS_BUCKET)
+        try:  # not bus.kv: a missing bucket is not created here (nothing is written)
             kv = await bus.js.key_value(bus.kv_bucket(WORKLOADS_BUCKET))
         except (nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError):
             return []

@@ -26,6 +26,7 @@ from nats.aio.client import Client as NatsClient
 
 from podsweep.embedded import free_port, private_dir
 from podsweep.natsaccess import password_variable
+from podsweep.operatoraccess import OPERATOR
 from tests.harness.deployed import REPO, binary
 
 ACCOUNTS = REPO / "deploy" / "base" / "nats" / "accounts.conf"
@@ -295,7 +296,8 @@ async def start_cluster(root: Path, size: int = 3, timeout_s: float = 90.0, *, l
         )
         for i in range(1, size + 1)
     ]
-    passwords = {user: "k" + secrets.token_hex(24) for user in (*SERVICES, HARNESS_USER, LEAF_USER)}
+    users = (*SERVICES, OPERATOR.service, HARNESS_USER, LEAF_USER)
+    passwords = {user: "k" + secrets.token_hex(24) for user in users}
     env = {password_variable(user): password for user, password in passwords.items()}
     for server in servers:
         (server.root / "nats.conf").write_text(_config(server, servers))

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -23,16 +24,21 @@ import pytest
 import pytest_asyncio
 import yaml
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from typer.testing import CliRunner
 
 from podsweep import bus as busmod
 from podsweep import natsaccess
 from podsweep.config import ConsumerSettings, NatsSettings, Settings, load_settings
 from podsweep.embedded import free_port
+from podsweep.operatoraccess import CONNECTION, OPERATOR
 from podsweep.policy import PolicyError, SecretRef, load_policy
 from podsweep_cli import app as cli
 from podsweep_cli.services import nats_access
 from schemas import subjects
+from schemas.events import RescanAccepted
 from services.admission import main as admission
+from services.dispatcher import rescans
 from services.notifier.policysource import PolicySource
 from tests.harness.kube import KubeControlPlane, locate_binaries
 
@@ -682,6 +688,19 @@ class NatsFromManifest:
         nats_settings = self.shipped[service].nats
         return msgspec.structs.replace(nats_settings, url=self.url, password=self.passwords[service])
 
+    def operator_env(self) -> dict[str, str]:
+        """What an operator's Job gives `podsweep rescan` / `status` (docs/deploy.md): the shipped names, the operator
+        user and the nats-operator Secret's password."""
+        shipped = self.shipped["dispatcher"].nats
+        return {
+            "PODSWEEP_NATS_URL": self.url,
+            "PODSWEEP_NATS_USER": OPERATOR.service,
+            "PODSWEEP_NATS_PASSWORD": self.passwords[OPERATOR.service],
+            "PODSWEEP_NATS_SUBJECT_ROOT": shipped.subject_root,
+            "PODSWEEP_NATS_STREAM": shipped.stream,
+            "PODSWEEP_NATS_KV_PREFIX": shipped.kv_prefix,
+        }
+
 
 @pytest.fixture(scope="module")
 def nats_from_manifest(
@@ -700,7 +719,7 @@ def nats_from_manifest(
             text = text.replace("store_dir: /data/jetstream\n", f"store_dir: {store}\n")
         (work / key).write_text(text)
     # A letter, then hex: nats-server refuses a `$VAR` password starting with '-' or reading as a number.
-    passwords = {service: "k" + secrets.token_hex(18) for service in SERVICES}
+    passwords = {user: "k" + secrets.token_hex(18) for user in (*SERVICES, OPERATOR.service)}
     shipped = {
         service: load_settings(environ=_pod_environment(rendered["overlays/dev"], service, work / "pods" / service))
         for service in SERVICES
@@ -1057,3 +1076,88 @@ async def test_a_permitted_publish_reports_no_violation(nats_from_manifest: Nats
         nats_from_manifest.url, "watcher", nats_from_manifest.passwords["watcher"], "podsweep.image.seen"
     )
     assert error == ""
+
+
+# -- the operator user (podsweep/operatoraccess.py): podsweep rescan, status, check -----------------------------------
+
+
+async def test_the_operator_user_asks_for_rescans_hears_the_answer_and_reads_status(
+    nats_from_manifest: NatsFromManifest, connections: Connections
+) -> None:
+    """As the operator user with its declaration: publish rescan.requested onto the stream, hear the dispatcher's
+    rescan.accepted (published by the dispatcher's user), and `podsweep status` shows the dispatcher's lag."""
+    dispatcher = await connections.bus("dispatcher")
+    (events,) = ACCESS["dispatcher"].durables
+    consumer = nats_from_manifest.shipped["dispatcher"].consumer
+    await busmod.ensure_consumer(dispatcher, events.name, list(events.subjects), consumer)
+    shipped = nats_from_manifest.settings("dispatcher")
+    settings = msgspec.structs.replace(shipped, user="operator", password=nats_from_manifest.passwords["operator"])
+    operator = await busmod.connect(settings, CONNECTION, OPERATOR)
+    try:
+        request_id = rescans.new_request_id()
+        heard: asyncio.Future[RescanAccepted] = asyncio.get_running_loop().create_future()
+
+        async def on_answer(msg: Msg) -> None:
+            answer = msgspec.json.decode(msg.data, type=RescanAccepted)
+            if answer.request_id == request_id and not heard.done():
+                heard.set_result(answer)
+
+        sub = await operator.listen(subjects.RESCAN_ACCEPTED, on_answer)
+        request = rescans.rescan_request(
+            cluster="default",
+            request_id=request_id,
+            digests=[],
+            namespace=None,
+            everything=True,
+            requested_by="test",
+            reason="",
+            now=datetime.now(UTC),
+        )
+        assert await operator.publish(subjects.RESCAN_REQUESTED, request, msg_id=f"rescan-{request_id}")
+        answer = RescanAccepted(cluster="default", request_id=request_id, due=3)
+        assert await dispatcher.publish(subjects.RESCAN_ACCEPTED, answer, msg_id=f"accepted-{request_id}")
+        assert await asyncio.wait_for(heard, 20) == answer
+        await sub.unsubscribe()
+    finally:
+        await operator.close()
+
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli.app, ["status", "--json"], env=nats_from_manifest.operator_env()
+    )
+    assert result.exit_code == 0, result.output
+    shown = msgspec.json.decode(result.output.strip().splitlines()[-1])
+    assert "dispatcher" in [c["service"] for c in shown["consumers"]], shown
+
+
+OPERATOR_DENIED = [
+    ("podsweep.image.seen", "operator-cannot-forge-sightings"),
+    ("podsweep.rescan.accepted", "operator-cannot-answer-for-the-dispatcher"),
+    ("podsweep.dead.dispatcher", "operator-cannot-dead-letter"),
+    ("$KV.podsweep-scans.x", "operator-cannot-write-scan-state"),
+    ("$KV.podsweep-limits.active", "operator-cannot-touch-the-limiter"),
+    ("$JS.API.DIRECT.GET.KV_podsweep-notify.$KV.podsweep-notify.x", "operator-reads-no-notifier-state"),
+    ("$JS.API.STREAM.CREATE.PODSWEEP", "operator-does-not-make-the-stream"),
+    ("$JS.API.STREAM.DELETE.PODSWEEP", "operator-cannot-delete-the-stream"),
+    ("$JS.API.STREAM.PURGE.PODSWEEP", "operator-cannot-purge-the-stream"),
+    ("$JS.API.CONSUMER.CREATE.PODSWEEP", "operator-creates-no-consumer-on-the-events-stream"),
+    ("$JS.API.CONSUMER.MSG.NEXT.PODSWEEP.dispatcher", "operator-cannot-pull-dispatchers-events"),
+    ("$JS.API.CONSUMER.DELETE.PODSWEEP.dispatcher", "operator-cannot-delete-a-consumer"),
+]
+
+
+@pytest.mark.parametrize("subject", [pytest.param(row[0], id=row[1]) for row in OPERATOR_DENIED])
+async def test_the_operator_user_may_not_publish_what_its_commands_do_not(
+    nats_from_manifest: NatsFromManifest, subject: str
+) -> None:
+    error = await _denied(nats_from_manifest.url, "operator", nats_from_manifest.passwords["operator"], subject)
+    assert f'publish to "{subject}"'.lower() in error.lower()
+
+
+@pytest.mark.parametrize("subject", ["podsweep.>", "podsweep.image.seen", "_INBOX_dispatcher.>", "_INBOX.>"])
+async def test_the_operator_user_subscribes_to_its_inbox_and_the_rescan_answers_only(
+    nats_from_manifest: NatsFromManifest, subject: str
+) -> None:
+    error = await _denied(
+        nats_from_manifest.url, "operator", nats_from_manifest.passwords["operator"], subject, subscribe=True
+    )
+    assert f'subscription to "{subject}"'.lower() in error.lower()

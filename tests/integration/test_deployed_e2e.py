@@ -39,6 +39,8 @@ import json
 import re
 import secrets
 import ssl
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -142,6 +144,26 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, wha
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{world.tails()}")
         await asyncio.sleep(0.25)
+
+
+def operator_command(world: DeployedWorld, *args: str) -> subprocess.CompletedProcess[str]:
+    """`podsweep <args>` as docs/deploy.md's operator Job runs it: the podsweep-config ConfigMap (and, in prod, the
+    nats-client-tls Secret) a service pod mounts, the operator user and its Secret's password; no S3 key, no token."""
+    dispatcher = world.config("dispatcher")
+    env = {k: v for k, v in dispatcher.env.items() if k.startswith("PODSWEEP_") and "_S3_" not in k}
+    env.pop("PODSWEEP_NATS_PASSWORD_FILE")
+    env |= {
+        "PODSWEEP_NATS_USER": "operator",
+        "PODSWEEP_NATS_PASSWORD": world.remap.secret(world.rendered, "nats-operator")["password"],
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "podsweep", *args],
+        env={**deployed.base_environment(world.root / "operator"), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
@@ -343,6 +365,16 @@ async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(wo
 
     await eventually(warned, 60, "the admission gate's warning about the scanned image's findings", world)
     assert answer.allowed is True, answer
+
+    # An operator's `podsweep rescan --all` (the DB-claim CronJob's), as the operator NATS user with the rendered
+    # nats-operator Secret's password and the podsweep-config ConfigMap: the real dispatcher answers.
+    answered = await asyncio.to_thread(operator_command, world, "rescan", "--all", "--requested-by", "cronjob")
+    assert answered.returncode == 0, answered.stderr + answered.stdout
+    assert f": {len(refs)} digest(s) due now" in answered.stdout, answered.stdout
+    status = await asyncio.to_thread(operator_command, world, "status", "--json")
+    assert status.returncode == 0, status.stderr + status.stdout
+    shown = json.loads(status.stdout.strip().splitlines()[-1])
+    assert shown["digests"] == len(refs) and "dispatcher" in [c["service"] for c in shown["consumers"]], shown
 
 
 async def test_service_accounts_are_refused_what_the_rendered_rbac_does_not_grant(

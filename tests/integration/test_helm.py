@@ -377,7 +377,7 @@ def test_generated_credentials_are_shared_by_seaweedfs_and_the_services(helm: li
     assert by_name["notifier"]["actions"] == ["Read:podsweep"], "a reader gets no write right"
     keys = [by_name[s]["credentials"][0]["secretKey"] for s in S3_SERVICES]
     passwords = [d["stringData"]["password"] for d in docs if d["kind"] == "Secret" and key(d)[1].startswith("nats-")]
-    assert len(passwords) == len(SERVICES)
+    assert len(passwords) == len(SERVICES) + 1, "one per service and the operator user's"
     assert len(set(passwords + keys)) == len(passwords + keys), "every generated secret is its own"
     assert all(len(p) >= 32 for p in passwords + keys)
 

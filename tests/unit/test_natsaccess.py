@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Awaitable, Callable
 
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from podsweep import bus as busmod
 from podsweep import natsaccess
+from podsweep.config import NatsSettings
 from podsweep.natsaccess import Bucket, Durable, Names, NatsAccess
+from podsweep.operatoraccess import OPERATOR
 from podsweep_cli import services
 from schemas import subjects
+from schemas.state import NOTIFY_BUCKET
 
 NAMES = Names(root="t.root", stream="S1", kv_prefix="k")
 SERVICES = services.SERVICES
@@ -149,3 +156,73 @@ def test_a_leafs_accounts_conf_enables_no_jetstream_of_its_own() -> None:
     leaf = natsaccess.accounts_conf(declarations, LEAF)
     assert "jetstream: enabled" not in leaf
     assert '"$JS.hub.API.STREAM.INFO.S1"' in leaf
+
+
+def test_a_listener_may_subscribe_to_what_it_listens_to_beside_its_inbox_and_publishes_nothing_for_it() -> None:
+    access = NatsAccess(service="op", listens=("a.b",))
+    allowed = natsaccess.permissions(access, NAMES)
+    assert allowed.subscribe == ("_INBOX_op.>", "t.root.a.b")
+    assert not any("a.b" in subject for subject in allowed.publish)
+
+
+def test_an_inspected_durable_gets_its_info_in_every_cluster_and_nothing_else() -> None:
+    access = NatsAccess(service="op", inspects=(Durable("d", (), per_cluster=True), Durable("p", ())))
+    fleet = Names(root="t.root", stream="S1", kv_prefix="k", clusters=("default", "east"))
+    assert natsaccess.permissions(access, fleet).publish == (
+        "$JS.API.STREAM.INFO.S1",
+        "$JS.API.STREAM.CREATE.S1",
+        "$JS.API.CONSUMER.INFO.S1.d",
+        "$JS.API.CONSUMER.INFO.S1.d_east",
+        "$JS.API.CONSUMER.INFO.S1.p",
+    )
+    assert [access.may_inspect(n) for n in ("d", "d_east", "p", "p_east", "x")] == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        pytest.param(lambda bus: bus.listen(subjects.IMAGE_SEEN, _ignore), "listens to image.seen", id="listen"),
+        pytest.param(lambda bus: bus.consumer_info("watcher"), "durable watcher", id="consumer-info"),
+        pytest.param(lambda bus: bus.kv(NOTIFY_BUCKET), f"bucket {NOTIFY_BUCKET}", id="kv"),
+        pytest.param(
+            lambda bus: bus.publish(subjects.IMAGE_SEEN, Bucket("x"), msg_id="x"), "publishes image.seen", id="publish"
+        ),
+        pytest.param(lambda bus: busmod.ensure_stream(bus), "declares the events stream", id="stream"),
+    ],
+)
+async def test_the_operator_bus_refuses_what_its_declaration_does_not_list(
+    call: Callable[[busmod.Bus], Awaitable[object]], named: str
+) -> None:
+    """Refused before anything is sent: the client is never connected."""
+    bus = busmod.Bus(NatsClient(), NatsSettings(), OPERATOR)
+    with pytest.raises(natsaccess.Undeclared, match=f"{named}.*podsweep/operatoraccess.py"):
+        await call(bus)
+
+
+def test_the_operator_inspects_the_durables_the_services_declare() -> None:
+    declared = {(d.name, d.per_cluster) for s in SERVICES for d in services.nats_access(s).durables}
+    assert {(d.name, d.per_cluster) for d in OPERATOR.inspects} == declared
+
+
+def test_the_operator_publishes_and_listens_to_what_the_dispatcher_consumes_and_answers() -> None:
+    dispatcher = services.nats_access("dispatcher")
+    consumed = {name for d in dispatcher.durables for name in d.subjects}
+    assert set(OPERATOR.publishes) <= consumed
+    assert set(OPERATOR.listens) <= set(dispatcher.publishes)
+    assert all(not b.writes for b in OPERATOR.buckets), "the operator writes no state"
+    assert not OPERATOR.durables and not OPERATOR.replays and not OPERATOR.outbox
+
+
+def test_a_user_that_does_not_declare_the_stream_may_not_create_or_read_it() -> None:
+    access = NatsAccess(service="op", publishes=("a.b",), declares_stream=False)
+    assert natsaccess.permissions(access, NAMES).publish == ("t.root.a.b",)
+
+
+def test_accounts_conf_has_the_operator_user() -> None:
+    text = natsaccess.accounts_conf([OPERATOR], NAMES)
+    assert "user: operator\n        password: $PODSWEEP_NATS_OPERATOR_PASSWORD" in text
+    assert 'allow: ["_INBOX_operator.>", "t.root.rescan.accepted"]' in text
+
+
+async def _ignore(msg: object) -> None:
+    return None
