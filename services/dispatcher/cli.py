@@ -99,7 +99,8 @@ def rescan_command(
     """Make digests due for a rescan now (e.g. from a CronJob after the Trivy DB updated).
 
     Goes through the dispatcher on NATS, so its claims, batches and limits apply. Exit 0 answered, 1 no answer
-    within --timeout (the request stays on the stream and is handled when a dispatcher runs), 2 bad input.
+    within --timeout (the request stays on the stream and is handled when a dispatcher runs), 2 bad input, 3 NATS
+    unreachable or refusing (nothing was asked).
     """
     try:
         settings = discovery.load_for_cli(config)
@@ -124,7 +125,11 @@ def rescan_command(
             err=True,
         )
         raise typer.Exit(2)
-    answer = asyncio.run(request_rescan(settings, request, timeout))
+    try:
+        answer = asyncio.run(request_rescan(settings, request, timeout))
+    except ConnectionError as exc:  # names the URL, never the credentials
+        typer.echo(f"rescan {request.request_id}: nothing was asked: {exc}", err=True)
+        raise typer.Exit(3) from None
     if answer is None:
         typer.echo(
             f"rescan {request.request_id}: no answer from a dispatcher within {timeout:g}s "

@@ -7,6 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from podsweep import __version__
+from podsweep.embedded import free_port
 from podsweep_cli.app import app
 
 runner = CliRunner()
@@ -34,6 +35,16 @@ def test_bad_config_exits_2_naming_the_key() -> None:
     result = runner.invoke(app, ["config"], env={"PODSWEEP_NATS_URL": "nats//x"})
     assert result.exit_code == 2
     assert "PODSWEEP_NATS_URL" in result.output
+
+
+def test_rescan_with_nats_unreachable_exits_3_naming_the_url_without_a_traceback(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there: refused at once
+    env = {"PODSWEEP_NATS_URL": url, "PODSWEEP_NATS_USER": "operator", "PODSWEEP_NATS_PASSWORD": "s3cret-pw"}
+    env |= {"PODSWEEP_DATA_DIR": str(tmp_path), "PODSWEEP_NATS_CONNECT_TIMEOUT_S": "2"}
+    result = runner.invoke(app, ["rescan", "--all"], env=env)
+    assert result.exit_code == 3, result.output
+    assert "nothing was asked" in result.output and url in result.output
+    assert "Traceback" not in result.output and "s3cret-pw" not in result.output
 
 
 def test_up_without_kubeconfig_says_what_to_do(tmp_path: Path) -> None:
