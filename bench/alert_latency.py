@@ -3,12 +3,16 @@
 Real nats-server and SeaweedFS (embedded, in a temp dir), `python -m podsweep run notifier` as a subprocess, and an
 aiohttp receiver on loopback that verifies every signature. Every event breaches (one new CRITICAL), for a workload
 of its own digest. Two phases of N events each: `paced` (a steady rate: latency as an operator sees it) and
-`burst` (all at once: alerts per second, and latency under a backlog). Baseline in the same run: a bare signed
+`burst` (all at once: alerts per second, and latency under a backlog); then the `storm` of issue 22: 2,000
+workloads over 300 digests breach at once (one report reaches several workloads). Per phase: the notifier's CPU per
+alert; at the paced rate also its system calls and sleeps (voluntary context switches) per alert, since there each
+wait for an answer ends in a wake-up on a cold core. Baseline in the same run: a bare signed
 POST from this process to the same receiver (the floor under the notifier's work: S3, KV, outbox, HTTP).
 With --compare-with DIR, the notifier of another source tree (e.g. `git worktree add DIR main`) runs the same phases
 first, on its own stream of the same servers: CPU milliseconds per alert (the notifier process's user + system time
-over the alerts received) old and new in one run. A third run allows the webhook 10 messages/s with grouping on,
-so a burst leaves grouped (skip with --skip-grouped).
+over the alerts received) old and new in one run (--old-rate: at the new one's webhook rate, for a tree that knows
+rate_per_s). A third run allows the webhook 10 messages/s with grouping on, so a burst leaves grouped (skip with
+--skip-grouped). --profile DIR --py-spy BIN [--py-spy-phase storm] samples one phase's on-CPU stacks.
 Run: .venv/bin/python bench/alert_latency.py [--events 1000] [--rate 25] [--compare-with DIR]. The last line is one
 JSON object, with the load average, since the machine is shared.
 """
@@ -261,7 +265,7 @@ async def measure(
     name: str,
     cwd: Path,
     policy_text: str,
-    servers: tuple[embedded.EmbeddedNats, embedded.EmbeddedSeaweed],
+    servers: tuple[embedded.EmbeddedNats, embedded.EmbeddedS3],
     receiver: Receiver,
     offset: int,
 ) -> dict[str, object]:
