@@ -23,7 +23,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from podsweep import aio, logs
-from podsweep.objectstore import ObjectStore
+from podsweep.objectstore import ObjectStore, ObjectTooLarge
 from schemas import storage
 from schemas.index import (
     CveShard,
@@ -282,28 +282,26 @@ class Indexer:
         """The postings of a digest whose latest report was stored before the inverted index existed, built once
         from that report (its history copy) and its SBOM, and stored unless the handler stored newer ones first."""
         key = storage.postings_key(summary.digest_ref)
-        data = await self.store.get_if_exists(summary.history_key, self.max_report_bytes)
-        if data is None:
-            log.warning("no postings and no report: digest left out of the cve index", report=summary.history_key)
+        try:  # what cannot be read now will not be readable later: the digest waits for its next report
+            data = await self.store.get_if_exists(summary.history_key, self.max_report_bytes)
+            report = _report_decoder.decode(data) if data is not None else None
+        except (ObjectTooLarge, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("stored report unreadable: digest left out of the cve index until its next report",
+                        report=summary.history_key, error=str(exc)[:200])  # fmt: skip
             return None
-        try:
-            report = _report_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("stored report unreadable: digest left out of the cve index", report=summary.history_key,
-                        error=str(exc)[:200])  # fmt: skip
+        if report is None:
+            log.warning("no postings and no report: digest left out of the cve index", report=summary.history_key)
             return None
         packages: list[PackageVersion] | None = None
         if summary.sbom_key is not None:
-            raw = await self.store.get_if_exists(summary.sbom_key, self.max_sbom_bytes)
-            with contextlib.suppress(sbom.SbomError):  # it was checked when kept
+            with contextlib.suppress(ObjectTooLarge, sbom.SbomError):  # it was checked when kept
+                raw = await self.store.get_if_exists(summary.sbom_key, self.max_sbom_bytes)
                 packages = sbom.check(raw, max_bytes=self.max_sbom_bytes).packages if raw is not None else None
         doc = await postings_for(
             self.store, report, summary.digest_ref, summary.scan_id, summary.finished_at, packages, self.max_sbom_bytes
         )
-        if not await self.store.put_new(key, _encoder.encode(doc)):
-            self.pending_postings.add(
-                digest_hex(summary.digest_ref)
-            )  # the handler stored newer ones meanwhile: read those
+        if not await self.store.put_new(key, _encoder.encode(doc)):  # the handler stored newer ones meanwhile
+            self.pending_postings.add(digest_hex(summary.digest_ref))  # the next flush reads those
             return None
         log.info("postings built for a digest stored before the cve index", digest=summary.digest_ref, key=key)
         return doc
@@ -419,11 +417,11 @@ async def postings_for(
     """What a report puts in the inverted index. Without an SBOM from its scan, the packages come from the digest's
     stored one: the same digest has the same files."""
     if packages is None:
-        data = await store.get_if_exists(storage.latest_sbom_key(digest_ref), max_sbom_bytes)
         try:
+            data = await store.get_if_exists(storage.latest_sbom_key(digest_ref), max_sbom_bytes)
             packages = sbom.check(data, max_bytes=max_sbom_bytes).packages if data is not None else None
-        except sbom.SbomError:
-            packages = None  # it was checked when kept; a bad one leaves the findings' packages
+        except (ObjectTooLarge, sbom.SbomError):
+            packages = None  # it was checked when kept (a cap lowered since): the findings' packages stay
     doc, skipped = vulnindex.postings_of(report, digest_ref, scan_id, finished_at, packages)
     if skipped:
         log.warning("findings left out of the CVE index: not vulnerability ids", digest=digest_ref, count=skipped)

@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import msgspec
+import structlog
 
 from podsweep.config import NatsSettings, S3Settings
 from podsweep.objectstore import ObjectStore
@@ -223,3 +224,30 @@ async def test_a_cve_in_a_bucket_without_an_index_is_not_found_and_bad_input_is_
     assert code == 1 and msgspec.json.decode(out, type=CveAnswer).affected == []
     code, _, err = await cve(s3_settings, "--package", "x;$(id)")
     assert code == 2 and "is not a package name" in err and "Traceback" not in err
+
+
+async def test_a_stored_report_over_the_cap_leaves_its_digest_out_without_stopping_the_index(
+    nats_settings: NatsSettings, s3_settings: S3Settings
+) -> None:
+    app = digest_ref(520)
+    settings = make_settings(nats_settings, s3_settings)
+    store = ObjectStore(s3_settings)
+    async with running(settings) as h:
+        await h.publish(seen(app, "shop", "web", "registry.example.com/team/app:2.0"), subjects.IMAGE_SEEN, "c20")
+        await h.upload(app, scan_id(520), RESCAN, sbom=SBOM)
+        await h.complete(completed(app, scan_id(520), T0, sbom=True))
+        await eventually(lambda: store.get_if_exists(storage.postings_key(app)))
+    for key in [k for prefix in ("index/postings/", "index/by-") for k in await store.list_keys(prefix)]:
+        await store.delete(key)
+    # A cap lowered since (the stored report is larger now): the digest waits for its next report, and the
+    # index's other work goes on instead of retrying the same read at every flush.
+    small = msgspec.structs.replace(settings, parser=msgspec.structs.replace(settings.parser, max_report_mb=0.001))
+    with structlog.testing.capture_logs() as logged:
+        async with running(small):
+
+            async def said_left_out() -> bool | None:
+                return True if any(e["event"].startswith("stored report unreadable") for e in logged) else None
+
+            await eventually(said_left_out)
+    assert not [e for e in logged if e["event"] == "postings read failed, will retry"]
+    assert await store.get_if_exists(storage.postings_key(app)) is None
