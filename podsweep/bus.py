@@ -91,6 +91,10 @@ class Retry(Exception):
         self.delay = delay
 
 
+class MissingBucket(LookupError):
+    """A KV bucket that is not there, opened by a user that creates none (the operator commands)."""
+
+
 class PublishFailed(ConnectionError):
     """Some events of a batch were still unacknowledged after every attempt; `unsent` is what to publish again."""
 
@@ -409,7 +413,10 @@ class Bus:
         try:
             kv = await settled("kv open", lambda: self.js.key_value(bucket), bucket=bucket)
         except (NotFoundError, nats.js.errors.BucketNotFoundError):
-            pass
+            if self.access is not None and not self.access.creates:
+                raise MissingBucket(
+                    f"nats: KV bucket {bucket} does not exist yet: the podsweep services create it when they start"
+                ) from None
         else:
             if not natsprivate.kv_allows_direct(kv):  # False for a bucket an older podsweep made
                 log.info(
@@ -523,7 +530,7 @@ async def ensure_stream(bus: Bus, stream: StreamRef | None = None) -> None:
     )
     if bus.access is not None and stream.name == bus.outbox.name and not bus.access.outbox:
         raise refuse(bus.access, f"declares the outbox stream {stream.name}")
-    if bus.access is not None and stream.name == bus.events.name and not bus.access.declares_stream:
+    if bus.access is not None and stream.name == bus.events.name and not bus.access.creates:
         raise refuse(bus.access, f"declares the events stream {stream.name}")
     name = stream.name
     try:

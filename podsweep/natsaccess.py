@@ -53,8 +53,8 @@ class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
     `outbox`: it owns the outbox stream (schemas/subjects.py, outbox_stream) and every consumer on it;
     `listens`: event subjects it hears with a plain (core NATS) subscription, as they are published, without a consumer
     (`podsweep rescan` waiting for rescan.accepted); `inspects`: other services' durables whose lag it reads
-    (consumer info only: `podsweep status`); `declares_stream`: it creates the events stream when missing, as every
-    service does when it starts (the operator commands only use it).
+    (consumer info only: `podsweep status`); `creates`: it creates the events stream and its KV buckets when missing,
+    as every service does when it starts (the operator commands only use what the services made).
     """
 
     service: str
@@ -65,7 +65,7 @@ class NatsAccess(msgspec.Struct, frozen=True, kw_only=True):
     outbox: bool = False
     listens: tuple[str, ...] = ()
     inspects: tuple[Durable, ...] = ()
-    declares_stream: bool = True
+    creates: bool = True
 
     @property
     def consumes(self) -> bool:
@@ -167,7 +167,7 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
     if access.consumes:
         events.append(subjects.subject(names.root, dead_letters(access.service)))
     out = [Section("the events it publishes", tuple(events))]
-    if access.declares_stream:
+    if access.creates:
         out.append(
             Section(
                 f"the {stream} stream: read it, create it when missing (never update it)",
@@ -218,7 +218,7 @@ def sections(access: NatsAccess, names: Names) -> list[Section]:
         kv = f"{names.kv_prefix}-{bucket.name}"
         reads = (
             f"{api}.STREAM.INFO.KV_{kv}",
-            f"{api}.STREAM.CREATE.KV_{kv}",
+            *((f"{api}.STREAM.CREATE.KV_{kv}",) if access.creates else ()),
             f"{api}.DIRECT.GET.KV_{kv}.>",
             f"{api}.STREAM.MSG.GET.KV_{kv}",  # a bucket made without direct gets
             f"{api}.CONSUMER.CREATE.KV_{kv}",  # watches: ordered consumers,

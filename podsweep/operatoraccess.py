@@ -33,5 +33,5 @@ OPERATOR = NatsAccess(
         Durable("parser", ()),
         Durable("notifier", ()),
     ),
-    declares_stream=False,  # it publishes to the stream the services made, and never makes it
+    creates=False,  # it uses the stream and the buckets the services made, and never makes one
 )

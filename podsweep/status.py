@@ -145,8 +145,12 @@ def _reason(state: DigestScanState) -> str:
 async def collect(bus: busmod.Bus, cluster: str | None = None, own: str = DEFAULT_CLUSTER) -> StatusReport:
     """The status of the fleet, or of `cluster`; the dispatcher's consumer and lease are those of `cluster`, else of
     `own` (the cluster this command is configured for)."""
-    kv = await bus.kv(SCANS_BUCKET)
-    states, _ = await busmod.kv_documents(kv, DigestScanState)  # not a GET per key: `podsweep up` asks every few s
+    try:
+        kv = await bus.kv(SCANS_BUCKET)
+    except busmod.MissingBucket:  # no dispatcher has run yet: nothing is known
+        states: list[DigestScanState] = []
+    else:
+        states, _ = await busmod.kv_documents(kv, DigestScanState)  # not a GET per key: `podsweep up` asks every few s
     consumers = []
     for durable in OPERATOR.inspects:  # every service's durable, by the operator user's declaration
         try:
@@ -161,5 +165,8 @@ async def collect(bus: busmod.Bus, cluster: str | None = None, own: str = DEFAUL
                 redelivered=int(info.num_redelivered or 0),
             )
         )
-    lease, _ = await busmod.kv_read(await bus.kv(LIMITS_BUCKET), leader_key(cluster or own), DispatcherLease)
+    try:
+        lease, _ = await busmod.kv_read(await bus.kv(LIMITS_BUCKET), leader_key(cluster or own), DispatcherLease)
+    except busmod.MissingBucket:
+        lease = None
     return summarize(states, consumers, lease=lease, cluster=cluster)

@@ -1137,6 +1137,7 @@ OPERATOR_DENIED = [
     ("$KV.podsweep-limits.active", "operator-cannot-touch-the-limiter"),
     ("$JS.API.DIRECT.GET.KV_podsweep-notify.$KV.podsweep-notify.x", "operator-reads-no-notifier-state"),
     ("$JS.API.STREAM.CREATE.PODSWEEP", "operator-does-not-make-the-stream"),
+    ("$JS.API.STREAM.CREATE.KV_podsweep-scans", "operator-makes-no-bucket"),
     ("$JS.API.STREAM.DELETE.PODSWEEP", "operator-cannot-delete-the-stream"),
     ("$JS.API.STREAM.PURGE.PODSWEEP", "operator-cannot-purge-the-stream"),
     ("$JS.API.CONSUMER.CREATE.PODSWEEP", "operator-creates-no-consumer-on-the-events-stream"),

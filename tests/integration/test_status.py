@@ -6,6 +6,7 @@ import asyncio
 import json
 from datetime import UTC, datetime
 
+import msgspec
 from typer.testing import CliRunner
 
 from podsweep import bus as busmod
@@ -60,3 +61,30 @@ def test_status_json_counts_states_nodes_and_failures(nats_settings: NatsSetting
     assert tables.exit_code == 0
     assert "node-1" in tables.output and "ErrImageNeverPull" in tables.output
     assert "dispatcher leader: dispatcher-7c9f-x2:1" in tables.output
+
+
+def test_status_before_any_service_ran_shows_nothing_and_creates_no_bucket(nats_settings: NatsSettings) -> None:
+    """The operator user creates nothing: on a NATS where no dispatcher has made its buckets yet, status says there
+    is nothing, and the buckets are still the services' to create (with their settings) afterwards."""
+    fresh = msgspec.structs.replace(nats_settings, kv_prefix="fresh", stream="FRESH", subject_root="fresh")
+    env = {
+        "PODSWEEP_NATS_URL": fresh.url,
+        "PODSWEEP_NATS_USER": fresh.user,
+        "PODSWEEP_NATS_PASSWORD": fresh.password,
+        "PODSWEEP_NATS_STREAM": fresh.stream,
+        "PODSWEEP_NATS_SUBJECT_ROOT": fresh.subject_root,
+        "PODSWEEP_NATS_KV_PREFIX": fresh.kv_prefix,
+    }
+    result = CliRunner().invoke(app, ["status", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["digests"] == 0 and report["dispatcher_leader"] == ""
+
+    async def buckets() -> list[str]:
+        bus = await busmod.connect(fresh, "check")
+        try:
+            return [info.config.name or "" for info in await bus.js.streams_info()]
+        finally:
+            await bus.close()
+
+    assert not [name for name in asyncio.run(buckets()) if "fresh" in name]

@@ -213,9 +213,13 @@ def test_the_operator_publishes_and_listens_to_what_the_dispatcher_consumes_and_
     assert not OPERATOR.durables and not OPERATOR.replays and not OPERATOR.outbox
 
 
-def test_a_user_that_does_not_declare_the_stream_may_not_create_or_read_it() -> None:
-    access = NatsAccess(service="op", publishes=("a.b",), declares_stream=False)
+def test_a_user_that_creates_nothing_may_not_create_the_stream_or_a_bucket() -> None:
+    access = NatsAccess(service="op", publishes=("a.b",), creates=False)
     assert natsaccess.permissions(access, NAMES).publish == ("t.root.a.b",)
+    reader = NatsAccess(service="op", buckets=(Bucket("scans", writes=False),), creates=False)
+    allowed = natsaccess.permissions(reader, NAMES).publish
+    assert any("DIRECT.GET.KV_" in s for s in allowed) and not any("STREAM.CREATE" in s for s in allowed)
+    assert not any("STREAM.CREATE" in s for s in natsaccess.permissions(OPERATOR, NAMES).publish)
 
 
 def test_accounts_conf_has_the_operator_user() -> None:
