@@ -28,7 +28,12 @@ _CODE_RE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 
 
 class ReadFailed(Exception):
-    """An object could not be read: the message names the key, the bucket, and the endpoint or the HTTP status."""
+    """An object could not be read: the message names the key, the bucket, and the endpoint or the HTTP status
+    (`status`, when the server answered)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PresignedReader:
@@ -103,7 +108,9 @@ class PresignedReader:
                 return None
             code = _CODE_RE.search(detail)
             said = f" ({code.group(1).decode()})" if code else ""
-            raise ReadFailed(f"s3: GET {key} in bucket {self.bucket} answered HTTP {response.status}{said}")
+            raise ReadFailed(
+                f"s3: GET {key} in bucket {self.bucket} answered HTTP {response.status}{said}", response.status
+            )
         length = response.getheader("Content-Length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             self._close()

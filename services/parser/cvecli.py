@@ -77,6 +77,7 @@ class _Index:
     credentials and addressing that only botocore resolves (the environment chain, IRSA, virtual-hosted)."""
 
     def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
         self.bucket = settings.bucket
         self._reader: PresignedReader | None = None
         self._store: ObjectStore | None = None
@@ -102,7 +103,17 @@ class _Index:
             try:
                 return self._reader.get_many(keys, MAX_SHARD_BYTES)
             except ReadFailed as exc:
-                raise Failed(str(exc), ERROR) from None
+                if exc.status != 301:
+                    raise Failed(str(exc), ERROR) from None
+                # S3's PermanentRedirect: the bucket is in another region than configured; botocore follows it.
+                print(
+                    f"note: bucket {self.bucket} is not in region {self.settings.region}: reading through boto3 "
+                    "(set PODSWEEP_S3_REGION to the bucket's region for a faster answer)",
+                    file=sys.stderr,
+                )
+                from podsweep.objectstore import ObjectStore
+
+                self._reader, self._store = None, ObjectStore(self.settings)
         assert self._store is not None
         return _read_with_boto3(self._store, keys)
 

@@ -186,6 +186,42 @@ async def test_a_failing_server_is_tried_again_then_named_with_its_status(
     assert not any("Traceback" in line for line in err)
 
 
+class _Elsewhere(BaseHTTPRequestHandler):
+    """AWS S3 asked in the wrong region: every GET is a 301 PermanentRedirect naming the bucket's region."""
+
+    def do_GET(self) -> None:
+        self.server.requests.append((self.path, self.headers.get("Authorization", "")))  # type: ignore[attr-defined]
+        body = b"<?xml version='1.0'?><Error><Code>PermanentRedirect</Code></Error>"
+        self.send_response(301)
+        self.send_header("x-amz-bucket-region", "eu-west-1")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+async def test_a_bucket_in_another_region_is_read_again_through_boto3_which_follows_the_redirect(
+    s3_settings: S3Settings,
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Elsewhere)
+    server.requests = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        code, _, err = await cve(msgspec.structs.replace(s3_settings, endpoint_url=endpoint), CVE)
+    finally:
+        server.shutdown()
+        server.server_close()
+    requests = server.requests  # type: ignore[attr-defined]
+    assert code == 2 and not any("Traceback" in line for line in err), err  # this server redirects boto3 too
+    assert err[0].startswith(f"note: bucket {s3_settings.bucket} is not in region {s3_settings.region}"), err
+    presigned = [path for path, auth in requests if "X-Amz-Signature=" in path]
+    signed_headers = [path for path, auth in requests if auth.startswith("AWS4-HMAC-SHA256")]
+    assert len(presigned) == 1 and signed_headers, requests  # no retry of a redirect; then boto3's own request
+
+
 async def test_nothing_listening_is_named_without_a_traceback(s3_settings: S3Settings) -> None:
     endpoint = f"http://127.0.0.1:{embedded.free_port()}"
     code, _, err = await cve(msgspec.structs.replace(s3_settings, endpoint_url=endpoint), CVE)
