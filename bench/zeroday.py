@@ -203,6 +203,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             sbom_files.append(path)
             state = DigestScanState(
                 digest_ref=ref,
+                cluster="bench",  # the dispatcher's own (a state without one is the default cluster's)
                 status="done",
                 nodes_seen=["zd-node"],
                 last_seen_at=now,
@@ -377,6 +378,9 @@ def main() -> None:
     parser.add_argument("--max-active", type=int, default=20, help="dispatcher.max_active")
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args()
+    every = max(round(1 / args.affected_share), 1)
+    if args.digests <= every // 2:
+        parser.error(f"--digests {args.digests} at --affected-share {args.affected_share} affects none: use more")
     with tempfile.TemporaryDirectory(prefix="podsweep-zeroday-") as work:
         result = asyncio.run(run(args, Path(work)))
     print(json.dumps(result))
