@@ -165,3 +165,45 @@ async def wait_until(check: Callable[[], Awaitable[T | None]], timeout_s: float,
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
         await asyncio.sleep(0.1)
+
+
+def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
+    """A pod of one container `app`, bound to `node` (no scheduler, no owner)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": image}]},
+    }
+
+
+def pinned_deployment(name: str, image: str, node: str, container: str) -> dict[str, object]:
+    """A Deployment of two replicas of one container, both scheduled onto `node`: one digest on one node, twice."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": node},
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{"name": container, "image": image}],
+                },
+            },
+        },
+    }
+
+
+async def create_scan_namespaces(client: Kube, jobs: str, apps: str) -> None:
+    """The namespace scan Jobs run in (with its `scan` ServiceAccount) and the one the watched workloads run in."""
+    for namespace in (jobs, apps):
+        await create_namespace(client, namespace)
+    await client.request(
+        "POST",
+        f"/api/v1/namespaces/{jobs}/serviceaccounts",
+        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "scan"}},
+    )

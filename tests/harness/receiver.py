@@ -12,10 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
 from podsweep.embedded import free_port
+from schemas.alerts import AlertPayload
 from services.notifier import signing
 
 
@@ -197,3 +200,22 @@ def dojo_contract(path: str, arrival: Arrival, dojo_token: str) -> tuple[int, li
         if flag in one and one[flag] not in ("true", "false"):
             problems.append(f"{flag} must be true or false")
     return (400, problems) if problems else (201, [])
+
+
+def signed_alerts(receiver: Receiver, path: str = "/hook") -> dict[str, list[AlertPayload]]:
+    """The alerts accepted on `path` by idempotency key; each must carry a valid signature."""
+    by_key: dict[str, list[AlertPayload]] = {}
+    for arrival in receiver.accepted(path):
+        assert arrival.verified, "a webhook arrived without a valid signature"
+        by_key.setdefault(arrival.key, []).append(msgspec.json.decode(arrival.body, type=AlertPayload))
+    return by_key
+
+
+def write_hook_policy(file: Path, receiver: Receiver, key_env: str) -> Path:
+    """A notifier policy sending every image with a CRITICAL finding to `receiver`'s /hook, signed with the key in
+    the environment variable `key_env` (so the key is never in Settings)."""
+    file.write_text(
+        "version: 1\ndefaults:\n  threshold: {max_critical: 0}\n  destinations: [hook]\ndestinations:\n"
+        f'  - {{name: hook, kind: webhook, url: "{receiver.url}/hook", hmac_key: {{env: {key_env}}}}}\n'
+    )
+    return file

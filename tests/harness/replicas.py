@@ -20,9 +20,19 @@ from typing import Any, Protocol
 
 import msgspec
 
-from podsweep.config import Settings, env_name
+from podsweep.config import (
+    ConsumerSettings,
+    DispatcherSettings,
+    NatsSettings,
+    NotifierSettings,
+    S3Settings,
+    Settings,
+    WatcherSettings,
+    env_name,
+)
 
 REPO = Path(__file__).resolve().parents[2]
+FAST = ConsumerSettings(max_deliver=30, backoff_s=[0.2, 0.5, 1.0], ack_wait_s=5, batch=32, concurrency=8)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -42,6 +52,47 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
     flatten(msgspec.to_builtins(settings), ())
     return env
+
+
+def fast_settings(
+    cluster: str, kubeconfig: Path, jobs: str, apps: str, nats: NatsSettings, s3: S3Settings, policy: Path
+) -> Settings:
+    """Settings for the four services of a small world (test_e2e.py, test_jscluster.py): scan Jobs in `jobs`, only
+    `apps` watched, short retries and leases so that a killed replica's work is taken over within seconds."""
+    dispatcher = {
+        "sweep_interval_s": 2.0,
+        "claim_ttl_s": 10.0,
+        "leader_lease_s": 3.0,  # the killed dispatcher's restart takes its lease over after this
+        "backoff_base_s": 0.5,
+        "backoff_max_s": 2.0,
+        "max_active": 60,
+        "max_active_per_node": 10,
+        "max_created_per_minute": 6000,
+        "job_deadline_s": 300.0,
+        "sbom": False,  # SBOMs end to end are tests/integration/test_rescan_e2e.py's
+        "trivy_image": "registry.example.com/aquasec/trivy:0.76.0",
+        "podsweep_image": "registry.example.com/podsweep/podsweep:test",
+    }
+    notifier = {
+        "policy_file": str(policy),
+        "workloads_wait_deliveries": 5,
+        "workloads_wait_s": 0.5,
+        "retry_base_s": 0.2,
+        "retry_cap_s": 1.0,
+        "outbox_ack_wait_s": 8.0,
+    }
+    return Settings(
+        cluster=cluster,
+        kubeconfig=str(kubeconfig),
+        namespace=jobs,
+        nats=nats,
+        s3=s3,
+        consumer=FAST,
+        log_format="json",
+        watcher=WatcherSettings(include_namespaces=[apps]),
+        dispatcher=msgspec.convert(dispatcher, DispatcherSettings),
+        notifier=msgspec.convert(notifier, NotifierSettings),
+    )
 
 
 @dataclass
@@ -143,6 +194,11 @@ async def in_process(*mains: ServiceMain, settings: Settings, stop_within_s: flo
         for task in tasks:
             if not task.cancelled() and task.exception() is not None:
                 raise AssertionError(f"{task.get_name()} failed") from task.exception()
+
+
+def tails(running: dict[str, Replica], chars: int = 1500) -> str:
+    """The end of each replica's log, under its name."""
+    return "\n".join(f"--- {name}\n{replica.tail(chars)}" for name, replica in running.items())
 
 
 class Watched(Protocol):

@@ -57,7 +57,6 @@ from podsweep.embedded import free_port
 from podsweep.kube import Kube, KubeError
 from podsweep.objectstore import ObjectStore
 from schemas import storage, subjects
-from schemas.alerts import AlertPayload
 from schemas.events import ReportStored
 from services.admission import main as admission
 from services.dispatcher.jobspec import RAW_URL_ENV, SBOM_URL_ENV
@@ -65,9 +64,9 @@ from tests.harness import deployed, metricnames
 from tests.harness.admission import make_tls
 from tests.harness.admission import review as admission_review
 from tests.harness.kube import KubeControlPlane
-from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
+from tests.harness.kwok import bare_pod, create_fake_node, create_namespace, expected_image_id, pinned_deployment
 from tests.harness.prometheus import start_prometheus
-from tests.harness.receiver import Receiver
+from tests.harness.receiver import Receiver, signed_alerts
 from tests.harness.scanpod import send_uploads, upload_key
 from tests.harness.standin import KubeletStandin, Pod
 from tests.harness.toolbins import locate_tool
@@ -271,15 +270,6 @@ async def world(
             await kube_api.request("DELETE", f"/api/v1/namespaces/{apps}")
 
 
-def alerts(world: DeployedWorld) -> dict[str, list[AlertPayload]]:
-    """Accepted alerts by idempotency key, each checked against the webhook Secret's signing key."""
-    by_key: dict[str, list[AlertPayload]] = {}
-    for arrival in world.receiver.accepted("/hook"):
-        assert arrival.verified, "a webhook arrived without a valid signature"
-        by_key.setdefault(arrival.key, []).append(msgspec.json.decode(arrival.body, type=AlertPayload))
-    return by_key
-
-
 class AdmissionAnswer(msgspec.Struct, frozen=True):
     allowed: bool
     warnings: list[str] = []
@@ -287,15 +277,6 @@ class AdmissionAnswer(msgspec.Struct, frozen=True):
 
 class AdmissionReviewAnswer(msgspec.Struct, frozen=True):
     response: AdmissionAnswer
-
-
-def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {"nodeName": node, "containers": [{"name": "app", "image": image}]},
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,23 +288,7 @@ async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(wo
         world.start_every_replica(service)
     images = [f"registry.example.com/deployed/app-{i}:1.{i}" for i in range(4)]
     # The first image as a Deployment's two replicas on one node (one digest, one scan, one alert); the others bare.
-    web = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": world.nodes[0]},
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [{"name": "app", "image": images[0]}],
-                },
-            },
-        },
-    }
+    web = pinned_deployment("web", images[0], world.nodes[0], container="app")
     await world.admin.request("POST", f"/apis/apps/v1/namespaces/{world.apps}/deployments", body=web)
     for i, image in enumerate(images[1:], start=1):
         body = bare_pod(f"app-{i}", image, world.nodes[i % len(world.nodes)])
@@ -331,23 +296,23 @@ async def test_the_rendered_overlay_scans_stores_and_alerts_every_digest_once(wo
     refs = {expected_image_id(image, "app") for image in images}
 
     async def every_digest_alerted() -> bool:
-        return {a[0].digest_ref for a in alerts(world).values()} >= refs
+        return {a[0].digest_ref for a in signed_alerts(world.receiver).values()} >= refs
 
     await eventually(every_digest_alerted, 120, f"a signed alert for each of the {len(refs)} digests", world)
 
     mine = {ref.rsplit(":", 1)[1] for ref in refs}
     assert {d: c for d, c in world.puts.items() if d in mine} == dict.fromkeys(mine, 1), world.puts
-    by_digest = Counter(a[0].digest_ref for a in alerts(world).values() if a[0].digest_ref in refs)
+    by_digest = Counter(a[0].digest_ref for a in signed_alerts(world.receiver).values() if a[0].digest_ref in refs)
     assert by_digest == Counter(refs), [
         (k, [(a.digest_ref[-8:], a.namespace, a.workload, a.rule, a.scan_id, a.new_count, a.reasons) for a in v])
-        for k, v in alerts(world).items()
+        for k, v in signed_alerts(world.receiver).items()
     ]
     # Stored: read back with the notifier's own read-only credential.
     notifier_s3 = world.s3("notifier")
     for ref in sorted(refs):
         report = msgspec.json.decode(await notifier_s3.get(storage.latest_report_key(ref)))
         assert report["digest_ref"] == ref
-    for alert in (a[0] for a in alerts(world).values() if a[0].digest_ref in refs):
+    for alert in (a[0] for a in signed_alerts(world.receiver).values() if a[0].digest_ref in refs):
         assert (alert.namespace, alert.counts.CRITICAL >= 1) == (world.apps, True)
 
     # The admission gate (its own NATS user and read-only S3 key) answers from the same findings: warn by default.
@@ -467,7 +432,7 @@ async def test_kill_9_of_each_service_under_the_deployed_credentials_loses_and_d
         return len(mine & set(world.puts))
 
     def alerted() -> int:
-        return len({a[0].digest_ref for a in alerts(world).values()} & refs)
+        return len({a[0].digest_ref for a in signed_alerts(world.receiver).values()} & refs)
 
     kills = (("watcher", scanned, 5), ("dispatcher", scanned, 20), ("parser", scanned, 40), ("notifier", alerted, 30))
     for service, progress, at in kills:
@@ -490,7 +455,7 @@ async def test_kill_9_of_each_service_under_the_deployed_credentials_loses_and_d
     for ref in sorted(refs):
         assert await notifier_s3.get_if_exists(storage.latest_report_key(ref)) is not None, ref
     assert {d: c for d, c in world.puts.items() if d in mine} == dict.fromkeys(mine, 1), world.puts.most_common(3)
-    by_digest = Counter(a[0].digest_ref for a in alerts(world).values() if a[0].digest_ref in refs)
+    by_digest = Counter(a[0].digest_ref for a in signed_alerts(world.receiver).values() if a[0].digest_ref in refs)
     assert by_digest == Counter(refs), by_digest.most_common(3)
     stored = Counter(e.digest_ref for e in await read_stored(world) if e.digest_ref in refs)
     assert stored == Counter(refs), "report.stored must be once per digest"
@@ -563,10 +528,12 @@ async def test_a_real_prometheus_scraping_every_service_answers_every_panel_and_
             await world.admin.request("POST", f"/api/v1/namespaces/{world.apps}/pods", body=pod)
 
             async def alerted(ref: str = ref) -> bool:
-                return any(a[0].digest_ref == ref for a in alerts(world).values())
+                return any(a[0].digest_ref == ref for a in signed_alerts(world.receiver).values())
 
             await eventually(alerted, 120, f"the alert for {ref}", world)
-            critical += sum(a[0].counts.CRITICAL for a in alerts(world).values() if a[0].digest_ref == ref)
+            critical += sum(
+                a[0].counts.CRITICAL for a in signed_alerts(world.receiver).values() if a[0].digest_ref == ref
+            )
             review = admission_review(bare_pod(f"new-app-{i}", image, world.nodes[i]), world.apps)
 
             async def warned(review: dict[str, object] = review) -> bool:

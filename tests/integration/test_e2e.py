@@ -23,26 +23,16 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from podsweep.config import (
-    ConsumerSettings,
-    DispatcherSettings,
-    NatsSettings,
-    NotifierSettings,
-    S3Settings,
-    Settings,
-    TelemetrySettings,
-    WatcherSettings,
-)
+from podsweep.config import NatsSettings, S3Settings, Settings, TelemetrySettings
 from podsweep.embedded import free_port
 from podsweep.kube import Kube
 from podsweep.objectstore import ObjectStore
 from schemas import storage
-from schemas.alerts import AlertPayload
 from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane
-from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
-from tests.harness.receiver import Receiver
+from tests.harness.kwok import bare_pod, create_fake_node, create_scan_namespaces, expected_image_id, pinned_deployment
+from tests.harness.receiver import Receiver, signed_alerts, write_hook_policy
 from tests.harness.replicas import eventually
 from tests.harness.scanpod import send_uploads
 from tests.harness.standin import KubeletStandin, Pod
@@ -54,7 +44,6 @@ REPO = Path(__file__).resolve().parents[2]
 REPORT = gzip.compress((REPO / "tests/fixtures/trivy/trivy-0.76-alpine.json").read_bytes(), mtime=0)
 HOOK_KEY = "e2e-hook-key-" + "x" * 24
 SERVICES = ("watcher", "dispatcher", "parser", "notifier")
-FAST = ConsumerSettings(max_deliver=30, backoff_s=[0.2, 0.5, 1.0], ack_wait_s=5, batch=32, concurrency=8)
 _ids = itertools.count(1)
 
 
@@ -139,7 +128,7 @@ class World:
         self.running[service].kill()
 
     def tails(self) -> str:
-        return "\n".join(f"--- {name}\n{replica.tail(1500)}" for name, replica in self.running.items())
+        return replicas.tails(self.running)
 
 
 async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
@@ -151,41 +140,8 @@ async def play_scan_pod(pod: Pod, puts: Counter[str]) -> None:
 def e2e_settings(
     kube: KubeControlPlane, jobs: str, apps: str, nats: NatsSettings, s3: S3Settings, policy: Path, otlp: str
 ) -> Settings:
-    dispatcher = {
-        "sweep_interval_s": 2.0,
-        "claim_ttl_s": 10.0,
-        "leader_lease_s": 3.0,  # the killed dispatcher's restart takes its lease over after this
-        "backoff_base_s": 0.5,
-        "backoff_max_s": 2.0,
-        "max_active": 60,
-        "max_active_per_node": 10,
-        "max_created_per_minute": 6000,
-        "job_deadline_s": 300.0,
-        "sbom": False,  # SBOMs end to end are tests/integration/test_rescan_e2e.py's
-        "trivy_image": "registry.example.com/aquasec/trivy:0.76.0",
-        "podsweep_image": "registry.example.com/podsweep/podsweep:test",
-    }
-    notifier = {
-        "policy_file": str(policy),
-        "workloads_wait_deliveries": 5,
-        "workloads_wait_s": 0.5,
-        "retry_base_s": 0.2,
-        "retry_cap_s": 1.0,
-        "outbox_ack_wait_s": 8.0,
-    }
-    return Settings(
-        cluster="e2e",
-        kubeconfig=str(kube.kubeconfig),
-        namespace=jobs,
-        nats=nats,
-        s3=s3,
-        consumer=FAST,
-        log_format="json",
-        telemetry=TelemetrySettings(traces="otlp", otlp_endpoint=otlp),
-        watcher=WatcherSettings(include_namespaces=[apps]),
-        dispatcher=msgspec.convert(dispatcher, DispatcherSettings),
-        notifier=msgspec.convert(notifier, NotifierSettings),
-    )
+    settings = replicas.fast_settings("e2e", kube.kubeconfig, jobs, apps, nats, s3, policy)
+    return msgspec.structs.replace(settings, telemetry=TelemetrySettings(traces="otlp", otlp_endpoint=otlp))
 
 
 @pytest.fixture
@@ -199,24 +155,14 @@ async def world(
 ) -> AsyncIterator[World]:
     n = next(_ids)
     jobs, apps = f"e2e-jobs-{n}", f"e2e-apps-{n}"
-    for namespace in (jobs, apps):
-        await create_namespace(kube_api, namespace)
-    await kube_api.request(
-        "POST",
-        f"/api/v1/namespaces/{jobs}/serviceaccounts",
-        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "scan"}},
-    )
+    await create_scan_namespaces(kube_api, jobs, apps)
     nodes = [f"e2e-{n}-node-{i}" for i in range(8)]
     await asyncio.gather(*(create_fake_node(kube_api, name) for name in nodes))
     receiver = Receiver(hmac_key=HOOK_KEY)
     traces = TraceReceiver()
     await receiver.start()
     await traces.start()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "version: 1\ndefaults:\n  threshold: {max_critical: 0}\n  destinations: [hook]\ndestinations:\n"
-        f'  - {{name: hook, kind: webhook, url: "{receiver.url}/hook", hmac_key: {{env: E2E_HOOK_KEY}}}}\n'
-    )
+    policy = write_hook_policy(tmp_path / "policy.yaml", receiver, "E2E_HOOK_KEY")
     monkeypatch.setenv("E2E_HOOK_KEY", HOOK_KEY)  # the services' processes inherit it; it is never in Settings
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export spans every 200 ms, not every 5 s
     settings = e2e_settings(kube, jobs, apps, nats_settings, s3_settings, policy, traces.url)
@@ -244,24 +190,6 @@ async def world(
         await traces.stop()
 
 
-def bare_pod(name: str, image: str, node: str) -> dict[str, object]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {"nodeName": node, "containers": [{"name": "app", "image": image}]},
-    }
-
-
-def alerts(world: World) -> dict[str, list[AlertPayload]]:
-    """Accepted, signature-verified alerts by idempotency key."""
-    by_key: dict[str, list[AlertPayload]] = {}
-    for arrival in world.receiver.accepted("/hook"):
-        assert arrival.verified, "a webhook arrived without a valid signature"
-        by_key.setdefault(arrival.key, []).append(msgspec.json.decode(arrival.body, type=AlertPayload))
-    return by_key
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Tests
 
@@ -271,31 +199,15 @@ async def test_a_deployment_on_kwok_nodes_ends_in_one_signed_alert_and_one_trace
     for service in SERVICES:
         world.start(service, metrics_port=parser_metrics if service == "parser" else 0)
     image = "registry.example.com/e2e/web:1.0"
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": world.nodes[0]},
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [{"name": "web", "image": image}],
-                },
-            },
-        },
-    }
+    deployment = pinned_deployment("web", image, world.nodes[0], container="web")
     await world.client.request("POST", f"/apis/apps/v1/namespaces/{world.apps}/deployments", body=deployment)
     digest_ref = expected_image_id(image, "web")
 
     async def alerted() -> bool:
-        return bool(alerts(world))
+        return bool(signed_alerts(world.receiver))
 
     await eventually(alerted, 120, "the webhook alert", world)
-    [[alert]] = alerts(world).values()
+    [[alert]] = signed_alerts(world.receiver).values()
     assert (alert.digest_ref, alert.namespace, alert.workload.kind, alert.workload.name) == (
         digest_ref,
         world.apps,
@@ -380,7 +292,7 @@ async def test_kill_9_of_each_service_during_a_200_digest_run_loses_and_duplicat
         return len(world.pod_puts)
 
     def alerted() -> int:
-        return len(alerts(world))
+        return len(signed_alerts(world.receiver))
 
     kills = (("watcher", scanned, 10), ("dispatcher", scanned, 50), ("parser", scanned, 90), ("notifier", alerted, 60))
     for service, progress, at in kills:
@@ -394,7 +306,7 @@ async def test_kill_9_of_each_service_during_a_200_digest_run_loses_and_duplicat
         world.start(service)
 
     async def every_digest_alerted() -> bool:
-        return {a[0].digest_ref for a in alerts(world).values()} >= refs
+        return {a[0].digest_ref for a in signed_alerts(world.receiver).values()} >= refs
 
     await eventually(every_digest_alerted, 300, f"an alert for each of the {count} digests", world)
 
@@ -402,9 +314,10 @@ async def test_kill_9_of_each_service_during_a_200_digest_run_loses_and_duplicat
     for ref in sorted(refs):
         assert await world.store.get_if_exists(storage.latest_report_key(ref)) is not None, ref
     assert len(world.pod_puts) == count and set(world.pod_puts.values()) == {1}, world.pod_puts.most_common(3)
-    by_digest = Counter(a[0].digest_ref for a in alerts(world).values())
+    by_digest = Counter(a[0].digest_ref for a in signed_alerts(world.receiver).values())
     assert set(by_digest) == refs and set(by_digest.values()) == {1}, by_digest.most_common(3)
-    for key, copies in alerts(world).items():  # a redelivery after a kill carries the same key, so receivers dedupe
+    # A redelivery after a kill carries the same key, so receivers dedupe.
+    for key, copies in signed_alerts(world.receiver).items():
         assert {c.id for c in copies} == {key}, "the idempotency key and the alert's id disagree"
         assert len({(c.scan_id, c.namespace, c.workload, tuple(f.id for f in c.findings)) for c in copies}) == 1, key
     stored = await read_stored(world.settings.nats)

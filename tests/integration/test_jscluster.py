@@ -27,16 +27,7 @@ import pytest
 
 from podsweep import bus as busmod
 from podsweep import embedded
-from podsweep.config import (
-    ConsumerSettings,
-    DispatcherSettings,
-    NatsSettings,
-    NotifierSettings,
-    S3Settings,
-    Settings,
-    WatcherSettings,
-    load_settings,
-)
+from podsweep.config import NatsSettings, S3Settings, Settings, load_settings
 from podsweep.kube import Kube
 from podsweep.objectstore import ObjectStore
 from schemas import storage
@@ -48,8 +39,8 @@ from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import deployed, replicas
 from tests.harness.jscluster import HUB_DOMAIN, NatsCluster, start_cluster, start_leaf
 from tests.harness.kube import KubeControlPlane, locate_binaries
-from tests.harness.kwok import create_fake_node, create_namespace, expected_image_id
-from tests.harness.receiver import Receiver
+from tests.harness.kwok import bare_pod, create_fake_node, create_scan_namespaces, expected_image_id
+from tests.harness.receiver import Receiver, signed_alerts, write_hook_policy
 from tests.harness.replicas import eventually
 from tests.harness.scanpod import upload_env, upload_key
 from tests.harness.standin import KubeletStandin, Pod
@@ -61,7 +52,6 @@ REPO = Path(__file__).resolve().parents[2]
 REPORT = (REPO / "tests/fixtures/trivy/trivy-0.76-alpine.json").read_bytes()
 HOOK_KEY = "jscluster-hook-key-" + "x" * 24
 SERVICES = ("watcher", "dispatcher", "parser", "notifier")
-FAST = ConsumerSettings(max_deliver=30, backoff_s=[0.2, 0.5, 1.0], ack_wait_s=5, batch=32, concurrency=8)
 _DIGEST_IN_KEY = re.compile(r"raw/sha256/([0-9a-f]{64})/")
 _ids = itertools.count(1)
 
@@ -101,29 +91,17 @@ class World:
         self.running[service] = replicas.start(service, settings, self.logs / f"{service}.log")
 
     def tails(self) -> str:
-        return "\n".join(f"--- {name}\n{replica.tail(1500)}" for name, replica in self.running.items())
+        return replicas.tails(self.running)
 
     def alerts(self) -> dict[str, list[AlertPayload]]:
-        by_key: dict[str, list[AlertPayload]] = {}
-        for arrival in self.receiver.accepted("/hook"):
-            assert arrival.verified, "a webhook arrived without a valid signature"
-            by_key.setdefault(arrival.key, []).append(msgspec.json.decode(arrival.body, type=AlertPayload))
-        return by_key
+        return signed_alerts(self.receiver)
 
     async def create_pods(self, count: int, tag: str) -> set[str]:
         """`count` bare pods, each its own image, spread over the nodes; their digest refs."""
         images = [f"registry.example.com/{tag}/app-{i}:1.{i}" for i in range(count)]
 
         async def create(i: int) -> None:
-            body = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": f"{tag}-{i}"},
-                "spec": {
-                    "nodeName": self.nodes[i % len(self.nodes)],
-                    "containers": [{"name": "app", "image": images[i]}],
-                },
-            }
+            body = bare_pod(f"{tag}-{i}", images[i], self.nodes[i % len(self.nodes)])
             await self.client.request("POST", f"/api/v1/namespaces/{self.apps}/pods", body=body)
 
         await asyncio.gather(*(create(i) for i in range(count)))
@@ -224,57 +202,15 @@ async def make_world(
     users of a cluster with the deployed accounts (empty: every service uses `nats` as it is)."""
     n = next(_ids)
     jobs, apps = f"jsc-jobs-{n}", f"jsc-apps-{n}"
-    for namespace in (jobs, apps):
-        await create_namespace(client, namespace)
-    await client.request(
-        "POST",
-        f"/api/v1/namespaces/{jobs}/serviceaccounts",
-        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "scan"}},
-    )
+    await create_scan_namespaces(client, jobs, apps)
     nodes = [f"jsc-{n}-node-{i}" for i in range(4)]
     await asyncio.gather(*(create_fake_node(client, name) for name in nodes))
     receiver = Receiver(hmac_key=HOOK_KEY)
     await receiver.start()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "version: 1\ndefaults:\n  threshold: {max_critical: 0}\n  destinations: [hook]\ndestinations:\n"
-        f'  - {{name: hook, kind: webhook, url: "{receiver.url}/hook", hmac_key: {{env: JSC_HOOK_KEY}}}}\n'
-    )
+    policy = write_hook_policy(tmp_path / "policy.yaml", receiver, "JSC_HOOK_KEY")
     monkeypatch.setenv("JSC_HOOK_KEY", HOOK_KEY)  # the services' processes inherit it
-    dispatcher = {
-        "sweep_interval_s": 2.0,
-        "claim_ttl_s": 10.0,
-        "leader_lease_s": 3.0,
-        "backoff_base_s": 0.5,
-        "backoff_max_s": 2.0,
-        "max_active": 60,
-        "max_active_per_node": 10,
-        "max_created_per_minute": 6000,
-        "job_deadline_s": 300.0,
-        "sbom": False,
-        "trivy_image": "registry.example.com/aquasec/trivy:0.76.0",
-        "podsweep_image": "registry.example.com/podsweep/podsweep:test",
-    }
-    notifier = {
-        "policy_file": str(policy),
-        "workloads_wait_deliveries": 5,
-        "workloads_wait_s": 0.5,
-        "retry_base_s": 0.2,
-        "retry_cap_s": 1.0,
-        "outbox_ack_wait_s": 8.0,
-    }
-    settings = Settings(
-        cluster="default",  # what the deployed accounts.conf is generated for (a named cluster: docs/deploy.md)
-        kubeconfig=str(kube.kubeconfig),
-        namespace=jobs,
-        nats=nats,
-        s3=s3,
-        consumer=FAST,
-        log_format="json",
-        watcher=WatcherSettings(include_namespaces=[apps]),
-        dispatcher=msgspec.convert(dispatcher, DispatcherSettings),
-        notifier=msgspec.convert(notifier, NotifierSettings),
-    )
+    # cluster: what the deployed accounts.conf is generated for (a named cluster: docs/deploy.md)
+    settings = replicas.fast_settings("default", kube.kubeconfig, jobs, apps, nats, s3, policy)
     store = ObjectStore(s3)
     await store.ensure_bucket()
     uploads = Uploads(gate)
