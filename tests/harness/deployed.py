@@ -6,12 +6,10 @@ Builds configurations and starts only the processes it is asked to, by PID; deci
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -23,12 +21,12 @@ from pathlib import Path
 import msgspec
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from podsweep.embedded import free_port
 from podsweep.kube import Kube
+from tests.harness.certs import throwaway_ca
+from tests.harness.replicas import Replica
 from tests.harness.toolbins import locate_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -331,51 +329,17 @@ def base_environment(root: Path) -> dict[str, str]:
 def nats_tls_values() -> dict[tuple[str, str], str]:
     """Values for prod's placeholder Secrets nats-server-tls and nats-client-tls: a throwaway CA, a server pair for
     nats.podsweep.svc and 127.0.0.1 (where the harness's nats-server listens), a client pair for the services."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "podsweep-harness-nats-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode()
-
-    def pair(name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple[str, str]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
-
-    server = pair(
+    ca = throwaway_ca("podsweep-harness-nats-ca")
+    ca_pem = ca.pem.decode()
+    server = ca.issue(
         "nats.podsweep.svc",
         ExtendedKeyUsageOID.SERVER_AUTH,
         [x509.DNSName("nats.podsweep.svc"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
     )
-    client = pair("podsweep", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    client = ca.issue("podsweep", ExtendedKeyUsageOID.CLIENT_AUTH, [])
     values: dict[tuple[str, str], str] = {}
     for secret, (cert, key) in (("nats-server-tls", server), ("nats-client-tls", client)):
-        values |= {(secret, "ca.crt"): ca_pem, (secret, "tls.crt"): cert, (secret, "tls.key"): key}
+        values |= {(secret, "ca.crt"): ca_pem, (secret, "tls.crt"): cert.decode(), (secret, "tls.key"): key.decode()}
     return values
 
 
@@ -409,50 +373,16 @@ def write_kubeconfig(path: Path, server: str, ca_file: Path, user: str, token: s
 # -- processes --------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    """A process the harness started; signalled only by its own PID."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def wait_for_log(self, pattern: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not re.search(pattern, self.log.read_text(errors="replace")):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not log {pattern!r} within {timeout_s:.0f}s:\n{self.tail()}")
-            time.sleep(0.1)
-
-
-def spawn(name: str, argv: list[str], env: Mapping[str, str], log: Path, cwd: Path) -> Process:
+def spawn(name: str, argv: list[str], env: Mapping[str, str], log: Path, cwd: Path) -> Replica:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(
             argv, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-    return Process(name, proc, log)
+    return Replica(name, proc, log)
 
 
-def wait_tcp(process: Process, port: int, timeout_s: float = 60.0) -> None:
+def wait_tcp(process: Replica, port: int, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if process.proc.poll() is not None:
@@ -473,7 +403,7 @@ def binary(name: str) -> str:
     return str(here)
 
 
-def start_nats(rendered: Rendered, root: Path, remap: Remap, port: int) -> Process:
+def start_nats(rendered: Rendered, root: Path, remap: Remap, port: int) -> Replica:
     """The nats StatefulSet's container: its command on the rendered nats.conf and accounts.conf, its passwords from
     the rendered Secrets (secretKeyRef env, as the StatefulSet passes them). Listen address and ports are flags."""
     config = pod_process(rendered, "StatefulSet", "nats", root, remap, pod_name="nats-0")
@@ -485,7 +415,7 @@ def start_nats(rendered: Rendered, root: Path, remap: Remap, port: int) -> Proce
     return process
 
 
-def start_seaweedfs(rendered: Rendered, root: Path, remap: Remap, s3_port: int) -> Process:
+def start_seaweedfs(rendered: Rendered, root: Path, remap: Remap, s3_port: int) -> Replica:
     """The dev overlay's seaweedfs StatefulSet: its command and its identities file (the rendered Secret, verbatim).
     Its S3 port is `s3_port`; its other ports (master, volume, filer and their gRPC, which the pod has to itself)
     and its bind address are added flags."""
@@ -511,7 +441,7 @@ def s3_identities_for(dev: Rendered, rendered: Rendered, remap: Remap) -> str:
     return msgspec.json.encode(identities).decode()
 
 
-def start_service(config: ProcessConfig, extra_env: Mapping[str, str], log: Path) -> Process:
+def start_service(config: ProcessConfig, extra_env: Mapping[str, str], log: Path) -> Replica:
     """`podsweep <args>` as the image's entry point runs it, from this checkout's interpreter."""
     env = {**base_environment(config.root), **config.env, **extra_env}
     return spawn(config.name, [sys.executable, "-m", "podsweep", *config.argv], env, log, config.root)

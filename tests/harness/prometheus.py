@@ -18,12 +18,13 @@ import httpx
 import yaml
 
 from podsweep.embedded import free_port
-from tests.harness.deployed import Process, spawn, wait_tcp
+from tests.harness.deployed import spawn, wait_tcp
+from tests.harness.replicas import Replica
 
 
 @dataclass
 class Prometheus:
-    process: Process
+    process: Replica
     url: str
 
     async def api(self, path: str, **params: str) -> Any:

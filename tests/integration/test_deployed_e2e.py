@@ -60,7 +60,7 @@ from schemas import storage, subjects
 from schemas.events import ReportStored
 from services.admission import main as admission
 from services.dispatcher.jobspec import RAW_URL_ENV, SBOM_URL_ENV
-from tests.harness import deployed, metricnames
+from tests.harness import deployed, metricnames, replicas
 from tests.harness.admission import make_tls
 from tests.harness.admission import review as admission_review
 from tests.harness.kube import KubeControlPlane
@@ -97,14 +97,14 @@ class DeployedWorld:
     apps: str
     kubeconfigs: dict[str, Path]
     admission_ca: bytes
-    processes: dict[str, deployed.Process] = field(default_factory=dict)
+    processes: dict[str, replicas.Replica] = field(default_factory=dict)
     ports: dict[str, dict[str, str]] = field(default_factory=dict)
     puts: Counter[str] = field(default_factory=Counter)  # digest hex -> reports PUT by scan pods
 
     def config(self, service: str) -> deployed.ProcessConfig:
         return deployed.pod_process(self.rendered, "Deployment", service, self.root / "configs" / service, self.remap)
 
-    def start(self, service: str, extra_env: dict[str, str] | None = None, replica: int = 0) -> deployed.Process:
+    def start(self, service: str, extra_env: dict[str, str] | None = None, replica: int = 0) -> replicas.Replica:
         """The service's Deployment as a process (`replica` > 0: another pod of it, `<service>-<replica>`); only the
         remaps in this module's docstring are added."""
         name = f"{service}-{replica}" if replica else service
@@ -259,7 +259,7 @@ async def world(
         yield world
     finally:
         for process in world.processes.values():
-            process.stop()
+            process.stop(grace_s=10.0)
         await standin.stop()
         await receiver.stop()
         for server in servers:

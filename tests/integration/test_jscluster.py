@@ -392,7 +392,7 @@ async def test_the_prod_cluster_overlay_runs_r3_and_keeps_publishing_when_a_serv
         },
         secret_values=deployed.nats_tls_values(),
     )
-    servers: list[deployed.Process] = []
+    servers: list[replicas.Replica] = []
     try:
         for i, (client, route) in enumerate(ports):
             root = tmp_path / f"nats-{i}"
