@@ -38,7 +38,7 @@ RBAC_KINDS = ("Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole
 SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-# -- the subset of rendered objects the harness reads ----------------------------------------------------------------
+# -- the subset of rendered objects the harness (and tests/integration/test_deploy.py) reads --------------------------
 
 
 class Meta(msgspec.Struct, frozen=True):
@@ -83,6 +83,31 @@ class ContainerPort(msgspec.Struct, frozen=True):
     name: str = ""
 
 
+class HttpGet(msgspec.Struct, frozen=True):
+    path: str
+    port: int | str
+
+
+class Probe(msgspec.Struct, frozen=True):
+    httpGet: HttpGet | None = None  # Kubernetes field names, as in the API
+
+
+class Capabilities(msgspec.Struct, frozen=True):
+    drop: list[str] = []
+    add: list[str] = []
+
+
+class ContainerSecurity(msgspec.Struct, frozen=True):
+    allowPrivilegeEscalation: bool | None = None
+    readOnlyRootFilesystem: bool | None = None
+    capabilities: Capabilities = Capabilities()
+
+
+class Resources(msgspec.Struct, frozen=True):
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+
+
 class Container(msgspec.Struct, frozen=True):
     name: str
     image: str
@@ -90,7 +115,21 @@ class Container(msgspec.Struct, frozen=True):
     args: list[str] = []
     env: list[EnvVar] = []
     ports: list[ContainerPort] = []
+    livenessProbe: Probe | None = None
+    readinessProbe: Probe | None = None
+    resources: Resources = Resources()
+    securityContext: ContainerSecurity = ContainerSecurity()
     volumeMounts: list[VolumeMount] = []
+
+
+class SeccompProfile(msgspec.Struct, frozen=True):
+    type: str
+
+
+class PodSecurity(msgspec.Struct, frozen=True):
+    runAsNonRoot: bool | None = None
+    runAsUser: int | None = None
+    seccompProfile: SeccompProfile | None = None
 
 
 class NamedSource(msgspec.Struct, frozen=True):
@@ -107,8 +146,10 @@ class Volume(msgspec.Struct, frozen=True):
 
 class PodSpec(msgspec.Struct, frozen=True):
     containers: list[Container]
+    initContainers: list[Container] = []
     serviceAccountName: str = ""
     automountServiceAccountToken: bool | None = None
+    securityContext: PodSecurity = PodSecurity()
     volumes: list[Volume] = []
 
 

@@ -40,6 +40,15 @@ from schemas.events import RescanAccepted
 from services.admission import main as admission
 from services.dispatcher import rescans
 from services.notifier.policysource import PolicySource
+from tests.harness.deployed import (
+    DataObject,
+    Header,
+    HttpGet,
+    Probe,
+    SeccompProfile,
+    ServiceAccount,
+    Workload,
+)
 from tests.harness.kube import KubeControlPlane, locate_binaries
 
 pytestmark = pytest.mark.kube
@@ -53,152 +62,9 @@ METRICS_PORT = 9090
 NAMESPACE = "podsweep"
 
 
-# -- the subset of Kubernetes objects these tests read ---------------------------------------------------------------
-
-
-class Meta(msgspec.Struct, frozen=True):
-    name: str
-    namespace: str = ""
-    labels: dict[str, str] = {}
-
-
-class Header(msgspec.Struct, frozen=True):
-    kind: str
-    metadata: Meta
-
-
-class FieldRef(msgspec.Struct, frozen=True):
-    fieldPath: str
-
-
-class EnvSource(msgspec.Struct, frozen=True):
-    fieldRef: FieldRef | None = None
-
-
-class EnvVar(msgspec.Struct, frozen=True):
-    name: str
-    value: str | None = None
-    valueFrom: EnvSource | None = None
-
-
-class HttpGet(msgspec.Struct, frozen=True):
-    path: str
-    port: int | str
-
-
-class Probe(msgspec.Struct, frozen=True):
-    httpGet: HttpGet | None = None  # Kubernetes field names, as in the API
-
-
-class Capabilities(msgspec.Struct, frozen=True):
-    drop: list[str] = []
-    add: list[str] = []
-
-
-class ContainerSecurity(msgspec.Struct, frozen=True):
-    allowPrivilegeEscalation: bool | None = None
-    readOnlyRootFilesystem: bool | None = None
-    capabilities: Capabilities = Capabilities()
-
-
-class Resources(msgspec.Struct, frozen=True):
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-
-
-class ContainerPort(msgspec.Struct, frozen=True):
-    containerPort: int
-    name: str = ""
-
-
-class VolumeMount(msgspec.Struct, frozen=True):
-    name: str
-    mountPath: str
-
-
-class Container(msgspec.Struct, frozen=True):
-    name: str
-    image: str
-    args: list[str] = []
-    env: list[EnvVar] = []
-    ports: list[ContainerPort] = []
-    livenessProbe: Probe | None = None
-    readinessProbe: Probe | None = None
-    resources: Resources = Resources()
-    securityContext: ContainerSecurity = ContainerSecurity()
-    volumeMounts: list[VolumeMount] = []
-
-
-class SeccompProfile(msgspec.Struct, frozen=True):
-    type: str
-
-
-class PodSecurity(msgspec.Struct, frozen=True):
-    runAsNonRoot: bool | None = None
-    runAsUser: int | None = None
-    seccompProfile: SeccompProfile | None = None
-
-
-class SecretSource(msgspec.Struct, frozen=True):
-    secretName: str
-
-
-class ConfigMapSource(msgspec.Struct, frozen=True):
-    name: str
-
-
-class EmptyDir(msgspec.Struct, frozen=True):
-    sizeLimit: str = ""
-
-
-class Volume(msgspec.Struct, frozen=True):
-    name: str
-    secret: SecretSource | None = None
-    configMap: ConfigMapSource | None = None
-    emptyDir: EmptyDir | None = None
-
-
-class PodSpec(msgspec.Struct, frozen=True):
-    containers: list[Container]
-    initContainers: list[Container] = []
-    serviceAccountName: str = ""
-    automountServiceAccountToken: bool | None = None
-    securityContext: PodSecurity = PodSecurity()
-    volumes: list[Volume] = []
-
-
-class PodTemplate(msgspec.Struct, frozen=True):
-    spec: PodSpec
-
-
-class WorkloadSpec(msgspec.Struct, frozen=True):
-    template: PodTemplate
-
-
-class Workload(msgspec.Struct, frozen=True):
-    kind: str
-    metadata: Meta
-    spec: WorkloadSpec
-
-
-class ServiceAccount(msgspec.Struct, frozen=True):
-    metadata: Meta
-    automountServiceAccountToken: bool | None = None
-
-
-class ConfigMap(msgspec.Struct, frozen=True):
-    metadata: Meta
-    data: dict[str, str] = {}
-
-
-class Secret(msgspec.Struct, frozen=True):
-    metadata: Meta
-    stringData: dict[str, str] = {}
-
-
 @dataclass(frozen=True)
 class Rendered:
-    """One `kubectl kustomize` output: the YAML text and its documents, read into the Structs above on demand."""
+    """One `kubectl kustomize` output: the YAML text and its documents, read into tests/harness/deployed.py's Structs on demand."""
 
     text: str
     documents: list[object]
@@ -221,22 +87,22 @@ class Rendered:
             if msgspec.convert(doc, Header).kind in {"Deployment", "StatefulSet"}
         ]
 
-    def config_map(self, prefix: str) -> ConfigMap:
+    def config_map(self, prefix: str) -> DataObject:
         """A generated ConfigMap by its name before kustomize's hash suffix."""
-        maps = [m for m in self.of_kind("ConfigMap", ConfigMap) if isinstance(m, ConfigMap)]
+        maps = [m for m in self.of_kind("ConfigMap", DataObject) if isinstance(m, DataObject)]
         found = [m for m in maps if m.metadata.name.rsplit("-", 1)[0] == prefix]
         assert len(found) == 1, f"ConfigMap {prefix}-<hash>: found {len(found)}"
         return found[0]
 
-    def config_map_named(self, name: str) -> ConfigMap:
+    def config_map_named(self, name: str) -> DataObject:
         found = [
-            m for m in self.of_kind("ConfigMap", ConfigMap) if isinstance(m, ConfigMap) and m.metadata.name == name
+            m for m in self.of_kind("ConfigMap", DataObject) if isinstance(m, DataObject) and m.metadata.name == name
         ]
         assert len(found) == 1, f"ConfigMap {name}: found {len(found)}"
         return found[0]
 
-    def secret(self, name: str) -> Secret:
-        found = [s for s in self.of_kind("Secret", Secret) if isinstance(s, Secret) and s.metadata.name == name]
+    def secret(self, name: str) -> DataObject:
+        found = [s for s in self.of_kind("Secret", DataObject) if isinstance(s, DataObject) and s.metadata.name == name]
         assert len(found) == 1, f"Secret {name}: found {len(found)}"
         return found[0]
 
