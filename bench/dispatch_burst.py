@@ -16,18 +16,17 @@ import asyncio
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import msgspec
 import nats.js.errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._local_run import local_settings, run_in_tempdir
 from podsweep import bus as busmod
 from podsweep import embedded
-from podsweep.config import ConsumerSettings, DispatcherSettings, NatsSettings, S3Settings, Settings
+from podsweep.config import ConsumerSettings, DispatcherSettings, Settings
 from podsweep.kube import Kube
 from schemas import subjects
 from schemas.refs import digest_hex
@@ -59,20 +58,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
         nodes = [f"bench-n{i}" for i in range(args.nodes)]
         for chunk in range(0, len(nodes), 50):
             await asyncio.gather(*(create_fake_node(client, name) for name in nodes[chunk : chunk + 50]))
-        nats = NatsSettings(
-            url=nats_server.url,
-            user=nats_server.user,
-            password=nats_server.password,
-            subject_root="bench.podsweep",
-            stream="BENCH",
-            kv_prefix="bench",
-        )
-        s3 = S3Settings(
-            endpoint_url=s3_server.endpoint_url,
-            bucket="podsweep-bench",
-            access_key_id=s3_server.identity.access_key_id,
-            secret_access_key=s3_server.identity.secret_access_key,
-        )
+        nats, s3 = local_settings(nats_server, s3_server, "bench", "podsweep-bench")
         section = DispatcherSettings(
             max_active=args.max_active,
             max_active_per_node=args.max_per_node,
@@ -250,9 +236,7 @@ def main() -> None:
     for directory in (args.profile, args.logs):
         if directory:
             Path(directory).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as work:
-        result = asyncio.run(run(args, Path(work)))
-    print(json.dumps(msgspec.to_builtins(result)))
+    run_in_tempdir(run, args, "podsweep-bench-")
 
 
 if __name__ == "__main__":

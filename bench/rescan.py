@@ -19,7 +19,6 @@ import math
 import resource
 import secrets
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +28,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._local_run import local_settings, run_in_tempdir
 from podsweep import bus as busmod
 from podsweep import embedded
 from podsweep.config import ConsumerSettings, DispatcherSettings, NatsSettings, S3Settings, Settings
@@ -265,21 +265,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         trivy.start()
         args.kubeconfig = plane.kubeconfig
         client = await Kube.connect(str(plane.kubeconfig))
-        nats = NatsSettings(
-            url=nats_server.url,
-            user=nats_server.user,
-            password=nats_server.password,
-            subject_root="bench.podsweep",
-            stream="BENCH",
-            kv_prefix="bench",
-        )
-        s3 = S3Settings(
-            endpoint_url=s3_server.endpoint_url,
-            bucket="podsweep-bench",
-            access_key_id=s3_server.identity.access_key_id,
-            secret_access_key=s3_server.identity.secret_access_key,
-            path_style=True,
-        )
+        nats, s3 = local_settings(nats_server, s3_server, "bench", "podsweep-bench")
         counts = await count_jobs(args, client, nats, s3, work)
         print(json.dumps(counts), flush=True)
         timing = await time_scans(args, client, s3, trivy.url, work)
@@ -312,10 +298,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=8, help="digests scanned for real in the timing part")
     parser.add_argument("--parallel", type=int, default=4, help="pods the stand-in runs at once")
     parser.add_argument("--timeout", type=float, default=600.0)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="podsweep-bench-") as work:
-        result = asyncio.run(run(args, Path(work)))
-    print(json.dumps(result))
+    run_in_tempdir(run, parser.parse_args(), "podsweep-bench-")
 
 
 if __name__ == "__main__":

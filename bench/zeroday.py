@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,14 +30,13 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._local_run import local_settings, run_in_tempdir
 from podsweep import bus as busmod
 from podsweep import embedded
 from podsweep.config import (
     ConsumerSettings,
     DispatcherSettings,
-    NatsSettings,
     NotifierSettings,
-    S3Settings,
     Settings,
     WatcherSettings,
 )
@@ -152,21 +150,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         server.start()
         await receiver.start()
         client = await Kube.connect(str(plane.kubeconfig))
-        nats = NatsSettings(
-            url=nats_server.url,
-            user=nats_server.user,
-            password=nats_server.password,
-            subject_root="zd.podsweep",
-            stream="ZD",
-            kv_prefix="zd",
-        )
-        s3 = S3Settings(
-            endpoint_url=s3_server.endpoint_url,
-            bucket="podsweep-zeroday",
-            access_key_id=s3_server.identity.access_key_id,
-            secret_access_key=s3_server.identity.secret_access_key,
-            path_style=True,
-        )
+        nats, s3 = local_settings(nats_server, s3_server, "zd", "podsweep-zeroday")
         await create_fake_node(client, "zd-node")  # where the scheduler puts the (unpinned) rescan pods
         scans_ns, apps_ns = "zd-scans", "zd-apps"
         for namespace in (scans_ns, apps_ns):
@@ -381,9 +365,7 @@ def main() -> None:
     every = max(round(1 / args.affected_share), 1)
     if args.digests <= every // 2:
         parser.error(f"--digests {args.digests} at --affected-share {args.affected_share} affects none: use more")
-    with tempfile.TemporaryDirectory(prefix="podsweep-zeroday-") as work:
-        result = asyncio.run(run(args, Path(work)))
-    print(json.dumps(result))
+    run_in_tempdir(run, args, "podsweep-zeroday-")
 
 
 if __name__ == "__main__":
