@@ -34,7 +34,7 @@ from schemas.state import LIMITS_BUCKET, SCANS_BUCKET, DigestScanState
 from tests.harness import replicas
 from tests.harness.events import digest_ref, image_seen
 from tests.harness.kube import KubeControlPlane, locate_binaries
-from tests.harness.kwok import create_fake_node, create_namespace
+from tests.harness.kwok import create_fake_node, create_scan_namespaces
 from tests.harness.scanjobs import ScanJobObserver
 from tests.harness.standin import KubeletStandin
 
@@ -49,12 +49,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
     try:
         plane.start()
         client = await Kube.connect(str(plane.kubeconfig))
-        await create_namespace(client, NAMESPACE)
-        await client.request(
-            "POST",
-            f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts",
-            body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "scan"}},
-        )
+        await create_scan_namespaces(client, NAMESPACE)
         nodes = [f"bench-n{i}" for i in range(args.nodes)]
         for chunk in range(0, len(nodes), 50):
             await asyncio.gather(*(create_fake_node(client, name) for name in nodes[chunk : chunk + 50]))

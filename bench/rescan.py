@@ -41,7 +41,7 @@ from services.dispatcher import jobspec
 from services.dispatcher.plan import scan_id_for
 from tests.harness import replicas
 from tests.harness.kube import KubeControlPlane, locate_binaries
-from tests.harness.kwok import create_fake_node, create_namespace
+from tests.harness.kwok import create_fake_node, create_namespace, create_scan_namespaces
 from tests.harness.rootfs import FixtureKind, build_rootfs
 from tests.harness.standin import KubeletStandin, RootfsImage, scan_images
 from tests.harness.trivy import TrivyServer, build_db, find_trivy
@@ -182,12 +182,7 @@ async def time_scans(
 ) -> dict[str, float]:
     """Part 2: `sample` node scans executed for real, then one rescan Job of their SBOMs; seconds per digest."""
     namespace = f"{NAMESPACE}-time"
-    await create_namespace(client, namespace)
-    await client.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts",
-        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "scan"}},
-    )
+    await create_scan_namespaces(client, namespace)
     node = "bench-exec"
     await create_fake_node(client, node)
     await asyncio.sleep(4)  # kwok marks the node Ready

@@ -61,7 +61,7 @@ from services.notifier.main import main as notifier_main
 from services.parser.main import main as parser_main
 from services.watcher.main import main as watcher_main
 from tests.harness.kube import KubeControlPlane, locate_binaries
-from tests.harness.kwok import create_fake_node, create_namespace
+from tests.harness.kwok import create_fake_node, create_scan_namespaces
 from tests.harness.receiver import Receiver
 from tests.harness.replicas import in_process
 from tests.harness.rootfs import FixtureKind, build_rootfs
@@ -153,13 +153,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         nats, s3 = local_settings(nats_server, s3_server, "zd", "podsweep-zeroday")
         await create_fake_node(client, "zd-node")  # where the scheduler puts the (unpinned) rescan pods
         scans_ns, apps_ns = "zd-scans", "zd-apps"
-        for namespace in (scans_ns, apps_ns):
-            await create_namespace(client, namespace)
-        await client.request(
-            "POST",
-            f"/api/v1/namespaces/{scans_ns}/serviceaccounts",
-            body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "scan"}},
-        )
+        await create_scan_namespaces(client, scans_ns, apps_ns)
 
         # Seed: SBOMs in S3, scan states due now (done, never rescanned), who runs what.
         (work / "sboms").mkdir()

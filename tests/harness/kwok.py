@@ -198,9 +198,9 @@ def pinned_deployment(name: str, image: str, node: str, container: str) -> dict[
     }
 
 
-async def create_scan_namespaces(client: Kube, jobs: str, apps: str) -> None:
-    """The namespace scan Jobs run in (with its `scan` ServiceAccount) and the one the watched workloads run in."""
-    for namespace in (jobs, apps):
+async def create_scan_namespaces(client: Kube, jobs: str, *apps: str) -> None:
+    """The namespace scan Jobs run in (with its `scan` ServiceAccount) and those the watched workloads run in."""
+    for namespace in (jobs, *apps):
         await create_namespace(client, namespace)
     await client.request(
         "POST",
