@@ -38,16 +38,21 @@ async def _seed(settings: NatsSettings) -> None:
     await bus.close()
 
 
+def _env(settings: NatsSettings) -> dict[str, str]:
+    """`podsweep status`'s settings, as the environment gives them."""
+    return {
+        "PODSWEEP_NATS_URL": settings.url,
+        "PODSWEEP_NATS_USER": settings.user,
+        "PODSWEEP_NATS_PASSWORD": settings.password,
+        "PODSWEEP_NATS_STREAM": settings.stream,
+        "PODSWEEP_NATS_SUBJECT_ROOT": settings.subject_root,
+        "PODSWEEP_NATS_KV_PREFIX": settings.kv_prefix,
+    }
+
+
 def test_status_json_counts_states_nodes_and_failures(nats_settings: NatsSettings) -> None:
     asyncio.run(_seed(nats_settings))
-    env = {
-        "PODSWEEP_NATS_URL": nats_settings.url,
-        "PODSWEEP_NATS_USER": nats_settings.user,
-        "PODSWEEP_NATS_PASSWORD": nats_settings.password,
-        "PODSWEEP_NATS_STREAM": nats_settings.stream,
-        "PODSWEEP_NATS_SUBJECT_ROOT": nats_settings.subject_root,
-        "PODSWEEP_NATS_KV_PREFIX": nats_settings.kv_prefix,
-    }
+    env = _env(nats_settings)
     result = CliRunner().invoke(app, ["status", "--json"], env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
@@ -67,15 +72,7 @@ def test_status_before_any_service_ran_shows_nothing_and_creates_no_bucket(nats_
     """The operator user creates nothing: on a NATS where no dispatcher has made its buckets yet, status says there
     is nothing, and the buckets are still the services' to create (with their settings) afterwards."""
     fresh = msgspec.structs.replace(nats_settings, kv_prefix="fresh", stream="FRESH", subject_root="fresh")
-    env = {
-        "PODSWEEP_NATS_URL": fresh.url,
-        "PODSWEEP_NATS_USER": fresh.user,
-        "PODSWEEP_NATS_PASSWORD": fresh.password,
-        "PODSWEEP_NATS_STREAM": fresh.stream,
-        "PODSWEEP_NATS_SUBJECT_ROOT": fresh.subject_root,
-        "PODSWEEP_NATS_KV_PREFIX": fresh.kv_prefix,
-    }
-    result = CliRunner().invoke(app, ["status", "--json"], env=env)
+    result = CliRunner().invoke(app, ["status", "--json"], env=_env(fresh))
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["digests"] == 0 and report["dispatcher_leader"] == ""
