@@ -280,7 +280,8 @@ class Indexer:
 
     async def _backfill(self, summary: DigestSummary) -> DigestPostings | None:
         """The postings of a digest whose latest report was stored before the inverted index existed, built once
-        from that report (its history copy) and its SBOM, and stored unless the handler stored newer ones first."""
+        from that report (its history copy) and the digest's SBOM, and stored unless the handler stored newer ones
+        first."""
         key = storage.postings_key(summary.digest_ref)
         try:  # what cannot be read now will not be readable later: the digest waits for its next report
             data = await self.store.get_if_exists(summary.history_key, self.max_report_bytes)
@@ -292,13 +293,8 @@ class Indexer:
         if report is None:
             log.warning("no postings and no report: digest left out of the cve index", report=summary.history_key)
             return None
-        packages: list[PackageVersion] | None = None
-        if summary.sbom_key is not None:
-            with contextlib.suppress(ObjectTooLarge, sbom.SbomError):  # it was checked when kept
-                raw = await self.store.get_if_exists(summary.sbom_key, self.max_sbom_bytes)
-                packages = sbom.check(raw, max_bytes=self.max_sbom_bytes).packages if raw is not None else None
-        doc = await postings_for(
-            self.store, report, summary.digest_ref, summary.scan_id, summary.finished_at, packages, self.max_sbom_bytes
+        doc = await postings_for(  # the packages from the digest's latest SBOM: the same digest has the same files
+            self.store, report, summary.digest_ref, summary.scan_id, summary.finished_at, None, self.max_sbom_bytes
         )
         if not await self.store.put_new(key, _encoder.encode(doc)):  # the handler stored newer ones meanwhile
             self.pending_postings.add(digest_hex(summary.digest_ref))  # the next flush reads those
