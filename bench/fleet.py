@@ -48,10 +48,10 @@ from podsweep.config import (
 )
 from podsweep.kube import Kube
 from podsweep.objectstore import ObjectStore
-from schemas import jobs, subjects
+from schemas import subjects
 from schemas.events import ImageSeen, Workload
 from schemas.state import SUMMARIES_BUCKET
-from services.dispatcher import livejobs
+from services.dispatcher import digests, livejobs
 from services.dispatcher.jobspec import RAW_URL_ENV
 from tests.harness import replicas
 from tests.harness.events import digest_ref
@@ -143,23 +143,11 @@ async def stored_count(bus: busmod.Bus) -> int | None:
 
 async def jobs_by_digest(cluster: Cluster, namespace: str) -> Counter[str]:
     found: Counter[str] = Counter()
-    token = ""
-    while True:
-        params: dict[str, str | int | bool] = {
-            "labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}",
-            "limit": 500,
-        }
-        if token:
-            params["continue"] = token
-        page, token = livejobs.decode_page(
-            await cluster.client.get(f"/apis/batch/v1/namespaces/{namespace}/jobs", params)
-        )
-        for job in page:
-            ref = livejobs.digest_of(job)
-            if ref is not None:
-                found[ref] += 1
-        if not token:
-            return found
+    for job in await digests.scan_jobs(cluster.client.get, f"/apis/batch/v1/namespaces/{namespace}/jobs"):
+        ref = livejobs.digest_of(job)
+        if ref is not None:
+            found[ref] += 1
+    return found
 
 
 async def run_mode(

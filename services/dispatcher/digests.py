@@ -49,6 +49,25 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+async def scan_jobs(
+    get: Callable[[str, Mapping[str, str | int | bool]], Awaitable[bytes]], path: str
+) -> list[livejobs.ExistingJob]:
+    """Every scan Job podsweep made under `path` (its label), a page of 500 at a time."""
+    found: list[livejobs.ExistingJob] = []
+    token = ""
+    while True:
+        params: dict[str, str | int | bool] = {
+            "labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}",
+            "limit": 500,
+        }
+        if token:
+            params["continue"] = token
+        page, token = livejobs.decode_page(await get(path, params))
+        found.extend(page)
+        if not token:
+            return found
+
+
 class ScanStates(Protocol):
     """The scans bucket as this replica sees it: a mirror kept current by its watch, reads, and compare-and-set."""
 
@@ -128,19 +147,7 @@ class Digests:
 
     async def count_existing_jobs(self, get: Callable[[str, Mapping[str, str | int | bool]], Awaitable[bytes]]) -> None:
         """Count every unfinished scan Job against the limits, and delete those no claim wants (livejobs.py)."""
-        found: list[livejobs.ExistingJob] = []
-        token = ""
-        while True:
-            params: dict[str, str | int | bool] = {
-                "labelSelector": f"{jobs.MANAGED_BY_LABEL}={jobs.MANAGED_BY_VALUE}",
-                "limit": 500,
-            }
-            if token:
-                params["continue"] = token
-            page, token = livejobs.decode_page(await get(self.launcher.jobs_path, params))
-            found.extend(page)
-            if not token:
-                break
+        found = await scan_jobs(get, self.launcher.jobs_path)
         states: dict[str, DigestScanState | None] = {}
         for job in found:
             ref = livejobs.digest_of(job)
